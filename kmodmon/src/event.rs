@@ -1,0 +1,594 @@
+//! The one event model: what the kernel side sent, decoded, then enriched. Serialised as one JSON
+//! object per line by `tail --json`, the audit log and exports (see README "JSON schema").
+use kmodmon_common::{
+    EventKind, Op, PATH_COMPONENT_LEN, PATH_SLOTS, RawEvent, Source, missing, trunc,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::escape::{escape_bytes, until_nul};
+
+/// Event kinds, as they appear in output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Load,
+    Unload,
+    Request,
+    LoadAttempt,
+    UnloadAttempt,
+    /// A container appeared whose declared modules are not all loaded (see enrich).
+    Expectation,
+    /// kmodmon itself loaded a module (`--load-expected`).
+    SelfLoad,
+    /// The policy denied a load (enforcement mode).
+    Denied,
+    /// The policy would have denied a load (audit mode).
+    WouldDeny,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 9] = [
+        Kind::Load,
+        Kind::Unload,
+        Kind::Request,
+        Kind::LoadAttempt,
+        Kind::UnloadAttempt,
+        Kind::Expectation,
+        Kind::SelfLoad,
+        Kind::Denied,
+        Kind::WouldDeny,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Load => "load",
+            Kind::Unload => "unload",
+            Kind::Request => "request",
+            Kind::LoadAttempt => "load_attempt",
+            Kind::UnloadAttempt => "unload_attempt",
+            Kind::Expectation => "expectation",
+            Kind::SelfLoad => "self_load",
+            Kind::Denied => "denied",
+            Kind::WouldDeny => "would_deny",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    fn from_raw(kind: EventKind) -> Kind {
+        match kind {
+            EventKind::Load => Kind::Load,
+            EventKind::Unload => Kind::Unload,
+            EventKind::Request => Kind::Request,
+            EventKind::LoadAttempt => Kind::LoadAttempt,
+            EventKind::UnloadAttempt => Kind::UnloadAttempt,
+        }
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which kernel hook saw the event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceName {
+    ModuleTracepoint,
+    Fexit,
+    SyscallTracepoint,
+    RawSyscalls,
+    Lsm,
+    Kmodmon,
+}
+
+impl SourceName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceName::ModuleTracepoint => "module_tracepoint",
+            SourceName::Fexit => "fexit",
+            SourceName::SyscallTracepoint => "syscall_tracepoint",
+            SourceName::RawSyscalls => "raw_syscalls",
+            SourceName::Lsm => "lsm",
+            SourceName::Kmodmon => "kmodmon",
+        }
+    }
+}
+
+/// The module syscall an attempt used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Syscall {
+    InitModule,
+    FinitModule,
+    DeleteModule,
+}
+
+/// A container, as far as kmodmon could tell.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Container {
+    /// Full container ID (64 hex for most runtimes; the runtime's own name otherwise).
+    pub id: String,
+    /// docker, containerd, cri-o, podman, isulad, lxc, systemd-nspawn, runc, ...
+    pub runtime: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos_class: Option<String>,
+}
+
+/// Who made an autoload request that led to a load (filled by enrichment).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestedBy {
+    pub requested: String,
+    pub pid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<Container>,
+}
+
+/// One module event. Field names are the stable JSON schema.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Wall-clock time, RFC 3339 with nanoseconds, UTC.
+    pub time: String,
+    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) when the event started.
+    pub ktime_ns: u64,
+    pub kind: Kind,
+    pub source: SourceName,
+    /// Module name: from the kernel record, delete_module's argument, or the file name of
+    /// finit_module's file. Escaped (see README); null when unknown.
+    pub module: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syscall: Option<Syscall>,
+    /// finit_module's file path (best effort, relative to its mount). Escaped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Module parameters of init_module / finit_module. Escaped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<String>,
+    /// finit_module / delete_module flags.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flags: Option<u32>,
+    /// init_module image length in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub len: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd: Option<i32>,
+    /// module_load taint mask.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taints: Option<u32>,
+    /// Taint letters as in /proc/modules (e.g. "OE").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taint_flags: Option<String>,
+    /// module_request: whether the requester waits for modprobe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<bool>,
+    /// Syscall result: 0 or a negative errno (attempts only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<i64>,
+    /// Symbolic errno of a failed attempt ("ENOSYS").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errno: Option<String>,
+    /// Syscall duration (attempts seen at entry and exit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ns: Option<u64>,
+    pub pid: u32,
+    pub tid: u32,
+    pub ppid: Option<u32>,
+    pub uid: u32,
+    pub gid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    pub cgroup_path: Option<String>,
+    pub container: Option<Container>,
+    /// host, expected, unexpected (see README "Verdicts").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<RequestedBy>,
+    /// Modules named by an `expectation` event, or loaded by `self_load`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules: Vec<String>,
+    /// Fields cut to fit the kernel's buffers ("module", "params", "path").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub truncated: Vec<String>,
+    /// Fields the kernel side failed to read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<String>,
+    /// Free-form explanation (policy rule, enrichment notes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Converts between the kernel's monotonic clock and wall-clock time.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    /// wall_ns - monotonic_ns, sampled once.
+    offset_ns: i128,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        let mono = monotonic_ns() as i128;
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
+        Clock { offset_ns: wall - mono }
+    }
+
+    pub fn wall(&self, ktime_ns: u64) -> std::time::SystemTime {
+        let ns = (ktime_ns as i128 + self.offset_ns).max(0) as u128;
+        std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns as u64)
+    }
+
+    pub fn rfc3339(&self, ktime_ns: u64) -> String {
+        humantime::format_rfc3339_nanos(self.wall(ktime_ns)).to_string()
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds (the clock of bpf_ktime_get_ns).
+pub fn monotonic_ns() -> u64 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(ts) => ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64,
+        Err(_) => 0,
+    }
+}
+
+/// Letters for taint bits, in the kernel's order (kernel/panic.c taint_flags).
+const TAINT_LETTERS: [(u32, char); 20] = [
+    (0, 'P'),
+    (1, 'F'),
+    (2, 'S'),
+    (3, 'R'),
+    (4, 'M'),
+    (5, 'B'),
+    (6, 'U'),
+    (7, 'D'),
+    (8, 'A'),
+    (9, 'W'),
+    (10, 'C'),
+    (11, 'I'),
+    (12, 'O'),
+    (13, 'E'),
+    (14, 'L'),
+    (15, 'K'),
+    (16, 'X'),
+    (17, 'T'),
+    (18, 'N'),
+    (19, 'J'),
+];
+
+pub fn taint_letters(mask: u32) -> String {
+    TAINT_LETTERS
+        .iter()
+        .filter(|(bit, _)| mask & (1 << bit) != 0)
+        .map(|(_, c)| *c)
+        .collect()
+}
+
+/// Symbolic name of an errno value ("ENOSYS"), or "E<n>" when unknown.
+pub fn errno_name(errno: i32) -> String {
+    let e = nix::errno::Errno::from_raw(errno);
+    if e == nix::errno::Errno::UnknownErrno {
+        format!("E{errno}")
+    } else {
+        format!("{e:?}")
+    }
+}
+
+/// Module name implied by a module file name: "ip_vs.ko.xz" → "ip_vs"; dashes become
+/// underscores, as the kernel does.
+pub fn module_name_from_file(file: &str) -> Option<String> {
+    let stem = file.split(".ko").next()?;
+    if stem.is_empty() || stem.len() == file.len() {
+        return None;
+    }
+    Some(stem.replace('-', "_"))
+}
+
+/// Rebuilds a path from the kernel's leaf-first component slots (`slots` of them used).
+pub fn path_from_components(raw: &[u8], slots: usize) -> Vec<u8> {
+    let mut parts: Vec<&[u8]> = raw
+        .chunks(PATH_COMPONENT_LEN)
+        .take(slots.min(PATH_SLOTS))
+        .map(until_nul)
+        .collect();
+    parts.reverse();
+    let mut out = Vec::with_capacity(raw.len() + 1);
+    for p in parts {
+        out.push(b'/');
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+/// Why a raw record could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than an event ({1} bytes)")]
+    Short(usize, usize),
+    #[error("unknown event kind {0}")]
+    Kind(u32),
+    #[error("unknown event source {0}")]
+    Source(u32),
+    #[error("unknown syscall op {0}")]
+    Op(u32),
+}
+
+/// Reads a RawEvent out of a ring-buffer record without assuming alignment.
+pub fn raw_from_bytes(bytes: &[u8]) -> Result<RawEvent, DecodeError> {
+    let size = std::mem::size_of::<RawEvent>();
+    if bytes.len() < size {
+        return Err(DecodeError::Short(bytes.len(), size));
+    }
+    // SAFETY: RawEvent is repr(C) plain data (every bit pattern valid) and the length was checked.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RawEvent>()) })
+}
+
+impl Event {
+    /// Decodes a kernel record. Enrichment (cgroup path, container, verdict) comes later.
+    pub fn from_raw(raw: &RawEvent, clock: &Clock) -> Result<Event, DecodeError> {
+        let kind = EventKind::from_u32(raw.kind).ok_or(DecodeError::Kind(raw.kind))?;
+        let source = Source::from_u32(raw.source).ok_or(DecodeError::Source(raw.source))?;
+        let op = Op::from_u32(raw.op).ok_or(DecodeError::Op(raw.op))?;
+        let mut truncated = Vec::new();
+        let mut missing_fields = Vec::new();
+        let name_bytes = until_nul(&raw.name);
+        let mut module = (!name_bytes.is_empty()).then(|| escape_bytes(name_bytes));
+        let syscall = match op {
+            Op::None => None,
+            Op::InitModule => Some(Syscall::InitModule),
+            Op::FinitModule => Some(Syscall::FinitModule),
+            Op::DeleteModule => Some(Syscall::DeleteModule),
+        };
+        let attempt = syscall.is_some();
+        let path = if op == Op::FinitModule && raw.path_len > 0 {
+            let p = path_from_components(&raw.path, raw.path_len as usize);
+            let escaped = escape_bytes(&p);
+            if module.is_none() {
+                let leaf = p.rsplit(|&b| b == b'/').next().unwrap_or(&[]);
+                module = module_name_from_file(&escape_bytes(leaf));
+            }
+            Some(escaped)
+        } else {
+            None
+        };
+        let params = match op {
+            Op::InitModule | Op::FinitModule => Some(escape_bytes(until_nul(&raw.params))),
+            _ => None,
+        };
+        for (bit, field) in [
+            (trunc::NAME, "module"),
+            (trunc::PARAMS, "params"),
+            (trunc::PATH, "path"),
+        ] {
+            if raw.truncated & bit != 0 {
+                truncated.push(field.to_string());
+            }
+        }
+        for (bit, field) in [
+            (missing::NAME, "module"),
+            (missing::PARAMS, "params"),
+            (missing::PATH, "path"),
+            (missing::PPID, "ppid"),
+            (missing::RESULT, "result"),
+        ] {
+            if raw.missing & bit != 0 {
+                missing_fields.push(field.to_string());
+            }
+        }
+        let result = attempt.then_some(raw.ret);
+        let errno = match result {
+            Some(r) if r < 0 => Some(errno_name((-r) as i32)),
+            _ => None,
+        };
+        let duration_ns = (attempt && raw.end_ktime_ns > raw.ktime_ns)
+            .then(|| raw.end_ktime_ns - raw.ktime_ns);
+        Ok(Event {
+            time: clock.rfc3339(raw.ktime_ns),
+            ktime_ns: raw.ktime_ns,
+            kind: Kind::from_raw(kind),
+            source: match source {
+                Source::ModuleTracepoint => SourceName::ModuleTracepoint,
+                Source::Fexit => SourceName::Fexit,
+                Source::SyscallTracepoint => SourceName::SyscallTracepoint,
+                Source::RawSyscalls => SourceName::RawSyscalls,
+            },
+            module,
+            syscall,
+            path,
+            params,
+            flags: matches!(op, Op::FinitModule | Op::DeleteModule).then_some(raw.flags),
+            len: (op == Op::InitModule).then_some(raw.len),
+            fd: (op == Op::FinitModule).then_some(raw.fd),
+            taints: (kind == EventKind::Load).then_some(raw.taints),
+            taint_flags: (kind == EventKind::Load).then(|| taint_letters(raw.taints)),
+            wait: (kind == EventKind::Request).then_some(raw.taints != 0),
+            result,
+            errno,
+            duration_ns,
+            pid: raw.pid,
+            tid: raw.tid,
+            ppid: (raw.missing & missing::PPID == 0).then_some(raw.ppid),
+            uid: raw.uid,
+            gid: raw.gid,
+            comm: escape_bytes(until_nul(&raw.comm)),
+            cgroup_id: raw.cgroup_id,
+            cgroup_path: None,
+            container: None,
+            verdict: None,
+            requested_by: None,
+            modules: Vec::new(),
+            truncated,
+            missing: missing_fields,
+            detail: None,
+        })
+    }
+
+    /// A bare event of kmodmon's own making (expectation, self_load).
+    pub fn synthetic(kind: Kind, clock: &Clock) -> Event {
+        let now = monotonic_ns();
+        Event {
+            time: clock.rfc3339(now),
+            ktime_ns: now,
+            kind,
+            source: SourceName::Kmodmon,
+            module: None,
+            syscall: None,
+            path: None,
+            params: None,
+            flags: None,
+            len: None,
+            fd: None,
+            taints: None,
+            taint_flags: None,
+            wait: None,
+            result: None,
+            errno: None,
+            duration_ns: None,
+            pid: std::process::id(),
+            tid: std::process::id(),
+            ppid: None,
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+            comm: "kmodmon".to_string(),
+            cgroup_id: 0,
+            cgroup_path: None,
+            container: None,
+            verdict: None,
+            requested_by: None,
+            modules: Vec::new(),
+            truncated: Vec::new(),
+            missing: Vec::new(),
+            detail: None,
+        }
+    }
+
+    /// The errno of a failed attempt, positive.
+    pub fn errno_value(&self) -> Option<i64> {
+        self.result.filter(|r| *r < 0).map(|r| -r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kmodmon_common::{COMM_LEN, NAME_LEN};
+
+    fn raw(kind: EventKind, op: Op) -> RawEvent {
+        let mut r = RawEvent::zeroed();
+        r.kind = kind as u32;
+        r.source = Source::RawSyscalls as u32;
+        r.op = op as u32;
+        r.pid = 42;
+        r.tid = 43;
+        r.ppid = 1;
+        r.comm[..6].copy_from_slice(b"insmod");
+        r.ktime_ns = 1_000;
+        r.end_ktime_ns = 1_500;
+        r
+    }
+
+    #[test]
+    fn finit_attempt_decodes_path_and_module() {
+        let mut r = raw(EventKind::LoadAttempt, Op::FinitModule);
+        for (i, c) in ["ip_vs.ko", "ipvs", "netfilter", "lib"].iter().enumerate() {
+            let at = i * PATH_COMPONENT_LEN;
+            r.path[at..at + c.len()].copy_from_slice(c.as_bytes());
+        }
+        r.path_len = 4;
+        r.ret = -38;
+        r.fd = 3;
+        let e = Event::from_raw(&r, &Clock::new()).unwrap();
+        assert_eq!(e.kind, Kind::LoadAttempt);
+        assert_eq!(e.path.as_deref(), Some("/lib/netfilter/ipvs/ip_vs.ko"));
+        assert_eq!(e.module.as_deref(), Some("ip_vs"));
+        assert_eq!(e.errno.as_deref(), Some("ENOSYS"));
+        assert_eq!(e.result, Some(-38));
+        assert_eq!(e.fd, Some(3));
+        assert_eq!(e.duration_ns, Some(500));
+        assert_eq!(e.comm, "insmod");
+        assert_eq!(e.params.as_deref(), Some(""));
+    }
+
+    #[test]
+    fn delete_attempt_uses_name_and_escapes_it() {
+        let mut r = raw(EventKind::UnloadAttempt, Op::DeleteModule);
+        r.name[..7].copy_from_slice(b"bad\x1b[1m");
+        r.truncated = trunc::NAME;
+        let e = Event::from_raw(&r, &Clock::new()).unwrap();
+        assert_eq!(e.module.as_deref(), Some("bad\\x1b[1m"));
+        assert_eq!(e.truncated, vec!["module".to_string()]);
+        assert_eq!(e.result, Some(0));
+        assert_eq!(e.errno, None);
+    }
+
+    #[test]
+    fn load_has_taints_and_no_result() {
+        let mut r = raw(EventKind::Load, Op::None);
+        r.source = Source::ModuleTracepoint as u32;
+        r.taints = (1 << 12) | (1 << 13);
+        r.name[..5].copy_from_slice(b"ip_vs");
+        let e = Event::from_raw(&r, &Clock::new()).unwrap();
+        assert_eq!(e.taint_flags.as_deref(), Some("OE"));
+        assert_eq!(e.result, None);
+        assert_eq!(e.syscall, None);
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["kind"], "load");
+        assert_eq!(json["source"], "module_tracepoint");
+        assert!(json.get("result").is_none());
+    }
+
+    #[test]
+    fn bad_kind_is_an_error_not_a_panic() {
+        let mut r = raw(EventKind::Load, Op::None);
+        r.kind = 99;
+        assert_eq!(Event::from_raw(&r, &Clock::new()), Err(DecodeError::Kind(99)));
+        assert!(matches!(raw_from_bytes(&[0u8; 10]), Err(DecodeError::Short(10, _))));
+    }
+
+    #[test]
+    fn json_round_trips() {
+        let mut r = raw(EventKind::LoadAttempt, Op::InitModule);
+        r.params[..5].copy_from_slice(b"a=1\xff");
+        r.len = 4096;
+        let e = Event::from_raw(&r, &Clock::new()).unwrap();
+        let s = serde_json::to_string(&e).unwrap();
+        let back: Event = serde_json::from_str(&s).unwrap();
+        assert_eq!(back, e);
+        assert_eq!(back.params.as_deref(), Some("a=1\\xff"));
+        let _ = (COMM_LEN, NAME_LEN);
+    }
+
+    #[test]
+    fn module_name_from_file_handles_compression_and_dashes() {
+        assert_eq!(module_name_from_file("ip_vs.ko").as_deref(), Some("ip_vs"));
+        assert_eq!(module_name_from_file("nf-nat.ko.zst").as_deref(), Some("nf_nat"));
+        assert_eq!(module_name_from_file("README"), None);
+    }
+
+    #[test]
+    fn taint_letters_in_kernel_order() {
+        assert_eq!(taint_letters(0), "");
+        assert_eq!(taint_letters(1 | (1 << 12)), "PO");
+    }
+}

@@ -1,0 +1,22 @@
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use kmodmon::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_target(false)
+        .init();
+    let result = match cli.command {
+        Command::Tail(args) => kmodmon::tail::run(args),
+        Command::Sources => kmodmon::probe::explain(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("kmodmon: error: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! `tail` filters: --module, --kind, --container, --pid.
+use thiserror::Error;
+
+use crate::{event::{Event, Kind}, modname};
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FilterError {
+    #[error("unknown event kind {0:?}; kinds are: {1}")]
+    Kind(String, String),
+    #[error("--module {0:?}: {1}")]
+    Module(String, modname::NameError),
+}
+
+/// A conjunction of the given filters; each list is a disjunction.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    modules: Vec<String>,
+    kinds: Vec<Kind>,
+    containers: Vec<String>,
+    pids: Vec<u32>,
+}
+
+impl Filter {
+    pub fn new(
+        modules: &[String],
+        kinds: &[String],
+        containers: &[String],
+        pids: &[u32],
+    ) -> Result<Filter, FilterError> {
+        let modules = modules
+            .iter()
+            .map(|m| modname::validate(m).map_err(|e| FilterError::Module(m.clone(), e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let kinds = kinds
+            .iter()
+            .flat_map(|k| k.split(','))
+            .map(|k| {
+                Kind::parse(k.trim()).ok_or_else(|| {
+                    FilterError::Kind(
+                        k.to_string(),
+                        Kind::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", "),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Filter {
+            modules,
+            kinds,
+            containers: containers.iter().map(|c| c.to_ascii_lowercase()).collect(),
+            pids: pids.to_vec(),
+        })
+    }
+
+    pub fn matches(&self, ev: &Event) -> bool {
+        (self.kinds.is_empty() || self.kinds.contains(&ev.kind))
+            && (self.pids.is_empty() || self.pids.contains(&ev.pid))
+            && (self.modules.is_empty() || self.module_matches(ev))
+            && (self.containers.is_empty() || self.container_matches(ev))
+    }
+
+    fn module_matches(&self, ev: &Event) -> bool {
+        let mut names: Vec<&str> = ev.module.iter().map(String::as_str).collect();
+        names.extend(ev.modules.iter().map(String::as_str));
+        if let Some(r) = &ev.requested_by {
+            names.push(&r.requested);
+        }
+        names
+            .iter()
+            .any(|n| self.modules.iter().any(|m| modname::same(m, n)))
+    }
+
+    fn container_matches(&self, ev: &Event) -> bool {
+        self.containers.iter().any(|want| match &ev.container {
+            None => want == "host",
+            Some(c) => {
+                c.id.to_ascii_lowercase().starts_with(want.as_str())
+                    || c.name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(want))
+                    || c.pod_name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(want))
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Clock, Container};
+
+    fn ev(kind: Kind, module: &str, container: Option<&str>) -> Event {
+        let mut e = Event::synthetic(kind, &Clock::new());
+        e.module = Some(module.to_string());
+        e.pid = 10;
+        e.container = container.map(|id| Container {
+            id: id.to_string(),
+            runtime: "docker".into(),
+            name: Some("web".into()),
+            ..Default::default()
+        });
+        e
+    }
+
+    #[test]
+    fn empty_filter_matches_all() {
+        let f = Filter::new(&[], &[], &[], &[]).unwrap();
+        assert!(f.matches(&ev(Kind::Load, "x", None)));
+    }
+
+    #[test]
+    fn module_filter_treats_dash_as_underscore() {
+        let f = Filter::new(&["ip-vs".into()], &[], &[], &[]).unwrap();
+        assert!(f.matches(&ev(Kind::Load, "ip_vs", None)));
+        assert!(!f.matches(&ev(Kind::Load, "ip_vs_wrr", None)));
+    }
+
+    #[test]
+    fn kinds_accept_commas_and_reject_unknown() {
+        let f = Filter::new(&[], &["load,unload".into()], &[], &[]).unwrap();
+        assert!(f.matches(&ev(Kind::Unload, "x", None)));
+        assert!(!f.matches(&ev(Kind::Request, "x", None)));
+        let err = Filter::new(&[], &["loaded".into()], &[], &[]).unwrap_err();
+        assert!(err.to_string().contains("load_attempt"));
+    }
+
+    #[test]
+    fn container_by_prefix_name_or_host() {
+        let id = "a".repeat(64);
+        let f = Filter::new(&[], &[], &["aaaa".into()], &[]).unwrap();
+        assert!(f.matches(&ev(Kind::Load, "x", Some(&id))));
+        assert!(!f.matches(&ev(Kind::Load, "x", None)));
+        let h = Filter::new(&[], &[], &["host".into()], &[]).unwrap();
+        assert!(h.matches(&ev(Kind::Load, "x", None)));
+        let n = Filter::new(&[], &[], &["WEB".into()], &[]).unwrap();
+        assert!(n.matches(&ev(Kind::Load, "x", Some(&id))));
+    }
+
+    #[test]
+    fn pid_filter() {
+        let f = Filter::new(&[], &[], &[], &[11]).unwrap();
+        assert!(!f.matches(&ev(Kind::Load, "x", None)));
+        let f = Filter::new(&[], &[], &[], &[10]).unwrap();
+        assert!(f.matches(&ev(Kind::Load, "x", None)));
+    }
+
+    #[test]
+    fn bad_module_name_is_rejected() {
+        assert!(Filter::new(&["a/b".into()], &[], &[], &[]).is_err());
+    }
+}

@@ -1,0 +1,197 @@
+//! Aligned, human-readable lines. Every field is already escaped (see `escape`); colour is
+//! added only when asked to.
+use std::fmt::Write as _;
+
+use crate::event::{Event, Kind};
+
+pub const HEADER: [&str; 6] = ["TIME", "KIND", "MODULE", "RESULT", "PID/COMM", "CONTAINER"];
+const WIDTHS: [usize; 5] = [12, 14, 24, 10, 24];
+
+#[derive(Clone, Copy, Debug)]
+pub struct Style {
+    pub color: bool,
+}
+
+/// Whether to colour: `--color always|never`, else only on a terminal and never with NO_COLOR.
+pub fn want_color(choice: crate::cli::ColorChoice, is_tty: bool) -> bool {
+    use crate::cli::ColorChoice;
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    match choice {
+        ColorChoice::Always => true,
+        ColorChoice::Never => false,
+        ColorChoice::Auto => is_tty && !no_color,
+    }
+}
+
+pub fn header() -> String {
+    let mut s = String::new();
+    for (i, h) in HEADER.iter().enumerate() {
+        match WIDTHS.get(i) {
+            Some(w) => {
+                let _ = write!(s, "{h:<w$} ");
+            }
+            None => s.push_str(h),
+        }
+    }
+    s.trim_end().to_string()
+}
+
+fn time_of_day(rfc3339: &str) -> &str {
+    // 2026-11-22T13:25:55.123456789Z → 13:25:55.123
+    rfc3339
+        .split_once('T')
+        .map(|(_, t)| t.get(..12).unwrap_or(t))
+        .unwrap_or(rfc3339)
+}
+
+fn result_text(ev: &Event) -> String {
+    match (ev.kind, ev.result, &ev.errno) {
+        (_, Some(_), Some(errno)) => errno.clone(),
+        (_, Some(0), None) => "ok".into(),
+        (_, Some(r), None) => r.to_string(),
+        (Kind::Request, None, _) => match ev.wait {
+            Some(true) => "wait".into(),
+            _ => "nowait".into(),
+        },
+        (Kind::Load, None, _) => match ev.taint_flags.as_deref() {
+            Some(t) if !t.is_empty() => format!("taint:{t}"),
+            _ => "-".into(),
+        },
+        _ => "-".into(),
+    }
+}
+
+fn module_text(ev: &Event) -> String {
+    let mut m = match (&ev.module, &ev.path) {
+        (Some(m), _) => m.clone(),
+        (None, Some(p)) => p.clone(),
+        (None, None) if !ev.modules.is_empty() => ev.modules.join(","),
+        (None, None) => "?".into(),
+    };
+    if ev.truncated.iter().any(|t| t == "module" || t == "path") {
+        m.push('…');
+    }
+    m
+}
+
+fn container_text(ev: &Event) -> String {
+    let mut s = match &ev.container {
+        None => "host".to_string(),
+        Some(c) => {
+            let short = c.id.get(..12).unwrap_or(&c.id);
+            match (&c.pod_namespace, &c.pod_name, &c.name) {
+                (Some(ns), Some(pod), _) => format!("{}:{short} ({ns}/{pod})", c.runtime),
+                (_, _, Some(name)) => format!("{}:{short} ({name})", c.runtime),
+                _ => format!("{}:{short}", c.runtime),
+            }
+        }
+    };
+    if let Some(v) = &ev.verdict {
+        let _ = write!(s, " [{v}]");
+    }
+    if let Some(r) = &ev.requested_by {
+        let _ = write!(s, " requested by {}[{}] as {}", r.comm, r.pid, r.requested);
+    }
+    if let Some(d) = &ev.detail {
+        let _ = write!(s, " {d}");
+    }
+    s
+}
+
+fn paint(text: &str, code: &str, style: Style) -> String {
+    if style.color {
+        format!("\x1b[{code}m{text}\x1b[0m")
+    } else {
+        text.to_string()
+    }
+}
+
+fn kind_color(ev: &Event) -> &'static str {
+    match ev.kind {
+        _ if ev.result.is_some_and(|r| r < 0) => "31",
+        Kind::Load | Kind::SelfLoad => "32",
+        Kind::Unload => "33",
+        Kind::Request => "36",
+        Kind::Denied | Kind::WouldDeny | Kind::Expectation => "1;31",
+        Kind::LoadAttempt | Kind::UnloadAttempt => "0",
+    }
+}
+
+/// One line for an event.
+pub fn line(ev: &Event, style: Style) -> String {
+    let cols = [
+        time_of_day(&ev.time).to_string(),
+        ev.kind.as_str().to_string(),
+        module_text(ev),
+        result_text(ev),
+        format!("{}/{}", ev.pid, ev.comm),
+    ];
+    let mut s = String::new();
+    for (i, c) in cols.iter().enumerate() {
+        let w = WIDTHS[i];
+        let padded = format!("{c:<w$}");
+        let painted = match i {
+            1 => paint(&padded, kind_color(ev), style),
+            3 if ev.result.is_some_and(|r| r < 0) => paint(&padded, "31", style),
+            _ => padded,
+        };
+        s.push_str(&painted);
+        s.push(' ');
+    }
+    s.push_str(&container_text(ev));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{cli::ColorChoice, event::{Clock, Container}};
+
+    fn attempt() -> Event {
+        let mut e = Event::synthetic(Kind::LoadAttempt, &Clock::new());
+        e.time = "2026-11-22T13:25:55.123456789Z".into();
+        e.module = Some("ip_vs".into());
+        e.result = Some(-38);
+        e.errno = Some("ENOSYS".into());
+        e.pid = 4242;
+        e.comm = "insmod".into();
+        e
+    }
+
+    #[test]
+    fn columns_are_aligned_and_plain_without_color() {
+        let l = line(&attempt(), Style { color: false });
+        assert!(l.starts_with("13:25:55.123 load_attempt   ip_vs"), "{l}");
+        assert!(l.contains("ENOSYS"));
+        assert!(l.contains("4242/insmod"));
+        assert!(l.ends_with("host"));
+        assert!(!l.contains('\x1b'));
+        let h = header();
+        assert_eq!(h.find("KIND"), l.find("load_attempt"));
+        assert_eq!(h.find("CONTAINER"), l.find("host"));
+    }
+
+    #[test]
+    fn color_only_when_asked() {
+        let l = line(&attempt(), Style { color: true });
+        assert!(l.contains("\x1b[31m"));
+        assert!(want_color(ColorChoice::Always, false));
+        assert!(!want_color(ColorChoice::Never, true));
+        assert!(!want_color(ColorChoice::Auto, false));
+    }
+
+    #[test]
+    fn container_and_truncation_marks() {
+        let mut e = attempt();
+        e.truncated = vec!["module".into()];
+        e.container = Some(Container {
+            id: "0123456789abcdef".repeat(4),
+            runtime: "docker".into(),
+            ..Default::default()
+        });
+        e.verdict = Some("unexpected".into());
+        let l = line(&e, Style { color: false });
+        assert!(l.contains("ip_vs…"));
+        assert!(l.contains("docker:0123456789ab [unexpected]"));
+    }
+}

@@ -1,0 +1,126 @@
+//! The kernel side's per-CPU counters, summed, and the accounting identity
+//! `seen == delivered + dropped + in_flight` that `tail` checks at exit.
+use std::collections::BTreeMap;
+
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use kmodmon_common::{Counter, RawEvent};
+
+use super::ProbeError;
+
+pub struct Counters {
+    counters: PerCpuArray<MapData, u64>,
+    pending: HashMap<MapData, u64, RawEvent>,
+}
+
+/// A snapshot of all counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub values: BTreeMap<&'static str, u64>,
+    /// Attempts entered but not yet returned (tracepoint sources).
+    pub in_flight: u64,
+}
+
+impl Snapshot {
+    pub fn get(&self, c: Counter) -> u64 {
+        self.values.get(c.name()).copied().unwrap_or(0)
+    }
+
+    pub fn seen(&self) -> u64 {
+        Counter::ALL.iter().filter(|c| c.is_seen()).map(|c| self.get(*c)).sum()
+    }
+
+    pub fn dropped(&self) -> u64 {
+        Counter::ALL.iter().filter(|c| c.is_event_drop()).map(|c| self.get(*c)).sum()
+    }
+
+    /// Drop counters that are not zero, by reason.
+    pub fn drops(&self) -> Vec<(&'static str, u64)> {
+        Counter::ALL
+            .iter()
+            .filter(|c| c.is_event_drop() || **c == Counter::DropCgroupRingbufFull)
+            .map(|c| (c.name(), self.get(*c)))
+            .filter(|(_, v)| *v > 0)
+            .collect()
+    }
+
+    /// Error counters that are not zero (events still delivered, a field marked missing).
+    pub fn errors(&self) -> Vec<(&'static str, u64)> {
+        Counter::ALL
+            .iter()
+            .filter(|c| !c.is_event_drop() && !c.is_seen())
+            .filter(|c| !matches!(c, Counter::SeenCgroup | Counter::DropCgroupRingbufFull))
+            .map(|c| (c.name(), self.get(*c)))
+            .filter(|(_, v)| *v > 0)
+            .collect()
+    }
+
+    /// Difference to an earlier snapshot.
+    pub fn since(&self, earlier: &Snapshot) -> Snapshot {
+        Snapshot {
+            values: self
+                .values
+                .iter()
+                .map(|(k, v)| (*k, v.saturating_sub(earlier.values.get(k).copied().unwrap_or(0))))
+                .collect(),
+            in_flight: self.in_flight,
+        }
+    }
+}
+
+impl Counters {
+    pub(super) fn new(counters: Map, pending: Map) -> Result<Counters, ProbeError> {
+        Ok(Counters {
+            counters: PerCpuArray::try_from(counters).map_err(|_| ProbeError::Map("COUNTERS"))?,
+            pending: HashMap::try_from(pending).map_err(|_| ProbeError::Map("PENDING"))?,
+        })
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let mut values = BTreeMap::new();
+        for c in Counter::ALL {
+            let v = self
+                .counters
+                .get(&(c as u32), 0)
+                .map(|per_cpu| per_cpu.iter().sum::<u64>())
+                .unwrap_or(0);
+            values.insert(c.name(), v);
+        }
+        let in_flight = self.pending.keys().filter(|k| k.is_ok()).count() as u64;
+        Snapshot { values, in_flight }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(pairs: &[(Counter, u64)]) -> Snapshot {
+        Snapshot {
+            values: pairs.iter().map(|(c, v)| (c.name(), *v)).collect(),
+            in_flight: 0,
+        }
+    }
+
+    #[test]
+    fn seen_and_dropped_sum_the_right_counters() {
+        let s = snap(&[
+            (Counter::SeenLoad, 2),
+            (Counter::SeenLoadAttempt, 5),
+            (Counter::DropRingbufFull, 1),
+            (Counter::DropPendingFull, 2),
+            (Counter::ErrReadUser, 7),
+            (Counter::SeenCgroup, 100),
+        ]);
+        assert_eq!(s.seen(), 7);
+        assert_eq!(s.dropped(), 3);
+        assert_eq!(s.drops(), vec![("ringbuf_full", 1), ("pending_map_full", 2)]);
+        assert_eq!(s.errors(), vec![("read_user_failed", 7)]);
+    }
+
+    #[test]
+    fn since_subtracts() {
+        let a = snap(&[(Counter::SeenLoad, 2)]);
+        let b = snap(&[(Counter::SeenLoad, 5)]);
+        assert_eq!(b.since(&a).get(Counter::SeenLoad), 3);
+    }
+}

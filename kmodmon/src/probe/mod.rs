@@ -1,0 +1,223 @@
+//! Probe: choose, per kernel, the best source of each kind of event, load and attach the eBPF
+//! programs, and hand out their ring buffers and counters.
+//!
+//! Sources, best first:
+//! - module records: `module:module_{load,free,request}` tracepoints (absent without
+//!   CONFIG_MODULES);
+//! - attempts: fexit on `__x64_sys_{init,finit,delete}_module` (no cost to other syscalls) →
+//!   `syscalls:sys_{enter,exit}_*` → `raw_syscalls:sys_{enter,exit}` (every syscall pays);
+//! - cgroups: `cgroup:cgroup_{mkdir,rmdir}` (else the cgroup tree is rescanned on a miss).
+pub mod btf;
+pub mod counters;
+mod plan;
+pub mod tracefs;
+
+use std::process::ExitCode;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, RingBuf},
+    programs::{FExit, TracePoint},
+};
+use kmodmon_common::Config;
+pub use plan::{AttemptSource, Plan};
+use thiserror::Error;
+
+use self::{btf::KernelBtf, counters::Counters, tracefs::Tracefs};
+
+#[derive(Debug, Error)]
+pub enum ProbeError {
+    #[error("kmodmon must run as root (or with CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN); try `sudo kmodmon ...`")]
+    NotRoot,
+    #[error("{0}")]
+    Tracefs(String),
+    #[error("tracepoint format: {0}")]
+    Format(String),
+    #[error("BTF: {0}")]
+    Btf(String),
+    #[error(
+        "loading the eBPF object failed: {0}; if this says 'Operation not permitted', BPF is not \
+         permitted here (root? kernel.unprivileged_bpf_disabled? a container without CAP_BPF?)"
+    )]
+    Load(String),
+    #[error("attaching {program} to {target} failed: {reason}")]
+    Attach {
+        program: String,
+        target: String,
+        reason: String,
+    },
+    #[error("no source for module events could be attached on this kernel: {0}")]
+    NothingAttachable(String),
+    #[error("map {0} missing from the eBPF object")]
+    Map(&'static str),
+}
+
+/// The compiled eBPF object, built by build.rs (aya-build).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kmodmon"));
+
+/// User choices that change source selection.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    pub no_fexit: bool,
+    pub force_raw_syscalls: bool,
+}
+
+/// Loaded and attached programs.
+pub struct Probe {
+    ebpf: Ebpf,
+    pub plan: Plan,
+    _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+impl Probe {
+    /// Plans, loads and attaches. On failure of a preferred attempt source, falls back to the
+    /// next one and records why in the plan's notes.
+    pub fn attach(opts: Options) -> Result<Probe, ProbeError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(ProbeError::NotRoot);
+        }
+        let _ = raise_memlock();
+        let tracefs = Tracefs::find_or_mount()?;
+        let btf = KernelBtf::load();
+        let mut plan = Plan::make(&tracefs, btf.as_ref().ok(), opts)?;
+        if let Err(e) = &btf {
+            plan.notes.push(e.to_string());
+        }
+        loop {
+            match Self::try_attach(&plan, btf.as_ref().ok()) {
+                Ok(mut probe) => {
+                    probe.plan = plan;
+                    return Ok(probe);
+                }
+                Err(e) => match plan.fallback(&tracefs, &e) {
+                    Some(next) => plan = next,
+                    None => return Err(e),
+                },
+            }
+        }
+    }
+
+    fn try_attach(plan: &Plan, btf: Option<&KernelBtf>) -> Result<Probe, ProbeError> {
+        let mut ebpf = EbpfLoader::new()
+            .override_global("KMODMON_CONFIG", &plan.config, true)
+            .load(EBPF_OBJECT)
+            .map_err(|e| ProbeError::Load(format!("{e:#}")))?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::debug!("eBPF logging unavailable: {e}");
+                None
+            }
+        };
+        for (program, category, name) in plan.tracepoints() {
+            attach_tracepoint(&mut ebpf, program, category, name)?;
+        }
+        if plan.attempts == AttemptSource::Fexit {
+            let aya_btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Btf(e.to_string()))?;
+            for (program, func) in plan.fexits() {
+                attach_fexit(&mut ebpf, program, &func, &aya_btf)?;
+            }
+        }
+        let _ = btf;
+        Ok(Probe { ebpf, plan: plan.clone(), _logger: logger })
+    }
+
+    /// The module-event ring buffer.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        take_ringbuf(&mut self.ebpf, "EVENTS")
+    }
+
+    /// The cgroup mkdir/rmdir ring buffer.
+    pub fn take_cgroups(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        take_ringbuf(&mut self.ebpf, "CGROUPS")
+    }
+
+    /// The kernel-side counters.
+    pub fn take_counters(&mut self) -> Result<Counters, ProbeError> {
+        let counters = self.ebpf.take_map("COUNTERS").ok_or(ProbeError::Map("COUNTERS"))?;
+        let pending = self.ebpf.take_map("PENDING").ok_or(ProbeError::Map("PENDING"))?;
+        Counters::new(counters, pending)
+    }
+
+    /// Takes the eBPF logger so its ring buffer can be polled.
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        self._logger.take()
+    }
+}
+
+fn take_ringbuf(ebpf: &mut Ebpf, name: &'static str) -> Result<RingBuf<MapData>, ProbeError> {
+    let map = ebpf.take_map(name).ok_or(ProbeError::Map(name))?;
+    RingBuf::try_from(map).map_err(|_| ProbeError::Map(name))
+}
+
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    program: &str,
+    category: &str,
+    name: &str,
+) -> Result<(), ProbeError> {
+    let err = |reason: String| ProbeError::Attach {
+        program: program.to_string(),
+        target: format!("tracepoint {category}:{name}"),
+        reason,
+    };
+    let prog: &mut TracePoint = ebpf
+        .program_mut(program)
+        .ok_or_else(|| err("program missing from the object".into()))?
+        .try_into()
+        .map_err(|e| err(format!("{e}")))?;
+    // A program attached to several tracepoints is loaded once.
+    if prog.fd().is_err() {
+        prog.load().map_err(|e| err(format!("{e:#}")))?;
+    }
+    prog.attach(category, name).map_err(|e| err(format!("{e:#}")))?;
+    Ok(())
+}
+
+fn attach_fexit(ebpf: &mut Ebpf, program: &str, func: &str, btf: &aya::Btf) -> Result<(), ProbeError> {
+    let err = |reason: String| ProbeError::Attach {
+        program: program.to_string(),
+        target: format!("fexit {func}"),
+        reason,
+    };
+    let prog: &mut FExit = ebpf
+        .program_mut(program)
+        .ok_or_else(|| err("program missing from the object".into()))?
+        .try_into()
+        .map_err(|e| err(format!("{e}")))?;
+    prog.load(func, btf).map_err(|e| err(format!("{e:#}")))?;
+    prog.attach().map_err(|e| err(format!("{e:#}")))?;
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
+fn raise_memlock() -> nix::Result<()> {
+    use nix::sys::resource::{Resource, setrlimit};
+    setrlimit(Resource::RLIMIT_MEMLOCK, libc::RLIM_INFINITY, libc::RLIM_INFINITY)
+}
+
+/// `kmodmon sources`: what would be attached here, and why — without attaching.
+pub fn explain() -> anyhow::Result<ExitCode> {
+    let tracefs = match Tracefs::find() {
+        Some(t) => t,
+        None if nix::unistd::geteuid().is_root() => Tracefs::find_or_mount()?,
+        None => anyhow::bail!(
+            "tracefs is not mounted; run as root (kmodmon mounts it) or `mount -t tracefs tracefs /sys/kernel/tracing`"
+        ),
+    };
+    let btf = KernelBtf::load();
+    let plan = Plan::make(&tracefs, btf.as_ref().ok(), Options::default())?;
+    println!("{}", plan.describe());
+    if let Err(e) = btf {
+        println!("note: {e}");
+    }
+    for n in &plan.notes {
+        println!("note: {n}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Shared by the planner: the configuration with every layout fact resolved.
+pub(crate) fn base_config() -> Config {
+    Config::unset()
+}

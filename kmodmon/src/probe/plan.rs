@@ -1,0 +1,300 @@
+//! Which source serves each kind of event on this kernel, and the configuration the programs
+//! get: decided from what tracefs and BTF say exists.
+use kmodmon_common::{Config, OFFSET_UNKNOWN};
+
+use super::{
+    Options, ProbeError,
+    btf::{KernelBtf, syscall_func},
+    tracefs::{Format, Tracefs},
+};
+
+/// Where load/unload attempts come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttemptSource {
+    Fexit,
+    SyscallTracepoint,
+    RawSyscalls,
+    None,
+}
+
+impl AttemptSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptSource::Fexit => "fexit",
+            AttemptSource::SyscallTracepoint => "syscall_tracepoint",
+            AttemptSource::RawSyscalls => "raw_syscalls",
+            AttemptSource::None => "none",
+        }
+    }
+
+    /// Whether this source makes every syscall on the machine take the tracing slow path.
+    pub fn taxes_all_syscalls(self) -> bool {
+        matches!(self, AttemptSource::SyscallTracepoint | AttemptSource::RawSyscalls)
+    }
+}
+
+const MODULE_EVENTS: [&str; 3] = ["module_load", "module_free", "module_request"];
+const SYSCALLS: [&str; 3] = ["init_module", "finit_module", "delete_module"];
+
+/// The decision, with the configuration it implies.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// module:* tracepoints that exist (and are attached).
+    pub module_events: Vec<&'static str>,
+    pub attempts: AttemptSource,
+    pub cgroups: bool,
+    pub config: Config,
+    /// Degradations and fallbacks, in words, for the user.
+    pub notes: Vec<String>,
+}
+
+impl Plan {
+    pub fn make(tracefs: &Tracefs, btf: Option<&KernelBtf>, opts: Options) -> Result<Plan, ProbeError> {
+        let mut config = super::base_config();
+        let mut notes = Vec::new();
+        set_syscall_numbers(&mut config);
+
+        let mut module_events = Vec::new();
+        for ev in MODULE_EVENTS {
+            if !tracefs.has_event("module", ev) {
+                continue;
+            }
+            let fmt = tracefs.format("module", ev)?;
+            let r = match ev {
+                "module_load" => fmt.scalar("taints").and_then(|t| {
+                    config.load_taints = t;
+                    fmt.data_loc("name").map(|n| config.load_name = n)
+                }),
+                "module_free" => fmt.data_loc("name").map(|n| config.free_name = n),
+                _ => fmt.scalar("wait").and_then(|w| {
+                    config.request_wait = w;
+                    fmt.data_loc("name").map(|n| config.request_name = n)
+                }),
+            };
+            match r {
+                Ok(()) => module_events.push(ev),
+                Err(e) => notes.push(format!("module:{ev} skipped: {e}")),
+            }
+        }
+        if module_events.is_empty() {
+            notes.push(
+                "no module:* tracepoints (kernel without CONFIG_MODULES or tracepoints): only \
+                 attempts are reported, not completed loads/unloads or autoload requests"
+                    .to_string(),
+            );
+        }
+        config.have_module_tracepoints = u32::from(!module_events.is_empty());
+
+        let cgroups = match cgroup_fields(tracefs, &mut config) {
+            Ok(()) => true,
+            Err(e) => {
+                notes.push(format!(
+                    "cgroup tracepoints unusable ({e}): short-lived containers may go unnamed"
+                ));
+                false
+            }
+        };
+
+        if let Some(btf) = btf {
+            let missing = btf.fill(&mut config);
+            if !missing.is_empty() {
+                notes.push(format!(
+                    "BTF lacks {}: ppid or finit_module paths may be missing",
+                    missing.join(", ")
+                ));
+            }
+        }
+
+        let fexit_ok = !opts.no_fexit
+            && !opts.force_raw_syscalls
+            && config.pt_regs_arg.iter().all(|&o| o != OFFSET_UNKNOWN)
+            && btf.is_some_and(|b| SYSCALLS.iter().all(|s| b.has_func(&syscall_func(s))));
+        let mut plan = Plan {
+            module_events,
+            attempts: AttemptSource::None,
+            cgroups,
+            config,
+            notes,
+        };
+        plan.attempts = if fexit_ok {
+            AttemptSource::Fexit
+        } else if !opts.force_raw_syscalls && syscall_fields(tracefs, &mut plan.config).is_ok() {
+            AttemptSource::SyscallTracepoint
+        } else {
+            match raw_fields(tracefs, &mut plan.config) {
+                Ok(()) => AttemptSource::RawSyscalls,
+                Err(e) => {
+                    plan.notes.push(format!("raw_syscalls unusable: {e}"));
+                    AttemptSource::None
+                }
+            }
+        };
+        if plan.attempts == AttemptSource::None && plan.module_events.is_empty() {
+            return Err(ProbeError::NothingAttachable(plan.notes.join("; ")));
+        }
+        Ok(plan)
+    }
+
+    /// The next plan after `err` made this one fail, or None when nothing is left to try.
+    pub fn fallback(&self, tracefs: &Tracefs, err: &ProbeError) -> Option<Plan> {
+        let mut next = self.clone();
+        match self.attempts {
+            AttemptSource::Fexit => {
+                next.notes.push(format!("fexit failed ({err}); falling back to tracepoints"));
+                next.attempts = if syscall_fields(tracefs, &mut next.config).is_ok() {
+                    AttemptSource::SyscallTracepoint
+                } else if raw_fields(tracefs, &mut next.config).is_ok() {
+                    AttemptSource::RawSyscalls
+                } else {
+                    return None;
+                };
+            }
+            AttemptSource::SyscallTracepoint => {
+                next.notes.push(format!(
+                    "syscall tracepoints failed ({err}); falling back to raw_syscalls"
+                ));
+                raw_fields(tracefs, &mut next.config).ok()?;
+                next.attempts = AttemptSource::RawSyscalls;
+            }
+            AttemptSource::RawSyscalls | AttemptSource::None => return None,
+        }
+        Some(next)
+    }
+
+    /// (program, category, event) for every tracepoint this plan attaches.
+    pub fn tracepoints(&self) -> Vec<(&'static str, &'static str, &'static str)> {
+        let mut v: Vec<(&'static str, &'static str, &'static str)> =
+            self.module_events.iter().map(|ev| (*ev, "module", *ev)).collect();
+        match self.attempts {
+            AttemptSource::SyscallTracepoint => {
+                v.push(("sys_enter_init_module", "syscalls", "sys_enter_init_module"));
+                v.push(("sys_enter_finit_module", "syscalls", "sys_enter_finit_module"));
+                v.push(("sys_enter_delete_module", "syscalls", "sys_enter_delete_module"));
+                v.push(("sys_exit_module", "syscalls", "sys_exit_init_module"));
+                v.push(("sys_exit_module", "syscalls", "sys_exit_finit_module"));
+                v.push(("sys_exit_module", "syscalls", "sys_exit_delete_module"));
+            }
+            AttemptSource::RawSyscalls => {
+                v.push(("raw_sys_enter", "raw_syscalls", "sys_enter"));
+                v.push(("raw_sys_exit", "raw_syscalls", "sys_exit"));
+            }
+            AttemptSource::Fexit | AttemptSource::None => {}
+        }
+        if self.cgroups {
+            v.push(("cgroup_mkdir", "cgroup", "cgroup_mkdir"));
+            v.push(("cgroup_rmdir", "cgroup", "cgroup_rmdir"));
+        }
+        v
+    }
+
+    /// (program, kernel function) for every fexit this plan attaches.
+    pub fn fexits(&self) -> Vec<(&'static str, String)> {
+        if self.attempts != AttemptSource::Fexit {
+            return Vec::new();
+        }
+        vec![
+            ("fexit_init_module", syscall_func("init_module")),
+            ("fexit_finit_module", syscall_func("finit_module")),
+            ("fexit_delete_module", syscall_func("delete_module")),
+        ]
+    }
+
+    /// One line for the user: which source serves what.
+    pub fn describe(&self) -> String {
+        let modules = if self.module_events.is_empty() {
+            "none (kernel has no module tracepoints)".to_string()
+        } else {
+            format!("module tracepoints ({})", self.module_events.join(", "))
+        };
+        let cost = if self.attempts.taxes_all_syscalls() {
+            " [every syscall takes the tracing slow path]"
+        } else {
+            ""
+        };
+        format!(
+            "module events: {modules}; attempts: {}{cost}; cgroups: {}",
+            self.attempts.as_str(),
+            if self.cgroups { "cgroup tracepoints" } else { "rescan on miss" }
+        )
+    }
+}
+
+fn set_syscall_numbers(config: &mut Config) {
+    config.nr_init_module = libc::SYS_init_module as u32;
+    config.nr_finit_module = libc::SYS_finit_module as u32;
+    config.nr_delete_module = libc::SYS_delete_module as u32;
+}
+
+fn fmt_err(e: String) -> ProbeError {
+    ProbeError::Format(e)
+}
+
+fn cgroup_fields(tracefs: &Tracefs, config: &mut Config) -> Result<(), ProbeError> {
+    for ev in ["cgroup_mkdir", "cgroup_rmdir"] {
+        if !tracefs.has_event("cgroup", ev) {
+            return Err(ProbeError::Format(format!("no cgroup:{ev}")));
+        }
+    }
+    let mkdir = tracefs.format("cgroup", "cgroup_mkdir")?;
+    let rmdir = tracefs.format("cgroup", "cgroup_rmdir")?;
+    let fields = |f: &Format| -> Result<_, String> {
+        Ok((f.scalar("root")?, f.scalar("id")?, f.data_loc("path")?))
+    };
+    let a = fields(&mkdir).map_err(fmt_err)?;
+    let b = fields(&rmdir).map_err(fmt_err)?;
+    if a != b {
+        return Err(ProbeError::Format(
+            "cgroup_mkdir and cgroup_rmdir records differ in layout".into(),
+        ));
+    }
+    config.cgroup_root = a.0;
+    config.cgroup_id = a.1;
+    config.cgroup_path = a.2;
+    // /proc/PID/cgroup's "0::" line: the default (v2) hierarchy's id is 0.
+    config.cgroup_dfl_hierarchy = 0;
+    Ok(())
+}
+
+fn syscall_fields(tracefs: &Tracefs, config: &mut Config) -> Result<(), ProbeError> {
+    for s in SYSCALLS {
+        for dir in ["sys_enter_", "sys_exit_"] {
+            let ev = format!("{dir}{s}");
+            if !tracefs.has_event("syscalls", &ev) {
+                return Err(ProbeError::Format(format!("no syscalls:{ev}")));
+            }
+        }
+    }
+    let init = tracefs.format("syscalls", "sys_enter_init_module")?;
+    let finit = tracefs.format("syscalls", "sys_enter_finit_module")?;
+    let delete = tracefs.format("syscalls", "sys_enter_delete_module")?;
+    let exit = tracefs.format("syscalls", "sys_exit_finit_module")?;
+    (|| -> Result<(), String> {
+        config.init_umod = init.scalar("umod")?;
+        config.init_len = init.scalar("len")?;
+        config.init_uargs = init.scalar("uargs")?;
+        config.finit_fd = finit.scalar("fd")?;
+        config.finit_uargs = finit.scalar("uargs")?;
+        config.finit_flags = finit.scalar("flags")?;
+        config.delete_name = delete.scalar("name_user")?;
+        config.delete_flags = delete.scalar("flags")?;
+        config.sys_exit_ret = exit.scalar("ret")?;
+        Ok(())
+    })()
+    .map_err(fmt_err)
+}
+
+fn raw_fields(tracefs: &Tracefs, config: &mut Config) -> Result<(), ProbeError> {
+    if !tracefs.has_event("raw_syscalls", "sys_enter") || !tracefs.has_event("raw_syscalls", "sys_exit") {
+        return Err(ProbeError::Format("no raw_syscalls tracepoints".into()));
+    }
+    let enter = tracefs.format("raw_syscalls", "sys_enter")?;
+    let exit = tracefs.format("raw_syscalls", "sys_exit")?;
+    (|| -> Result<(), String> {
+        config.raw_enter_id = enter.scalar("id")?;
+        config.raw_enter_args = enter.u64_array("args", 3)?;
+        config.raw_exit_id = exit.scalar("id")?;
+        config.raw_exit_ret = exit.scalar("ret")?;
+        Ok(())
+    })()
+    .map_err(fmt_err)
+}

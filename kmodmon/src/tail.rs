@@ -1,0 +1,181 @@
+//! `kmodmon tail`: attach, stream events to stdout, report drops as they happen and a summary
+//! (delivered + dropped + in flight = seen) at exit.
+use std::{
+    io::{IsTerminal as _, Write as _},
+    process::ExitCode,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    cli::TailArgs,
+    enrich::Enricher,
+    output::{filter::Filter, human, json_line},
+    pipeline::{self, Accounting},
+    probe::{
+        Options, Probe,
+        counters::{Counters, Snapshot},
+    },
+};
+
+pub fn run(args: TailArgs) -> anyhow::Result<ExitCode> {
+    let filter = Filter::new(&args.modules, &args.kinds, &args.containers, &args.pids)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(tail(args, filter))
+}
+
+async fn tail(args: TailArgs, filter: Filter) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let mut probe = Probe::attach(Options {
+        no_fexit: args.no_fexit,
+        force_raw_syscalls: args.force_raw_syscalls,
+    })?;
+    let events = probe.take_events()?;
+    let cgroups = probe.take_cgroups()?;
+    let counters = probe.take_counters()?;
+    spawn_logger(probe.take_logger());
+    let accounting = Arc::new(Accounting::default());
+    let enricher = Enricher::new();
+    let mut rx = pipeline::start(events, cgroups, enricher, accounting.clone())?;
+    eprintln!(
+        "kmodmon: attached in {} ms: {}",
+        started.elapsed().as_millis(),
+        probe.plan.describe()
+    );
+    for note in &probe.plan.notes {
+        eprintln!("kmodmon: note: {note}");
+    }
+
+    let style = human::Style {
+        color: human::want_color(args.color, std::io::stdout().is_terminal()),
+    };
+    let mut out = std::io::stdout().lock();
+    if !args.json {
+        writeln!(out, "{}", human::header()).ok();
+    }
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last = counters.snapshot();
+    let mut last_queue_full = 0;
+    let mut printed: u64 = 0;
+    let limit = args.count;
+    if limit == Some(0) {
+        return finish(&counters, &accounting, printed, args.json);
+    }
+    loop {
+        tokio::select! {
+            ev = rx.recv() => {
+                let Some(ev) = ev else { break };
+                if !filter.matches(&ev) {
+                    continue;
+                }
+                let text = if args.json { json_line(&ev) } else { human::line(&ev, style) };
+                if writeln!(out, "{text}").and_then(|_| out.flush()).is_err() {
+                    // stdout closed (e.g. `| head`): stop quietly.
+                    break;
+                }
+                printed += 1;
+                if limit.is_some_and(|n| printed >= n) {
+                    break;
+                }
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = tick.tick() => {
+                let now = counters.snapshot();
+                report_drops(&now.since(&last), accounting.queue_full() - last_queue_full);
+                last_queue_full = accounting.queue_full();
+                last = now;
+            }
+        }
+    }
+    drop(out);
+    finish(&counters, &accounting, printed, args.json)
+}
+
+fn report_drops(delta: &Snapshot, queue_full: u64) {
+    let mut parts: Vec<String> = delta.drops().iter().map(|(k, v)| format!("{v} {k}")).collect();
+    if queue_full > 0 {
+        parts.push(format!("{queue_full} userspace_queue_full"));
+    }
+    if !parts.is_empty() {
+        eprintln!("kmodmon: DROPPED events in the last second: {}", parts.join(", "));
+    }
+}
+
+/// The exit summary. Identity: seen = delivered + dropped + in_flight + unread, where unread are
+/// events still in the ring buffer when tail stopped (e.g. after --count).
+fn finish(counters: &Counters, acc: &Accounting, printed: u64, json: bool) -> anyhow::Result<ExitCode> {
+    let snap = counters.snapshot();
+    let seen = snap.seen();
+    let dropped = snap.dropped();
+    let delivered = acc.delivered();
+    let unread = seen.saturating_sub(delivered + dropped + snap.in_flight);
+    let drops: Vec<(String, u64)> = snap
+        .drops()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .chain((acc.queue_full() > 0).then(|| ("userspace_queue_full".to_string(), acc.queue_full())))
+        .collect();
+    if json {
+        let summary = serde_json::json!({
+            "summary": {
+                "seen": seen,
+                "delivered": delivered,
+                "printed": printed,
+                "dropped": dropped,
+                "drops": drops.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+                "in_flight": snap.in_flight,
+                "unread": unread,
+                "undecodable": acc.undecodable(),
+                "errors": snap.errors().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+                "counters": snap.values,
+            }
+        });
+        eprintln!("{summary}");
+    } else {
+        let drops_text = if drops.is_empty() {
+            "none".to_string()
+        } else {
+            drops.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+        };
+        eprintln!(
+            "kmodmon: summary: printed {printed}, delivered {delivered}; kernel saw {seen} = \
+             delivered {delivered} + dropped {dropped} + in flight {} + unread at exit {unread}; \
+             drops: {drops_text}",
+            snap.in_flight
+        );
+        let errors = snap.errors();
+        if !errors.is_empty() {
+            eprintln!(
+                "kmodmon: kernel-side read errors (events delivered with fields marked missing): {}",
+                errors.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Polls the eBPF log ring buffer so `RUST_LOG=debug` shows the programs' diagnostics.
+fn spawn_logger(logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>) {
+    let Some(logger) = logger else { return };
+    // SAFETY: the logger owns its ring buffer's fd for as long as the AsyncFd lives.
+    let fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let Ok(mut fd) = fd else { return };
+    tokio::spawn(async move {
+        while let Ok(mut guard) = fd.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
