@@ -403,7 +403,9 @@ pub struct Config {
     pub mount_mnt: u32,
     pub mount_parent: u32,
     pub mount_mountpoint: u32,
-    pub _pad: u32,
+    /// `struct pt_regs` member holding the syscall number (x86_64 `orig_ax`, arm64
+    /// `syscallno`), for the raw tracepoint on sys_exit.
+    pub pt_regs_syscall_nr: u32,
 }
 
 /// Marks an offset BTF did not provide.
@@ -460,7 +462,7 @@ impl Config {
             mount_mnt: OFFSET_UNKNOWN,
             mount_parent: OFFSET_UNKNOWN,
             mount_mountpoint: OFFSET_UNKNOWN,
-            _pad: 0,
+            pt_regs_syscall_nr: OFFSET_UNKNOWN,
         }
     }
 }

@@ -47,7 +47,11 @@ pub fn read_user_str(src: u64, dst: &mut [u8]) -> Option<(usize, bool)> {
     }
     // SAFETY: the helper bounds the write to dst.len() and validates src.
     let n = unsafe {
-        generated::bpf_probe_read_user_str(dst.as_mut_ptr().cast(), dst.len() as u32, src as *const _)
+        generated::bpf_probe_read_user_str(
+            dst.as_mut_ptr().cast(),
+            dst.len() as u32,
+            src as *const _,
+        )
     };
     str_result(n, dst.len(), Counter::ErrReadUser)
 }
@@ -110,8 +114,12 @@ pub fn file_of_fd(task: u64, fd: i32) -> Option<u64> {
 /// Writes the names of `file`'s dentry and its ancestors into `out`'s fixed slots, leaf
 /// first, crossing mount points up to the global root (as d_path does). Returns
 /// `(slots used, truncated)`; a read failure ends the walk early and marks it truncated.
+///
+/// The slot counter lives in `slots` (map memory) and is re-read each step through a volatile
+/// load, so the verifier tracks it as a bounded range rather than an exact value: states of
+/// the walk then prune, and verification stays cheap however deep the walk may go.
 #[inline(always)]
-pub fn file_path(file: u64, out: &mut [u8; PATH_LEN]) -> Option<(usize, bool)> {
+pub fn file_path(file: u64, out: &mut [u8; PATH_LEN], slots: &mut u32) -> Option<bool> {
     let path_off = conf!(file_f_path);
     let dentry_off = conf!(path_dentry);
     let d_name = conf!(dentry_d_name);
@@ -142,7 +150,8 @@ pub fn file_path(file: u64, out: &mut [u8; PATH_LEN]) -> Option<(usize, bool)> {
     } else {
         0
     };
-    let mut slot: usize = 0;
+    // SAFETY: `slots` is a valid, exclusive reference.
+    unsafe { core::ptr::write_volatile(slots, 0) };
     let mut done = false;
     for _ in 0..PATH_MAX_STEPS {
         let Some(parent) = read_ptr(dentry, d_parent) else {
@@ -176,6 +185,8 @@ pub fn file_path(file: u64, out: &mut [u8; PATH_LEN]) -> Option<(usize, bool)> {
             vfsmnt = mnt_parent + mount_mnt as u64;
             continue;
         }
+        // SAFETY: as above.
+        let slot = unsafe { core::ptr::read_volatile(slots) } as usize;
         if slot >= PATH_SLOTS {
             break;
         }
@@ -192,8 +203,9 @@ pub fn file_path(file: u64, out: &mut [u8; PATH_LEN]) -> Option<(usize, bool)> {
         if read_kernel_str(name, window).is_none() {
             break;
         }
-        slot += 1;
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(slots, slot as u32 + 1) };
         dentry = parent;
     }
-    Some((slot, !done))
+    Some(!done)
 }

@@ -15,11 +15,11 @@ mod record;
 
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
-    macros::{fexit, tracepoint},
-    programs::{FExitContext, TracePointContext},
+    macros::{fexit, raw_tracepoint, tracepoint},
+    programs::{FExitContext, RawTracePointContext, TracePointContext},
 };
 use kmodmon_common::{
-    CGROUP_MKDIR, CGROUP_RMDIR, Counter, EventKind, Field, Op, OFFSET_UNKNOWN, RawCgroupEvent,
+    CGROUP_MKDIR, CGROUP_RMDIR, Counter, EventKind, Field, OFFSET_UNKNOWN, Op, RawCgroupEvent,
     Source,
 };
 
@@ -27,14 +27,22 @@ use crate::{
     config::conf,
     kernel::{read_kernel_str, read_ptr},
     maps::{CGROUPS, count},
-    record::{attempt_kind, begin, emit, fill_attempt, module_record, read_field, syscall_enter, syscall_exit},
+    record::{
+        attempt_kind, begin, emit, fill_attempt, module_record, read_field, syscall_enter,
+        syscall_exit,
+    },
 };
 
 // ---- 1. module:* tracepoints ----
 
 #[tracepoint]
 pub fn module_load(ctx: TracePointContext) -> u32 {
-    module_record(&ctx, EventKind::Load, conf!(load_name), Some(conf!(load_taints)));
+    module_record(
+        &ctx,
+        EventKind::Load,
+        conf!(load_name),
+        Some(conf!(load_taints)),
+    );
     0
 }
 
@@ -46,7 +54,12 @@ pub fn module_free(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn module_request(ctx: TracePointContext) -> u32 {
-    module_record(&ctx, EventKind::Request, conf!(request_name), Some(conf!(request_wait)));
+    module_record(
+        &ctx,
+        EventKind::Request,
+        conf!(request_name),
+        Some(conf!(request_wait)),
+    );
     0
 }
 
@@ -146,18 +159,32 @@ fn op_of(nr: u64) -> Option<Op> {
     }
 }
 
+/// Reads an 8-byte field of the tracepoint record directly (no helper call): the offset is a
+/// load-time constant from the frozen configuration, so the verifier can check the access.
+/// Used on the per-syscall hot path.
+#[inline(always)]
+fn ctx_u64(ctx: &TracePointContext, offset: u32) -> u64 {
+    // SAFETY: the offset comes from this tracepoint's format file and lies inside the record.
+    unsafe { core::ptr::read_volatile((ctx_ptr(ctx) + offset as u64) as *const u64) }
+}
+
 #[tracepoint]
 pub fn raw_sys_enter(ctx: TracePointContext) -> u32 {
-    let Some(nr) = read_field(&ctx, conf!(raw_enter_id)) else {
-        return 0;
-    };
     // Every syscall on the machine comes through here: leave as early as possible.
+    let nr = ctx_u64(&ctx, conf!(raw_enter_id.offset));
     let Some(op) = op_of(nr) else {
         return 0;
     };
     let args = conf!(raw_enter_args);
     let arg = |i: u32| {
-        read_field(&ctx, Field { offset: args.offset + i * 8, size: 8 }).unwrap_or(0)
+        read_field(
+            &ctx,
+            Field {
+                offset: args.offset + i * 8,
+                size: 8,
+            },
+        )
+        .unwrap_or(0)
     };
     syscall_enter(Source::RawSyscalls, op, arg(0), arg(1), arg(2));
     0
@@ -165,13 +192,43 @@ pub fn raw_sys_enter(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn raw_sys_exit(ctx: TracePointContext) -> u32 {
-    let Some(nr) = read_field(&ctx, conf!(raw_exit_id)) else {
+    let nr = ctx_u64(&ctx, conf!(raw_exit_id.offset));
+    if op_of(nr).is_none() {
+        return 0;
+    }
+    let ret = read_field(&ctx, conf!(raw_exit_ret)).unwrap_or(0) as i64;
+    syscall_exit(&ctx, ret);
+    0
+}
+
+// ---- 2d. raw tracepoints on sys_enter / sys_exit (cheaper than 2c: no trace record is built) ----
+
+/// sys_enter(struct pt_regs *regs, long id)
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn raw_tp_sys_enter(ctx: RawTracePointContext) -> i32 {
+    let nr: u64 = ctx.arg(1);
+    let Some(op) = op_of(nr) else {
+        return 0;
+    };
+    let regs: u64 = ctx.arg(0);
+    let a0 = read_ptr(regs, conf!(pt_regs_arg[0])).unwrap_or(0);
+    let a1 = read_ptr(regs, conf!(pt_regs_arg[1])).unwrap_or(0);
+    let a2 = read_ptr(regs, conf!(pt_regs_arg[2])).unwrap_or(0);
+    syscall_enter(Source::RawSyscalls, op, a0, a1, a2);
+    0
+}
+
+/// sys_exit(struct pt_regs *regs, long ret)
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn raw_tp_sys_exit(ctx: RawTracePointContext) -> i32 {
+    let regs: u64 = ctx.arg(0);
+    let Some(nr) = read_ptr(regs, conf!(pt_regs_syscall_nr)) else {
         return 0;
     };
     if op_of(nr).is_none() {
         return 0;
     }
-    let ret = read_field(&ctx, conf!(raw_exit_ret)).unwrap_or(0) as i64;
+    let ret: i64 = ctx.arg(1);
     syscall_exit(&ctx, ret);
     0
 }
@@ -198,7 +255,14 @@ fn cgroup_record(ctx: &TracePointContext, op: u32) {
     rec.path[0] = 0;
     let path = conf!(cgroup_path);
     if path.offset != OFFSET_UNKNOWN {
-        let loc = read_field(ctx, Field { offset: path.offset, size: 4 }).unwrap_or(0);
+        let loc = read_field(
+            ctx,
+            Field {
+                offset: path.offset,
+                size: 4,
+            },
+        )
+        .unwrap_or(0);
         let src = ctx_ptr(ctx) + (loc & 0xffff);
         match read_kernel_str(src, &mut rec.path) {
             Some((_, true)) => rec.truncated = 1,

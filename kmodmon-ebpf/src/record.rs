@@ -9,9 +9,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use aya_log_ebpf::debug;
-use kmodmon_common::{
-    Counter, EventKind, Field, NAME_LEN, Op, RawEvent, Source, missing, trunc,
-};
+use kmodmon_common::{Counter, EventKind, Field, NAME_LEN, Op, RawEvent, Source, missing, trunc};
 
 use crate::{
     kernel::{current_ppid, file_of_fd, file_path, read_kernel_str, read_user_str},
@@ -75,7 +73,11 @@ pub fn emit(ev: &RawEvent) {
 
 /// Reads a `__data_loc char[]` tracepoint field into `dst`.
 #[inline(always)]
-pub fn read_data_loc_str(ctx: &TracePointContext, field: Field, dst: &mut [u8]) -> Option<(usize, bool)> {
+pub fn read_data_loc_str(
+    ctx: &TracePointContext,
+    field: Field,
+    dst: &mut [u8],
+) -> Option<(usize, bool)> {
     if field.size == 0 {
         return None;
     }
@@ -137,10 +139,10 @@ pub fn fill_attempt(ev: &mut RawEvent, op: Op, a0: u64, a1: u64, a2: u64) {
             ev.flags = a2 as u32;
             params(ev, a1);
             let task = unsafe { bpf_get_current_task() };
-            let path = file_of_fd(task, ev.fd).and_then(|file| file_path(file, &mut ev.path));
+            let path = file_of_fd(task, ev.fd)
+                .and_then(|file| file_path(file, &mut ev.path, &mut ev.path_len));
             match path {
-                Some((used, cut)) => {
-                    ev.path_len = used as u32;
+                Some(cut) => {
                     if cut {
                         ev.truncated |= trunc::PATH;
                     }

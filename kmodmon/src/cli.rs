@@ -22,6 +22,13 @@ pub enum Command {
     Tail(TailArgs),
     /// Show which kernel sources kmodmon would attach here, and why (no attaching).
     Sources,
+    /// Host drift check: modules configured to load at boot or expected by containers vs.
+    /// what is loaded, built in, available and blacklisted (exit 1 when something is wrong).
+    Check(crate::check::CheckArgs),
+    /// Audit-log tools: `kmodmon log verify DIR` checks the hash chain.
+    Log(crate::audit::cli::LogArgs),
+    /// Stream events out of an audit log (filters; JSON lines or CSV).
+    Export(crate::audit::cli::ExportArgs),
 }
 
 /// Output colouring.

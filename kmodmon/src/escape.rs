@@ -90,7 +90,10 @@ mod tests {
     #[test]
     fn valid_unicode_kept_but_invisible_escaped() {
         assert_eq!(escape_bytes("mödule".as_bytes()), "mödule");
-        assert_eq!(escape_bytes("evil\u{202e}txt".as_bytes()), "evil\\u{202e}txt");
+        assert_eq!(
+            escape_bytes("evil\u{202e}txt".as_bytes()),
+            "evil\\u{202e}txt"
+        );
         assert_eq!(escape_bytes("a\u{200b}b".as_bytes()), "a\\u{200b}b");
         assert_eq!(escape_bytes("\u{85}".as_bytes()), "\\u{0085}");
     }

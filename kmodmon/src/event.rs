@@ -226,7 +226,9 @@ impl Clock {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as i128)
             .unwrap_or(0);
-        Clock { offset_ns: wall - mono }
+        Clock {
+            offset_ns: wall - mono,
+        }
     }
 
     pub fn wall(&self, ktime_ns: u64) -> std::time::SystemTime {
@@ -401,8 +403,8 @@ impl Event {
             Some(r) if r < 0 => Some(errno_name((-r) as i32)),
             _ => None,
         };
-        let duration_ns = (attempt && raw.end_ktime_ns > raw.ktime_ns)
-            .then(|| raw.end_ktime_ns - raw.ktime_ns);
+        let duration_ns =
+            (attempt && raw.end_ktime_ns > raw.ktime_ns).then(|| raw.end_ktime_ns - raw.ktime_ns);
         Ok(Event {
             time: clock.rfc3339(raw.ktime_ns),
             ktime_ns: raw.ktime_ns,
@@ -562,14 +564,20 @@ mod tests {
     fn bad_kind_is_an_error_not_a_panic() {
         let mut r = raw(EventKind::Load, Op::None);
         r.kind = 99;
-        assert_eq!(Event::from_raw(&r, &Clock::new()), Err(DecodeError::Kind(99)));
-        assert!(matches!(raw_from_bytes(&[0u8; 10]), Err(DecodeError::Short(10, _))));
+        assert_eq!(
+            Event::from_raw(&r, &Clock::new()),
+            Err(DecodeError::Kind(99))
+        );
+        assert!(matches!(
+            raw_from_bytes(&[0u8; 10]),
+            Err(DecodeError::Short(10, _))
+        ));
     }
 
     #[test]
     fn json_round_trips() {
         let mut r = raw(EventKind::LoadAttempt, Op::InitModule);
-        r.params[..5].copy_from_slice(b"a=1\xff");
+        r.params[..4].copy_from_slice(b"a=1\xff");
         r.len = 4096;
         let e = Event::from_raw(&r, &Clock::new()).unwrap();
         let s = serde_json::to_string(&e).unwrap();
@@ -582,7 +590,10 @@ mod tests {
     #[test]
     fn module_name_from_file_handles_compression_and_dashes() {
         assert_eq!(module_name_from_file("ip_vs.ko").as_deref(), Some("ip_vs"));
-        assert_eq!(module_name_from_file("nf-nat.ko.zst").as_deref(), Some("nf_nat"));
+        assert_eq!(
+            module_name_from_file("nf-nat.ko.zst").as_deref(),
+            Some("nf_nat")
+        );
         assert_eq!(module_name_from_file("README"), None);
     }
 

@@ -14,3 +14,6 @@ pub mod tail;
 pub mod cli;
 pub mod check;
 pub mod moddb;
+pub mod audit;
+pub mod metrics;
+pub mod syslog;

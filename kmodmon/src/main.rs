@@ -11,6 +11,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Tail(args) => kmodmon::tail::run(args),
         Command::Sources => kmodmon::probe::explain(),
+        Command::Check(args) => kmodmon::check::run(args),
+        Command::Log(args) => kmodmon::audit::cli::run_log(args),
+        Command::Export(args) => kmodmon::audit::cli::run_export(args),
     };
     match result {
         Ok(code) => code,

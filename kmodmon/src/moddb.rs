@@ -40,7 +40,9 @@ pub enum ModDbError {
          loadable modules installed; choose another kernel with --kernel"
     )]
     NoModulesDir { kernel: String, looked: String },
-    #[error("{dir} has no modules.dep: run `depmod {kernel}` (for an offline root: `depmod -b ROOT {kernel}`)")]
+    #[error(
+        "{dir} has no modules.dep: run `depmod {kernel}` (for an offline root: `depmod -b ROOT {kernel}`)"
+    )]
     NoDepFile { dir: PathBuf, kernel: String },
     #[error("cannot read {path}: {source}")]
     Io {
@@ -75,6 +77,9 @@ pub struct DepmodFiles {
     pub symbols: Option<String>,
     pub builtin: Option<String>,
     pub builtin_alias: Option<String>,
+    /// modules.builtin.modinfo: NUL-separated `module.key=value` records; its `alias` keys
+    /// are used when modules.builtin.alias is absent (depmod writes only its .bin form).
+    pub builtin_modinfo: Option<String>,
     pub softdep: Option<String>,
 }
 
@@ -100,9 +105,15 @@ impl ModDb {
                 .map(|b| root.real(format!("{b}/{kernel}")).display().to_string())
                 .collect::<Vec<_>>()
                 .join(" and ");
-            return Err(ModDbError::NoModulesDir { kernel: kernel.to_string(), looked });
+            return Err(ModDbError::NoModulesDir {
+                kernel: kernel.to_string(),
+                looked,
+            });
         };
-        let real = root.resolve_real(&dir).map_err(|source| ModDbError::Io { path: root.real(&dir), source })?;
+        let real = root.resolve_real(&dir).map_err(|source| ModDbError::Io {
+            path: root.real(&dir),
+            source,
+        })?;
         let mut db = ModDb::open(&real)?;
         db.kernel = kernel.to_string();
         db.dir = dir;
@@ -112,7 +123,10 @@ impl ModDb {
     /// Opens a module directory on this machine (e.g. `--modules-dir`); the kernel name is the
     /// directory's name.
     pub fn open(dir: &Path) -> Result<ModDb, ModDbError> {
-        let kernel = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let kernel = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let read = |name: &str| -> Result<Option<String>, ModDbError> {
             let path = dir.join(name);
             match std::fs::read(&path) {
@@ -122,7 +136,10 @@ impl ModDb {
             }
         };
         let Some(dep) = read("modules.dep")? else {
-            return Err(ModDbError::NoDepFile { dir: dir.to_path_buf(), kernel });
+            return Err(ModDbError::NoDepFile {
+                dir: dir.to_path_buf(),
+                kernel,
+            });
         };
         let files = DepmodFiles {
             dep,
@@ -130,6 +147,7 @@ impl ModDb {
             symbols: read("modules.symbols")?,
             builtin: read("modules.builtin")?,
             builtin_alias: read("modules.builtin.alias")?,
+            builtin_modinfo: read("modules.builtin.modinfo")?,
             softdep: read("modules.softdep")?,
         };
         let mut db = ModDb::parse(&kernel, &files);
@@ -140,7 +158,10 @@ impl ModDb {
     /// Builds the database from file contents. Lines that are not understood are skipped
     /// (counted by [`ModDb::skipped_lines`]).
     pub fn parse(kernel: &str, files: &DepmodFiles) -> ModDb {
-        let mut db = ModDb { kernel: kernel.to_string(), ..ModDb::default() };
+        let mut db = ModDb {
+            kernel: kernel.to_string(),
+            ..ModDb::default()
+        };
         for line in files.dep.lines() {
             let Some((path, deps)) = line.split_once(':') else {
                 db.skipped_lines += usize::from(!line.trim().is_empty());
@@ -151,7 +172,14 @@ impl ModDb {
                 continue;
             };
             let deps = deps.split_whitespace().filter_map(name_from_path).collect();
-            db.modules.insert(name.clone(), Module { name, path: path.trim().to_string(), deps });
+            db.modules.insert(
+                name.clone(),
+                Module {
+                    name,
+                    path: path.trim().to_string(),
+                    deps,
+                },
+            );
         }
         if let Some(text) = &files.builtin {
             db.builtin.extend(text.lines().filter_map(name_from_path));
@@ -161,9 +189,18 @@ impl ModDb {
         }
         if let Some(text) = &files.builtin_alias {
             db.skipped_lines += db.builtin_aliases.parse_into(text);
+        } else if let Some(text) = &files.builtin_modinfo {
+            for record in text.split('\0') {
+                if let Some((module, alias)) = record.split_once(".alias=") {
+                    db.builtin_aliases.insert(alias, module);
+                }
+            }
         }
         if let Some(text) = &files.symbols {
-            for line in text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')) {
+            for line in text
+                .lines()
+                .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            {
                 match line.split_whitespace().collect::<Vec<_>>().as_slice() {
                     ["alias", symbol, module] => db
                         .symbols
@@ -175,7 +212,10 @@ impl ModDb {
             }
         }
         if let Some(text) = &files.softdep {
-            for line in text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')) {
+            for line in text
+                .lines()
+                .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            {
                 match parse_softdep(line) {
                     Some((name, dep)) => {
                         db.softdeps.insert(name, dep);
@@ -219,7 +259,9 @@ impl ModDb {
         let mut seen: HashSet<&str> = HashSet::from([start.as_str()]);
         let mut queue: std::collections::VecDeque<&str> = [start.as_str()].into();
         while let Some(cur) = queue.pop_front() {
-            let Some(module) = self.modules.get(cur) else { continue };
+            let Some(module) = self.modules.get(cur) else {
+                continue;
+            };
             for dep in &module.deps {
                 if seen.insert(dep) {
                     out.push(dep.clone());
@@ -230,22 +272,28 @@ impl ModDb {
         out
     }
 
-    /// The modules a request names, resolved in kmod's order: a module name (loadable or built
-    /// in), then `symbol:` requests (modules.symbols), then modules.alias, then
-    /// modules.builtin.alias. Empty when nothing matches. Names are normalised.
+    /// The modules a request names, resolved in kmod's order (kmod_module_new_from_lookup,
+    /// less modprobe.d): a loadable module's name, then `symbol:` requests (modules.symbols),
+    /// then modules.alias, then built-in names and aliases. So `crc32`, both built in and an
+    /// alias of crc32_pclmul, resolves to the aliases as modprobe does. Empty when nothing
+    /// matches. Names are normalised.
     pub fn resolve_alias(&self, request: &str) -> Vec<String> {
-        let name = modname::normalize(request.trim());
-        if self.modules.contains_key(&name) || self.builtin.contains(&name) {
+        let request = request.trim();
+        let name = modname::normalize(request);
+        if self.modules.contains_key(&name) {
             return vec![name];
         }
-        if let Some(mods) = self.symbols.get(request.trim()) {
+        if let Some(mods) = self.symbols.get(request) {
             return mods.clone();
         }
-        let mods = self.aliases.lookup(request.trim());
+        let mods = self.aliases.lookup(request);
         if !mods.is_empty() {
             return mods;
         }
-        self.builtin_aliases.lookup(request.trim())
+        if self.builtin.contains(&name) {
+            return vec![name];
+        }
+        self.builtin_aliases.lookup(request)
     }
 
     /// modules.softdep entry of `name`.
@@ -280,7 +328,9 @@ pub fn name_from_path(path: &str) -> Option<String> {
     (!stem.is_empty()).then(|| modname::normalize(stem))
 }
 
-/// `softdep NAME pre: a b post: c` → (NAME, SoftDep).
+/// `softdep NAME pre: a b post: c` → (NAME, SoftDep). Words before any `pre:`/`post:` are
+/// ignored, as kmod ignores them (real modules.softdep has `softdep cifs gcm`, from a
+/// MODULE_SOFTDEP without "pre:").
 pub fn parse_softdep(line: &str) -> Option<(String, SoftDep)> {
     let mut words = line.split_whitespace();
     if words.next()? != "softdep" {
@@ -293,11 +343,14 @@ pub fn parse_softdep(line: &str) -> Option<(String, SoftDep)> {
         match word {
             "pre:" => target = Some(&mut dep.pre),
             "post:" => target = Some(&mut dep.post),
-            w => target.as_mut()?.push(modname::normalize(w)),
+            w => {
+                if let Some(list) = target.as_mut() {
+                    list.push(modname::normalize(w));
+                }
+            }
         }
     }
-    // A line with neither "pre:" nor "post:" says nothing.
-    target.is_some().then_some((name, dep))
+    Some((name, dep))
 }
 
 /// The module directory of `kernel` under the root (logical path), if one exists.
@@ -379,11 +432,16 @@ kernel/fs/overlayfs/overlay.ko.zst:\n\
 kernel/drivers/net/dummy-thing.ko:\n\
 not a dep line\n"
                 .to_string(),
-            alias: Some("alias fs-overlay overlay\nalias net-pf-99 dummy_thing\nalias devname:dummy* dummy-thing\n".into()),
+            alias: Some(
+                "alias fs-overlay overlay\nalias net-pf-99 dummy_thing\nalias devname:dummy* dummy-thing\n\
+                 alias ext4 overlay_is_not_ext4_but_aliases_win\n"
+                    .into(),
+            ),
             symbols: Some("alias symbol:nf_conntrack_in nf_conntrack\n".into()),
             builtin: Some("kernel/fs/ext4/ext4.ko\nkernel/crypto/crc32c_generic.ko\n".into()),
             builtin_alias: Some("alias fs-ext4 ext4\nalias crypto-crc32c* crc32c_generic\n".into()),
-            softdep: Some("# Soft dependencies\nsoftdep ip_vs pre: nf_defrag_ipv6 post: ip_vs_wrr\nsoftdep broken\n".into()),
+            builtin_modinfo: Some("ext4.alias=not-used-when-builtin-alias-exists\0".into()),
+            softdep: Some("# Soft dependencies\nsoftdep ip_vs pre: nf_defrag_ipv6 post: ip_vs_wrr\nsoftdep cifs gcm pre: nls\nsoftdep\n".into()),
         };
         ModDb::parse("6.1.0-13-cloud-amd64", &files)
     }
@@ -392,16 +450,28 @@ not a dep line\n"
     fn transitive_deps_nearest_first() {
         let db = sample();
         assert_eq!(db.module_count(), 7);
-        assert_eq!(db.deps_of("ip_vs_wrr"), vec!["ip_vs", "nf_conntrack", "nf_defrag_ipv6", "libcrc32c"]);
-        assert_eq!(db.deps_of("ip-vs"), vec!["nf_conntrack", "nf_defrag_ipv6", "libcrc32c"]);
+        assert_eq!(
+            db.deps_of("ip_vs_wrr"),
+            vec!["ip_vs", "nf_conntrack", "nf_defrag_ipv6", "libcrc32c"]
+        );
+        assert_eq!(
+            db.deps_of("ip-vs"),
+            vec!["nf_conntrack", "nf_defrag_ipv6", "libcrc32c"]
+        );
         assert!(db.deps_of("overlay").is_empty());
         assert!(db.deps_of("no_such").is_empty());
-        assert_eq!(db.module("nf_conntrack").map(|m| m.path.as_str()), Some("kernel/net/netfilter/nf_conntrack.ko.xz"));
+        assert_eq!(
+            db.module("nf_conntrack").map(|m| m.path.as_str()),
+            Some("kernel/net/netfilter/nf_conntrack.ko.xz")
+        );
     }
 
     #[test]
     fn deps_cycles_do_not_loop() {
-        let files = DepmodFiles { dep: "a.ko: b.ko\nb.ko: a.ko c.ko\nc.ko:\n".into(), ..Default::default() };
+        let files = DepmodFiles {
+            dep: "a.ko: b.ko\nb.ko: a.ko c.ko\nc.ko:\n".into(),
+            ..Default::default()
+        };
         let db = ModDb::parse("x", &files);
         assert_eq!(db.deps_of("a"), vec!["b", "c"]);
     }
@@ -414,13 +484,42 @@ not a dep line\n"
         assert_eq!(db.resolve_alias("fs-overlay"), vec!["overlay"]);
         assert_eq!(db.resolve_alias("net-pf-99"), vec!["dummy_thing"]);
         assert_eq!(db.resolve_alias("devname:dummy0"), vec!["dummy_thing"]);
-        assert_eq!(db.resolve_alias("symbol:nf_conntrack_in"), vec!["nf_conntrack"]);
-        assert_eq!(db.resolve_alias("ext4"), vec!["ext4"]);
+        assert_eq!(
+            db.resolve_alias("symbol:nf_conntrack_in"),
+            vec!["nf_conntrack"]
+        );
+        assert_eq!(
+            db.resolve_alias("ext4"),
+            vec!["overlay_is_not_ext4_but_aliases_win"],
+            "aliases before built-ins"
+        );
+        assert_eq!(db.resolve_alias("crc32c_generic"), vec!["crc32c_generic"]);
         assert_eq!(db.resolve_alias("fs-ext4"), vec!["ext4"]);
-        assert_eq!(db.resolve_alias("crypto-crc32c-generic"), vec!["crc32c_generic"]);
+        assert_eq!(
+            db.resolve_alias("crypto-crc32c-generic"),
+            vec!["crc32c_generic"]
+        );
         assert!(db.resolve_alias("nf_conntrack_ipv4").is_empty());
         assert!(db.is_builtin("crc32c-generic"));
         assert!(db.contains("nf-conntrack"));
+    }
+
+    #[test]
+    fn builtin_aliases_from_modinfo() {
+        let files = DepmodFiles {
+            builtin: Some("kernel/fs/ext4/ext4.ko\n".into()),
+            builtin_modinfo: Some("ext4.license=GPL\0ext4.alias=fs-ext4\0ext4.alias=ext3\0crc32c_generic.alias=crypto-crc32c\0".into()),
+            ..Default::default()
+        };
+        let db = ModDb::parse("x", &files);
+        assert_eq!(db.resolve_alias("fs-ext4"), vec!["ext4"]);
+        assert_eq!(db.resolve_alias("ext3"), vec!["ext4"]);
+        assert_eq!(db.resolve_alias("crypto-crc32c"), vec!["crc32c_generic"]);
+        assert!(
+            sample()
+                .resolve_alias("not-used-when-builtin-alias-exists")
+                .is_empty()
+        );
     }
 
     #[test]
@@ -429,13 +528,25 @@ not a dep line\n"
         let sd = db.softdep("ip-vs").unwrap();
         assert_eq!(sd.pre, vec!["nf_defrag_ipv6"]);
         assert_eq!(sd.post, vec!["ip_vs_wrr"]);
-        assert!(db.softdep("broken").is_none());
-        assert_eq!(db.skipped_lines(), 2, "\"not a dep line\" and \"softdep broken\"");
+        let cifs = db.softdep("cifs").unwrap();
+        assert_eq!(
+            cifs.pre,
+            vec!["nls"],
+            "\"gcm\" before any pre:/post: is ignored"
+        );
+        assert_eq!(
+            db.skipped_lines(),
+            2,
+            "\"not a dep line\" and \"softdep\" with no module"
+        );
     }
 
     #[test]
     fn names_from_paths() {
-        assert_eq!(name_from_path("kernel/a/b-c.ko.zst").as_deref(), Some("b_c"));
+        assert_eq!(
+            name_from_path("kernel/a/b-c.ko.zst").as_deref(),
+            Some("b_c")
+        );
         assert_eq!(name_from_path("x.ko").as_deref(), Some("x"));
         assert_eq!(name_from_path("x.o"), None);
         assert_eq!(name_from_path(".ko"), None);
@@ -443,7 +554,10 @@ not a dep line\n"
 
     #[test]
     fn versions_sort_numerically() {
-        assert_eq!(version_cmp("6.1.0-13-cloud-amd64", "6.1.0-9-cloud-amd64"), Ordering::Greater);
+        assert_eq!(
+            version_cmp("6.1.0-13-cloud-amd64", "6.1.0-9-cloud-amd64"),
+            Ordering::Greater
+        );
         assert_eq!(version_cmp("6.12.0", "6.9.7"), Ordering::Greater);
         assert_eq!(version_cmp("5.10.0", "5.10.0"), Ordering::Equal);
         assert_eq!(version_cmp("5.10", "5.10.1"), Ordering::Less);
@@ -453,13 +567,20 @@ not a dep line\n"
     fn opens_a_tree_under_a_root() {
         let dir = tempfile::tempdir().unwrap();
         let root = RootFs::new(dir.path());
-        assert!(matches!(ModDb::for_kernel(&root, "6.1.0"), Err(ModDbError::NoModulesDir { .. })));
+        assert!(matches!(
+            ModDb::for_kernel(&root, "6.1.0"),
+            Err(ModDbError::NoModulesDir { .. })
+        ));
         std::fs::create_dir_all(dir.path().join("usr/lib/modules/6.1.0")).unwrap();
         std::fs::create_dir_all(dir.path().join("usr/lib/modules/6.10.2")).unwrap();
         std::os::unix::fs::symlink("/usr/lib", dir.path().join("lib")).unwrap();
         let err = ModDb::for_kernel(&root, "6.1.0").unwrap_err();
         assert!(err.to_string().contains("depmod 6.1.0"), "{err}");
-        std::fs::write(dir.path().join("usr/lib/modules/6.1.0/modules.dep"), "kernel/a.ko: kernel/b.ko\nkernel/b.ko:\n").unwrap();
+        std::fs::write(
+            dir.path().join("usr/lib/modules/6.1.0/modules.dep"),
+            "kernel/a.ko: kernel/b.ko\nkernel/b.ko:\n",
+        )
+        .unwrap();
         let db = ModDb::for_kernel(&root, "6.1.0").unwrap();
         assert_eq!(db.deps_of("a"), vec!["b"]);
         assert_eq!(db.dir(), Path::new("/lib/modules/6.1.0"));

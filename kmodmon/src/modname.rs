@@ -64,7 +64,10 @@ mod tests {
         assert!(matches!(validate("a/b"), Err(NameError::BadChar(_, '/'))));
         assert!(matches!(validate("a b"), Err(NameError::BadChar(_, ' '))));
         assert!(matches!(validate("é"), Err(NameError::BadChar(_, 'é'))));
-        assert!(matches!(validate(&"x".repeat(56)), Err(NameError::TooLong(_))));
+        assert!(matches!(
+            validate(&"x".repeat(56)),
+            Err(NameError::TooLong(_))
+        ));
         assert!(validate(&"x".repeat(55)).is_ok());
     }
 }

@@ -60,14 +60,12 @@ pub fn start(
     let (out_tx, out_rx) = mpsc::channel::<Event>(1024);
     // SAFETY: the ring buffers own their map fds and keep them open and unchanged for as long
     // as the AsyncFd (which owns the ring buffer) lives.
-    let mut events = unsafe {
-        AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE)
-    }
-    .map_err(|e| anyhow::anyhow!("polling the event ring buffer: {}", e))?;
-    let mut cgroups = unsafe {
-        AsyncFd::register_with_interest(cgroups, tokio::io::Interest::READABLE)
-    }
-    .map_err(|e| anyhow::anyhow!("polling the cgroup ring buffer: {}", e))?;
+    let mut events =
+        unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("polling the event ring buffer: {}", e))?;
+    let mut cgroups =
+        unsafe { AsyncFd::register_with_interest(cgroups, tokio::io::Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("polling the cgroup ring buffer: {}", e))?;
 
     let clock = Clock::new();
     let acc = accounting.clone();
@@ -97,7 +95,9 @@ pub fn start(
     tokio::spawn(async move {
         while let Some(msg) = raw_rx.recv().await {
             match msg {
-                Msg::Cgroup { op, id, path } => enricher.cgroup_changed(op == CGROUP_MKDIR, id, &path),
+                Msg::Cgroup { op, id, path } => {
+                    enricher.cgroup_changed(op == CGROUP_MKDIR, id, &path)
+                }
                 Msg::Event(mut ev) => {
                     enricher.enrich(&mut ev);
                     if out_tx.send(*ev).await.is_err() {
@@ -110,7 +110,12 @@ pub fn start(
     Ok(out_rx)
 }
 
-fn drain_events(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Msg>, acc: &Accounting, clock: &Clock) {
+fn drain_events(
+    ring: &mut RingBuf<MapData>,
+    tx: &mpsc::Sender<Msg>,
+    acc: &Accounting,
+    clock: &Clock,
+) {
     while let Some(item) = ring.next() {
         acc.delivered.fetch_add(1, Ordering::Relaxed);
         let decoded = raw_from_bytes(&item).and_then(|raw| Event::from_raw(&raw, clock));

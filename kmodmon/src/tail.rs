@@ -102,18 +102,30 @@ async fn tail(args: TailArgs, filter: Filter) -> anyhow::Result<ExitCode> {
 }
 
 fn report_drops(delta: &Snapshot, queue_full: u64) {
-    let mut parts: Vec<String> = delta.drops().iter().map(|(k, v)| format!("{v} {k}")).collect();
+    let mut parts: Vec<String> = delta
+        .drops()
+        .iter()
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect();
     if queue_full > 0 {
         parts.push(format!("{queue_full} userspace_queue_full"));
     }
     if !parts.is_empty() {
-        eprintln!("kmodmon: DROPPED events in the last second: {}", parts.join(", "));
+        eprintln!(
+            "kmodmon: DROPPED events in the last second: {}",
+            parts.join(", ")
+        );
     }
 }
 
 /// The exit summary. Identity: seen = delivered + dropped + in_flight + unread, where unread are
 /// events still in the ring buffer when tail stopped (e.g. after --count).
-fn finish(counters: &Counters, acc: &Accounting, printed: u64, json: bool) -> anyhow::Result<ExitCode> {
+fn finish(
+    counters: &Counters,
+    acc: &Accounting,
+    printed: u64,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let snap = counters.snapshot();
     let seen = snap.seen();
     let dropped = snap.dropped();
@@ -123,7 +135,9 @@ fn finish(counters: &Counters, acc: &Accounting, printed: u64, json: bool) -> an
         .drops()
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
-        .chain((acc.queue_full() > 0).then(|| ("userspace_queue_full".to_string(), acc.queue_full())))
+        .chain(
+            (acc.queue_full() > 0).then(|| ("userspace_queue_full".to_string(), acc.queue_full())),
+        )
         .collect();
     if json {
         let summary = serde_json::json!({
@@ -145,7 +159,11 @@ fn finish(counters: &Counters, acc: &Accounting, printed: u64, json: bool) -> an
         let drops_text = if drops.is_empty() {
             "none".to_string()
         } else {
-            drops.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+            drops
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         };
         eprintln!(
             "kmodmon: summary: printed {printed}, delivered {delivered}; kernel saw {seen} = \
@@ -157,7 +175,11 @@ fn finish(counters: &Counters, acc: &Accounting, printed: u64, json: bool) -> an
         if !errors.is_empty() {
             eprintln!(
                 "kmodmon: kernel-side read errors (events delivered with fields marked missing): {}",
-                errors.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+                errors
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
     }

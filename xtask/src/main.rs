@@ -1,7 +1,9 @@
 //! `cargo xtask <task>`: everything the project needs besides cargo itself.
+mod bench;
 mod setup;
 mod tasks;
 mod util;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -31,6 +33,42 @@ enum Task {
     },
     /// Lints only: rustfmt, clippy for the workspace and (separately) the eBPF crate.
     Lint,
+    /// Host benchmarks, paired in one run as ratios (see BENCHMARKS.md).
+    Bench {
+        /// Rounds per measurement (medians are reported).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+    /// Run a shell script as root in a VM (Debian kernel with modules, kmodmon on PATH);
+    /// prints its output and exits with its exit code.
+    VmRun {
+        /// Kernel series (5.10, 6.1, 6.12), Debian suite or release; default: the newest.
+        #[arg(long)]
+        kernel: Option<String>,
+        script: std::path::PathBuf,
+    },
+    /// Run the VM scenarios (tests/vm) on every kernel of the matrix, checking kmodmon's events.
+    VmTest {
+        /// Only this kernel (series, suite or release).
+        #[arg(long)]
+        kernel: Option<String>,
+        /// Only scenarios whose name contains this.
+        #[arg(long)]
+        scenario: Option<String>,
+    },
+    /// Download and unpack the VM kernels (cached under target/vm/kernels).
+    VmFetch {
+        #[arg(long)]
+        kernel: Option<String>,
+        /// Look for newer kernel packages even when one is cached.
+        #[arg(long)]
+        refresh: bool,
+    },
+    /// Measure getppid overhead in the VM: no monitor, kmodmon, auditd's module rule.
+    VmBench {
+        #[arg(long)]
+        kernel: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -40,6 +78,11 @@ fn main() -> ExitCode {
         Task::Run { args } => tasks::run(&args),
         Task::Test { no_vm } => tasks::test(no_vm),
         Task::Lint => tasks::lint(),
+        Task::Bench { rounds } => bench::bench(rounds),
+        Task::VmRun { kernel, script } => vm::vm_run(kernel.as_deref(), &script),
+        Task::VmTest { kernel, scenario } => vm::vm_test(kernel.as_deref(), scenario.as_deref()),
+        Task::VmFetch { kernel, refresh } => vm::vm_fetch(kernel.as_deref(), refresh),
+        Task::VmBench { kernel } => vm::vm_bench(kernel.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -40,7 +40,9 @@ fn rust_src() -> Result<()> {
         "nightly",
         "--installed",
     ]))
-    .context("rustup must be installed with a nightly toolchain (`rustup toolchain install nightly`)")?;
+    .context(
+        "rustup must be installed with a nightly toolchain (`rustup toolchain install nightly`)",
+    )?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
@@ -104,14 +106,22 @@ fn bpf_linker() -> Result<()> {
             return Ok(());
         }
     }
-    eprintln!("xtask setup: building bpf-linker against the nightly's LLVM {major} (about a minute)");
+    eprintln!(
+        "xtask setup: building bpf-linker against the nightly's LLVM {major} (about a minute)"
+    );
     fs::create_dir_all(llvm_dir.join("lib"))?;
     let link = llvm_dir.join("lib").join("libLLVM.so");
     let _ = fs::remove_file(&link);
     std::os::unix::fs::symlink(&libllvm, &link)
         .with_context(|| format!("linking {} to {}", link.display(), libllvm.display()))?;
     run(cargo()
-        .args(["install", "bpf-linker", "--force", "--no-default-features", "--features"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--force",
+            "--no-default-features",
+            "--features",
+        ])
         .arg(format!("llvm-{major}"))
         .env("LLVM_PREFIX", &llvm_dir))
     .context("building bpf-linker failed")?;

@@ -12,7 +12,11 @@ use crate::{
 pub fn run(args: &[String]) -> Result<()> {
     setup()?;
     let root = workspace_root();
-    run_cmd(cargo().current_dir(&root).args(["build", "--release", "-p", "kmodmon"]))?;
+    run_cmd(
+        cargo()
+            .current_dir(&root)
+            .args(["build", "--release", "-p", "kmodmon"]),
+    )?;
     let bin = root.join("target/release/kmodmon");
     let mut cmd = if is_root() {
         Command::new(&bin)
@@ -28,8 +32,12 @@ pub fn run(args: &[String]) -> Result<()> {
 
 pub fn lint() -> Result<()> {
     let root = workspace_root();
-    run_cmd(cargo().current_dir(&root).args(["fmt", "--all", "--", "--check"]))
-        .context("formatting differs: run `cargo fmt --all`")?;
+    run_cmd(
+        cargo()
+            .current_dir(&root)
+            .args(["fmt", "--all", "--", "--check"]),
+    )
+    .context("formatting differs: run `cargo fmt --all`")?;
     run_cmd(cargo().current_dir(&root).args([
         "clippy",
         "--workspace",
@@ -71,7 +79,11 @@ pub fn test(no_vm: bool) -> Result<()> {
              !!! Run as root (CI does) for the full suite.\n"
         );
     }
-    run_cmd(cargo().current_dir(&root).args(["test", "--workspace", "--no-fail-fast"]))?;
+    run_cmd(
+        cargo()
+            .current_dir(&root)
+            .args(["test", "--workspace", "--no-fail-fast"]),
+    )?;
     if no_vm {
         eprintln!("xtask test: --no-vm given, VM scenarios skipped");
         return Ok(());

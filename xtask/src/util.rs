@@ -59,4 +59,5 @@ pub fn cargo() -> Command {
 }
 
 /// The eBPF crate's build flags, as aya-build passes them.
-pub const EBPF_RUSTFLAGS: &str = "--cfg=bpf_target_arch=\"x86_64\"\u{1f}-Cdebuginfo=2\u{1f}-Clink-arg=--btf";
+pub const EBPF_RUSTFLAGS: &str =
+    "--cfg=bpf_target_arch=\"x86_64\"\u{1f}-Cdebuginfo=2\u{1f}-Clink-arg=--btf";

@@ -29,13 +29,9 @@ pub(crate) fn spawn(
         .name("audit-compress".into())
         .spawn(move || {
             compress_closed(&dir, level, &shared);
-            loop {
-                match rx.recv_timeout(PERIOD) {
-                    Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {
-                        compress_closed(&dir, level, &shared)
-                    }
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                }
+            // Woken by a closed segment, or every PERIOD; stops when the writer goes.
+            while let Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(PERIOD) {
+                compress_closed(&dir, level, &shared);
             }
         })?;
     Ok((tx, h))
@@ -67,7 +63,9 @@ pub(crate) fn compress_segment(
     dir_lock: &std::sync::Mutex<()>,
 ) -> io::Result<bool> {
     let name = s.name();
-    let tmp = s.path.with_file_name(format!("{name}.zst{}", segment::TMP_EXT));
+    let tmp = s
+        .path
+        .with_file_name(format!("{name}.zst{}", segment::TMP_EXT));
     let dst = s.path.with_file_name(format!("{name}.zst"));
     if let Err(e) = write_compressed(&s.path, &tmp, level) {
         let _ = std::fs::remove_file(&tmp);
@@ -146,11 +144,22 @@ mod tests {
     fn compression_keeps_bytes_and_mtime_and_removes_the_plain_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(segment::plain_name(1));
-        let data: Vec<u8> = (0..200_000u32).flat_map(|i| format!("{i}\n").into_bytes()).collect();
+        let data: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| format!("{i}\n").into_bytes())
+            .collect();
         std::fs::write(&path, &data).unwrap();
         let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        File::options().write(true).open(&path).unwrap().set_modified(old).unwrap();
-        let seg = Segment { first_seq: 1, compressed: false, path: path.clone() };
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let seg = Segment {
+            first_seq: 1,
+            compressed: false,
+            path: path.clone(),
+        };
         assert!(compress_segment(&seg, 3, &std::sync::Mutex::new(())).unwrap());
         let segs = segment::list(dir.path()).unwrap();
         assert_eq!(segs.len(), 1);
@@ -161,7 +170,10 @@ mod tests {
         use std::os::unix::fs::PermissionsExt as _;
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         let mut back = Vec::new();
-        zstd::Decoder::new(File::open(&segs[0].path).unwrap()).unwrap().read_to_end(&mut back).unwrap();
+        zstd::Decoder::new(File::open(&segs[0].path).unwrap())
+            .unwrap()
+            .read_to_end(&mut back)
+            .unwrap();
         assert_eq!(back, data);
     }
 }

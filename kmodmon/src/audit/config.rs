@@ -10,7 +10,8 @@ use serde::{Deserialize, Deserializer};
 /// When records are forced to stable storage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FsyncPolicy {
-    /// fdatasync after every record: a record reported as written survives power loss.
+    /// No record counts as written (durable seq, `sync`) before an fdatasync covers it.
+    /// Records queued together share one fdatasync (group commit).
     EveryRecord,
     /// fdatasync at most this long after a record was written (and on rotation and close).
     Interval(Duration),

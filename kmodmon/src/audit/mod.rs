@@ -24,6 +24,8 @@ mod recovery;
 mod retention;
 pub mod segment;
 pub mod testkit;
+#[cfg(test)]
+mod tests;
 pub mod timespec;
 pub mod verify;
 mod writer;
@@ -41,12 +43,12 @@ pub use writer::{AuditLog, AuditStats, OpenReport};
 /// Audit-log errors (I/O on a named file, or the log's state).
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
-    #[error("{action} {}: {source}", path.display())]
+    /// The I/O error is part of the message (not a `source()`), so that `{}` alone says it all.
+    #[error("{action} {}: {err}", path.display())]
     Io {
         action: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        err: io::Error,
     },
     #[error(
         "another process is writing the audit log in {} (it holds {}/.lock); stop it or use another directory",
@@ -65,11 +67,7 @@ pub enum AuditError {
 /// `map_err` helper naming the file an I/O error is about.
 pub(crate) fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> AuditError {
     let path = path.to_path_buf();
-    move |source| AuditError::Io {
-        action,
-        path,
-        source,
-    }
+    move |err| AuditError::Io { action, path, err }
 }
 
 /// Creates the log directory 0700, or tightens an existing one to 0700.

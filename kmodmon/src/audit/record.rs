@@ -264,7 +264,10 @@ mod tests {
         let enc = encode(1, br#"{"a":"b"}"#, &GENESIS).unwrap();
         let line = enc.line.strip_suffix(b"\n").unwrap();
         assert!(split(&line[..line.len() - 1]).is_none());
-        assert!(matches!(encode(1, b"[1]", &GENESIS), Err(EncodeError::NotAnObject)));
+        assert!(matches!(
+            encode(1, b"[1]", &GENESIS),
+            Err(EncodeError::NotAnObject)
+        ));
     }
 
     #[test]

@@ -65,9 +65,9 @@ fn clean_leftovers(dir: &Path, removed: &mut Vec<String>) -> Result<(), AuditErr
     }
     for n in &names {
         let stale_tmp = n.starts_with(segment::PREFIX) && n.ends_with(segment::TMP_EXT);
-        let duplicate = n
-            .strip_suffix(".zst")
-            .is_some_and(|plain| segment::parse_name(n).is_some() && names.iter().any(|m| m == plain));
+        let duplicate = n.strip_suffix(".zst").is_some_and(|plain| {
+            segment::parse_name(n).is_some() && names.iter().any(|m| m == plain)
+        });
         if stale_tmp || duplicate {
             remove(&dir.join(n), removed)?;
         }
@@ -286,7 +286,8 @@ mod tests {
         let (_, h) = write_segment(dir.path(), 1, 3, GENESIS);
         std::fs::write(dir.path().join(segment::plain_name(4)), br#"{"seq":4,"rec"#).unwrap();
         std::fs::write(
-            dir.path().join(format!("{}.zst.tmp", segment::plain_name(1))),
+            dir.path()
+                .join(format!("{}.zst.tmp", segment::plain_name(1))),
             b"x",
         )
         .unwrap();

@@ -107,7 +107,11 @@ mod tests {
         assert_eq!(p.remove, s[..1].to_vec());
         assert_eq!(p.kept_from_seq, 10);
         let p = plan(&s, 30, None, Some(DAY / 2), now, mtime);
-        assert_eq!(p.remove.len(), 3, "the active segment is never removed by age");
+        assert_eq!(
+            p.remove.len(),
+            3,
+            "the active segment is never removed by age"
+        );
     }
 
     #[test]

@@ -22,6 +22,8 @@ use crate::metrics::Metrics;
 /// How often the writer looks at retention and unreported losses when idle.
 const TICK: Duration = Duration::from_millis(500);
 const RETENTION_EVERY: Duration = Duration::from_secs(30);
+/// Most messages handled between two fsyncs under the every-record policy.
+const BATCH: usize = 256;
 
 /// Counters shared by the caller side and the writer thread.
 pub(crate) struct Shared {
@@ -37,6 +39,8 @@ pub(crate) struct Shared {
     /// Bytes and count of closed segments, as last measured.
     pub closed_bytes: AtomicU64,
     pub closed_segments: AtomicU64,
+    /// Bytes of the active segment; `u64::MAX` when none is open.
+    pub active_len: AtomicU64,
     /// Held while files are renamed or removed (compression vs retention).
     pub dir_lock: Mutex<()>,
 }
@@ -53,6 +57,22 @@ impl Shared {
             self.closed_bytes.store(bytes, Relaxed);
             self.closed_segments.store(closed.len() as u64, Relaxed);
         }
+        self.publish();
+    }
+
+    /// Sets the log size gauges.
+    pub fn publish(&self) {
+        let active = self.active_len.load(Relaxed);
+        let m = &self.metrics.audit;
+        let (bytes, open) = if active == u64::MAX {
+            (0, 0)
+        } else {
+            (active, 1)
+        };
+        m.bytes
+            .store(self.closed_bytes.load(Relaxed) + bytes, Relaxed);
+        m.segments
+            .store(self.closed_segments.load(Relaxed) + open, Relaxed);
     }
 }
 
@@ -133,6 +153,7 @@ impl AuditLog {
             ),
             closed_bytes: AtomicU64::new(0),
             closed_segments: AtomicU64::new(0),
+            active_len: AtomicU64::new(state.active.as_ref().map_or(u64::MAX, |a| a.len)),
             dir_lock: Mutex::new(()),
         });
         let mut report = OpenReport {
@@ -223,7 +244,11 @@ impl AuditLog {
             Ok(()) => true,
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.shared.lost_queue_full.fetch_add(1, Relaxed);
-                self.shared.metrics.audit.lost_queue_full.fetch_add(1, Relaxed);
+                self.shared
+                    .metrics
+                    .audit
+                    .lost_queue_full
+                    .fetch_add(1, Relaxed);
                 false
             }
         }
@@ -298,7 +323,7 @@ fn lock_dir(dir: &std::path::Path) -> Result<Flock<File>, AuditError> {
             AuditError::Io {
                 action: "lock",
                 path,
-                source: io::Error::from(errno),
+                err: io::Error::from(errno),
             }
         }
     })
@@ -336,25 +361,26 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, rx: Receiver<Msg>) {
-        loop {
-            match rx.recv_timeout(self.wait()) {
-                Ok(Msg::Event(ev)) => self.write_event(&ev),
-                Ok(Msg::Note(message)) => {
-                    let meta = Meta::Note {
-                        time: record::now_rfc3339(),
-                        message,
-                    };
-                    if let Err(e) = self.write_meta(&meta) {
-                        self.write_failed(&e, false);
-                    }
+        'run: loop {
+            let mut next = match rx.recv_timeout(self.wait()) {
+                Ok(m) => Some(m),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            // Group commit: take what is already queued, then fsync once for all of it. No
+            // record counts as durable before the fsync that covers it.
+            let mut taken = 0;
+            while let Some(msg) = next.take() {
+                if !self.handle(msg) {
+                    break 'run;
                 }
-                Ok(Msg::Sync(reply)) => {
-                    self.report_lost();
-                    self.sync();
-                    let _ = reply.send(self.shared.durable_seq.load(Relaxed));
+                taken += 1;
+                if taken < BATCH {
+                    next = rx.try_recv().ok();
                 }
-                Ok(Msg::Close) | Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if self.cfg.fsync == FsyncPolicy::EveryRecord && self.dirty_since.is_some() {
+                self.sync();
             }
             self.tick();
         }
@@ -366,11 +392,32 @@ impl Writer {
         }
     }
 
+    /// Handles one message; false to stop.
+    fn handle(&mut self, msg: Msg) -> bool {
+        match msg {
+            Msg::Event(ev) => self.write_event(&ev),
+            Msg::Note(message) => {
+                let meta = Meta::Note {
+                    time: record::now_rfc3339(),
+                    message,
+                };
+                if let Err(e) = self.write_meta(&meta) {
+                    self.write_failed(&e, false);
+                }
+            }
+            Msg::Sync(reply) => {
+                self.report_lost();
+                self.sync();
+                let _ = reply.send(self.shared.durable_seq.load(Relaxed));
+            }
+            Msg::Close => return false,
+        }
+        true
+    }
+
     fn wait(&self) -> Duration {
         match (self.cfg.fsync, self.dirty_since) {
-            (FsyncPolicy::Interval(i), Some(since)) => {
-                i.saturating_sub(since.elapsed()).min(TICK)
-            }
+            (FsyncPolicy::Interval(i), Some(since)) => i.saturating_sub(since.elapsed()).min(TICK),
             _ => TICK,
         }
     }
@@ -384,6 +431,9 @@ impl Writer {
         self.report_lost();
         if self.last_retention.elapsed() >= RETENTION_EVERY {
             self.retention();
+        }
+        if self.cfg.fsync == FsyncPolicy::EveryRecord && self.dirty_since.is_some() {
+            self.sync();
         }
     }
 
@@ -413,7 +463,11 @@ impl Writer {
     fn write_failed(&mut self, e: &io::Error, lost: bool) {
         if lost {
             self.shared.lost_write_error.fetch_add(1, Relaxed);
-            self.shared.metrics.audit.lost_write_error.fetch_add(1, Relaxed);
+            self.shared
+                .metrics
+                .audit
+                .lost_write_error
+                .fetch_add(1, Relaxed);
         }
         self.shared.metrics.audit.write_errors.fetch_add(1, Relaxed);
         if !self.failing {
@@ -472,7 +526,9 @@ impl Writer {
         if self.pending_lost() == 0 {
             return;
         }
-        let r = self.ensure_segment().and_then(|()| self.write_lost_record());
+        let r = self
+            .ensure_segment()
+            .and_then(|()| self.write_lost_record());
         if let Err(e) = r {
             self.write_failed(&e, false);
         }
@@ -500,6 +556,7 @@ impl Writer {
     fn close_segment(&mut self) {
         self.sync();
         self.seg = None;
+        self.publish_bytes();
         if let Some(tx) = &self.hk_tx {
             let _ = tx.send(());
         }
@@ -542,6 +599,7 @@ impl Writer {
         let body = serde_json::to_vec(&header).map_err(io::Error::other)?;
         if let Err(e) = self.append(&body) {
             self.seg = None;
+            self.publish_bytes();
             let _ = std::fs::remove_file(&path);
             return Err(e);
         }
@@ -558,6 +616,16 @@ impl Writer {
             .as_mut()
             .ok_or_else(|| io::Error::other("no open segment"))?;
         let enc = record::encode(self.next_seq, body, &self.last_hash).map_err(io::Error::other)?;
+        if enc.line.len() > segment::MAX_LINE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "record of {} bytes is over the {} byte limit",
+                    enc.line.len(),
+                    segment::MAX_LINE
+                ),
+            ));
+        }
         if let Err(e) = seg.file.write_all(&enc.line) {
             if seg.file.set_len(seg.len).is_err() {
                 seg.needs_repair = true;
@@ -573,24 +641,15 @@ impl Writer {
         self.shared.records.fetch_add(1, Relaxed);
         self.shared.metrics.audit.records.fetch_add(1, Relaxed);
         self.publish_bytes();
-        match self.cfg.fsync {
-            FsyncPolicy::EveryRecord => self.sync(),
-            FsyncPolicy::Interval(_) => {
-                self.dirty_since.get_or_insert_with(Instant::now);
-            }
-        }
+        // Synced by the run loop: after this batch (every record) or within the interval.
+        self.dirty_since.get_or_insert_with(Instant::now);
         Ok(())
     }
 
     fn publish_bytes(&self) {
-        let active = self.seg.as_ref().map_or(0, |s| s.len);
-        let m = &self.shared.metrics.audit;
-        m.bytes
-            .store(self.shared.closed_bytes.load(Relaxed) + active, Relaxed);
-        m.segments.store(
-            self.shared.closed_segments.load(Relaxed) + u64::from(self.seg.is_some()),
-            Relaxed,
-        );
+        let active = self.seg.as_ref().map_or(u64::MAX, |s| s.len);
+        self.shared.active_len.store(active, Relaxed);
+        self.shared.publish();
     }
 
     /// fdatasync the active segment; advances the durable seq on success.
@@ -617,7 +676,10 @@ impl Writer {
             }
             Err(e) => {
                 self.shared.metrics.audit.fsync_errors.fetch_add(1, Relaxed);
-                log::error!("audit log {}: fsync failed: {e}", seg.segment.path.display());
+                log::error!(
+                    "audit log {}: fsync failed: {e}",
+                    seg.segment.path.display()
+                );
             }
         }
     }

@@ -94,8 +94,10 @@ impl CgroupCache {
     }
 
     fn evict(&mut self, now: Instant) {
-        self.entries
-            .retain(|_, e| e.removed_at.is_none_or(|t| now.duration_since(t) < REMOVED_TTL));
+        self.entries.retain(|_, e| {
+            e.removed_at
+                .is_none_or(|t| now.duration_since(t) < REMOVED_TTL)
+        });
     }
 
     /// Path of cgroup `id`, walking the tree again (at most every RESCAN_INTERVAL) on a miss.

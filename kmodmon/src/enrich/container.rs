@@ -47,9 +47,10 @@ pub const CRI: &str = "cri";
 /// A 64-hex container ID under a parent no known runtime uses.
 pub const UNKNOWN: &str = "unknown";
 
-/// Whether `runtime` is a placeholder that runtime state should replace when it knows better.
+/// Whether `runtime` is a placeholder that runtime state should replace when it knows better
+/// (`runc` and `crun` are shared by several engines).
 pub fn is_generic_runtime(runtime: &str) -> bool {
-    matches!(runtime, CRI | UNKNOWN | RUNC | "")
+    matches!(runtime, CRI | UNKNOWN | RUNC | CRUN | "")
 }
 
 /// Recognises the container a cgroup path belongs to (rules in the module docs).
@@ -71,10 +72,7 @@ pub fn parse_cgroup_path(path: &str) -> Option<Container> {
                 Parent::Container
             };
             outer = best.take();
-            best = Some(Found {
-                m,
-                pod: pod.take(),
-            });
+            best = Some(Found { m, pod: pod.take() });
             in_kubepods = false;
             continue;
         }
@@ -281,7 +279,9 @@ fn systemd_unescape(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'\\' && b.get(i + 1) == Some(&b'x') {
-            let hex = b.get(i + 2..i + 4).and_then(|h| std::str::from_utf8(h).ok());
+            let hex = b
+                .get(i + 2..i + 4)
+                .and_then(|h| std::str::from_utf8(h).ok());
             if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
                 out.push(v);
                 i += 4;

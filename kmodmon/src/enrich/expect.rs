@@ -133,6 +133,33 @@ pub enum ExpectError {
     },
     #[error("no OCI config and no process to read {ENV_VAR} from")]
     Nowhere,
+    /// The pid is still becoming the container's program: runc's init before execve (its
+    /// environ is runc's), or inside execve (for a moment the environ reads empty, or still
+    /// shows the old one under the new comm). Seen for real right after `runc run -d`.
+    #[error(
+        "process {pid} ({comm}) has not finished starting the container's program; its environment is not the container's yet (retry shortly)"
+    )]
+    Starting { pid: u32, comm: String },
+}
+
+impl ExpectError {
+    /// Whether the same read may succeed a little later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ExpectError::Starting { .. })
+    }
+}
+
+/// Whether an environ and comm show a process that has not finished becoming the container's
+/// program: an OCI runtime's init (runc's `runc:[2:INIT]` and `_LIBCONTAINER_*` variables,
+/// crun), or an empty environ (mid-execve; a container's process always has some).
+pub fn is_runtime_init(environ: &[u8], comm: &str) -> bool {
+    environ.is_empty()
+        || comm.starts_with("runc:[")
+        || comm == "runc"
+        || comm == "crun"
+        || environ.split(|&b| b == 0).any(|e| {
+            e.starts_with(b"_LIBCONTAINER_INITPIPE=") || e.starts_with(b"_LIBCONTAINER_INITTYPE=")
+        })
 }
 
 /// Reads `<proc_root>/<pid>/environ` (pass `/proc`).
@@ -145,9 +172,7 @@ pub fn read_environ(proc_root: &Path, pid: u32) -> Result<Vec<u8>, ExpectError> 
     };
     let file = std::fs::File::open(&path).map_err(err)?;
     let mut buf = Vec::new();
-    file.take(ENVIRON_MAX)
-        .read_to_end(&mut buf)
-        .map_err(err)?;
+    file.take(ENVIRON_MAX).read_to_end(&mut buf).map_err(err)?;
     Ok(buf)
 }
 
@@ -163,12 +188,19 @@ pub fn declaration(
         let value = find_in_env_list(env);
         return Ok(Declaration {
             declared: value.is_some(),
-            expected: value.map(|v| Expected::parse(v.as_bytes())).unwrap_or_default(),
+            expected: value
+                .map(|v| Expected::parse(v.as_bytes()))
+                .unwrap_or_default(),
             source: Source::Config(path.to_path_buf()),
         });
     }
     let pid = pid.ok_or(ExpectError::Nowhere)?;
     let environ = read_environ(proc_root, pid)?;
+    let comm = std::fs::read(proc_root.join(pid.to_string()).join("comm")).unwrap_or_default();
+    let comm = escape_bytes(comm.trim_ascii_end());
+    if is_runtime_init(&environ, &comm) {
+        return Err(ExpectError::Starting { pid, comm });
+    }
     let value = find_in_environ(&environ);
     Ok(Declaration {
         declared: value.is_some(),
@@ -302,7 +334,11 @@ mod tests {
             vec!["a b", "../evil", long.as_str(), "\\x1b[31m", "caf\\xff"]
         );
         assert!(e.bad[0].reason.contains("' '"), "{}", e.bad[0].reason);
-        assert!(e.bad[2].reason.contains("longer than 55"), "{}", e.bad[2].reason);
+        assert!(
+            e.bad[2].reason.contains("longer than 55"),
+            "{}",
+            e.bad[2].reason
+        );
         assert_eq!(e.bad[4].reason, "not valid UTF-8");
         // Reasons are printable even when the entry is not.
         assert!(!e.bad[3].reason.contains('\x1b'));
@@ -354,6 +390,28 @@ mod tests {
             declaration(None, None, dir.path()),
             Err(ExpectError::Nowhere)
         ));
+        // runc's init before exec: runc's environment, not the container's (seen for real
+        // right after `runc run -d` returned).
+        let init = dir.path().join("77");
+        std::fs::create_dir(&init).unwrap();
+        std::fs::write(
+            init.join("environ"),
+            b"GOMAXPROCS=\0_LIBCONTAINER_INITPIPE=3\0_LIBCONTAINER_INITTYPE=standard\0",
+        )
+        .unwrap();
+        std::fs::write(init.join("comm"), b"runc:[2:INIT]\n").unwrap();
+        let err = declaration(None, Some(77), dir.path()).unwrap_err();
+        assert!(err.is_retryable(), "{err}");
+        assert!(err.to_string().contains("runc:[2:INIT]"), "{err}");
+        assert!(is_runtime_init(b"_LIBCONTAINER_INITPIPE=3\0", "sh"));
+        assert!(is_runtime_init(b"", "crun"));
+        assert!(!is_runtime_init(b"HOME=/\0", "sleep"));
+        // Mid-execve: the new comm with runc's environ, then an empty one.
+        assert!(is_runtime_init(
+            b"GOMAXPROCS=\0_LIBCONTAINER_INITPIPE=3\0",
+            "sleep"
+        ));
+        assert!(is_runtime_init(b"", "sleep"));
     }
 
     #[test]
@@ -364,7 +422,11 @@ mod tests {
 
     fn deps(module: &str) -> Vec<String> {
         match module {
-            "ip_vs_wrr" => vec!["ip_vs".into(), "nf_conntrack".into(), "nf_defrag_ipv6".into()],
+            "ip_vs_wrr" => vec![
+                "ip_vs".into(),
+                "nf_conntrack".into(),
+                "nf_defrag_ipv6".into(),
+            ],
             "ip_vs" => vec!["nf_conntrack".into(), "nf_defrag_ipv6".into()],
             _ => Vec::new(),
         }
@@ -378,13 +440,22 @@ mod tests {
         assert_eq!(j.reason, "declared in KERNEL_MODULES");
         let j = judge("nf-conntrack", Some(&e), &deps);
         assert_eq!(j.verdict, Verdict::Expected);
-        assert_eq!(j.reason, "dependency of ip_vs_wrr, declared in KERNEL_MODULES");
+        assert_eq!(
+            j.reason,
+            "dependency of ip_vs_wrr, declared in KERNEL_MODULES"
+        );
         let j = judge("iptable_nat", Some(&e), &deps);
         assert_eq!(j.verdict, Verdict::Unexpected);
         assert!(j.reason.contains("ip_vs_wrr"), "{}", j.reason);
         // Without modules.dep only declared names are expected.
-        assert_eq!(judge("ip_vs", Some(&e), &NoDeps).verdict, Verdict::Unexpected);
-        assert_eq!(judge("ip-vs-wrr", Some(&e), &NoDeps).verdict, Verdict::Expected);
+        assert_eq!(
+            judge("ip_vs", Some(&e), &NoDeps).verdict,
+            Verdict::Unexpected
+        );
+        assert_eq!(
+            judge("ip-vs-wrr", Some(&e), &NoDeps).verdict,
+            Verdict::Expected
+        );
         let none = Expected::default();
         let j = judge("ip_vs", Some(&none), &deps);
         assert_eq!(j.verdict, Verdict::Unexpected);

@@ -2,6 +2,7 @@
 pub mod cgroup;
 pub mod container;
 pub mod expect;
+pub mod runtime_state;
 
 use self::cgroup::CgroupCache;
 use crate::event::Event;

@@ -69,7 +69,10 @@ impl AliasIndex {
         if is_wild(&pattern) {
             let cut = pattern.find(['*', '?', '[']).unwrap_or(pattern.len());
             let prefix = pattern[..cut].to_string();
-            self.by_prefix.entry(prefix).or_default().push(self.patterns.len());
+            self.by_prefix
+                .entry(prefix)
+                .or_default()
+                .push(self.patterns.len());
             self.patterns.push((pattern, module));
         } else {
             let mods = self.exact.entry(pattern).or_default();
@@ -115,7 +118,11 @@ impl AliasIndex {
         let mut hits: Vec<usize> = Vec::new();
         for (i, _) in request.char_indices().chain([(request.len(), ' ')]) {
             if let Some(ids) = self.by_prefix.get(&request[..i]) {
-                hits.extend(ids.iter().copied().filter(|&id| fnmatch(&self.patterns[id].0, &request)));
+                hits.extend(
+                    ids.iter()
+                        .copied()
+                        .filter(|&id| fnmatch(&self.patterns[id].0, &request)),
+                );
             }
         }
         hits.sort_unstable();
@@ -143,7 +150,10 @@ mod tests {
 
     #[test]
     fn fnmatch_semantics() {
-        assert!(fnmatch("pci:v00008086d*sv*", "pci:v00008086d00001234sv0000"));
+        assert!(fnmatch(
+            "pci:v00008086d*sv*",
+            "pci:v00008086d00001234sv0000"
+        ));
         assert!(fnmatch("a*b", "a/x/b"), "* crosses / without FNM_PATHNAME");
         assert!(fnmatch("x?z", "xyz"));
         assert!(fnmatch("dev[0-9]", "dev7"));
@@ -174,8 +184,14 @@ mod tests {
             idx.lookup("pci:v00008086d000010D3sv00008086sd00000000bc02sc00i00"),
             vec!["e1000e", "some_generic_nic"]
         );
-        assert_eq!(idx.lookup("pci:v000010ECd00008168sv0sd0bc02sc00i00"), vec!["some_generic_nic"]);
-        assert!(idx.lookup("pci:v000010ECd00008168sv0sd0bc03sc00i00").is_empty());
+        assert_eq!(
+            idx.lookup("pci:v000010ECd00008168sv0sd0bc02sc00i00"),
+            vec!["some_generic_nic"]
+        );
+        assert!(
+            idx.lookup("pci:v000010ECd00008168sv0sd0bc03sc00i00")
+                .is_empty()
+        );
         assert_eq!(
             idx.lookup("usb:v0781p5567d0100dc00dsc00dp00ic08isc06ip50in00"),
             vec!["usb_storage"]

@@ -51,18 +51,27 @@ impl LiveState {
     /// the state `Unknown` or `NoModuleSupport`); unreadable ones are.
     pub fn read(root: &RootFs) -> Result<LiveState, ModDbError> {
         let io_err = |path: PathBuf| move |source| ModDbError::Io { path, source };
-        let loaded = match root.read_text("/proc/modules").map_err(io_err(root.real("/proc/modules")))? {
+        let loaded = match root
+            .read_text("/proc/modules")
+            .map_err(io_err(root.real("/proc/modules")))?
+        {
             Some(text) => Loaded::Known(parse_proc_modules(&text)),
             None if root.exists("/proc/self") => Loaded::NoModuleSupport,
             None => Loaded::Unknown,
         };
         let sysfs = if root.is_dir("/sys/module") {
             let mut map = BTreeMap::new();
-            let names = root.list_dir("/sys/module").map_err(io_err(root.real("/sys/module")))?;
+            let names = root
+                .list_dir("/sys/module")
+                .map_err(io_err(root.real("/sys/module")))?;
             for name in names {
                 let name = name.to_string_lossy().into_owned();
                 let initstate = format!("/sys/module/{name}/initstate");
-                let state = if root.exists(&initstate) { SysState::Loaded } else { SysState::Builtin };
+                let state = if root.exists(&initstate) {
+                    SysState::Loaded
+                } else {
+                    SysState::Builtin
+                };
                 map.insert(modname::normalize(&name), state);
             }
             Some(map)
@@ -122,7 +131,12 @@ pub fn parse_proc_modules(text: &str) -> BTreeMap<String, LoadedModule> {
         let name = modname::normalize(name);
         out.insert(
             name.clone(),
-            LoadedModule { name, size, used_by, state: state.to_string() },
+            LoadedModule {
+                name,
+                size,
+                used_by,
+                state: state.to_string(),
+            },
         );
     }
     out

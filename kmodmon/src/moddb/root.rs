@@ -126,7 +126,12 @@ impl RootFs {
         let real = self.resolve_real(logical)?;
         let entries = match std::fs::read_dir(&real) {
             Ok(entries) => entries,
-            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
                 return Ok(Vec::new());
             }
             Err(e) => return Err(e),
@@ -167,21 +172,44 @@ mod tests {
         std::fs::write(dir.path().join("etc/modules"), "loop\n").unwrap();
         // Absolute target: must land in the root, not on this machine's /usr.
         symlink("/usr/lib", dir.path().join("lib")).unwrap();
-        symlink("../modules", dir.path().join("etc/modules-load.d/modules.conf")).unwrap();
+        symlink(
+            "../modules",
+            dir.path().join("etc/modules-load.d/modules.conf"),
+        )
+        .unwrap();
         symlink("/etc/modules", dir.path().join("etc/abs.conf")).unwrap();
-        symlink("../../../../../etc/modules", dir.path().join("etc/climb.conf")).unwrap();
+        symlink(
+            "../../../../../etc/modules",
+            dir.path().join("etc/climb.conf"),
+        )
+        .unwrap();
 
-        assert_eq!(root.resolve("/lib/modules/6.1").unwrap(), Path::new("/usr/lib/modules/6.1"));
+        assert_eq!(
+            root.resolve("/lib/modules/6.1").unwrap(),
+            Path::new("/usr/lib/modules/6.1")
+        );
         assert!(root.is_dir("/lib/modules/6.1"));
         assert_eq!(
             root.resolve("/etc/modules-load.d/modules.conf").unwrap(),
             Path::new("/etc/modules")
         );
-        assert_eq!(root.resolve("/etc/abs.conf").unwrap(), Path::new("/etc/modules"));
-        assert_eq!(root.resolve("/etc/climb.conf").unwrap(), Path::new("/etc/modules"));
-        assert_eq!(root.read_text("/etc/abs.conf").unwrap().as_deref(), Some("loop\n"));
+        assert_eq!(
+            root.resolve("/etc/abs.conf").unwrap(),
+            Path::new("/etc/modules")
+        );
+        assert_eq!(
+            root.resolve("/etc/climb.conf").unwrap(),
+            Path::new("/etc/modules")
+        );
+        assert_eq!(
+            root.read_text("/etc/abs.conf").unwrap().as_deref(),
+            Some("loop\n")
+        );
         assert_eq!(root.read_text("/etc/nothing").unwrap(), None);
-        assert_eq!(root.resolve("/no/such/./file").unwrap(), Path::new("/no/such/file"));
+        assert_eq!(
+            root.resolve("/no/such/./file").unwrap(),
+            Path::new("/no/such/file")
+        );
     }
 
     #[test]
@@ -199,6 +227,9 @@ mod tests {
         let root = RootFs::new("/srv/root");
         assert_eq!(root.real("/etc/../etc/x"), Path::new("/srv/root/etc/x"));
         assert_eq!(root.real("/../../x"), Path::new("/srv/root/x"));
-        assert_eq!(root.real("/etc/modules"), Path::new("/srv/root/etc/modules"));
+        assert_eq!(
+            root.real("/etc/modules"),
+            Path::new("/srv/root/etc/modules")
+        );
     }
 }

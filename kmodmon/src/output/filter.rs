@@ -1,7 +1,10 @@
 //! `tail` filters: --module, --kind, --container, --pid.
 use thiserror::Error;
 
-use crate::{event::{Event, Kind}, modname};
+use crate::{
+    event::{Event, Kind},
+    modname,
+};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum FilterError {
@@ -38,7 +41,11 @@ impl Filter {
                 Kind::parse(k.trim()).ok_or_else(|| {
                     FilterError::Kind(
                         k.to_string(),
-                        Kind::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", "),
+                        Kind::ALL
+                            .iter()
+                            .map(|k| k.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
                     )
                 })
             })
@@ -74,8 +81,12 @@ impl Filter {
             None => want == "host",
             Some(c) => {
                 c.id.to_ascii_lowercase().starts_with(want.as_str())
-                    || c.name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(want))
-                    || c.pod_name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(want))
+                    || c.name
+                        .as_deref()
+                        .is_some_and(|n| n.eq_ignore_ascii_case(want))
+                    || c.pod_name
+                        .as_deref()
+                        .is_some_and(|n| n.eq_ignore_ascii_case(want))
             }
         })
     }

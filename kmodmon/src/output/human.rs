@@ -145,7 +145,10 @@ pub fn line(ev: &Event, style: Style) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{cli::ColorChoice, event::{Clock, Container}};
+    use crate::{
+        cli::ColorChoice,
+        event::{Clock, Container},
+    };
 
     fn attempt() -> Event {
         let mut e = Event::synthetic(Kind::LoadAttempt, &Clock::new());

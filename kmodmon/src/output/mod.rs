@@ -8,6 +8,9 @@ use crate::event::Event;
 pub fn json_line(ev: &Event) -> String {
     serde_json::to_string(ev).unwrap_or_else(|e| {
         // Serialising plain strings and numbers cannot fail; if it ever does, say so in-band.
-        format!("{{\"error\":\"cannot serialise event: {}\"}}", e.to_string().replace('"', "'"))
+        format!(
+            "{{\"error\":\"cannot serialise event: {}\"}}",
+            e.to_string().replace('"', "'")
+        )
     })
 }

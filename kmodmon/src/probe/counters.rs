@@ -26,11 +26,19 @@ impl Snapshot {
     }
 
     pub fn seen(&self) -> u64 {
-        Counter::ALL.iter().filter(|c| c.is_seen()).map(|c| self.get(*c)).sum()
+        Counter::ALL
+            .iter()
+            .filter(|c| c.is_seen())
+            .map(|c| self.get(*c))
+            .sum()
     }
 
     pub fn dropped(&self) -> u64 {
-        Counter::ALL.iter().filter(|c| c.is_event_drop()).map(|c| self.get(*c)).sum()
+        Counter::ALL
+            .iter()
+            .filter(|c| c.is_event_drop())
+            .map(|c| self.get(*c))
+            .sum()
     }
 
     /// Drop counters that are not zero, by reason.
@@ -60,7 +68,12 @@ impl Snapshot {
             values: self
                 .values
                 .iter()
-                .map(|(k, v)| (*k, v.saturating_sub(earlier.values.get(k).copied().unwrap_or(0))))
+                .map(|(k, v)| {
+                    (
+                        *k,
+                        v.saturating_sub(earlier.values.get(k).copied().unwrap_or(0)),
+                    )
+                })
                 .collect(),
             in_flight: self.in_flight,
         }
@@ -113,7 +126,10 @@ mod tests {
         ]);
         assert_eq!(s.seen(), 7);
         assert_eq!(s.dropped(), 3);
-        assert_eq!(s.drops(), vec![("ringbuf_full", 1), ("pending_map_full", 2)]);
+        assert_eq!(
+            s.drops(),
+            vec![("ringbuf_full", 1), ("pending_map_full", 2)]
+        );
         assert_eq!(s.errors(), vec![("read_user_failed", 7)]);
     }
 

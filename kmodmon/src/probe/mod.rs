@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, RingBuf},
-    programs::{FExit, TracePoint},
+    programs::{FExit, RawTracePoint, TracePoint},
 };
 use kmodmon_common::Config;
 pub use plan::{AttemptSource, Plan};
@@ -27,7 +27,9 @@ use self::{btf::KernelBtf, counters::Counters, tracefs::Tracefs};
 
 #[derive(Debug, Error)]
 pub enum ProbeError {
-    #[error("kmodmon must run as root (or with CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN); try `sudo kmodmon ...`")]
+    #[error(
+        "kmodmon must run as root (or with CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN); try `sudo kmodmon ...`"
+    )]
     NotRoot,
     #[error("{0}")]
     Tracefs(String),
@@ -77,14 +79,23 @@ impl Probe {
             return Err(ProbeError::NotRoot);
         }
         let _ = raise_memlock();
+        let t0 = std::time::Instant::now();
         let tracefs = Tracefs::find_or_mount()?;
         let btf = KernelBtf::load();
         let mut plan = Plan::make(&tracefs, btf.as_ref().ok(), opts)?;
+        log::debug!("planned in {:?}: {}", t0.elapsed(), plan.describe());
         if let Err(e) = &btf {
             plan.notes.push(e.to_string());
         }
         loop {
-            match Self::try_attach(&plan, btf.as_ref().ok()) {
+            let t1 = std::time::Instant::now();
+            let attempt = Self::try_attach(&plan, btf.as_ref().ok());
+            log::debug!(
+                "attach attempt ({}) took {:?}",
+                plan.attempts.as_str(),
+                t1.elapsed()
+            );
+            match attempt {
                 Ok(mut probe) => {
                     probe.plan = plan;
                     return Ok(probe);
@@ -98,7 +109,15 @@ impl Probe {
     }
 
     fn try_attach(plan: &Plan, btf: Option<&KernelBtf>) -> Result<Probe, ProbeError> {
+        // aya parses the kernel's BTF itself when asked; only fexit needs it (the programs carry
+        // no CO-RE relocations), so skip that cost otherwise.
+        let aya_btf = if plan.attempts == AttemptSource::Fexit {
+            Some(aya::Btf::from_sys_fs().map_err(|e| ProbeError::Btf(e.to_string()))?)
+        } else {
+            None
+        };
         let mut ebpf = EbpfLoader::new()
+            .btf(aya_btf.as_ref())
             .override_global("KMODMON_CONFIG", &plan.config, true)
             .load(EBPF_OBJECT)
             .map_err(|e| ProbeError::Load(format!("{e:#}")))?;
@@ -112,14 +131,20 @@ impl Probe {
         for (program, category, name) in plan.tracepoints() {
             attach_tracepoint(&mut ebpf, program, category, name)?;
         }
-        if plan.attempts == AttemptSource::Fexit {
-            let aya_btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Btf(e.to_string()))?;
+        for (program, tp) in plan.raw_tracepoints() {
+            attach_raw_tracepoint(&mut ebpf, program, tp)?;
+        }
+        if let Some(aya_btf) = &aya_btf {
             for (program, func) in plan.fexits() {
-                attach_fexit(&mut ebpf, program, &func, &aya_btf)?;
+                attach_fexit(&mut ebpf, program, &func, aya_btf)?;
             }
         }
         let _ = btf;
-        Ok(Probe { ebpf, plan: plan.clone(), _logger: logger })
+        Ok(Probe {
+            ebpf,
+            plan: plan.clone(),
+            _logger: logger,
+        })
     }
 
     /// The module-event ring buffer.
@@ -134,8 +159,14 @@ impl Probe {
 
     /// The kernel-side counters.
     pub fn take_counters(&mut self) -> Result<Counters, ProbeError> {
-        let counters = self.ebpf.take_map("COUNTERS").ok_or(ProbeError::Map("COUNTERS"))?;
-        let pending = self.ebpf.take_map("PENDING").ok_or(ProbeError::Map("PENDING"))?;
+        let counters = self
+            .ebpf
+            .take_map("COUNTERS")
+            .ok_or(ProbeError::Map("COUNTERS"))?;
+        let pending = self
+            .ebpf
+            .take_map("PENDING")
+            .ok_or(ProbeError::Map("PENDING"))?;
         Counters::new(counters, pending)
     }
 
@@ -170,11 +201,33 @@ fn attach_tracepoint(
     if prog.fd().is_err() {
         prog.load().map_err(|e| err(format!("{e:#}")))?;
     }
-    prog.attach(category, name).map_err(|e| err(format!("{e:#}")))?;
+    prog.attach(category, name)
+        .map_err(|e| err(format!("{e:#}")))?;
     Ok(())
 }
 
-fn attach_fexit(ebpf: &mut Ebpf, program: &str, func: &str, btf: &aya::Btf) -> Result<(), ProbeError> {
+fn attach_raw_tracepoint(ebpf: &mut Ebpf, program: &str, tp: &str) -> Result<(), ProbeError> {
+    let err = |reason: String| ProbeError::Attach {
+        program: program.to_string(),
+        target: format!("raw tracepoint {tp}"),
+        reason,
+    };
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut(program)
+        .ok_or_else(|| err("program missing from the object".into()))?
+        .try_into()
+        .map_err(|e| err(format!("{e}")))?;
+    prog.load().map_err(|e| err(format!("{e:#}")))?;
+    prog.attach(tp).map_err(|e| err(format!("{e:#}")))?;
+    Ok(())
+}
+
+fn attach_fexit(
+    ebpf: &mut Ebpf,
+    program: &str,
+    func: &str,
+    btf: &aya::Btf,
+) -> Result<(), ProbeError> {
     let err = |reason: String| ProbeError::Attach {
         program: program.to_string(),
         target: format!("fexit {func}"),
@@ -193,7 +246,11 @@ fn attach_fexit(ebpf: &mut Ebpf, program: &str, func: &str, btf: &aya::Btf) -> R
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
 fn raise_memlock() -> nix::Result<()> {
     use nix::sys::resource::{Resource, setrlimit};
-    setrlimit(Resource::RLIMIT_MEMLOCK, libc::RLIM_INFINITY, libc::RLIM_INFINITY)
+    setrlimit(
+        Resource::RLIMIT_MEMLOCK,
+        libc::RLIM_INFINITY,
+        libc::RLIM_INFINITY,
+    )
 }
 
 /// `kmodmon sources`: what would be attached here, and why — without attaching.

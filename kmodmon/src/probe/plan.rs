@@ -13,6 +13,9 @@ use super::{
 pub enum AttemptSource {
     Fexit,
     SyscallTracepoint,
+    /// Raw tracepoints on sys_enter/sys_exit (BTF gives the pt_regs layout).
+    RawTracepoint,
+    /// Classic raw_syscalls:sys_enter/sys_exit tracepoints.
     RawSyscalls,
     None,
 }
@@ -22,14 +25,18 @@ impl AttemptSource {
         match self {
             AttemptSource::Fexit => "fexit",
             AttemptSource::SyscallTracepoint => "syscall_tracepoint",
-            AttemptSource::RawSyscalls => "raw_syscalls",
+            AttemptSource::RawTracepoint => "raw_syscalls (raw tracepoint)",
+            AttemptSource::RawSyscalls => "raw_syscalls (tracepoint)",
             AttemptSource::None => "none",
         }
     }
 
     /// Whether this source makes every syscall on the machine take the tracing slow path.
     pub fn taxes_all_syscalls(self) -> bool {
-        matches!(self, AttemptSource::SyscallTracepoint | AttemptSource::RawSyscalls)
+        matches!(
+            self,
+            AttemptSource::SyscallTracepoint | AttemptSource::RawSyscalls
+        )
     }
 }
 
@@ -49,7 +56,11 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn make(tracefs: &Tracefs, btf: Option<&KernelBtf>, opts: Options) -> Result<Plan, ProbeError> {
+    pub fn make(
+        tracefs: &Tracefs,
+        btf: Option<&KernelBtf>,
+        opts: Options,
+    ) -> Result<Plan, ProbeError> {
         let mut config = super::base_config();
         let mut notes = Vec::new();
         set_syscall_numbers(&mut config);
@@ -105,10 +116,23 @@ impl Plan {
             }
         }
 
+        // Without module support (no /proc/modules) the syscalls' kernel functions are stubs
+        // returning ENOSYS that cannot be traced; only the raw syscall path sees attempts.
+        let modules_supported = std::path::Path::new("/proc/modules").exists();
+        if !modules_supported {
+            notes.push(
+                "this kernel has no module support (no /proc/modules): module syscalls fail with \
+                 ENOSYS and are watched at the raw syscall layer"
+                    .to_string(),
+            );
+        }
         let fexit_ok = !opts.no_fexit
             && !opts.force_raw_syscalls
+            && modules_supported
             && config.pt_regs_arg.iter().all(|&o| o != OFFSET_UNKNOWN)
             && btf.is_some_and(|b| SYSCALLS.iter().all(|s| b.has_func(&syscall_func(s))));
+        let raw_tp_ok = config.pt_regs_arg.iter().all(|&o| o != OFFSET_UNKNOWN)
+            && config.pt_regs_syscall_nr != OFFSET_UNKNOWN;
         let mut plan = Plan {
             module_events,
             attempts: AttemptSource::None,
@@ -120,6 +144,8 @@ impl Plan {
             AttemptSource::Fexit
         } else if !opts.force_raw_syscalls && syscall_fields(tracefs, &mut plan.config).is_ok() {
             AttemptSource::SyscallTracepoint
+        } else if raw_tp_ok && raw_fields(tracefs, &mut plan.config).is_ok() {
+            AttemptSource::RawTracepoint
         } else {
             match raw_fields(tracefs, &mut plan.config) {
                 Ok(()) => AttemptSource::RawSyscalls,
@@ -140,11 +166,12 @@ impl Plan {
         let mut next = self.clone();
         match self.attempts {
             AttemptSource::Fexit => {
-                next.notes.push(format!("fexit failed ({err}); falling back to tracepoints"));
+                next.notes
+                    .push(format!("fexit failed ({err}); falling back to tracepoints"));
                 next.attempts = if syscall_fields(tracefs, &mut next.config).is_ok() {
                     AttemptSource::SyscallTracepoint
                 } else if raw_fields(tracefs, &mut next.config).is_ok() {
-                    AttemptSource::RawSyscalls
+                    AttemptSource::RawTracepoint
                 } else {
                     return None;
                 };
@@ -154,6 +181,12 @@ impl Plan {
                     "syscall tracepoints failed ({err}); falling back to raw_syscalls"
                 ));
                 raw_fields(tracefs, &mut next.config).ok()?;
+                next.attempts = AttemptSource::RawTracepoint;
+            }
+            AttemptSource::RawTracepoint => {
+                next.notes.push(format!(
+                    "raw tracepoints failed ({err}); falling back to raw_syscalls tracepoints"
+                ));
                 next.attempts = AttemptSource::RawSyscalls;
             }
             AttemptSource::RawSyscalls | AttemptSource::None => return None,
@@ -163,13 +196,24 @@ impl Plan {
 
     /// (program, category, event) for every tracepoint this plan attaches.
     pub fn tracepoints(&self) -> Vec<(&'static str, &'static str, &'static str)> {
-        let mut v: Vec<(&'static str, &'static str, &'static str)> =
-            self.module_events.iter().map(|ev| (*ev, "module", *ev)).collect();
+        let mut v: Vec<(&'static str, &'static str, &'static str)> = self
+            .module_events
+            .iter()
+            .map(|ev| (*ev, "module", *ev))
+            .collect();
         match self.attempts {
             AttemptSource::SyscallTracepoint => {
                 v.push(("sys_enter_init_module", "syscalls", "sys_enter_init_module"));
-                v.push(("sys_enter_finit_module", "syscalls", "sys_enter_finit_module"));
-                v.push(("sys_enter_delete_module", "syscalls", "sys_enter_delete_module"));
+                v.push((
+                    "sys_enter_finit_module",
+                    "syscalls",
+                    "sys_enter_finit_module",
+                ));
+                v.push((
+                    "sys_enter_delete_module",
+                    "syscalls",
+                    "sys_enter_delete_module",
+                ));
                 v.push(("sys_exit_module", "syscalls", "sys_exit_init_module"));
                 v.push(("sys_exit_module", "syscalls", "sys_exit_finit_module"));
                 v.push(("sys_exit_module", "syscalls", "sys_exit_delete_module"));
@@ -178,13 +222,24 @@ impl Plan {
                 v.push(("raw_sys_enter", "raw_syscalls", "sys_enter"));
                 v.push(("raw_sys_exit", "raw_syscalls", "sys_exit"));
             }
-            AttemptSource::Fexit | AttemptSource::None => {}
+            AttemptSource::Fexit | AttemptSource::RawTracepoint | AttemptSource::None => {}
         }
         if self.cgroups {
             v.push(("cgroup_mkdir", "cgroup", "cgroup_mkdir"));
             v.push(("cgroup_rmdir", "cgroup", "cgroup_rmdir"));
         }
         v
+    }
+
+    /// (program, raw tracepoint) for every raw tracepoint this plan attaches.
+    pub fn raw_tracepoints(&self) -> Vec<(&'static str, &'static str)> {
+        if self.attempts != AttemptSource::RawTracepoint {
+            return Vec::new();
+        }
+        vec![
+            ("raw_tp_sys_enter", "sys_enter"),
+            ("raw_tp_sys_exit", "sys_exit"),
+        ]
     }
 
     /// (program, kernel function) for every fexit this plan attaches.
@@ -214,7 +269,11 @@ impl Plan {
         format!(
             "module events: {modules}; attempts: {}{cost}; cgroups: {}",
             self.attempts.as_str(),
-            if self.cgroups { "cgroup tracepoints" } else { "rescan on miss" }
+            if self.cgroups {
+                "cgroup tracepoints"
+            } else {
+                "rescan on miss"
+            }
         )
     }
 }
@@ -284,7 +343,9 @@ fn syscall_fields(tracefs: &Tracefs, config: &mut Config) -> Result<(), ProbeErr
 }
 
 fn raw_fields(tracefs: &Tracefs, config: &mut Config) -> Result<(), ProbeError> {
-    if !tracefs.has_event("raw_syscalls", "sys_enter") || !tracefs.has_event("raw_syscalls", "sys_exit") {
+    if !tracefs.has_event("raw_syscalls", "sys_enter")
+        || !tracefs.has_event("raw_syscalls", "sys_exit")
+    {
         return Err(ProbeError::Format("no raw_syscalls tracepoints".into()));
     }
     let enter = tracefs.format("raw_syscalls", "sys_enter")?;

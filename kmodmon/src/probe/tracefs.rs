@@ -29,14 +29,18 @@ impl Tracefs {
             Some("tracefs"),
             target,
             Some("tracefs"),
-            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC,
+            nix::mount::MsFlags::MS_NOSUID
+                | nix::mount::MsFlags::MS_NODEV
+                | nix::mount::MsFlags::MS_NOEXEC,
             None::<&str>,
         )
-        .map_err(|e| ProbeError::Tracefs(format!(
-            "tracefs is not mounted and mounting it at {} failed: {e}; mount it yourself with \
+        .map_err(|e| {
+            ProbeError::Tracefs(format!(
+                "tracefs is not mounted and mounting it at {} failed: {e}; mount it yourself with \
              `mount -t tracefs tracefs /sys/kernel/tracing` (needs root)",
-            target.display()
-        )))?;
+                target.display()
+            ))
+        })?;
         Self::find().ok_or_else(|| {
             ProbeError::Tracefs(format!(
                 "mounted tracefs at {} but it has no events/ directory",
@@ -65,12 +69,22 @@ impl Tracefs {
 
     /// Whether `category:name` exists on this kernel.
     pub fn has_event(&self, category: &str, name: &str) -> bool {
-        self.root.join("events").join(category).join(name).join("format").is_file()
+        self.root
+            .join("events")
+            .join(category)
+            .join(name)
+            .join("format")
+            .is_file()
     }
 
     /// Reads and parses `events/<category>/<name>/format`.
     pub fn format(&self, category: &str, name: &str) -> Result<Format, ProbeError> {
-        let path = self.root.join("events").join(category).join(name).join("format");
+        let path = self
+            .root
+            .join("events")
+            .join(category)
+            .join(name)
+            .join("format");
         let text = fs::read_to_string(&path)
             .map_err(|e| ProbeError::Tracefs(format!("reading {}: {e}", path.display())))?;
         Format::parse(&text).map_err(|e| ProbeError::Format(format!("{}: {e}", path.display())))
@@ -173,7 +187,7 @@ impl Format {
     }
 }
 
-/// `field:unsigned long args[6];	offset:16;	size:48;	signed:0;`
+/// `field:unsigned long args[6];<TAB>offset:16;<TAB>size:48;<TAB>signed:0;` (tab-separated)
 fn parse_field_line(line: &str) -> Result<(String, FormatField), String> {
     let mut decl = None;
     let mut offset = None;
@@ -205,7 +219,15 @@ fn parse_field_line(line: &str) -> Result<(String, FormatField), String> {
     if name.is_empty() {
         return Err(format!("malformed declaration {decl:?}"));
     }
-    Ok((name, FormatField { c_type, offset, size, array_len }))
+    Ok((
+        name,
+        FormatField {
+            c_type,
+            offset,
+            size,
+            array_len,
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -249,7 +271,13 @@ format:
         assert_eq!(f.name, "module_load");
         assert_eq!(f.id, Some(460));
         assert_eq!(f.scalar("taints"), Ok(Field { offset: 8, size: 4 }));
-        assert_eq!(f.data_loc("name"), Ok(Field { offset: 12, size: 4 }));
+        assert_eq!(
+            f.data_loc("name"),
+            Ok(Field {
+                offset: 12,
+                size: 4
+            })
+        );
         assert!(f.scalar("name").is_err());
         assert!(f.data_loc("taints").is_err());
         assert!(f.field("nope").is_err());
@@ -259,11 +287,29 @@ format:
     fn parses_arrays_and_pointer_declarations() {
         let f = Format::parse(RAW_ENTER).unwrap();
         assert_eq!(f.scalar("id"), Ok(Field { offset: 8, size: 8 }));
-        assert_eq!(f.u64_array("args", 3), Ok(Field { offset: 16, size: 48 }));
+        assert_eq!(
+            f.u64_array("args", 3),
+            Ok(Field {
+                offset: 16,
+                size: 48
+            })
+        );
         assert!(f.u64_array("args", 7).is_err());
         let g = Format::parse(FINIT).unwrap();
-        assert_eq!(g.scalar("uargs"), Ok(Field { offset: 24, size: 8 }));
-        assert_eq!(g.scalar("fd"), Ok(Field { offset: 16, size: 8 }));
+        assert_eq!(
+            g.scalar("uargs"),
+            Ok(Field {
+                offset: 24,
+                size: 8
+            })
+        );
+        assert_eq!(
+            g.scalar("fd"),
+            Ok(Field {
+                offset: 16,
+                size: 8
+            })
+        );
         assert!(g.fields["uargs"].c_type.ends_with('*'));
     }
 

@@ -294,11 +294,16 @@ impl Apt {
     pub fn download(&self, c: &Candidate, into: &Path) -> Result<PathBuf> {
         fs::create_dir_all(into)?;
         let before: Vec<PathBuf> = debs_in(into)?;
-        run(self
+        let spec = format!("{}={}", c.package, c.version);
+        let status = self
             .command("apt-get")
             .current_dir(into)
-            .args(["-q", "download"])
-            .arg(format!("{}={}", c.package, c.version)))?;
+            .args(["-q", "download", &spec])
+            .status()
+            .context("could not run apt-get")?;
+        if !status.success() {
+            bail!("apt-get download {spec} failed ({status})");
+        }
         debs_in(into)?
             .into_iter()
             .find(|p| !before.contains(p) && file_name_starts(p, &format!("{}_", c.package)))

@@ -88,8 +88,8 @@ pub fn select(name: &str) -> Result<&'static KernelSpec> {
             s.series == name
                 || s.suite == name
                 || name
-                    .strip_prefix(s.prefix.trim_start_matches("linux-image-"))
-                    .is_some_and(|rest| s.matches(&format!("{}{rest}", s.prefix).replace("-cloud-amd64", SUFFIX)))
+                    .strip_suffix("-cloud-amd64")
+                    .is_some_and(|abi| s.matches(&format!("linux-image-{abi}{SUFFIX}")))
         })
         .with_context(|| {
             let names: Vec<String> = MATRIX.iter().map(|s| format!("{} ({})", s.series, s.suite)).collect();

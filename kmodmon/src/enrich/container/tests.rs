@@ -59,7 +59,10 @@ fn check(path: &str, w: Option<Want>) {
 #[test]
 fn docker_cgroupfs_and_systemd() {
     check(&format!("/docker/{ID}"), Some(want(ID, DOCKER)));
-    check(&format!("/system.slice/docker-{ID}.scope"), Some(want(ID, DOCKER)));
+    check(
+        &format!("/system.slice/docker-{ID}.scope"),
+        Some(want(ID, DOCKER)),
+    );
     // docker:dind moves its entrypoint to an `init` sub-cgroup.
     check(&format!("/docker/{ID}/init"), Some(want(ID, DOCKER)));
     // Rootless docker under the user's systemd.
@@ -73,7 +76,10 @@ fn docker_cgroupfs_and_systemd() {
 
 #[test]
 fn docker_in_docker_gives_innermost() {
-    check(&format!("/docker/{ID}/docker/{ID2}"), Some(want(ID2, DOCKER)));
+    check(
+        &format!("/docker/{ID}/docker/{ID2}"),
+        Some(want(ID2, DOCKER)),
+    );
     check(
         &format!("/system.slice/docker-{ID}.scope/docker/{ID2}"),
         Some(want(ID2, DOCKER)),
@@ -103,15 +109,30 @@ fn containerd_cri_systemd_and_cgroupfs() {
         &format!("/kubepods.slice/kubepods-pod{UID_US}.slice/cri-containerd-{ID}.scope"),
         Some(pod(ID, CONTAINERD, "Guaranteed")),
     );
-    check(&format!("/system.slice/cri-containerd-{ID}.scope"), Some(want(ID, CONTAINERD)));
+    check(
+        &format!("/system.slice/cri-containerd-{ID}.scope"),
+        Some(want(ID, CONTAINERD)),
+    );
     // cgroupfs driver: the runtime is not named by the path.
-    check(&format!("/kubepods/burstable/pod{UID}/{ID}"), Some(pod(ID, CRI, "Burstable")));
-    check(&format!("/kubepods/besteffort/pod{UID}/{ID}"), Some(pod(ID, CRI, "BestEffort")));
-    check(&format!("/kubepods/pod{UID}/{ID}"), Some(pod(ID, CRI, "Guaranteed")));
+    check(
+        &format!("/kubepods/burstable/pod{UID}/{ID}"),
+        Some(pod(ID, CRI, "Burstable")),
+    );
+    check(
+        &format!("/kubepods/besteffort/pod{UID}/{ID}"),
+        Some(pod(ID, CRI, "BestEffort")),
+    );
+    check(
+        &format!("/kubepods/pod{UID}/{ID}"),
+        Some(pod(ID, CRI, "Guaranteed")),
+    );
     // Plain containerd (ctr/nerdctl) namespaces.
     check(&format!("/default/{ID}"), Some(want(ID, CONTAINERD)));
     check(&format!("/k8s.io/{ID}"), Some(want(ID, CONTAINERD)));
-    check(&format!("/system.slice/nerdctl-{ID}.scope"), Some(want(ID, CONTAINERD)));
+    check(
+        &format!("/system.slice/nerdctl-{ID}.scope"),
+        Some(want(ID, CONTAINERD)),
+    );
 }
 
 #[test]
@@ -142,7 +163,10 @@ fn cri_o() {
         ),
         Some(pod(ID, CRIO, "Burstable")),
     );
-    check(&format!("/kubepods/burstable/pod{UID}/crio-{ID}"), Some(pod(ID, CRIO, "Burstable")));
+    check(
+        &format!("/kubepods/burstable/pod{UID}/crio-{ID}"),
+        Some(pod(ID, CRIO, "Burstable")),
+    );
     // conmon is a host process next to the container.
     check(
         &format!(
@@ -155,8 +179,14 @@ fn cri_o() {
 
 #[test]
 fn podman() {
-    check(&format!("/machine.slice/libpod-{ID}.scope"), Some(want(ID, PODMAN)));
-    check(&format!("/machine.slice/libpod-{ID}.scope/container"), Some(want(ID, PODMAN)));
+    check(
+        &format!("/machine.slice/libpod-{ID}.scope"),
+        Some(want(ID, PODMAN)),
+    );
+    check(
+        &format!("/machine.slice/libpod-{ID}.scope/container"),
+        Some(want(ID, PODMAN)),
+    );
     check(
         &format!("/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{ID}.scope"),
         Some(want(ID, PODMAN)),
@@ -165,7 +195,10 @@ fn podman() {
         &format!("/machine.slice/machine-libpod_pod_{ID2}.slice/libpod-{ID}.scope"),
         Some(want(ID, PODMAN)),
     );
-    check(&format!("/libpod_parent/libpod-{ID}"), Some(want(ID, PODMAN)));
+    check(
+        &format!("/libpod_parent/libpod-{ID}"),
+        Some(want(ID, PODMAN)),
+    );
     check(&format!("/machine.slice/libpod-conmon-{ID}.scope"), None);
     check("/libpod_parent/conmon", None);
 }
@@ -173,14 +206,23 @@ fn podman() {
 #[test]
 fn isulad() {
     check(&format!("/isulad/{ID}"), Some(want(ID, ISULAD)));
-    check(&format!("/system.slice/isulad-{ID}.scope"), Some(want(ID, ISULAD)));
-    check(&format!("/kubepods/besteffort/pod{UID}/{ID}"), Some(pod(ID, CRI, "BestEffort")));
+    check(
+        &format!("/system.slice/isulad-{ID}.scope"),
+        Some(want(ID, ISULAD)),
+    );
+    check(
+        &format!("/kubepods/besteffort/pod{UID}/{ID}"),
+        Some(pod(ID, CRI, "BestEffort")),
+    );
 }
 
 #[test]
 fn lxc() {
     check("/lxc.payload.web1", Some(named("web1", LXC)));
-    check("/lxc.payload.web.example/init.scope", Some(named("web.example", LXC)));
+    check(
+        "/lxc.payload.web.example/init.scope",
+        Some(named("web.example", LXC)),
+    );
     check("/lxc.payload/web1", Some(named("web1", LXC)));
     check("/lxc/web1", Some(named("web1", LXC)));
     check("/lxc/web1/ns", Some(named("web1", LXC)));
@@ -191,7 +233,10 @@ fn lxc() {
 
 #[test]
 fn systemd_nspawn_and_machines() {
-    check("/machine.slice/machine-debian.scope", Some(named("debian", NSPAWN)));
+    check(
+        "/machine.slice/machine-debian.scope",
+        Some(named("debian", NSPAWN)),
+    );
     check(
         "/machine.slice/machine-my\\x2dbox.scope/payload",
         Some(named("my-box", NSPAWN)),
@@ -203,14 +248,23 @@ fn systemd_nspawn_and_machines() {
         Some(want(ID, DOCKER)),
     );
     // libvirt: qemu is a VM (host process); libvirt-lxc is a container.
-    check("/machine.slice/machine-qemu\\x2d1\\x2dvm1.scope/libvirt/emulator", None);
+    check(
+        "/machine.slice/machine-qemu\\x2d1\\x2dvm1.scope/libvirt/emulator",
+        None,
+    );
     check(
         "/machine.slice/machine-lxc\\x2d4242\\x2dweb.scope",
         Some(named("lxc-4242-web", LIBVIRT_LXC)),
     );
     // Bad escapes are kept; control bytes are escaped for display.
-    check("/machine.slice/machine-a\\x1b.scope", Some(named("a\\x1b", NSPAWN)));
-    check("/machine.slice/machine-a\\xZZ.scope", Some(named("a\\\\xZZ", NSPAWN)));
+    check(
+        "/machine.slice/machine-a\\x1b.scope",
+        Some(named("a\\x1b", NSPAWN)),
+    );
+    check(
+        "/machine.slice/machine-a\\xZZ.scope",
+        Some(named("a\\\\xZZ", NSPAWN)),
+    );
 }
 
 #[test]

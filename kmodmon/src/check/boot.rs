@@ -1,0 +1,351 @@
+//! What is meant to load at boot, gathered the way systemd-modules-load does it: the
+//! modules-load.d directories, `modules-load=` / `rd.modules-load=` on the kernel command
+//! line, plus /etc/modules, whose lines count only when something reads it (see [`super::init`]).
+use serde::Serialize;
+
+use super::Warning;
+use super::cmdline::{KernelCmdline, PROC_CMDLINE};
+use super::conf::{self, ConfFile, FileState};
+use super::init::{self, ETC_MODULES, EtcModulesReader, InitInfo};
+use crate::escape::escape_bytes;
+use crate::moddb::RootFs;
+use crate::modname;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// A `*.conf` file of a modules-load.d directory.
+    ModulesLoadD,
+    /// `modules-load=` or `rd.modules-load=` on the kernel command line.
+    KernelCmdline,
+    /// /etc/modules, read directly (not through a modules-load.d link).
+    EtcModules,
+}
+
+/// Where a module is configured to load at boot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Source {
+    pub kind: SourceKind,
+    /// Logical path of the file, or /proc/cmdline.
+    pub path: String,
+    /// Where the file's symlinks lead, when that differs from `path`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<usize>,
+    /// The kernel command line key (`modules-load`, `rd.modules-load`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Whether this line is acted on at boot.
+    pub read_at_boot: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl Source {
+    /// "/etc/modules-load.d/k8s.conf:3", "/etc/modules-load.d/modules.conf -> /etc/modules:2",
+    /// "kernel command line modules-load=".
+    pub fn describe(&self) -> String {
+        if let Some(key) = &self.key {
+            return format!("kernel command line {key}=");
+        }
+        let mut out = self.path.clone();
+        if let Some(target) = &self.target {
+            out.push_str(" -> ");
+            out.push_str(target);
+        }
+        if let Some(line) = self.line {
+            out.push_str(&format!(":{line}"));
+        }
+        out
+    }
+}
+
+/// One module request configured for boot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootEntry {
+    /// The name or alias as configured, normalised.
+    pub request: String,
+    pub source: Source,
+}
+
+/// /etc/modules and whether it counts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EtcModules {
+    pub path: &'static str,
+    pub exists: bool,
+    /// Module lines in it.
+    pub entries: usize,
+    #[serde(flatten)]
+    pub reader: EtcModulesReader,
+}
+
+#[derive(Clone, Debug)]
+pub struct BootConfig {
+    pub init: InitInfo,
+    pub modules_load: Vec<ConfFile>,
+    pub etc_modules: EtcModules,
+    /// Whether a kernel command line was found (not on an offline root).
+    pub cmdline_read: bool,
+    pub entries: Vec<BootEntry>,
+    pub warnings: Vec<Warning>,
+}
+
+impl BootConfig {
+    pub fn read(root: &RootFs, cmdline: Option<&KernelCmdline>) -> std::io::Result<BootConfig> {
+        let modules_load = conf::collect(root, &conf::MODULES_LOAD_DIRS, true)?;
+        let init = init::detect_init(root, cmdline);
+        let reader = init::etc_modules_reader(root, &init, &modules_load);
+        let mut cfg = BootConfig {
+            init,
+            etc_modules: EtcModules {
+                path: ETC_MODULES,
+                exists: false,
+                entries: 0,
+                reader,
+            },
+            modules_load,
+            cmdline_read: cmdline.is_some(),
+            entries: Vec::new(),
+            warnings: Vec::new(),
+        };
+        for file in cfg
+            .modules_load
+            .clone()
+            .iter()
+            .filter(|f| f.state == FileState::Used)
+        {
+            match root.read_text(file.read_path()) {
+                Ok(Some(text)) => cfg.add_modules_load_file(file, &text),
+                Ok(None) => cfg.warnings.push(Warning::at(
+                    &file.path,
+                    None,
+                    "dangling symlink: nothing is read".into(),
+                )),
+                Err(e) => {
+                    cfg.warnings
+                        .push(Warning::at(&file.path, None, format!("cannot read: {e}")))
+                }
+            }
+        }
+        match root.read_text(ETC_MODULES) {
+            Ok(Some(text)) => {
+                cfg.etc_modules.exists = true;
+                cfg.etc_modules.entries = conf::list_lines(&text).count();
+                let via_link = cfg
+                    .entries
+                    .iter()
+                    .any(|e| e.source.target.as_deref() == Some(ETC_MODULES));
+                if !via_link {
+                    cfg.add_etc_modules(&text);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                cfg.warnings
+                    .push(Warning::at(ETC_MODULES, None, format!("cannot read: {e}")))
+            }
+        }
+        if let Some(cmdline) = cmdline {
+            for key in ["modules-load", "rd.modules-load"] {
+                for request in cmdline.list(key) {
+                    let source = Source {
+                        kind: SourceKind::KernelCmdline,
+                        path: PROC_CMDLINE.into(),
+                        target: None,
+                        line: None,
+                        key: Some(key.into()),
+                        read_at_boot: true,
+                        note: None,
+                    };
+                    cfg.add(&request, source);
+                }
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Lines of a modules-load.d file: each whole line is one module name or alias.
+    fn add_modules_load_file(&mut self, file: &ConfFile, text: &str) {
+        for (line, request) in conf::list_lines(text) {
+            let mut source = Source {
+                kind: SourceKind::ModulesLoadD,
+                path: file.path.clone(),
+                target: file.target.clone(),
+                line: Some(line),
+                key: None,
+                read_at_boot: true,
+                note: None,
+            };
+            let first = request.split_whitespace().next().unwrap_or_default();
+            if first != request && modname::validate(first).is_ok() {
+                // Debian's /etc/modules allows "name params"; systemd does not.
+                source.read_at_boot = false;
+                source.note = Some(format!(
+                    "systemd-modules-load takes the whole line \"{}\" as a module name and fails; \
+                     put the parameters in /etc/modprobe.d/*.conf as \"options {first} ...\"",
+                    escape_bytes(request.as_bytes())
+                ));
+                self.add(first, source);
+            } else {
+                self.add(request, source);
+            }
+        }
+    }
+
+    /// /etc/modules read by an init script (or by nothing): "name [parameters]" per line.
+    fn add_etc_modules(&mut self, text: &str) {
+        for (line, content) in conf::list_lines(text) {
+            let request = content.split_whitespace().next().unwrap_or_default();
+            let source = Source {
+                kind: SourceKind::EtcModules,
+                path: ETC_MODULES.into(),
+                target: None,
+                line: Some(line),
+                key: None,
+                read_at_boot: self.etc_modules.reader.read_at_boot,
+                note: None,
+            };
+            self.add(request, source);
+        }
+    }
+
+    fn add(&mut self, request: &str, source: Source) {
+        match modname::validate(request) {
+            Ok(name) => self.entries.push(BootEntry {
+                request: name,
+                source,
+            }),
+            Err(e) => {
+                let message = format!(
+                    "not a module name, ignored at boot: {}",
+                    escape_bytes(e.to_string().as_bytes())
+                );
+                let path = if source.key.is_some() {
+                    PROC_CMDLINE.to_string()
+                } else {
+                    source.path.clone()
+                };
+                self.warnings.push(Warning::at(&path, source.line, message));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+    use std::path::Path;
+
+    fn write(root: &Path, path: &str, text: &str) {
+        let p = root.join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+
+    fn systemd_root() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "/lib/systemd/systemd", "");
+        std::fs::create_dir_all(dir.path().join("sbin")).unwrap();
+        symlink("/lib/systemd/systemd", dir.path().join("sbin/init")).unwrap();
+        dir
+    }
+
+    fn requests(cfg: &BootConfig) -> Vec<(String, String, bool)> {
+        cfg.entries
+            .iter()
+            .map(|e| {
+                (
+                    e.request.clone(),
+                    e.source.describe(),
+                    e.source.read_at_boot,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn etc_modules_is_ignored_on_a_systemd_host_without_the_link() {
+        let dir = systemd_root();
+        let d = dir.path();
+        write(
+            d,
+            "/etc/modules",
+            "# /etc/modules\niptable_nat\niptable_filter\n",
+        );
+        write(
+            d,
+            "/etc/modules-load.d/k8s.conf",
+            "; containers\nbr_netfilter\noverlay\n",
+        );
+        let cfg = BootConfig::read(&RootFs::new(d), None).unwrap();
+        assert!(!cfg.etc_modules.reader.read_at_boot);
+        assert_eq!(cfg.etc_modules.entries, 2);
+        assert_eq!(
+            requests(&cfg),
+            vec![
+                (
+                    "br_netfilter".into(),
+                    "/etc/modules-load.d/k8s.conf:2".into(),
+                    true
+                ),
+                (
+                    "overlay".into(),
+                    "/etc/modules-load.d/k8s.conf:3".into(),
+                    true
+                ),
+                ("iptable_nat".into(), "/etc/modules:2".into(), false),
+                ("iptable_filter".into(), "/etc/modules:3".into(), false),
+            ]
+        );
+    }
+
+    #[test]
+    fn etc_modules_through_the_debian_link_counts_once() {
+        let dir = systemd_root();
+        let d = dir.path();
+        write(d, "/etc/modules", "loop max_loop=8\niptable-nat\n");
+        std::fs::create_dir_all(d.join("etc/modules-load.d")).unwrap();
+        symlink("../modules", d.join("etc/modules-load.d/modules.conf")).unwrap();
+        let cmdline =
+            KernelCmdline::parse("ro modules-load=ip_vs rd.modules-load=dm_crypt,bad/name");
+        let cfg = BootConfig::read(&RootFs::new(d), Some(&cmdline)).unwrap();
+        assert!(cfg.etc_modules.reader.read_at_boot);
+        assert_eq!(
+            requests(&cfg),
+            vec![
+                (
+                    "loop".into(),
+                    "/etc/modules-load.d/modules.conf -> /etc/modules:1".into(),
+                    false
+                ),
+                (
+                    "iptable_nat".into(),
+                    "/etc/modules-load.d/modules.conf -> /etc/modules:2".into(),
+                    true
+                ),
+                (
+                    "ip_vs".into(),
+                    "kernel command line modules-load=".into(),
+                    true
+                ),
+                (
+                    "dm_crypt".into(),
+                    "kernel command line rd.modules-load=".into(),
+                    true
+                ),
+            ]
+        );
+        assert!(
+            cfg.entries[0]
+                .source
+                .note
+                .as_deref()
+                .unwrap_or_default()
+                .contains("options loop")
+        );
+        assert_eq!(cfg.warnings.len(), 1);
+        assert_eq!(cfg.warnings[0].path.as_deref(), Some("/proc/cmdline"));
+    }
+}

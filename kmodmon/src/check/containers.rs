@@ -1,0 +1,170 @@
+//! What running containers expect: their `KERNEL_MODULES`. The check takes a plain list
+//! ([`ContainerExpectation`]); where the list comes from is decided here.
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::{CheckError, Warning};
+use crate::enrich::runtime_state::{self, StateConfig};
+use crate::escape::escape_bytes;
+use crate::moddb::RootFs;
+use crate::modname;
+
+/// One container and the modules it declares.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerExpectation {
+    pub container_id: String,
+    /// docker, containerd, cri-o, podman, isulad, runc, ...
+    pub runtime: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Module names as declared (normalised by the check).
+    pub modules: Vec<String>,
+}
+
+impl ContainerExpectation {
+    /// "web (docker 3f2a9c1b4d5e)".
+    pub fn describe(&self) -> String {
+        let short: String = self.container_id.chars().take(12).collect();
+        match &self.name {
+            Some(name) if *name != self.container_id => {
+                format!("{name} ({} {short})", self.runtime)
+            }
+            _ => format!("{} {short}", self.runtime),
+        }
+    }
+}
+
+/// The container list and where it came from.
+#[derive(Clone, Debug, Default)]
+pub struct ContainerInputs {
+    pub list: Vec<ContainerExpectation>,
+    /// "runtime state", "file PATH", "not checked (--no-containers)".
+    pub source: String,
+    /// Running containers seen, including those that declare nothing.
+    pub running: usize,
+    pub warnings: Vec<Warning>,
+}
+
+/// Running containers of the root, from the runtimes' state directories (under the root for
+/// an offline root).
+///
+/// WIRING POINT: this is where the container enumeration of `crate::enrich::runtime_state`
+/// feeds the check. Anything else that can list containers with their expected modules can
+/// be plugged in here (or passed in as a file with `--containers-file`).
+pub fn from_runtime_state(root: &RootFs) -> ContainerInputs {
+    let cfg = if root.is_host() {
+        StateConfig::detect()
+    } else {
+        StateConfig::under(root.dir())
+    };
+    let (running, problems) = runtime_state::running_containers(&cfg);
+    let mut out = ContainerInputs {
+        source: "runtime state".into(),
+        running: running.len(),
+        ..Default::default()
+    };
+    for problem in problems {
+        out.warnings
+            .push(Warning::general(format!("container state: {problem}")));
+    }
+    for rc in running {
+        let expectation = ContainerExpectation {
+            container_id: rc.container.id.clone(),
+            runtime: rc.container.runtime.clone(),
+            name: rc.container.name.clone(),
+            modules: rc.expected_modules().to_vec(),
+        };
+        if let Err(e) = &rc.declaration {
+            out.warnings.push(Warning::general(format!(
+                "container {}: cannot read its KERNEL_MODULES: {e}",
+                expectation.describe()
+            )));
+        }
+        for bad in rc.bad_entries() {
+            out.warnings.push(Warning::general(format!(
+                "container {}: KERNEL_MODULES entry {:?} ignored: {}",
+                expectation.describe(),
+                bad.entry,
+                bad.reason
+            )));
+        }
+        if !expectation.modules.is_empty() {
+            out.list.push(expectation);
+        }
+    }
+    out
+}
+
+/// A JSON array of [`ContainerExpectation`] objects (`--containers-file`).
+pub fn from_file(path: &Path) -> Result<ContainerInputs, CheckError> {
+    let text = std::fs::read(path).map_err(|source| CheckError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let list: Vec<ContainerExpectation> =
+        serde_json::from_slice(&text).map_err(|source| CheckError::ContainersFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let mut out = ContainerInputs {
+        source: format!("file {}", path.display()),
+        running: list.len(),
+        ..Default::default()
+    };
+    for mut c in list {
+        let mut modules = Vec::new();
+        for m in &c.modules {
+            match modname::validate(m) {
+                Ok(name) => modules.push(name),
+                Err(e) => out.warnings.push(Warning::at(
+                    &path.display().to_string(),
+                    None,
+                    format!(
+                        "container {}: {}",
+                        c.describe(),
+                        escape_bytes(e.to_string().as_bytes())
+                    ),
+                )),
+            }
+        }
+        c.modules = modules;
+        out.list.push(c);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_containers_file_and_rejects_bad_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.json");
+        std::fs::write(
+            &path,
+            r#"[{"container_id":"3f2a9c1b4d5e6f70","runtime":"docker","name":"dind","modules":["iptable-nat","bad/name"]},
+                {"container_id":"abc","runtime":"runc","modules":[]}]"#,
+        )
+        .unwrap();
+        let inputs = from_file(&path).unwrap();
+        assert_eq!(inputs.list.len(), 2);
+        assert_eq!(inputs.list[0].modules, vec!["iptable_nat"]);
+        assert_eq!(inputs.list[0].describe(), "dind (docker 3f2a9c1b4d5e)");
+        assert_eq!(inputs.list[1].describe(), "runc abc");
+        assert_eq!(inputs.warnings.len(), 1);
+
+        std::fs::write(&path, "{not json").unwrap();
+        let err = from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("c.json"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_offline_root_has_no_containers() {
+        let dir = tempfile::tempdir().unwrap();
+        let inputs = from_runtime_state(&RootFs::new(dir.path()));
+        assert!(inputs.list.is_empty());
+        assert_eq!(inputs.running, 0);
+    }
+}

@@ -1,0 +1,149 @@
+//! A running `kmodmon tail --json`.
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub struct Tail {
+    child: Child,
+    stdout: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+    /// stderr lines seen so far.
+    pub log: Vec<String>,
+}
+
+impl Tail {
+    /// Starts `kmodmon tail --json ARGS` and waits until it says it is attached.
+    pub fn start(args: &[&str]) -> Tail {
+        let mut child = Command::new(crate::kmodmon_bin())
+            .arg("tail")
+            .arg("--json")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kmodmon");
+        let stdout = lines(child.stdout.take().expect("stdout"));
+        let stderr = lines(child.stderr.take().expect("stderr"));
+        let mut tail = Tail {
+            child,
+            stdout,
+            stderr,
+            log: Vec::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match tail.stderr.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) => {
+                    let attached = line.starts_with("kmodmon: attached");
+                    tail.log.push(line);
+                    if attached {
+                        return tail;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = tail.child.wait();
+                    panic!(
+                        "kmodmon exited before attaching ({status:?}):\n{}",
+                        tail.log.join("\n")
+                    );
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kmodmon did not attach:\n{}",
+                tail.log.join("\n")
+            );
+        }
+    }
+
+    /// Collects events until `done` says enough, or the timeout passes.
+    pub fn collect_until(
+        &mut self,
+        timeout: Duration,
+        mut done: impl FnMut(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        let mut events = Vec::new();
+        while !done(&events) && Instant::now() < deadline {
+            if let Ok(line) = self.stdout.recv_timeout(Duration::from_millis(100)) {
+                events.push(parse(&line));
+            }
+        }
+        events
+    }
+
+    /// Stops kmodmon with SIGINT; returns the events it still printed and its JSON summary.
+    pub fn stop(self) -> (Vec<Value>, Value) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        self.finish()
+    }
+
+    /// Waits for kmodmon to exit by itself (e.g. after --count).
+    pub fn finish(mut self) -> (Vec<Value>, Value) {
+        let status = self.child.wait().expect("wait kmodmon");
+        let events: Vec<Value> = self.stdout.iter().map(|l| parse(&l)).collect();
+        self.log.extend(self.stderr.iter());
+        assert!(
+            status.success(),
+            "kmodmon failed: {status}\n{}",
+            self.log.join("\n")
+        );
+        let summary = self
+            .log
+            .iter()
+            .find_map(|l| {
+                serde_json::from_str::<Value>(l)
+                    .ok()
+                    .filter(|v| v.get("summary").is_some())
+            })
+            .unwrap_or_else(|| panic!("no JSON summary in:\n{}", self.log.join("\n")));
+        (events, summary["summary"].clone())
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn parse(line: &str) -> Value {
+    serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("kmodmon printed invalid JSON ({e}): {line:?}"))
+}
+
+fn lines<R: std::io::Read + Send + 'static>(r: R) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Checks the accounting identity of a summary: seen = delivered + dropped + in_flight + unread.
+pub fn assert_accounting(summary: &Value) {
+    let n = |k: &str| {
+        summary[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("summary lacks {k}: {summary}"))
+    };
+    assert_eq!(
+        n("seen"),
+        n("delivered") + n("dropped") + n("in_flight") + n("unread"),
+        "accounting identity broken: {summary}"
+    );
+}

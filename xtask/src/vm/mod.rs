@@ -1,0 +1,218 @@
+//! The VM harness: Debian cloud kernels (with module support) booted under QEMU TCG with an
+//! initramfs built here, running a shell script as root with kmodmon on PATH.
+//!
+//! - `cargo xtask vm-run [--kernel K] SCRIPT`: run any script, print its output, pass its exit
+//!   code through; files it sends back with `vm_export` (tests/vm/lib.sh) land in
+//!   target/vm/runs/<series>/<script name>/files/.
+//! - `cargo xtask vm-test [--kernel K]`: every scenario of tests/vm on every kernel, with the
+//!   event checks of scenarios.rs.
+//! - `cargo xtask vm-fetch [--kernel K] [--refresh]`: download and unpack the kernels.
+//! - `cargo xtask vm-bench [--kernel K]`: syscall overhead of monitors (bench.rs).
+//!
+//! Everything is cached under target/vm: apt/ (private package lists), kernels/<series>/,
+//! initramfs/ (userland and payload archives), build/ (test binaries), runs/ (last results).
+mod apt;
+mod bench;
+mod check;
+mod cpio;
+mod initramfs;
+mod kernels;
+mod protocol;
+mod qemu;
+mod runner;
+mod scenarios;
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+pub use bench::vm_bench;
+pub use runner::vm_test;
+
+use crate::util::{cargo, output, run, workspace_root};
+use kernels::{Cache, Kernel, KernelSpec, MATRIX};
+use qemu::{VmConfig, VmRun};
+
+/// The static target kmodmon is built for, to run in the VM without the host's libraries.
+const TARGET: &str = "x86_64-unknown-linux-gnu";
+/// Where the scenario scripts and their library live, relative to the workspace root.
+const SCENARIO_DIR: &str = "tests/vm";
+/// The default kernel of `vm-run` and `vm-bench`: the newest of the matrix.
+fn default_kernel() -> &'static KernelSpec {
+    &MATRIX[MATRIX.len() - 1]
+}
+
+fn vm_dir() -> PathBuf {
+    std::env::var_os("KMODMON_VM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/vm"))
+}
+
+/// Everything a boot needs besides the kernel-specific module tree.
+pub struct Prepared {
+    pub vm_dir: PathBuf,
+    pub kernels: Vec<Kernel>,
+    userland: PathBuf,
+    payload: PathBuf,
+    lib_sh: Vec<u8>,
+}
+
+fn specs(kernel: Option<&str>, all: bool) -> Result<Vec<&'static KernelSpec>> {
+    Ok(match kernel {
+        Some(k) => vec![kernels::select(k)?],
+        None if all => MATRIX.iter().collect(),
+        None => vec![default_kernel()],
+    })
+}
+
+/// Fetches the kernels, builds kmodmon (static) and the test binaries, packs the initramfs
+/// parts. `all`: the whole matrix when no kernel is named (else the default kernel).
+pub fn prepare(kernel: Option<&str>, all: bool) -> Result<Prepared> {
+    crate::setup::setup()?;
+    let vm_dir = vm_dir();
+    let kernels = Cache::new(vm_dir.clone()).fetch_all(&specs(kernel, all)?, false)?;
+    let root = workspace_root();
+    let mut files = BTreeMap::new();
+    files.insert("usr/bin/kmodmon".to_string(), build_kmodmon(&root)?);
+    files.insert("usr/bin/kmodmon-vm-bench".to_string(), build_bench(&root, &vm_dir)?);
+    let ramfs_dir = vm_dir.join("initramfs");
+    let userland = initramfs::userland(&ramfs_dir)?;
+    let payload = initramfs::payload(&ramfs_dir, &files)?;
+    for k in &kernels {
+        initramfs::modules(k)?;
+    }
+    let lib_path = root.join(SCENARIO_DIR).join("lib.sh");
+    let lib_sh = fs::read(&lib_path).with_context(|| format!("reading {}", lib_path.display()))?;
+    Ok(Prepared {
+        vm_dir,
+        kernels,
+        userland,
+        payload,
+        lib_sh,
+    })
+}
+
+/// Boots `kernel` to run `script`; the results are kept in target/vm/runs/<series>/<name>/.
+pub fn run_script(p: &Prepared, kernel: &Kernel, name: &str, script: &[u8], cfg: &VmConfig) -> Result<(VmRun, PathBuf)> {
+    let run_dir = p.vm_dir.join("runs").join(&kernel.series).join(name);
+    let _ = fs::remove_dir_all(&run_dir);
+    fs::create_dir_all(&run_dir)?;
+    let modules = initramfs::modules(kernel)?;
+    let env = [
+        ("KMODMON_VM_SERIES", kernel.series.clone()),
+        ("KMODMON_VM_SCENARIO", name.to_string()),
+    ];
+    let run_part = initramfs::run_part(script, &p.lib_sh, &env)?;
+    let initrd = run_dir.join("initrd.img");
+    initramfs::assemble(&[p.userland.clone(), modules, p.payload.clone()], &run_part, &initrd)?;
+    let result = qemu::boot(kernel, &initrd, &run_dir, cfg);
+    let _ = fs::remove_file(&initrd);
+    let vm = result?;
+    fs::write(run_dir.join("output.txt"), vm.transcript.output.join("\n"))?;
+    if !vm.transcript.files.is_empty() {
+        let files = run_dir.join("files");
+        fs::create_dir_all(&files)?;
+        for (fname, data) in &vm.transcript.files {
+            // Names come from the VM: keep them inside files/.
+            let safe: String = fname
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' })
+                .collect();
+            fs::write(files.join(safe.trim_start_matches('.')), data)?;
+        }
+    }
+    Ok((vm, run_dir))
+}
+
+/// `cargo xtask vm-run`: runs the script, prints its output, exits with its exit code.
+pub fn vm_run(kernel: Option<&str>, script: &Path) -> Result<()> {
+    let text = fs::read(script).with_context(|| format!("reading {}", script.display()))?;
+    let p = prepare(kernel, false)?;
+    let k = &p.kernels[0];
+    let name = script
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("script")
+        .to_string();
+    eprintln!("xtask vm-run: booting {} to run {}", k.label(), script.display());
+    let cfg = VmConfig {
+        echo: true,
+        ..VmConfig::default()
+    };
+    let (vm, run_dir) = run_script(&p, k, &name, &text, &cfg)?;
+    for e in &vm.transcript.errors {
+        eprintln!("xtask vm-run: {e}");
+    }
+    if let Some(why) = vm.failure() {
+        bail!("{} on {}: {why}\n  (all output in {})", script.display(), k.label(), run_dir.display());
+    }
+    let rc = vm.rc().unwrap_or(1);
+    let boot = vm.transcript.booted.as_ref().map(|b| b.1).unwrap_or(0.0);
+    eprintln!(
+        "xtask vm-run: exit code {rc} ({:.1} s in all, script started {boot:.1} s after boot; files and console in {})",
+        vm.elapsed.as_secs_f64(),
+        run_dir.display()
+    );
+    std::process::exit(rc);
+}
+
+/// `cargo xtask vm-fetch`: downloads and unpacks the kernels (all by default).
+pub fn vm_fetch(kernel: Option<&str>, refresh: bool) -> Result<()> {
+    let cache = Cache::new(vm_dir());
+    for k in cache.fetch_all(&specs(kernel, true)?, refresh)? {
+        initramfs::modules(&k)?;
+        println!("{:<5} {:<28} {} {}", k.series, k.release, k.package, k.version);
+    }
+    Ok(())
+}
+
+/// The workspace's cargo target directory (honours CARGO_TARGET_DIR and cargo config).
+fn target_dir(root: &Path) -> Result<PathBuf> {
+    let text = output(cargo().current_dir(root).args(["metadata", "--format-version", "1", "--no-deps"]))?;
+    let v: serde_json::Value = serde_json::from_str(&text).context("parsing cargo metadata")?;
+    v["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("cargo metadata has no target_directory")
+}
+
+/// kmodmon, statically linked (glibc, crt-static), so it runs on the VM's bare root.
+fn build_kmodmon(root: &Path) -> Result<PathBuf> {
+    run(cargo()
+        .current_dir(root)
+        .args(["build", "--release", "-p", "kmodmon", "--target", TARGET])
+        .env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS", "-C target-feature=+crt-static"))
+    .context("building kmodmon for the VM failed")?;
+    let bin = target_dir(root)?.join(TARGET).join("release/kmodmon");
+    let ldd = Command::new("ldd").arg(&bin).output()?;
+    if ldd.status.success() && !String::from_utf8_lossy(&ldd.stdout).contains("statically linked") {
+        bail!("{} is not statically linked; the VM has no matching libraries", bin.display());
+    }
+    Ok(bin)
+}
+
+/// The getppid benchmark (tests/vm/bench/getppid.rs, std only), compiled with rustc.
+fn build_bench(root: &Path, vm_dir: &Path) -> Result<PathBuf> {
+    let src = root.join(SCENARIO_DIR).join("bench/getppid.rs");
+    let out = vm_dir.join("build/kmodmon-vm-bench");
+    let newer = |a: &Path, b: &Path| -> bool {
+        let m = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+        matches!((m(a), m(b)), (Some(x), Some(y)) if x > y)
+    };
+    if out.is_file() && newer(&out, &src) {
+        return Ok(out);
+    }
+    fs::create_dir_all(vm_dir.join("build"))?;
+    run(Command::new("rustc")
+        .args(["--edition", "2024", "-O", "-C", "target-feature=+crt-static", "--target", TARGET])
+        .arg(&src)
+        .arg("-o")
+        .arg(&out))
+    .context("compiling the VM benchmark failed")?;
+    Ok(out)
+}
