@@ -9,7 +9,7 @@ use std::sync::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use kmodmon_common::{CGROUP_MKDIR, CGROUP_RMDIR, RawCgroupEvent};
+use kmodmon_common::{CGROUP_MKDIR, CGROUP_RMDIR, RawCgroupEvent, RawEvent};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use crate::{
@@ -18,8 +18,10 @@ use crate::{
     event::{Clock, Event, raw_from_bytes},
 };
 
-/// Capacity of the reader → enricher queue.
-pub const QUEUE: usize = 65_536;
+/// Capacity of the reader → enricher queue, in batches (one batch per ring drain).
+pub const QUEUE: usize = 1024;
+/// Most records per batch.
+pub const BATCH: usize = 256;
 
 /// Userspace-side accounting, shared with whoever reports it.
 #[derive(Debug, Default)]
@@ -45,7 +47,8 @@ impl Accounting {
 }
 
 enum Msg {
-    Event(Box<Event>),
+    /// Raw records copied off the ring in one drain; decoded by the enricher.
+    Events(Vec<RawEvent>),
     Cgroup { op: u32, id: u64, path: String },
 }
 
@@ -69,6 +72,7 @@ pub fn start(
 
     let clock = Clock::new();
     let acc = accounting.clone();
+    let dec_acc = accounting.clone();
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -82,7 +86,7 @@ pub fn start(
                     let Ok(mut guard) = guard else { break };
                     // cgroup records first, so a mkdir precedes events from that cgroup.
                     drain_cgroups(cgroups.get_mut(), &raw_tx, &acc);
-                    drain_events(guard.get_inner_mut(), &raw_tx, &acc, &clock);
+                    drain_events(guard.get_inner_mut(), &raw_tx, &acc);
                     guard.clear_ready();
                 }
             }
@@ -98,10 +102,20 @@ pub fn start(
                 Msg::Cgroup { op, id, path } => {
                     enricher.cgroup_changed(op == CGROUP_MKDIR, id, &path)
                 }
-                Msg::Event(mut ev) => {
-                    enricher.enrich(&mut ev);
-                    if out_tx.send(*ev).await.is_err() {
-                        break;
+                Msg::Events(batch) => {
+                    for raw in batch {
+                        let mut ev = match Event::from_raw(&raw, &clock) {
+                            Ok(ev) => ev,
+                            Err(e) => {
+                                dec_acc.undecodable.fetch_add(1, Ordering::Relaxed);
+                                log::warn!("undecodable event record: {e}");
+                                continue;
+                            }
+                        };
+                        enricher.enrich(&mut ev);
+                        if out_tx.send(ev).await.is_err() {
+                            return;
+                        }
                     }
                 }
             }
@@ -110,27 +124,32 @@ pub fn start(
     Ok(out_rx)
 }
 
-fn drain_events(
-    ring: &mut RingBuf<MapData>,
-    tx: &mpsc::Sender<Msg>,
-    acc: &Accounting,
-    clock: &Clock,
-) {
+/// Copies records off the ring in batches (no decoding here: the reader only drains).
+fn drain_events(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Msg>, acc: &Accounting) {
+    let mut batch = Vec::with_capacity(BATCH);
     while let Some(item) = ring.next() {
         acc.delivered.fetch_add(1, Ordering::Relaxed);
-        let decoded = raw_from_bytes(&item).and_then(|raw| Event::from_raw(&raw, clock));
-        drop(item);
-        match decoded {
-            Ok(ev) => {
-                if tx.try_send(Msg::Event(Box::new(ev))).is_err() {
-                    acc.queue_full.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+        match raw_from_bytes(&item) {
+            Ok(raw) => batch.push(raw),
             Err(e) => {
                 acc.undecodable.fetch_add(1, Ordering::Relaxed);
                 log::warn!("undecodable event record: {e}");
             }
         }
+        drop(item);
+        if batch.len() == BATCH {
+            send_batch(tx, std::mem::replace(&mut batch, Vec::with_capacity(BATCH)), acc);
+        }
+    }
+    if !batch.is_empty() {
+        send_batch(tx, batch, acc);
+    }
+}
+
+fn send_batch(tx: &mpsc::Sender<Msg>, batch: Vec<RawEvent>, acc: &Accounting) {
+    let n = batch.len() as u64;
+    if tx.try_send(Msg::Events(batch)).is_err() {
+        acc.queue_full.fetch_add(n, Ordering::Relaxed);
     }
 }
 

@@ -56,7 +56,7 @@ async fn tail(args: TailArgs, filter: Filter) -> anyhow::Result<ExitCode> {
     let style = human::Style {
         color: human::want_color(args.color, std::io::stdout().is_terminal()),
     };
-    let mut out = std::io::stdout().lock();
+    let mut out = std::io::BufWriter::with_capacity(64 << 10, std::io::stdout().lock());
     if !args.json {
         writeln!(out, "{}", human::header()).ok();
     }
@@ -78,7 +78,10 @@ async fn tail(args: TailArgs, filter: Filter) -> anyhow::Result<ExitCode> {
                     continue;
                 }
                 let text = if args.json { json_line(&ev) } else { human::line(&ev, style) };
-                if writeln!(out, "{text}").and_then(|_| out.flush()).is_err() {
+                // Flush when nothing more is waiting: one write per burst, not per event.
+                let written = writeln!(out, "{text}")
+                    .and_then(|_| if rx.is_empty() { out.flush() } else { Ok(()) });
+                if written.is_err() {
                     // stdout closed (e.g. `| head`): stop quietly.
                     break;
                 }
@@ -97,6 +100,7 @@ async fn tail(args: TailArgs, filter: Filter) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    let _ = out.flush();
     drop(out);
     finish(&counters, &accounting, printed, args.json)
 }

@@ -75,23 +75,43 @@ pub fn kmodmon_bin_built() -> PathBuf {
         let built = BUILT.get_or_init(|| {
             let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
             // <target>/<profile>/deps/<test>, or <target>/<triple>/<profile>/deps/<test>.
-            let profile_dir = exe.parent().and_then(|d| d.parent()).ok_or("test binary outside target/")?;
-            let profile = profile_dir.file_name().and_then(|n| n.to_str()).ok_or("odd profile dir")?;
+            let profile_dir = exe
+                .parent()
+                .and_then(|d| d.parent())
+                .ok_or("test binary outside target/")?;
+            let profile = profile_dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or("odd profile dir")?;
             let mut target_dir = profile_dir.parent().ok_or("odd target dir")?.to_path_buf();
-            let mut cmd = std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+            let mut cmd = std::process::Command::new(
+                std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()),
+            );
             cmd.args(["build", "--quiet", "-p", "kmodmon", "--bin", "kmodmon"]);
             if !target_dir.join(".rustc_info.json").exists()
-                && let Some(parent) = target_dir.parent().filter(|p| p.join(".rustc_info.json").exists())
+                && let Some(parent) = target_dir
+                    .parent()
+                    .filter(|p| p.join(".rustc_info.json").exists())
             {
-                let triple = target_dir.file_name().map(|t| t.to_os_string()).unwrap_or_default();
+                let triple = target_dir
+                    .file_name()
+                    .map(|t| t.to_os_string())
+                    .unwrap_or_default();
                 cmd.arg("--target").arg(triple);
                 target_dir = parent.to_path_buf();
             }
             let profile = if profile == "debug" { "dev" } else { profile };
-            cmd.args(["--profile", profile]).arg("--target-dir").arg(&target_dir);
-            cmd.arg("--manifest-path").arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"));
+            cmd.args(["--profile", profile])
+                .arg("--target-dir")
+                .arg(&target_dir);
+            cmd.arg("--manifest-path")
+                .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"));
             let status = cmd.status().map_err(|e| format!("running cargo: {e}"))?;
-            if status.success() { Ok(()) } else { Err(format!("`cargo build -p kmodmon` failed: {status}")) }
+            if status.success() {
+                Ok(())
+            } else {
+                Err(format!("`cargo build -p kmodmon` failed: {status}"))
+            }
         });
         if let Err(e) = built {
             panic!("{e}");
@@ -102,7 +122,9 @@ pub fn kmodmon_bin_built() -> PathBuf {
 
 /// A fixture directory: `tests/fixtures/<rel>`.
 pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(rel)
 }
 
 /// Copies a fixture tree into a new temporary directory (symlinks stay symlinks, so a root

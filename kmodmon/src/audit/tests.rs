@@ -453,15 +453,14 @@ fn a_restart_continues_after_a_compressed_last_segment() {
     );
     let (_, report) = write(c, "y", 3);
     assert!(report.continued.is_none());
-    assert_eq!(report.next_seq, intact_after_first(dir.path()));
+    assert_eq!(report.next_seq, seq_after_compressed(dir.path()));
     let r = intact(dir.path());
     assert!(r.from_genesis);
     assert_eq!(r.events, 33);
 }
 
-/// The seq after the last record of the first `n - 1` segments... here: of all compressed
-/// segments, i.e. where the new writer had to continue.
-fn intact_after_first(dir: &Path) -> u64 {
+/// The seq after the last record of the compressed segments: where a new writer continues.
+fn seq_after_compressed(dir: &Path) -> u64 {
     let segs = segment::list(dir).unwrap();
     let compressed: Vec<_> = segs.iter().filter(|s| s.compressed).collect();
     let last = compressed.last().unwrap();
@@ -487,4 +486,12 @@ fn a_damaged_compressed_segment_is_named() {
     std::fs::write(&z.path, &bytes).unwrap();
     let f = broken(dir.path());
     assert_eq!(f.segment, z.name());
+}
+
+#[test]
+fn sinks_can_be_shared_between_threads() {
+    fn shared<T: Send + Sync>() {}
+    shared::<AuditLog>();
+    shared::<Metrics>();
+    shared::<crate::syslog::Syslog>();
 }

@@ -205,20 +205,20 @@ impl AuditLog {
             last_retention: Instant::now(),
             hk_tx,
             hk,
+            pending: state
+                .cuts
+                .iter()
+                .map(|cut| Meta::Recovered {
+                    time: record::now_rfc3339(),
+                    segment: cut.segment.clone(),
+                    cut_bytes: cut.cut_bytes,
+                    cut_lines: cut.cut_lines,
+                })
+                .collect(),
         };
-        for cut in &state.cuts {
-            let meta = Meta::Recovered {
-                time: record::now_rfc3339(),
-                segment: cut.segment.clone(),
-                cut_bytes: cut.cut_bytes,
-                cut_lines: cut.cut_lines,
-            };
-            w.write_meta(&meta)
-                .map_err(io_err("record the recovery in", &w.cfg.dir))?;
-        }
-        if !state.cuts.is_empty() {
-            w.sync();
-        }
+        // Recorded now if the disk allows, else before the first record that can be written.
+        w.report_lost();
+        w.sync();
         report.next_seq = w.next_seq;
         w.publish_bytes();
         let (tx, rx) = mpsc::sync_channel(w.cfg.queue.max(1));
@@ -357,6 +357,8 @@ struct Writer {
     last_retention: Instant,
     hk_tx: Option<mpsc::Sender<()>>,
     hk: Option<JoinHandle<()>>,
+    /// kmodmon's own records waiting to be written (recoveries found at open).
+    pending: Vec<Meta>,
 }
 
 impl Writer {
@@ -488,8 +490,18 @@ impl Writer {
     /// Rotates if due, reports earlier losses, then appends `body`.
     fn write_body(&mut self, body: &[u8]) -> io::Result<()> {
         self.ensure_segment()?;
+        self.write_pending()?;
         self.write_lost_record()?;
         self.append(body)
+    }
+
+    fn write_pending(&mut self) -> io::Result<()> {
+        while let Some(meta) = self.pending.first() {
+            let body = serde_json::to_vec(meta).map_err(io::Error::other)?;
+            self.append(&body)?;
+            self.pending.remove(0);
+        }
+        Ok(())
     }
 
     /// Writes a `lost` record for losses not yet reported, if any.
@@ -522,12 +534,14 @@ impl Writer {
         Ok(())
     }
 
+    /// Writes pending records and the report of losses, if any.
     fn report_lost(&mut self) {
-        if self.pending_lost() == 0 {
+        if self.pending_lost() == 0 && self.pending.is_empty() {
             return;
         }
         let r = self
             .ensure_segment()
+            .and_then(|()| self.write_pending())
             .and_then(|()| self.write_lost_record());
         if let Err(e) = r {
             self.write_failed(&e, false);
@@ -717,6 +731,7 @@ impl Writer {
         // retention record says so.
         let written = self
             .ensure_segment()
+            .and_then(|()| self.write_pending())
             .and_then(|()| self.write_lost_record())
             .and_then(|()| {
                 let body = serde_json::to_vec(&meta).map_err(io::Error::other)?;

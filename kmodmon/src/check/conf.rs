@@ -1,10 +1,13 @@
 //! Drop-in configuration directories as systemd and kmod read them: every `*.conf` of every
 //! directory, ordered by file name; a name in an earlier directory hides the same name in a
 //! later one; a file that is a symlink to /dev/null (or, for systemd, empty) is masked.
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::escape::escape_bytes;
 use crate::moddb::RootFs;
 
 /// systemd-modules-load's directories, highest precedence first (modules-load.d(5)).
@@ -39,21 +42,26 @@ pub enum FileState {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ConfFile {
-    /// Logical path of the directory entry, e.g. /etc/modules-load.d/modules.conf.
+    /// Logical path of the directory entry, e.g. /etc/modules-load.d/modules.conf (escaped
+    /// for display: file names may hold any byte).
     pub path: String,
-    /// Where its symlinks lead (logical), when that differs from `path`.
+    /// Where its symlinks lead (logical, escaped), when that differs from `path`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
     #[serde(flatten)]
     pub state: FileState,
+    /// The file name, as precedence compares it.
     #[serde(skip)]
-    pub name: String,
+    pub name: OsString,
+    /// The logical path that is read (symlinks followed), unescaped.
+    #[serde(skip)]
+    pub read: PathBuf,
 }
 
 impl ConfFile {
     /// The logical path that is actually read.
-    pub fn read_path(&self) -> &str {
-        self.target.as_deref().unwrap_or(&self.path)
+    pub fn read_path(&self) -> &Path {
+        &self.read
     }
 }
 
@@ -70,12 +78,13 @@ pub fn collect(root: &RootFs, dirs: &[&str], empty_masks: bool) -> std::io::Resu
         }
         seen_dirs.push(resolved);
         for name in root.list_dir(dir)? {
-            let name = name.to_string_lossy().into_owned();
-            if !name.ends_with(".conf") || name.starts_with('.') {
+            let bytes = name.as_bytes();
+            if !bytes.ends_with(b".conf") || bytes.starts_with(b".") {
                 continue;
             }
-            let path = format!("{dir}/{name}");
-            let target = root.resolve(&path)?;
+            let entry = Path::new(dir).join(&name);
+            let path = escape_bytes(entry.as_os_str().as_bytes());
+            let target = root.resolve(&entry)?;
             let real = root.real(&target);
             if real.is_dir() {
                 continue;
@@ -89,12 +98,12 @@ pub fn collect(root: &RootFs, dirs: &[&str], empty_masks: bool) -> std::io::Resu
             } else {
                 FileState::Used
             };
-            let target = target.to_string_lossy().into_owned();
             files.push(ConfFile {
-                target: (target != path).then_some(target),
+                target: (target != entry).then(|| escape_bytes(target.as_os_str().as_bytes())),
                 path,
                 state,
                 name,
+                read: target,
             });
         }
     }
@@ -167,7 +176,7 @@ mod tests {
                 ),
             ]
         );
-        assert_eq!(files[5].read_path(), "/etc/modules");
+        assert_eq!(files[5].read_path(), Path::new("/etc/modules"));
         // kmod does not treat an empty file as a mask.
         let files = collect(&root, &MODULES_LOAD_DIRS, false).unwrap();
         assert_eq!(files[1].state, FileState::Used);

@@ -113,6 +113,10 @@ pub fn from_file(path: &Path) -> Result<ContainerInputs, CheckError> {
         ..Default::default()
     };
     for mut c in list {
+        // Shown to people: no control characters from the file.
+        c.container_id = escape_bytes(c.container_id.as_bytes());
+        c.runtime = escape_bytes(c.runtime.as_bytes());
+        c.name = c.name.map(|n| escape_bytes(n.as_bytes()));
         let mut modules = Vec::new();
         for m in &c.modules {
             match modname::validate(m) {
@@ -144,14 +148,17 @@ mod tests {
         let path = dir.path().join("c.json");
         std::fs::write(
             &path,
-            r#"[{"container_id":"3f2a9c1b4d5e6f70","runtime":"docker","name":"dind","modules":["iptable-nat","bad/name"]},
+            r#"[{"container_id":"3f2a9c1b4d5e6f70","runtime":"docker","name":"dind\u001b[31m","modules":["iptable-nat","bad/name"]},
                 {"container_id":"abc","runtime":"runc","modules":[]}]"#,
         )
         .unwrap();
         let inputs = from_file(&path).unwrap();
         assert_eq!(inputs.list.len(), 2);
         assert_eq!(inputs.list[0].modules, vec!["iptable_nat"]);
-        assert_eq!(inputs.list[0].describe(), "dind (docker 3f2a9c1b4d5e)");
+        assert_eq!(
+            inputs.list[0].describe(),
+            "dind\\x1b[31m (docker 3f2a9c1b4d5e)"
+        );
         assert_eq!(inputs.list[1].describe(), "runc abc");
         assert_eq!(inputs.warnings.len(), 1);
 

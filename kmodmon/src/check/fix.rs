@@ -69,7 +69,7 @@ pub fn plan(root: &RootFs, report: &Report) -> Result<Option<FixPlan>, CheckErro
         Some(f) if f.state == FileState::Masked && f.path == FIX_FILE && f.target.is_some() => {
             return Err(CheckError::Fix(format!(
                 "{FIX_FILE} masks kmodmon.conf (it links to {}); remove that link or add the modules elsewhere by hand",
-                f.read_path()
+                f.read_path().display()
             )));
         }
         // A mask in a directory of lower precedence is overridden by the new file.

@@ -13,6 +13,8 @@
 //!      linked in rcS.d/rc[2-5].d (systemd's SysV compatibility);
 //!    - when the init system is not known, its presence is enough.
 //! 3. Otherwise nothing reads /etc/modules at boot.
+use std::path::Path;
+
 use serde::Serialize;
 
 use super::cmdline::KernelCmdline;
@@ -127,7 +129,7 @@ pub fn etc_modules_reader(
 ) -> EtcModulesReader {
     if let Some(link) = modules_load
         .iter()
-        .find(|f| f.state == FileState::Used && f.read_path() == ETC_MODULES)
+        .find(|f| f.state == FileState::Used && f.read_path() == Path::new(ETC_MODULES))
     {
         return EtcModulesReader {
             read_at_boot: true,
@@ -249,7 +251,6 @@ fn has_native_unit(root: &RootFs, script: &str) -> bool {
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
-    use std::path::Path;
 
     fn write(root: &Path, path: &str, text: &str) {
         let p = root.join(path.trim_start_matches('/'));
@@ -355,6 +356,7 @@ mod tests {
             target: Some(ETC_MODULES.into()),
             state: FileState::Used,
             name: "modules.conf".into(),
+            read: ETC_MODULES.into(),
         };
         let r = etc_modules_reader(&root, &systemd, std::slice::from_ref(&link));
         assert!(r.read_at_boot);

@@ -169,7 +169,11 @@ pub fn gather(
             root.real(moddb::MODULE_BASE_DIRS[1]).display()
         )),
     };
-    let kernel_name = kernel.clone().unwrap_or_else(|| "(unknown)".into());
+    // The version comes from the user or a file of the root: escaped wherever it is shown.
+    let kernel_name = kernel.as_deref().map_or_else(
+        || "(unknown)".into(),
+        |k| crate::escape::escape_bytes(k.as_bytes()),
+    );
     let modules = analyze::analyze(&analyze::Inputs {
         boot: &boot.entries,
         containers: &containers.list,

@@ -165,7 +165,7 @@ impl Report {
         Report {
             root: p.root.dir().display().to_string(),
             kernel: KernelInfo {
-                version: p.kernel,
+                version: p.kernel.map(|k| crate::escape::escape_bytes(k.as_bytes())),
                 chosen_by: p.choice,
                 modules_dir: p.db.as_ref().ok().map(|db| db.dir().display().to_string()),
                 modules: p.db.as_ref().ok().map(ModDb::module_count),

@@ -395,3 +395,24 @@ fn fix_refuses_a_masked_file() {
     let err = fix::plan(&RootFs::new(d), &r).unwrap_err().to_string();
     assert!(err.contains("masks kmodmon.conf"), "{err}");
 }
+
+#[test]
+fn hostile_file_names_and_contents_are_escaped() {
+    let dir = host(&["overlay"]);
+    let d = dir.path();
+    write(
+        d,
+        "/etc/modules-load.d/evil\x1b[2J.conf",
+        "overlay\nbad\x1b]0;title\x07\n",
+    );
+    let r = check(d, vec![]);
+    let human = r.human();
+    assert!(!human.contains('\x1b'), "{human}");
+    assert!(!r.to_json().contains("\\u001b"), "{}", r.to_json());
+    assert!(
+        human.contains("/etc/modules-load.d/evil\\x1b[2J.conf"),
+        "{human}"
+    );
+    assert_eq!(module(&r, "overlay").status, Status::Ok);
+    assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+}

@@ -1,6 +1,159 @@
-//! `cargo xtask vm-bench` (work in progress).
-use anyhow::Result;
+//! `cargo xtask vm-bench [--kernel K]`: what module monitoring costs an unrelated syscall.
+//! tests/vm/bench/bench.sh runs a getppid loop (tests/vm/bench/getppid.rs) with no monitor,
+//! with kmodmon, with kmodmon forced onto raw_syscalls, and with auditd's module rule, in
+//! rounds within one boot; this reports the median time per call and the median of the
+//! per-round ratios to "none" (pairing cancels slow phases of the host).
+use std::collections::BTreeMap;
 
-pub fn vm_bench(_kernel: Option<&str>) -> Result<()> {
-    anyhow::bail!("not yet")
+use anyhow::{Context as _, Result, bail};
+
+use super::{SCENARIO_DIR, prepare, qemu::VmConfig, run_script_env};
+use crate::util::workspace_root;
+
+/// Samples parsed from the script's `BENCH mode=M round=R ns=N` lines.
+#[derive(Debug, Default)]
+pub struct Samples {
+    /// mode → round → ns per call.
+    pub by_mode: BTreeMap<String, BTreeMap<u32, f64>>,
+    /// `BENCH-INFO` and `BENCH-ERROR` lines.
+    pub notes: Vec<String>,
+}
+
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+pub fn parse(lines: &[String]) -> Samples {
+    let mut s = Samples::default();
+    for line in lines {
+        if let Some(rest) = line.strip_prefix("BENCH ") {
+            let mode = field(rest, "mode");
+            let round = field(rest, "round").and_then(|r| r.parse().ok());
+            let ns = field(rest, "ns").and_then(|n| n.parse().ok());
+            match (mode, round, ns) {
+                (Some(m), Some(r), Some(ns)) => {
+                    s.by_mode.entry(m.to_string()).or_default().insert(r, ns);
+                }
+                _ => s.notes.push(format!("unreadable: {line}")),
+            }
+        } else if line.starts_with("BENCH-INFO ") || line.starts_with("BENCH-ERROR ") {
+            s.notes.push(line.clone());
+        }
+    }
+    s
+}
+
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+}
+
+impl Samples {
+    /// (mode, median ns, median of per-round ratios to "none") per mode, "none" first.
+    pub fn table(&self) -> Vec<(String, f64, Option<f64>)> {
+        let none = self.by_mode.get("none");
+        let mut rows = Vec::new();
+        let mut modes: Vec<&String> = self.by_mode.keys().collect();
+        modes.sort_by_key(|m| (m.as_str() != "none", m.as_str() == "auditd", m.to_string()));
+        for mode in modes {
+            let rounds = &self.by_mode[mode];
+            let Some(med) = median(rounds.values().copied().collect()) else {
+                continue;
+            };
+            let ratios: Vec<f64> = rounds
+                .iter()
+                .filter_map(|(r, ns)| none.and_then(|n| n.get(r)).map(|base| ns / base))
+                .collect();
+            rows.push((mode.clone(), med, median(ratios)));
+        }
+        rows
+    }
+}
+
+pub fn vm_bench(kernel: Option<&str>) -> Result<()> {
+    let path = workspace_root().join(SCENARIO_DIR).join("bench/bench.sh");
+    let script = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let p = prepare(kernel, true)?;
+    let mut env = Vec::new();
+    for var in ["KMODMON_BENCH_CALLS", "KMODMON_BENCH_ROUNDS"] {
+        if let Ok(v) = std::env::var(var) {
+            env.push((var, v));
+        }
+    }
+    // One VM at a time: two TCG guests on this machine's cores would disturb each other.
+    for k in &p.kernels {
+        eprintln!("xtask vm-bench: {}", k.label());
+        let (vm, dir) = run_script_env(&p, k, "bench", &script, &VmConfig::default(), &env)?;
+        if let Some(why) = vm.failure() {
+            bail!("the benchmark VM on {} failed: {why}\n  (output in {})", k.label(), dir.display());
+        }
+        let samples = parse(&vm.transcript.output);
+        if samples.by_mode.is_empty() {
+            bail!(
+                "the benchmark on {} printed no samples; its output:\n{}",
+                k.label(),
+                vm.transcript.output.join("\n")
+            );
+        }
+        println!("\nvm-bench on {}: getppid, median ns per call", k.label());
+        for (mode, ns, ratio) in samples.table() {
+            let overhead = match ratio {
+                Some(r) if mode != "none" => format!("{:+6.1}%", (r - 1.0) * 100.0),
+                _ => String::new(),
+            };
+            println!("  {mode:<12} {ns:>9.1} ns  {overhead}");
+        }
+        for note in &samples.notes {
+            println!("  {note}");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_pair_rounds_and_report_medians() {
+        let lines: Vec<String> = [
+            "BENCH mode=none round=1 ns=100.0",
+            "BENCH mode=kmodmon round=1 ns=101.0",
+            "BENCH mode=auditd round=1 ns=150.0",
+            "BENCH mode=none round=2 ns=200.0",
+            "BENCH mode=kmodmon round=2 ns=204.0",
+            "BENCH mode=auditd round=2 ns=300.0",
+            "BENCH mode=none round=3 ns=110.0",
+            "BENCH mode=kmodmon round=3 ns=110.0",
+            "BENCH-INFO mode=kmodmon attempts: fexit",
+            "noise",
+            "BENCH mode=none round=x ns=1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let s = parse(&lines);
+        assert_eq!(s.notes.len(), 2);
+        let t = s.table();
+        let modes: Vec<&str> = t.iter().map(|r| r.0.as_str()).collect();
+        assert_eq!(modes, ["none", "kmodmon", "auditd"]);
+        assert_eq!(t[0].1, 110.0);
+        assert_eq!(t[0].2, Some(1.0));
+        // kmodmon ratios 1.01, 1.02, 1.0 → median 1.01
+        assert!((t[1].2.unwrap() - 1.01).abs() < 1e-9);
+        assert_eq!(t[2].1, 225.0);
+        assert!((t[2].2.unwrap() - 1.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn median_handles_even_odd_and_empty() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(vec![f64::NAN]), None);
+    }
 }

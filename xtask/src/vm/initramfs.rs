@@ -29,7 +29,7 @@ use super::{cpio, kernels::Kernel};
 /// PID 1 of the VM.
 const INIT: &str = include_str!("init.sh");
 /// Bump when the layout below changes, so cached archives are rebuilt.
-const LAYOUT_VERSION: u32 = 1;
+const LAYOUT_VERSION: u32 = 2;
 /// Where runc containers find their (read-only) root.
 pub const CONTAINER_ROOTFS: &str = "containers/rootfs";
 
@@ -221,13 +221,13 @@ pub fn userland(dir: &Path) -> Result<PathBuf> {
             cpio.dir(target, 0o755)?;
             cpio.symlink(link, target)?;
         }
-        for d in ["proc", "sys", "dev", "run", "tmp", "mnt", "root", "etc/modprobe.d", "var/log/audit", "kmodmon"] {
+        for d in ["proc", "sys", "dev", "run", "tmp", "mnt", "root", "etc/modprobe.d", "etc/audit/plugins.d", "var/log/audit", "kmodmon"] {
             cpio.dir(d, if d == "tmp" { 0o1777 } else { 0o755 })?;
         }
         cpio.symlink("var/run", "/run")?;
         cpio.file("init", 0o755, INIT.as_bytes())?;
         cpio.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")?;
-        cpio.file("etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n")?;
+        cpio.file("etc/group", 0o644, b"root:x:0:\nadm:x:4:\nnogroup:x:65534:\n")?;
         cpio.file("etc/hostname", 0o644, b"kmodmon-vm\n")?;
         container_rootfs(&mut cpio)?;
         let mut copier = HostCopier {

@@ -99,14 +99,27 @@ pub fn prepare(kernel: Option<&str>, all: bool) -> Result<Prepared> {
 
 /// Boots `kernel` to run `script`; the results are kept in target/vm/runs/<series>/<name>/.
 pub fn run_script(p: &Prepared, kernel: &Kernel, name: &str, script: &[u8], cfg: &VmConfig) -> Result<(VmRun, PathBuf)> {
+    run_script_env(p, kernel, name, script, cfg, &[])
+}
+
+/// run_script with extra environment variables for the script.
+pub fn run_script_env(
+    p: &Prepared,
+    kernel: &Kernel,
+    name: &str,
+    script: &[u8],
+    cfg: &VmConfig,
+    extra_env: &[(&str, String)],
+) -> Result<(VmRun, PathBuf)> {
     let run_dir = p.vm_dir.join("runs").join(&kernel.series).join(name);
     let _ = fs::remove_dir_all(&run_dir);
     fs::create_dir_all(&run_dir)?;
     let modules = initramfs::modules(kernel)?;
-    let env = [
+    let mut env = vec![
         ("KMODMON_VM_SERIES", kernel.series.clone()),
         ("KMODMON_VM_SCENARIO", name.to_string()),
     ];
+    env.extend(extra_env.iter().cloned());
     let run_part = initramfs::run_part(script, &p.lib_sh, &env)?;
     let initrd = run_dir.join("initrd.img");
     initramfs::assemble(&[p.userland.clone(), modules, p.payload.clone()], &run_part, &initrd)?;
