@@ -10,6 +10,7 @@ pub mod event;
 pub mod output;
 pub mod pipeline;
 pub mod probe;
+pub mod session;
 pub mod tail;
 pub mod cli;
 pub mod check;

@@ -19,7 +19,7 @@ use crate::{
 };
 
 /// Capacity of the reader → enricher queue, in batches (one batch per ring drain).
-pub const QUEUE: usize = 1024;
+pub const QUEUE: usize = 64;
 /// Most records per batch.
 pub const BATCH: usize = 256;
 

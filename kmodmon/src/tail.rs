@@ -3,8 +3,7 @@
 use std::{
     io::{IsTerminal as _, Write as _},
     process::ExitCode,
-    sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -14,11 +13,12 @@ use crate::{
     cli::TailArgs,
     enrich::Enricher,
     output::{filter::Filter, human, json_line},
-    pipeline::{self, Accounting},
+    pipeline::Accounting,
     probe::{
-        Options, Probe,
+        Options,
         counters::{Counters, Snapshot},
     },
+    session::{Session, summarize},
 };
 
 pub fn run(args: TailArgs) -> anyhow::Result<ExitCode> {
@@ -32,24 +32,19 @@ pub fn run(args: TailArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn tail(args: TailArgs, filter: Filter) -> anyhow::Result<ExitCode> {
-    let started = Instant::now();
-    let mut probe = Probe::attach(Options {
+    let opts = Options {
         no_fexit: args.no_fexit,
         force_raw_syscalls: args.force_raw_syscalls,
-    })?;
-    let events = probe.take_events()?;
-    let cgroups = probe.take_cgroups()?;
-    let counters = probe.take_counters()?;
-    spawn_logger(probe.take_logger());
-    let accounting = Arc::new(Accounting::default());
-    let enricher = Enricher::new();
-    let mut rx = pipeline::start(events, cgroups, enricher, accounting.clone())?;
-    eprintln!(
-        "kmodmon: attached in {} ms: {}",
-        started.elapsed().as_millis(),
-        probe.plan.describe()
-    );
-    for note in &probe.plan.notes {
+    };
+    let Session {
+        plan,
+        counters,
+        accounting,
+        events: mut rx,
+        attach_ms,
+    } = Session::start(opts, Enricher::new())?;
+    eprintln!("kmodmon: attached in {attach_ms} ms: {}", plan.describe());
+    for note in &plan.notes {
         eprintln!("kmodmon: note: {note}");
     }
 
@@ -130,56 +125,30 @@ fn finish(
     printed: u64,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let snap = counters.snapshot();
-    let seen = snap.seen();
-    let dropped = snap.dropped();
-    let delivered = acc.delivered();
-    let unread = seen.saturating_sub(delivered + dropped + snap.in_flight);
-    let drops: Vec<(String, u64)> = snap
-        .drops()
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .chain(
-            (acc.queue_full() > 0).then(|| ("userspace_queue_full".to_string(), acc.queue_full())),
-        )
-        .collect();
+    let s = summarize(&counters.snapshot(), acc);
     if json {
-        let summary = serde_json::json!({
-            "summary": {
-                "seen": seen,
-                "delivered": delivered,
-                "printed": printed,
-                "dropped": dropped,
-                "drops": drops.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
-                "in_flight": snap.in_flight,
-                "unread": unread,
-                "undecodable": acc.undecodable(),
-                "errors": snap.errors().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
-                "counters": snap.values,
-            }
-        });
-        eprintln!("{summary}");
+        let mut v = serde_json::to_value(&s)?;
+        v["printed"] = printed.into();
+        eprintln!("{}", serde_json::json!({ "summary": v }));
     } else {
-        let drops_text = if drops.is_empty() {
+        let drops_text = if s.drops.is_empty() {
             "none".to_string()
         } else {
-            drops
+            s.drops
                 .iter()
                 .map(|(k, v)| format!("{k} {v}"))
                 .collect::<Vec<_>>()
                 .join(", ")
         };
         eprintln!(
-            "kmodmon: summary: printed {printed}, delivered {delivered}; kernel saw {seen} = \
-             delivered {delivered} + dropped {dropped} + in flight {} + unread at exit {unread}; \
-             drops: {drops_text}",
-            snap.in_flight
+            "kmodmon: summary: printed {printed}, delivered {}; kernel saw {} = delivered {} + \
+             dropped {} + in flight {} + unread at exit {}; drops: {drops_text}",
+            s.delivered, s.seen, s.delivered, s.dropped, s.in_flight, s.unread
         );
-        let errors = snap.errors();
-        if !errors.is_empty() {
+        if !s.errors.is_empty() {
             eprintln!(
                 "kmodmon: kernel-side read errors (events delivered with fields marked missing): {}",
-                errors
+                s.errors
                     .iter()
                     .map(|(k, v)| format!("{k} {v}"))
                     .collect::<Vec<_>>()
@@ -188,20 +157,4 @@ fn finish(
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Polls the eBPF log ring buffer so `RUST_LOG=debug` shows the programs' diagnostics.
-fn spawn_logger(logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>) {
-    let Some(logger) = logger else { return };
-    // SAFETY: the logger owns its ring buffer's fd for as long as the AsyncFd lives.
-    let fd = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-    };
-    let Ok(mut fd) = fd else { return };
-    tokio::spawn(async move {
-        while let Ok(mut guard) = fd.readable_mut().await {
-            guard.get_inner_mut().flush();
-            guard.clear_ready();
-        }
-    });
 }

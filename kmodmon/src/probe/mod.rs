@@ -9,7 +9,7 @@
 //! - cgroups: `cgroup:cgroup_{mkdir,rmdir}` (else the cgroup tree is rescanned on a miss).
 pub mod btf;
 pub mod counters;
-mod plan;
+pub mod plan;
 pub mod tracefs;
 
 use std::process::ExitCode;
