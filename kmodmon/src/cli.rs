@@ -22,6 +22,8 @@ pub enum Command {
     Tail(TailArgs),
     /// Show which kernel sources kmodmon would attach here, and why (no attaching).
     Sources,
+    /// The daemon: monitor continuously into the audit log, metrics, stdout and syslog.
+    Run(crate::daemon::RunArgs),
     /// Host drift check: modules configured to load at boot or expected by containers vs.
     /// what is loaded, built in, available and blacklisted (exit 1 when something is wrong).
     Check(crate::check::CheckArgs),

@@ -3,6 +3,7 @@
 //! The data flows one way: [`probe`] loads and attaches the eBPF programs and reads their ring
 //! buffers → [`event`] decodes each record into the one event model → [`enrich`] ties it to a
 //! cgroup, a container and that container's expected modules → sinks ([`output`] for `tail`).
+pub mod daemon;
 pub mod enrich;
 pub mod escape;
 pub mod modname;

@@ -11,6 +11,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Tail(args) => kmodmon::tail::run(args),
         Command::Sources => kmodmon::probe::explain(),
+        Command::Run(args) => kmodmon::daemon::run(args),
         Command::Check(args) => kmodmon::check::run(args),
         Command::Log(args) => kmodmon::audit::cli::run_log(args),
         Command::Export(args) => kmodmon::audit::cli::run_export(args),

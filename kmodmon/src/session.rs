@@ -21,6 +21,8 @@ pub struct Session {
     pub events: tokio::sync::mpsc::Receiver<Event>,
     /// Time from start to all programs attached.
     pub attach_ms: u128,
+    /// Owns the loaded programs and their links: dropping it detaches everything.
+    pub probe: Probe,
 }
 
 /// The exit/periodic accounting: seen = delivered + dropped + in flight + unread.
@@ -54,6 +56,7 @@ impl Session {
             accounting,
             events: rx,
             attach_ms: started.elapsed().as_millis(),
+            probe,
         })
     }
 

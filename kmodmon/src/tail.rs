@@ -42,6 +42,7 @@ async fn tail(args: TailArgs, filter: Filter) -> anyhow::Result<ExitCode> {
         accounting,
         events: mut rx,
         attach_ms,
+        probe: _probe,
     } = Session::start(opts, Enricher::new())?;
     eprintln!("kmodmon: attached in {attach_ms} ms: {}", plan.describe());
     for note in &plan.notes {

@@ -1,0 +1,207 @@
+//! `kmodmon run` configuration: a TOML file (default /etc/kmodmon/kmodmon.toml), overridden by
+//! flags.
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use serde::Deserialize;
+
+use crate::audit::{AuditArgs, AuditConfig};
+
+pub const DEFAULT_CONFIG: &str = "/etc/kmodmon/kmodmon.toml";
+
+/// The config file. Unknown keys are errors, reported with line and column.
+///
+/// ```toml
+/// [audit]
+/// dir = "/var/lib/kmodmon/audit"
+/// fsync = "1s"
+///
+/// [metrics]
+/// listen = "127.0.0.1:9464"
+///
+/// [forward]
+/// stdout = true
+/// syslog = false
+/// syslog_socket = "/dev/log"
+/// syslog_facility = "daemon"
+///
+/// [probe]
+/// no_fexit = false
+/// ```
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    pub audit: Option<AuditConfig>,
+    pub metrics: MetricsConfig,
+    pub forward: ForwardConfig,
+    pub probe: ProbeConfig,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub listen: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ForwardConfig {
+    pub stdout: bool,
+    pub syslog: bool,
+    pub syslog_socket: PathBuf,
+    pub syslog_facility: String,
+}
+
+impl Default for ForwardConfig {
+    fn default() -> Self {
+        ForwardConfig {
+            stdout: false,
+            syslog: false,
+            syslog_socket: PathBuf::from(crate::syslog::DEFAULT_SOCKET),
+            syslog_facility: "daemon".to_string(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProbeConfig {
+    pub no_fexit: bool,
+    pub force_raw_syscalls: bool,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct RunArgs {
+    /// Config file (TOML). Default: /etc/kmodmon/kmodmon.toml when it exists.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub audit: AuditArgs,
+    /// Serve Prometheus metrics at ADDR (e.g. 127.0.0.1:9464 or :9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+    /// Also print every event as a JSON line on stdout (for log shippers).
+    #[arg(long)]
+    pub stdout: bool,
+    /// Also send every event to syslog (RFC 5424 over the local socket).
+    #[arg(long)]
+    pub syslog: bool,
+    /// Do not use fexit even where BTF allows it.
+    #[arg(long)]
+    pub no_fexit: bool,
+    /// Force the raw_syscalls fallback for attempts.
+    #[arg(long)]
+    pub force_raw_syscalls: bool,
+}
+
+/// The effective configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Effective {
+    pub audit: Option<AuditConfig>,
+    pub metrics: Option<String>,
+    pub forward: ForwardConfig,
+    pub probe: ProbeConfig,
+    pub source: Option<PathBuf>,
+}
+
+/// Reads the config file (if any) and applies the flags on top.
+pub fn load(args: &RunArgs) -> anyhow::Result<Effective> {
+    let (file, source) = match &args.config {
+        Some(p) => (read(p)?, Some(p.clone())),
+        None if Path::new(DEFAULT_CONFIG).exists() => (
+            read(Path::new(DEFAULT_CONFIG))?,
+            Some(PathBuf::from(DEFAULT_CONFIG)),
+        ),
+        None => (FileConfig::default(), None),
+    };
+    Ok(apply(file, args, source))
+}
+
+fn read(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
+    parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// Parses a config file; errors name the line and column.
+pub fn parse(text: &str) -> Result<FileConfig, String> {
+    toml::from_str::<FileConfig>(text).map_err(|e| {
+        let at = e
+            .span()
+            .map(|span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                format!("line {line}, column {col}: ")
+            })
+            .unwrap_or_default();
+        format!("{at}{}", e.message())
+    })
+}
+
+fn apply(file: FileConfig, args: &RunArgs, source: Option<PathBuf>) -> Effective {
+    let mut forward = file.forward;
+    forward.stdout |= args.stdout;
+    forward.syslog |= args.syslog;
+    let mut probe = file.probe;
+    probe.no_fexit |= args.no_fexit;
+    probe.force_raw_syscalls |= args.force_raw_syscalls;
+    Effective {
+        audit: args.audit.apply(file.audit),
+        metrics: args.metrics.clone().or(file.metrics.listen),
+        forward,
+        probe,
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_file_parses() {
+        let cfg = parse(
+            "[audit]\ndir = \"/var/lib/kmodmon/audit\"\nfsync = \"always\"\n\
+             [metrics]\nlisten = \":9464\"\n[forward]\nstdout = true\n[probe]\nno_fexit = true\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.audit.as_ref().unwrap().dir,
+            PathBuf::from("/var/lib/kmodmon/audit")
+        );
+        assert_eq!(cfg.metrics.listen.as_deref(), Some(":9464"));
+        assert!(cfg.forward.stdout && cfg.probe.no_fexit);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_position() {
+        let err = parse("[metrics]\nlisten = \":1\"\nlisen = 2\n").unwrap_err();
+        assert!(err.starts_with("line 3, column 1:"), "{err}");
+        assert!(err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = parse("[metrics]\nlisten = \":1\"\n[audit]\ndir = \"/a\"\n").unwrap();
+        let args = RunArgs {
+            metrics: Some(":2".into()),
+            stdout: true,
+            audit: AuditArgs {
+                audit_dir: Some("/b".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let eff = apply(file, &args, None);
+        assert_eq!(eff.metrics.as_deref(), Some(":2"));
+        assert_eq!(eff.audit.unwrap().dir, PathBuf::from("/b"));
+        assert!(eff.forward.stdout);
+    }
+
+    #[test]
+    fn no_audit_dir_means_no_audit_log() {
+        let eff = apply(FileConfig::default(), &RunArgs::default(), None);
+        assert!(eff.audit.is_none());
+    }
+}

@@ -1,0 +1,164 @@
+//! `kmodmon run`: the daemon. Probes and enrichment as in `tail`, with sinks for operations:
+//! the tamper-evident audit log, Prometheus metrics, JSON lines on stdout, syslog. It logs its
+//! own health on stderr (start, sources, drops, reloads) and into the audit log as notes.
+pub mod config;
+
+use std::{process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+
+pub use self::config::RunArgs;
+use crate::{
+    audit::AuditLog,
+    enrich::Enricher,
+    metrics::{Metrics, MetricsServer},
+    output::json_line,
+    probe::Options,
+    session::{Session, summarize},
+    syslog::Syslog,
+};
+
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let cfg = config::load(&args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(daemon(cfg))
+}
+
+async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
+    let metrics = Arc::new(Metrics::new());
+    let audit = match cfg.audit.clone() {
+        Some(a) => {
+            let dir = a.dir.clone();
+            let (log, report) = AuditLog::open(a, metrics.clone())
+                .with_context(|| format!("opening the audit log in {}", dir.display()))?;
+            log::info!("audit log {}: {report:?}", dir.display());
+            Some(log)
+        }
+        None => {
+            log::warn!(
+                "no audit log configured (--audit-dir or [audit] dir): events are not recorded"
+            );
+            None
+        }
+    };
+    let syslog = if cfg.forward.syslog {
+        let facility = cfg
+            .forward
+            .syslog_facility
+            .parse()
+            .map_err(|e| anyhow::anyhow!("syslog facility: {e}"))?;
+        Some(
+            Syslog::connect(&cfg.forward.syslog_socket, facility).with_context(|| {
+                format!(
+                    "connecting to syslog at {} (is a syslog daemon running?)",
+                    cfg.forward.syslog_socket.display()
+                )
+            })?,
+        )
+    } else {
+        None
+    };
+    if let Some(addr) = &cfg.metrics {
+        let addr =
+            crate::metrics::parse_addr(addr).map_err(|e| anyhow::anyhow!("--metrics: {e}"))?;
+        let server = MetricsServer::bind(addr)
+            .await
+            .with_context(|| format!("serving metrics on {addr}"))?;
+        log::info!("metrics on http://{}/metrics", server.local_addr()?);
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = server.serve(m).await {
+                log::error!("metrics server stopped: {e}");
+            }
+        });
+    }
+
+    let opts = Options {
+        no_fexit: cfg.probe.no_fexit,
+        force_raw_syscalls: cfg.probe.force_raw_syscalls,
+    };
+    let mut session = Session::start(opts, Enricher::new())?;
+    let started = format!(
+        "kmodmon {} started; attached in {} ms: {}",
+        env!("CARGO_PKG_VERSION"),
+        session.attach_ms,
+        session.plan.describe()
+    );
+    eprintln!("kmodmon: {started}");
+    for note in &session.plan.notes {
+        eprintln!("kmodmon: note: {note}");
+    }
+    if let Some(log) = &audit {
+        log.note(started);
+    }
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last = session.summary();
+    let stdout = cfg.forward.stdout;
+    loop {
+        tokio::select! {
+            ev = session.events.recv() => {
+                let Some(ev) = ev else { break };
+                metrics.event(&ev);
+                if stdout {
+                    use std::io::Write as _;
+                    let mut out = std::io::stdout().lock();
+                    if writeln!(out, "{}", json_line(&ev)).and_then(|_| out.flush()).is_err() {
+                        metrics.forward.stdout_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                if let Some(s) = &syslog {
+                    let counter = match s.send_event(&ev) {
+                        Ok(()) => &metrics.forward.syslog_sent,
+                        Err(_) => &metrics.forward.syslog_errors,
+                    };
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                if let Some(log) = &audit {
+                    // Never blocks: a full queue or a failing disk is counted as lost.
+                    log.submit(ev);
+                }
+            }
+            _ = tick.tick() => {
+                let now = session.summary();
+                for (reason, n) in &now.drops {
+                    let before = last.drops.get(reason).copied().unwrap_or(0);
+                    if *n > before {
+                        metrics.drop_events(reason, n - before);
+                        let msg = format!("dropped {} events ({reason})", n - before);
+                        log::warn!("{msg}");
+                        if let Some(log) = &audit {
+                            log.note(msg);
+                        }
+                    }
+                }
+                last = now;
+            }
+            _ = sighup.recv() => {
+                log::info!("SIGHUP: configuration is read at start; restart to apply changes to it");
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    let summary = summarize(&session.counters.snapshot(), &session.accounting);
+    let text = format!(
+        "stopping: kernel saw {} = delivered {} + dropped {} + in flight {} + unread {}",
+        summary.seen, summary.delivered, summary.dropped, summary.in_flight, summary.unread
+    );
+    eprintln!("kmodmon: {text}");
+    if let Some(log) = &audit {
+        log.note(text);
+        let stats = log.close();
+        eprintln!("kmodmon: audit log closed: {stats:?}");
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,194 @@
+//! End-to-end: the `kmodmon run` daemon writing the audit log while module-syscall attempts
+//! happen, SIGKILLed repeatedly mid-write and restarted; the chain must verify, with no torn
+//! or duplicated record, and export must give the events back.
+use std::{
+    ffi::CString,
+    io::{BufRead as _, BufReader},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use kmodmon_tests::{kmodmon_bin, require_root};
+use serde_json::Value;
+
+/// Starts the daemon and waits until it has attached.
+fn start(dir: &std::path::Path, extra: &[&str]) -> Child {
+    let mut child = Command::new(kmodmon_bin())
+        .args(["run", "--audit-dir"])
+        .arg(dir)
+        .args(["--audit-fsync", "always"])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kmodmon run");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.expect("read stderr");
+        let ready = line.contains("started; attached");
+        seen.push(line);
+        if ready {
+            break;
+        }
+        assert!(Instant::now() < deadline, "daemon did not start: {seen:#?}");
+    }
+    assert!(
+        seen.iter().any(|l| l.contains("started; attached")),
+        "daemon exited before attaching: {seen:#?}"
+    );
+    std::thread::spawn(move || for _ in lines {});
+    child
+}
+
+fn delete_module(name: &str) {
+    let n = CString::new(name).unwrap();
+    // SAFETY: valid NUL-terminated name.
+    unsafe { libc::syscall(libc::SYS_delete_module, n.as_ptr(), 0) };
+}
+
+fn kmodmon(args: &[&str]) -> std::process::Output {
+    Command::new(kmodmon_bin())
+        .args(args)
+        .output()
+        .expect("run kmodmon")
+}
+
+#[test]
+fn sigkill_loop_leaves_a_verifiable_log_without_torn_or_duplicate_records() {
+    if !require_root("sigkill_loop_leaves_a_verifiable_log_without_torn_or_duplicate_records") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit");
+    let logs = log.to_str().unwrap().to_string();
+
+    // A generator issuing attempts the whole time, each with a unique name.
+    let stop = Arc::new(AtomicBool::new(false));
+    let issued = Arc::new(AtomicU64::new(0));
+    let generator = {
+        let (stop, issued) = (stop.clone(), issued.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let n = issued.fetch_add(1, Ordering::Relaxed);
+                delete_module(&format!("kmodmon_daemon_{n}"));
+                std::thread::sleep(Duration::from_micros(300));
+            }
+        })
+    };
+    for round in 0..6 {
+        let mut child = start(&log, &[]);
+        std::thread::sleep(Duration::from_millis(150 + 70 * round));
+        child.kill().expect("SIGKILL");
+        let _ = child.wait();
+    }
+    // A last, clean run: SIGTERM closes the log.
+    let mut child = start(&log, &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    generator.join().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    assert!(child.wait().unwrap().success());
+
+    let verify = kmodmon(&["log", "verify", &logs]);
+    assert!(
+        verify.status.success(),
+        "verify failed: {}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let export = kmodmon(&["export", &logs, "--kind", "unload_attempt"]);
+    assert!(export.status.success(), "{export:?}");
+    let records: Vec<Value> = String::from_utf8_lossy(&export.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("torn record {l:?}: {e}")))
+        .collect();
+    let ours: Vec<&Value> = records
+        .iter()
+        .filter(|r| {
+            r["module"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("kmodmon_daemon_"))
+        })
+        .collect();
+    assert!(ours.len() > 20, "too few events recorded: {}", ours.len());
+    let mut names: Vec<&str> = ours.iter().map(|r| r["module"].as_str().unwrap()).collect();
+    let before = names.len();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), before, "a record was duplicated");
+    let mut seqs: Vec<u64> = records.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    let n = seqs.len();
+    seqs.dedup();
+    assert_eq!(seqs.len(), n, "a sequence number repeats");
+    for r in &ours {
+        assert_eq!(r["kind"], "unload_attempt");
+        assert!(r["hash"].as_str().is_some_and(|h| h.len() == 64));
+    }
+}
+
+#[test]
+fn daemon_serves_metrics_and_forwards_json_to_stdout() {
+    if !require_root("daemon_serves_metrics_and_forwards_json_to_stdout") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = start(&dir.path().join("audit"), &["--metrics", &addr, "--stdout"]);
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    delete_module("kmodmon_metrics_probe");
+    // Other tests may make module syscalls at the same time: look for ours.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ours = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("an event on stdout");
+        let ev: Value = serde_json::from_str(&line).expect("stdout carries JSON lines");
+        if ev["module"] == "kmodmon_metrics_probe" {
+            break ev;
+        }
+        assert!(Instant::now() < deadline, "our event never came");
+    };
+    assert_eq!(ours["kind"], "unload_attempt");
+    let body = http_get(&addr, "/metrics");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    let line = body
+        .lines()
+        .find(|l| l.starts_with("kmodmon_events_total{") && l.contains("kind=\"unload_attempt\""))
+        .unwrap_or_else(|| panic!("no unload_attempt counter in:\n{body}"));
+    let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= 1, "{line}");
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
