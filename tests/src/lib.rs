@@ -6,9 +6,8 @@ pub mod tail;
 
 use std::path::PathBuf;
 
-/// The kmodmon binary built by this cargo invocation (`cargo test --workspace` builds it).
-/// `KMODMON_BIN` overrides.
-pub fn kmodmon_bin() -> PathBuf {
+/// Where the kmodmon binary of this test's profile lives (see [`kmodmon_bin`]).
+fn bin_path() -> PathBuf {
     if let Some(p) = std::env::var_os("KMODMON_BIN") {
         return PathBuf::from(p);
     }
@@ -69,7 +68,7 @@ pub fn own_cgroup_id() -> Option<u64> {
 /// test process (same cargo, workspace, target directory and profile as the running test), so
 /// `cargo test -p kmodmon-tests` alone never runs a stale or missing binary. `KMODMON_BIN`
 /// overrides (no build then).
-pub fn kmodmon_bin_built() -> PathBuf {
+pub fn kmodmon_bin() -> PathBuf {
     static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     if std::env::var_os("KMODMON_BIN").is_none() {
         let built = BUILT.get_or_init(|| {
@@ -117,7 +116,7 @@ pub fn kmodmon_bin_built() -> PathBuf {
             panic!("{e}");
         }
     }
-    kmodmon_bin()
+    bin_path()
 }
 
 /// A fixture directory: `tests/fixtures/<rel>`.

@@ -3,12 +3,12 @@
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use kmodmon_tests::{fixture, fixture_copy, kmodmon_bin_built};
+use kmodmon_tests::{fixture, fixture_copy, kmodmon_bin};
 use serde_json::Value;
 
 /// Runs `kmodmon check --root ROOT ARGS...` with stdin closed.
 fn check(root: &Path, args: &[&str]) -> Output {
-    Command::new(kmodmon_bin_built())
+    Command::new(kmodmon_bin())
         .arg("check")
         .arg("--root")
         .arg(root)
@@ -471,7 +471,7 @@ fn a_bad_root_is_a_clear_error() {
 /// loadable-module support at all).
 #[test]
 fn this_host() {
-    let out = Command::new(kmodmon_bin_built())
+    let out = Command::new(kmodmon_bin())
         .args(["check", "--json", "--no-containers"])
         .stdin(Stdio::null())
         .output()

@@ -68,11 +68,20 @@ fn module_text(ev: &Event) -> String {
         (None, None) if !ev.modules.is_empty() => ev.modules.join(","),
         (None, None) => "?".into(),
     };
-    if ev.truncated.iter().any(|t| t == "module" || t == "path") {
+    // Keep the column readable: very long names (only ever hostile or aliases) are cut here
+    // too, and marked; --json carries the whole value.
+    let cut = m.chars().count() > MODULE_DISPLAY_MAX;
+    if cut {
+        m = m.chars().take(MODULE_DISPLAY_MAX - 1).collect();
+    }
+    if cut || ev.truncated.iter().any(|t| t == "module" || t == "path") {
         m.push('…');
     }
     m
 }
+
+/// Longest module text shown in the MODULE column.
+const MODULE_DISPLAY_MAX: usize = 48;
 
 fn container_text(ev: &Event) -> String {
     let mut s = match &ev.container {
@@ -91,6 +100,12 @@ fn container_text(ev: &Event) -> String {
     }
     if let Some(r) = &ev.requested_by {
         let _ = write!(s, " requested by {}[{}] as {}", r.comm, r.pid, r.requested);
+    }
+    if let Some(p) = ev.params.as_deref().filter(|p| !p.trim().is_empty()) {
+        let _ = write!(s, " params=\"{p}\"");
+    }
+    if !ev.modules.is_empty() {
+        let _ = write!(s, " modules={}", ev.modules.join(","));
     }
     if let Some(d) = &ev.detail {
         let _ = write!(s, " {d}");
@@ -172,6 +187,17 @@ mod tests {
         let h = header();
         assert_eq!(h.find("KIND"), l.find("load_attempt"));
         assert_eq!(h.find("CONTAINER"), l.find("host"));
+    }
+
+    #[test]
+    fn long_names_are_cut_and_params_shown() {
+        let mut e = attempt();
+        e.module = Some("m".repeat(100));
+        e.params = Some("a=1".into());
+        let l = line(&e, Style { color: false });
+        assert!(l.contains(&format!("{}…", "m".repeat(47))), "{l}");
+        assert!(!l.contains(&"m".repeat(48)));
+        assert!(l.ends_with("host params=\"a=1\""), "{l}");
     }
 
     #[test]
