@@ -55,7 +55,8 @@ pub enum ProbeError {
 }
 
 /// The compiled eBPF object, built by build.rs (aya-build).
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kmodmon"));
+pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kmodmon"));
 
 /// User choices that change source selection.
 #[derive(Clone, Copy, Debug, Default)]
@@ -181,45 +182,56 @@ fn take_ringbuf(ebpf: &mut Ebpf, name: &'static str) -> Result<RingBuf<MapData>,
     RingBuf::try_from(map).map_err(|_| ProbeError::Map(name))
 }
 
+/// Runs `f` on program `name` of type `P`, turning every failure into an attach error naming
+/// the program and its target.
+fn with_program<P>(
+    ebpf: &mut Ebpf,
+    program: &str,
+    target: String,
+    f: impl FnOnce(&mut P) -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), ProbeError>
+where
+    for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let err = |reason: String| ProbeError::Attach {
+        program: program.to_string(),
+        target: target.clone(),
+        reason,
+    };
+    let prog: &mut P = ebpf
+        .program_mut(program)
+        .ok_or_else(|| err("program missing from the object".into()))?
+        .try_into()
+        .map_err(|e| err(format!("{e}")))?;
+    f(prog).map_err(|e| err(format!("{e:#}")))
+}
+
 fn attach_tracepoint(
     ebpf: &mut Ebpf,
     program: &str,
     category: &str,
     name: &str,
 ) -> Result<(), ProbeError> {
-    let err = |reason: String| ProbeError::Attach {
-        program: program.to_string(),
-        target: format!("tracepoint {category}:{name}"),
-        reason,
-    };
-    let prog: &mut TracePoint = ebpf
-        .program_mut(program)
-        .ok_or_else(|| err("program missing from the object".into()))?
-        .try_into()
-        .map_err(|e| err(format!("{e}")))?;
-    // A program attached to several tracepoints is loaded once.
-    if prog.fd().is_err() {
-        prog.load().map_err(|e| err(format!("{e:#}")))?;
-    }
-    prog.attach(category, name)
-        .map_err(|e| err(format!("{e:#}")))?;
-    Ok(())
+    let target = format!("tracepoint {category}:{name}");
+    with_program(ebpf, program, target, |prog: &mut TracePoint| {
+        // A program attached to several tracepoints is loaded once.
+        if prog.fd().is_err() {
+            prog.load()?;
+        }
+        prog.attach(category, name).map(drop)
+    })
 }
 
 fn attach_raw_tracepoint(ebpf: &mut Ebpf, program: &str, tp: &str) -> Result<(), ProbeError> {
-    let err = |reason: String| ProbeError::Attach {
-        program: program.to_string(),
-        target: format!("raw tracepoint {tp}"),
-        reason,
-    };
-    let prog: &mut RawTracePoint = ebpf
-        .program_mut(program)
-        .ok_or_else(|| err("program missing from the object".into()))?
-        .try_into()
-        .map_err(|e| err(format!("{e}")))?;
-    prog.load().map_err(|e| err(format!("{e:#}")))?;
-    prog.attach(tp).map_err(|e| err(format!("{e:#}")))?;
-    Ok(())
+    with_program(
+        ebpf,
+        program,
+        format!("raw tracepoint {tp}"),
+        |prog: &mut RawTracePoint| {
+            prog.load()?;
+            prog.attach(tp).map(drop)
+        },
+    )
 }
 
 fn attach_fexit(
@@ -228,19 +240,15 @@ fn attach_fexit(
     func: &str,
     btf: &aya::Btf,
 ) -> Result<(), ProbeError> {
-    let err = |reason: String| ProbeError::Attach {
-        program: program.to_string(),
-        target: format!("fexit {func}"),
-        reason,
-    };
-    let prog: &mut FExit = ebpf
-        .program_mut(program)
-        .ok_or_else(|| err("program missing from the object".into()))?
-        .try_into()
-        .map_err(|e| err(format!("{e}")))?;
-    prog.load(func, btf).map_err(|e| err(format!("{e:#}")))?;
-    prog.attach().map_err(|e| err(format!("{e:#}")))?;
-    Ok(())
+    with_program(
+        ebpf,
+        program,
+        format!("fexit {func}"),
+        |prog: &mut FExit| {
+            prog.load(func, btf)?;
+            prog.attach().map(drop)
+        },
+    )
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
