@@ -12,6 +12,8 @@ fn main() -> ExitCode {
         Command::Tail(args) => kmodmon::tail::run(args),
         Command::Sources => kmodmon::probe::explain(),
         Command::Run(args) => kmodmon::daemon::run(args),
+        Command::Policy(args) => kmodmon::policy::run(args),
+        Command::Enforce(args) => kmodmon::enforce::cli::run(args),
         Command::Check(args) => kmodmon::check::run(args),
         Command::Log(args) => kmodmon::audit::cli::run_log(args),
         Command::Export(args) => kmodmon::audit::cli::run_export(args),
@@ -20,7 +22,8 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("kmodmon: error: {err:#}");
-            ExitCode::from(1)
+            // 2, like usage errors: "could not do the job", distinct from check's 1 ("drift found").
+            ExitCode::from(2)
         }
     }
 }
