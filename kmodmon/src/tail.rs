@@ -11,7 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cli::TailArgs,
-    enrich::Enricher,
+    enrich::{EnrichOptions, Enricher},
     output::{filter::Filter, human, json_line},
     pipeline::Accounting,
     probe::{
@@ -32,6 +32,10 @@ pub fn run(args: TailArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn tail(args: TailArgs, filter: Filter) -> anyhow::Result<ExitCode> {
+    // Handlers first: a SIGINT while attaching (possibly ignored by a non-interactive shell's
+    // background job until a handler exists) must still stop tail.
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let opts = Options {
         no_fexit: args.no_fexit,
         force_raw_syscalls: args.force_raw_syscalls,
@@ -43,7 +47,14 @@ async fn tail(args: TailArgs, filter: Filter) -> anyhow::Result<ExitCode> {
         events: mut rx,
         attach_ms,
         probe: _probe,
-    } = Session::start(opts, Enricher::new())?;
+    } = Session::start(
+        opts,
+        Enricher::with_options(EnrichOptions {
+            modules_dir: args.modules_dir.clone(),
+            load_expected: args.load_expected,
+            ..EnrichOptions::default()
+        }),
+    )?;
     eprintln!("kmodmon: attached in {attach_ms} ms: {}", plan.describe());
     for note in &plan.notes {
         eprintln!("kmodmon: note: {note}");
@@ -56,8 +67,6 @@ async fn tail(args: TailArgs, filter: Filter) -> anyhow::Result<ExitCode> {
     if !args.json {
         writeln!(out, "{}", human::header()).ok();
     }
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last = counters.snapshot();
     let mut last_queue_full = 0;

@@ -81,11 +81,13 @@ pub fn test(no_vm: bool) -> Result<()> {
              !!! Run as root (CI does) for the full suite.\n"
         );
     }
-    run_cmd(
-        cargo()
-            .current_dir(&root)
-            .args(["test", "--workspace", "--exclude", "kmodmon-ebpf", "--no-fail-fast"]),
-    )?;
+    run_cmd(cargo().current_dir(&root).args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "kmodmon-ebpf",
+        "--no-fail-fast",
+    ]))?;
     if no_vm {
         eprintln!("xtask test: --no-vm given, VM scenarios skipped");
         return Ok(());

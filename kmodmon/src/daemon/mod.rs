@@ -30,6 +30,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
+    // Handlers first, so a signal during start-up is not lost.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     let metrics = Arc::new(Metrics::new());
     let audit = match cfg.audit.clone() {
         Some(a) => {
@@ -97,9 +101,6 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
         log.note(started);
     }
 
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last = session.summary();
     let stdout = cfg.forward.stdout;

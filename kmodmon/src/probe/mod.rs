@@ -261,18 +261,26 @@ fn raise_memlock() -> nix::Result<()> {
     )
 }
 
-/// `kmodmon sources`: what would be attached here, and why — without attaching.
+/// `kmodmon sources`: what would be attached here, and why. As root the programs are really
+/// loaded and attached (then detached), so the answer includes fallbacks the kernel forces
+/// (e.g. a verifier that rejects fexit); otherwise it is the plan from tracefs and BTF alone.
 pub fn explain() -> anyhow::Result<ExitCode> {
-    let tracefs = match Tracefs::find() {
-        Some(t) => t,
-        None if nix::unistd::geteuid().is_root() => Tracefs::find_or_mount()?,
-        None => anyhow::bail!(
+    if nix::unistd::geteuid().is_root() {
+        let probe = Probe::attach(Options::default())?;
+        println!("{}", probe.plan.describe());
+        for n in &probe.plan.notes {
+            println!("note: {n}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(tracefs) = Tracefs::find() else {
+        anyhow::bail!(
             "tracefs is not mounted; run as root (kmodmon mounts it) or `mount -t tracefs tracefs /sys/kernel/tracing`"
-        ),
+        );
     };
     let btf = KernelBtf::load();
     let plan = Plan::make(&tracefs, btf.as_ref().ok(), Options::default())?;
-    println!("{}", plan.describe());
+    println!("{} (planned without loading: not root)", plan.describe());
     if let Err(e) = btf {
         println!("note: {e}");
     }
