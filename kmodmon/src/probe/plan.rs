@@ -164,6 +164,10 @@ impl Plan {
     /// The next plan after `err` made this one fail, or None when nothing is left to try.
     pub fn fallback(&self, tracefs: &Tracefs, err: &ProbeError) -> Option<Plan> {
         let mut next = self.clone();
+        // The note keeps the first line; the whole verifier log goes to the debug log.
+        log::debug!("{} failed: {err}", self.attempts.as_str());
+        let full = err.to_string();
+        let err = full.lines().next().unwrap_or_default();
         match self.attempts {
             AttemptSource::Fexit => {
                 next.notes

@@ -10,15 +10,11 @@ use serde::Deserialize;
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct Event {
     pub kind: String,
-    #[serde(default)]
-    pub source: String,
     pub module: Option<String>,
     pub syscall: Option<String>,
     pub path: Option<String>,
     pub result: Option<i64>,
     pub errno: Option<String>,
-    #[serde(default)]
-    pub pid: u32,
     #[serde(default)]
     pub tid: u32,
     #[serde(default)]
@@ -39,7 +35,12 @@ pub struct Container {
 
 impl std::fmt::Display for Event {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}", self.kind, self.module.as_deref().unwrap_or("<none>"))?;
+        write!(
+            f,
+            "{} {}",
+            self.kind,
+            self.module.as_deref().unwrap_or("<none>")
+        )?;
         if let Some(s) = &self.syscall {
             write!(f, " {s}")?;
         }
@@ -49,7 +50,13 @@ impl std::fmt::Display for Event {
         if let Some(e) = &self.errno {
             write!(f, " ({e})")?;
         }
-        write!(f, " by {}[{}] cgroup {}", self.comm, self.tid, self.cgroup_path.as_deref().unwrap_or("?"))?;
+        write!(
+            f,
+            " by {}[{}] cgroup {}",
+            self.comm,
+            self.tid,
+            self.cgroup_path.as_deref().unwrap_or("?")
+        )?;
         if let Some(c) = &self.container {
             write!(f, " container {}:{}", c.runtime, short(&c.id))?;
         }
@@ -66,7 +73,9 @@ pub fn parse_events(text: &str) -> Result<Vec<Event>> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("events.jsonl line {}: {l}", i + 1)))
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| format!("events.jsonl line {}: {l}", i + 1))
+        })
         .collect()
 }
 
@@ -102,7 +111,10 @@ pub fn parse_oracle(text: &str) -> Vec<OracleEvent> {
                 continue;
             };
             let task = head.split_whitespace().next().unwrap_or("");
-            let tid = task.rsplit_once('-').and_then(|(_, t)| t.parse().ok()).unwrap_or(0);
+            let tid = task
+                .rsplit_once('-')
+                .and_then(|(_, t)| t.parse().ok())
+                .unwrap_or(0);
             let mut words = payload.split_whitespace();
             let module = words.next().unwrap_or("").to_string();
             let detail = words.next().unwrap_or("").to_string();
@@ -135,7 +147,11 @@ pub fn parse_proc_modules(text: &str) -> BTreeSet<String> {
 
 /// The JSON summary kmodmon prints on stderr at exit: problems in it.
 pub fn summary_problems(tail_err: &str) -> Vec<String> {
-    let Some(line) = tail_err.lines().rev().find(|l| l.starts_with("{\"summary\"")) else {
+    let Some(line) = tail_err
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("{\"summary\""))
+    else {
         return vec!["kmodmon printed no summary at exit".to_string()];
     };
     let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
@@ -157,11 +173,13 @@ pub fn summary_problems(tail_err: &str) -> Vec<String> {
 /// `kmodmon sources` (what it would attach here) must say what `tail` then attached: the
 /// user-facing statement of each kernel's degradations has to be true.
 pub fn sources_agree(sources: &str, tail_err: &str) -> Vec<String> {
-    let predicted = sources.trim();
-    let Some(attached) = tail_err
-        .lines()
-        .find_map(|l| l.strip_prefix("kmodmon: attached in ")?.split_once(": ").map(|(_, w)| w.trim()))
-    else {
+    // The first line is the plan; notes (reasons, degradations) follow it.
+    let predicted = sources.lines().next().unwrap_or_default().trim();
+    let Some(attached) = tail_err.lines().find_map(|l| {
+        l.strip_prefix("kmodmon: attached in ")?
+            .split_once(": ")
+            .map(|(_, w)| w.trim())
+    }) else {
         return vec!["kmodmon printed no `attached` line".to_string()];
     };
     if predicted == attached {
@@ -185,14 +203,18 @@ pub fn against_oracle(events: &[Event], oracle: &[OracleEvent]) -> Vec<String> {
     let mut used = vec![false; events.len()];
     for o in oracle {
         let found = events.iter().enumerate().find(|(i, e)| {
-            !used[*i] && e.kind == o.kind() && e.module.as_deref() == Some(o.module.as_str()) && e.tid == o.tid
+            !used[*i]
+                && e.kind == o.kind()
+                && e.module.as_deref() == Some(o.module.as_str())
+                && e.tid == o.tid
         });
         match found {
             Some((i, e)) => {
                 used[i] = true;
                 if o.event == "module_load" {
                     let letters: String = e.taint_flags.clone().unwrap_or_default();
-                    let shown: BTreeSet<char> = letters.chars().filter(|c| "POFCE".contains(*c)).collect();
+                    let shown: BTreeSet<char> =
+                        letters.chars().filter(|c| "POFCE".contains(*c)).collect();
                     let kernel: BTreeSet<char> = o.detail.chars().collect();
                     if e.taints.is_none() {
                         problems.push(format!("load of {} has no taints field", o.module));
@@ -215,7 +237,9 @@ pub fn against_oracle(events: &[Event], oracle: &[OracleEvent]) -> Vec<String> {
     }
     for (i, e) in events.iter().enumerate() {
         if !used[i] && ["load", "unload", "request"].contains(&e.kind.as_str()) {
-            problems.push(format!("kmodmon reported `{e}`, the kernel's tracepoints did not"));
+            problems.push(format!(
+                "kmodmon reported `{e}`, the kernel's tracepoints did not"
+            ));
         }
     }
     problems
@@ -231,6 +255,8 @@ pub struct Expect {
     pub syscall: Option<&'static str>,
     pub result: Option<i64>,
     pub errno: Option<&'static str>,
+    /// finit_module: the file's path ends with this (the module's path in modules.dep).
+    pub path_suffix: Option<String>,
     pub comm: Option<String>,
     pub cgroup_id: Option<u64>,
     pub cgroup_path: Option<String>,
@@ -249,23 +275,34 @@ impl Expect {
 
     fn matches(&self, e: &Event) -> bool {
         e.kind == self.kind
-            && self
-                .module
-                .as_ref()
-                .is_none_or(|m| e.module.as_ref() == Some(m) || (self.module_may_be_unknown && e.module.is_none()))
+            && self.module.as_ref().is_none_or(|m| {
+                e.module.as_ref() == Some(m) || (self.module_may_be_unknown && e.module.is_none())
+            })
             && self.syscall.is_none_or(|s| e.syscall.as_deref() == Some(s))
             && self.result.is_none_or(|r| e.result == Some(r))
             && self.errno.is_none_or(|x| e.errno.as_deref() == Some(x))
+            && self
+                .path_suffix
+                .as_ref()
+                .is_none_or(|p| e.path.as_ref().is_some_and(|ep| ep.ends_with(p.as_str())))
             && self.comm.as_ref().is_none_or(|c| &e.comm == c)
             && self.cgroup_id.is_none_or(|c| e.cgroup_id == c)
-            && self.cgroup_path.as_ref().is_none_or(|p| e.cgroup_path.as_ref() == Some(p))
+            && self
+                .cgroup_path
+                .as_ref()
+                .is_none_or(|p| e.cgroup_path.as_ref() == Some(p))
             && self.container.as_ref().is_none_or(|c| &e.container == c)
     }
 }
 
 impl std::fmt::Display for Expect {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}", self.kind, self.module.as_deref().unwrap_or("<any>"))?;
+        write!(
+            f,
+            "{} {}",
+            self.kind,
+            self.module.as_deref().unwrap_or("<any>")
+        )?;
         if self.module_may_be_unknown {
             write!(f, " (or no name)")?;
         }
@@ -277,6 +314,9 @@ impl std::fmt::Display for Expect {
         }
         if let Some(e) = self.errno {
             write!(f, " ({e})")?;
+        }
+        if let Some(p) = &self.path_suffix {
+            write!(f, " path …/{p}")?;
         }
         if let Some(c) = &self.comm {
             write!(f, " by {c}")?;
@@ -298,17 +338,31 @@ impl std::fmt::Display for Expect {
 
 /// Matches kmodmon's events of the module kinds one-to-one against `expected`.
 pub fn exactly(events: &[Event], expected: &[Expect]) -> Vec<String> {
-    const KINDS: [&str; 5] = ["load", "unload", "request", "load_attempt", "unload_attempt"];
+    const KINDS: [&str; 5] = [
+        "load",
+        "unload",
+        "request",
+        "load_attempt",
+        "unload_attempt",
+    ];
     let mut used = vec![false; events.len()];
     let mut problems = Vec::new();
     for x in expected {
-        match events.iter().enumerate().find(|(i, e)| !used[*i] && x.matches(e)) {
+        match events
+            .iter()
+            .enumerate()
+            .find(|(i, e)| !used[*i] && x.matches(e))
+        {
             Some((i, _)) => used[i] = true,
             None => {
                 let near: Vec<String> = events
                     .iter()
                     .enumerate()
-                    .filter(|(i, e)| !used[*i] && e.kind == x.kind && (e.module == x.module || e.module.is_none()))
+                    .filter(|(i, e)| {
+                        !used[*i]
+                            && e.kind == x.kind
+                            && (e.module == x.module || e.module.is_none())
+                    })
                     .map(|(_, e)| format!("\n        got: {e}"))
                     .collect();
                 problems.push(format!("missing event: {x}{}", near.concat()));
@@ -344,8 +398,19 @@ mod tests {
     fn oracle_lines_parse_with_thread_and_detail() {
         let o = parse_oracle(TRACE);
         assert_eq!(o.len(), 4);
-        assert_eq!((o[0].kind(), o[0].module.as_str(), o[0].tid, o[0].detail.as_str()), ("load", "crc32c_intel", 192, ""));
-        assert_eq!((o[1].kind(), o[1].module.as_str(), o[1].tid), ("request", "iptable_nat", 33));
+        assert_eq!(
+            (
+                o[0].kind(),
+                o[0].module.as_str(),
+                o[0].tid,
+                o[0].detail.as_str()
+            ),
+            ("load", "crc32c_intel", 192, "")
+        );
+        assert_eq!(
+            (o[1].kind(), o[1].module.as_str(), o[1].tid),
+            ("request", "iptable_nat", 33)
+        );
         assert_eq!(o[1].detail, "wait=1");
         assert_eq!((o[2].kind(), o[2].tid), ("unload", 196));
         assert_eq!(o[3].detail, "OE");
@@ -357,7 +422,13 @@ mod tests {
         let mut evil = ev("load", "evil", 7);
         evil.taints = Some(1 << 12 | 1 << 13);
         evil.taint_flags = Some("OE".into());
-        let good = vec![ev("load", "crc32c_intel", 192), ev("request", "iptable_nat", 33), ev("unload", "ip_vs_wrr", 196), evil.clone(), ev("load_attempt", "x", 1)];
+        let good = vec![
+            ev("load", "crc32c_intel", 192),
+            ev("request", "iptable_nat", 33),
+            ev("unload", "ip_vs_wrr", 196),
+            evil.clone(),
+            ev("load_attempt", "x", 1),
+        ];
         assert_eq!(against_oracle(&good, &o), Vec::<String>::new());
 
         let mut bad = good.clone();
@@ -395,10 +466,16 @@ mod tests {
         let sources = "module events: module tracepoints; attempts: fexit\n";
         let ok = "kmodmon: attached in 12 ms: module events: module tracepoints; attempts: fexit\n";
         assert!(sources_agree(sources, ok).is_empty());
+        let with_notes = "module events: module tracepoints; attempts: fexit\nnote: a degradation\n";
+        assert!(sources_agree(with_notes, ok).is_empty(), "notes after the plan line are not the plan");
         let fell_back = "kmodmon: attached in 9 ms: module events: module tracepoints; attempts: syscall_tracepoint\nkmodmon: note: fexit failed (verifier)\n";
         let p = sources_agree(sources, fell_back);
         assert_eq!(p.len(), 1);
-        assert!(p[0].contains("attempts: syscall_tracepoint") && p[0].contains("fexit failed"), "{}", p[0]);
+        assert!(
+            p[0].contains("attempts: syscall_tracepoint") && p[0].contains("fexit failed"),
+            "{}",
+            p[0]
+        );
         assert_eq!(sources_agree(sources, "").len(), 1);
     }
 
@@ -406,13 +483,24 @@ mod tests {
     fn events_facts_modules_and_summary_parse() {
         let e = parse_events("{\"kind\":\"load\",\"module\":\"a\",\"container\":{\"id\":\"ab\",\"runtime\":\"docker\"},\"extra\":1}\n\n").unwrap();
         assert_eq!(e[0].container.as_ref().unwrap().runtime, "docker");
-        assert!(parse_events("not json").unwrap_err().to_string().contains("line 1"));
+        assert!(
+            parse_events("not json")
+                .unwrap_err()
+                .to_string()
+                .contains("line 1")
+        );
         let f = parse_facts("rc.modprobe=0\nctr.a.cgroup_path=/docker/x=y\n");
         assert_eq!(f["ctr.a.cgroup_path"], "/docker/x=y");
         let m = parse_proc_modules("ip_vs 1 0 - Live 0x0\nnf_conntrack 2 1 ip_vs, Live 0x0\n");
         assert_eq!(m.into_iter().collect::<Vec<_>>(), ["ip_vs", "nf_conntrack"]);
-        assert!(summary_problems("kmodmon: attached\n{\"summary\":{\"dropped\":0,\"errors\":{}}}").is_empty());
-        assert_eq!(summary_problems("{\"summary\":{\"dropped\":2,\"errors\":{\"x\":1}}}").len(), 2);
+        assert!(
+            summary_problems("kmodmon: attached\n{\"summary\":{\"dropped\":0,\"errors\":{}}}")
+                .is_empty()
+        );
+        assert_eq!(
+            summary_problems("{\"summary\":{\"dropped\":2,\"errors\":{\"x\":1}}}").len(),
+            2
+        );
         assert_eq!(summary_problems("").len(), 1);
     }
 }
