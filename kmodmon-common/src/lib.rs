@@ -38,15 +38,22 @@ pub enum EventKind {
     LoadAttempt = 4,
     /// A task called delete_module (with its result).
     UnloadAttempt = 5,
+    /// The BPF LSM denied a load or autoload request (enforce mode). `taints` holds the
+    /// policy rule id that decided.
+    Denied = 6,
+    /// The BPF LSM would have denied it (audit mode); `taints` holds the rule id.
+    WouldDeny = 7,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 5] = [
+    pub const ALL: [EventKind; 7] = [
         EventKind::Load,
         EventKind::Unload,
         EventKind::Request,
         EventKind::LoadAttempt,
         EventKind::UnloadAttempt,
+        EventKind::Denied,
+        EventKind::WouldDeny,
     ];
 
     pub fn from_u32(v: u32) -> Option<Self> {
@@ -56,6 +63,8 @@ impl EventKind {
             3 => Some(Self::Request),
             4 => Some(Self::LoadAttempt),
             5 => Some(Self::UnloadAttempt),
+            6 => Some(Self::Denied),
+            7 => Some(Self::WouldDeny),
             _ => None,
         }
     }
@@ -68,6 +77,7 @@ impl EventKind {
             Self::Request => Counter::SeenRequest,
             Self::LoadAttempt => Counter::SeenLoadAttempt,
             Self::UnloadAttempt => Counter::SeenUnloadAttempt,
+            Self::Denied | Self::WouldDeny => Counter::PolicyDecision,
         }
     }
 }
@@ -84,6 +94,8 @@ pub enum Source {
     SyscallTracepoint = 3,
     /// raw_syscalls:sys_enter / sys_exit, filtered in the kernel by syscall number.
     RawSyscalls = 4,
+    /// BPF LSM hooks (policy enforcement).
+    Lsm = 5,
 }
 
 impl Source {
@@ -93,6 +105,7 @@ impl Source {
             2 => Some(Self::Fexit),
             3 => Some(Self::SyscallTracepoint),
             4 => Some(Self::RawSyscalls),
+            5 => Some(Self::Lsm),
             _ => None,
         }
     }
@@ -150,7 +163,7 @@ pub struct RawEvent {
     pub truncated: u32,
     /// Bitmask of [`missing`] flags.
     pub missing: u32,
-    /// module_load taints; module_request `wait`.
+    /// module_load taints; module_request `wait`; denied / would_deny: the policy rule id.
     pub taints: u32,
     /// finit_module / delete_module flags.
     pub flags: u32,
@@ -259,12 +272,14 @@ pub enum Counter {
     ErrFuncRet = 14,
     /// Removing a completed attempt from the join map failed.
     ErrPendingRemove = 15,
+    /// denied / would_deny decisions taken by the LSM programs.
+    PolicyDecision = 16,
 }
 
-pub const COUNTER_SLOTS: u32 = 16;
+pub const COUNTER_SLOTS: u32 = 17;
 
 impl Counter {
-    pub const ALL: [Counter; 16] = [
+    pub const ALL: [Counter; 17] = [
         Counter::SeenLoad,
         Counter::SeenUnload,
         Counter::SeenRequest,
@@ -281,6 +296,7 @@ impl Counter {
         Counter::DropCgroupRingbufFull,
         Counter::ErrFuncRet,
         Counter::ErrPendingRemove,
+        Counter::PolicyDecision,
     ];
 
     /// Stable snake_case name used in output and metrics.
@@ -302,6 +318,7 @@ impl Counter {
             Self::DropCgroupRingbufFull => "cgroup_ringbuf_full",
             Self::ErrFuncRet => "func_ret_failed",
             Self::ErrPendingRemove => "pending_remove_failed",
+            Self::PolicyDecision => "policy_decision",
         }
     }
 
@@ -467,6 +484,74 @@ impl Config {
     }
 }
 
+/// Policy enforcement (BPF LSM): the maps userspace fills and the LSM programs read.
+pub mod policy {
+    /// Bytes of a module (or autoload request) name in an allow-set key: MODULE_NAME_LEN, which
+    /// is also the longest name `request_module` passes on. Names are stored normalized
+    /// ('-' → '_'), NUL-padded.
+    pub const NAME_KEY_LEN: usize = 60;
+    /// How many cgroup levels the programs look up, deepest first.
+    pub const MAX_CGROUP_DEPTH: u32 = 16;
+    /// Key of the entry that applies to cgroups with no mapped ancestor (the host).
+    pub const HOST_KEY: u64 = 0;
+
+    /// `Settings::mode`.
+    pub const MODE_OFF: u32 = 0;
+    pub const MODE_AUDIT: u32 = 1;
+    pub const MODE_ENFORCE: u32 = 2;
+
+    /// `Decision::flags`: only modules in `allow_set` may load; everything else is denied.
+    pub const RESTRICTED: u32 = 1 << 0;
+
+    /// What applies to one cgroup (and the cgroups below it).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Decision {
+        /// Policy rule id, reported in denied / would_deny events.
+        pub rule: u32,
+        /// Allow-set id ([`AllowKey::set`]).
+        pub allow_set: u32,
+        /// [`RESTRICTED`] or 0 (everything allowed).
+        pub flags: u32,
+        pub _reserved: u32,
+    }
+
+    /// Key of the allow-set map: (set id, normalized name).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct AllowKey {
+        pub set: u32,
+        pub name: [u8; NAME_KEY_LEN],
+    }
+
+    /// Global settings, slot 0 of the settings array.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Settings {
+        /// MODE_OFF, MODE_AUDIT or MODE_ENFORCE.
+        pub mode: u32,
+        /// Bumped by every policy (re)load.
+        pub generation: u32,
+    }
+
+    /// `enum kernel_read_file_id` / `enum kernel_load_data_id` values the programs compare
+    /// against, resolved from BTF by userspace (written into `KMODMON_LSM_CONFIG`).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct LsmConfig {
+        pub reading_module: u32,
+        pub loading_module: u32,
+    }
+
+    impl LsmConfig {
+        /// The values in every kernel since 5.7 (include/linux/kernel_read_file.h).
+        pub const DEFAULT: LsmConfig = LsmConfig {
+            reading_module: 2,
+            loading_module: 2,
+        };
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are #[repr(C)], Copy, made only of integers and integer arrays, and
@@ -475,4 +560,8 @@ mod pod {
     unsafe impl aya::Pod for super::RawCgroupEvent {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::Field {}
+    unsafe impl aya::Pod for super::policy::Decision {}
+    unsafe impl aya::Pod for super::policy::AllowKey {}
+    unsafe impl aya::Pod for super::policy::Settings {}
+    unsafe impl aya::Pod for super::policy::LsmConfig {}
 }

@@ -11,6 +11,7 @@
 mod config;
 mod kernel;
 mod maps;
+mod lsm;
 mod record;
 
 use aya_ebpf::{
@@ -85,7 +86,9 @@ fn fexit_attempt(ctx: &FExitContext, op: Op) {
             ev.ret = ctx.arg::<i64>(1);
         }
     }
-    ev.end_ktime_ns = unsafe { bpf_ktime_get_ns() };
+    // fexit sees only the return: the event's time is the syscall's end, and its duration is
+    // unknown (not the time this program took).
+    ev.end_ktime_ns = ev.ktime_ns;
     aya_log_ebpf::debug!(ctx, "fexit attempt op={} ret={}", op as u32, ev.ret);
     emit(ev);
 }

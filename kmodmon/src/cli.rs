@@ -24,6 +24,10 @@ pub enum Command {
     Sources,
     /// The daemon: monitor continuously into the audit log, metrics, stdout and syslog.
     Run(crate::daemon::RunArgs),
+    /// Enforcement policy: `kmodmon policy check FILE`, `kmodmon policy show [FILE]`.
+    Policy(crate::policy::PolicyArgs),
+    /// Kernel enforcement (BPF LSM): `kmodmon enforce on|off|status`.
+    Enforce(crate::enforce::cli::EnforceArgs),
     /// Host drift check: modules configured to load at boot or expected by containers vs.
     /// what is loaded, built in, available and blacklisted (exit 1 when something is wrong).
     Check(crate::check::CheckArgs),
@@ -76,4 +80,8 @@ pub struct TailArgs {
     /// Where modules.dep and modules.alias are read from (default /lib/modules/$(uname -r)).
     #[arg(long, value_name = "DIR")]
     pub modules_dir: Option<PathBuf>,
+    /// Load (modprobe) a new container's KERNEL_MODULES that are not loaded, before reporting
+    /// them; each run is reported as a self_load event.
+    #[arg(long)]
+    pub load_expected: bool,
 }

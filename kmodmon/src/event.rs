@@ -64,6 +64,8 @@ impl Kind {
             EventKind::Request => Kind::Request,
             EventKind::LoadAttempt => Kind::LoadAttempt,
             EventKind::UnloadAttempt => Kind::UnloadAttempt,
+            EventKind::Denied => Kind::Denied,
+            EventKind::WouldDeny => Kind::WouldDeny,
         }
     }
 }
@@ -374,8 +376,10 @@ impl Event {
         } else {
             None
         };
+        // LSM hooks see neither parameters, flags nor the fd.
+        let lsm = source == Source::Lsm;
         let params = match op {
-            Op::InitModule | Op::FinitModule => Some(escape_bytes(until_nul(&raw.params))),
+            Op::InitModule | Op::FinitModule if !lsm => Some(escape_bytes(until_nul(&raw.params))),
             _ => None,
         };
         for (bit, field) in [
@@ -414,14 +418,15 @@ impl Event {
                 Source::Fexit => SourceName::Fexit,
                 Source::SyscallTracepoint => SourceName::SyscallTracepoint,
                 Source::RawSyscalls => SourceName::RawSyscalls,
+                Source::Lsm => SourceName::Lsm,
             },
             module,
             syscall,
             path,
             params,
-            flags: matches!(op, Op::FinitModule | Op::DeleteModule).then_some(raw.flags),
-            len: (op == Op::InitModule).then_some(raw.len),
-            fd: (op == Op::FinitModule).then_some(raw.fd),
+            flags: (!lsm && matches!(op, Op::FinitModule | Op::DeleteModule)).then_some(raw.flags),
+            len: (!lsm && op == Op::InitModule).then_some(raw.len),
+            fd: (!lsm && op == Op::FinitModule).then_some(raw.fd),
             taints: (kind == EventKind::Load).then_some(raw.taints),
             taint_flags: (kind == EventKind::Load).then(|| taint_letters(raw.taints)),
             wait: (kind == EventKind::Request).then_some(raw.taints != 0),
@@ -442,7 +447,9 @@ impl Event {
             modules: Vec::new(),
             truncated,
             missing: missing_fields,
-            detail: None,
+            // The enforcer replaces this with the rule's name (enforce::describe_decision).
+            detail: matches!(kind, EventKind::Denied | EventKind::WouldDeny)
+                .then(|| format!("policy rule #{}", raw.taints)),
         })
     }
 

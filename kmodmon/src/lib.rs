@@ -19,3 +19,5 @@ pub mod moddb;
 pub mod audit;
 pub mod metrics;
 pub mod syslog;
+pub mod policy;
+pub mod enforce;

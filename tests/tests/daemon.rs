@@ -192,3 +192,28 @@ fn http_get(addr: &str, path: &str) -> String {
     s.read_to_string(&mut out).unwrap();
     out
 }
+
+/// With a policy, the daemon enforces or refuses to start: on a kernel without module support
+/// there is nothing to hook, and it must say so rather than pretend.
+#[test]
+fn daemon_with_a_policy_never_pretends_to_enforce() {
+    if !require_root("daemon_with_a_policy_never_pretends_to_enforce") {
+        return;
+    }
+    if std::path::Path::new("/proc/modules").exists() {
+        eprintln!("this kernel has module support: covered by the VM enforcement scenario");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, "mode = \"enforce\"\n[host]\nrestrict = false\n").unwrap();
+    let out = Command::new(kmodmon_bin())
+        .arg("run")
+        .arg("--policy")
+        .arg(&policy)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no module support") && err.contains("nothing to hook"), "{err}");
+}

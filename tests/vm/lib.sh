@@ -74,6 +74,7 @@ trace_stop() {
 # Starts `kmodmon tail --json ARGS` and waits until its probes are attached.
 kmodmon_start() { # [ARGS...]
     kmodmon sources >"$OUT/sources.txt" 2>&1
+    rm -f "$OUT/tail.err"
     kmodmon tail --json "$@" >"$OUT/events.jsonl" 2>"$OUT/tail.err" &
     KMODMON_PID=$!
     fact kmodmon.pid "$KMODMON_PID"

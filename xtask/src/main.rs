@@ -64,7 +64,8 @@ enum Task {
         #[arg(long)]
         refresh: bool,
     },
-    /// Measure getppid overhead in the VM: no monitor, kmodmon, auditd's module rule.
+    /// Measure getppid overhead in the VM (every kernel unless one is named): no monitor,
+    /// kmodmon, kmodmon on raw_syscalls, auditd's module rule.
     VmBench {
         #[arg(long)]
         kernel: Option<String>,

@@ -21,6 +21,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "iptables",
     // benchmarks: peers measured side by side
     "bpftrace",
+    // the VM benchmark's audit peer (auditd + auditctl go into the VM's initramfs)
+    "auditd",
     // loop-mounted filesystems for the audit-log disk-full test
     "e2fsprogs",
 ];

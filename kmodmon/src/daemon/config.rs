@@ -27,6 +27,9 @@ pub const DEFAULT_CONFIG: &str = "/etc/kmodmon/kmodmon.toml";
 ///
 /// [probe]
 /// no_fexit = false
+///
+/// [policy]
+/// file = "/etc/kmodmon/policy.toml"
 /// ```
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -35,6 +38,15 @@ pub struct FileConfig {
     pub metrics: MetricsConfig,
     pub forward: ForwardConfig,
     pub probe: ProbeConfig,
+    pub policy: PolicyConfig,
+}
+
+/// `[policy]`: enforcement (see README "Enforcement").
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// The policy file; enforcement (or audit-mode decisions) runs only when set.
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -92,6 +104,9 @@ pub struct RunArgs {
     /// Force the raw_syscalls fallback for attempts.
     #[arg(long)]
     pub force_raw_syscalls: bool,
+    /// Enforce this policy (BPF LSM); its `mode` decides enforce or audit.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
 }
 
 /// The effective configuration.
@@ -101,6 +116,7 @@ pub struct Effective {
     pub metrics: Option<String>,
     pub forward: ForwardConfig,
     pub probe: ProbeConfig,
+    pub policy: Option<PathBuf>,
     pub source: Option<PathBuf>,
 }
 
@@ -151,6 +167,7 @@ fn apply(file: FileConfig, args: &RunArgs, source: Option<PathBuf>) -> Effective
         metrics: args.metrics.clone().or(file.metrics.listen),
         forward,
         probe,
+        policy: args.policy.clone().or(file.policy.file),
         source,
     }
 }

@@ -11,7 +11,9 @@ use tokio::signal::unix::{SignalKind, signal};
 pub use self::config::RunArgs;
 use crate::{
     audit::AuditLog,
+    enforce::{Enforcer, StartOptions, scan_running},
     enrich::Enricher,
+    event::{Clock, Event, raw_from_bytes},
     metrics::{Metrics, MetricsServer},
     output::json_line,
     probe::Options,
@@ -82,6 +84,26 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
         });
     }
 
+    // Enforcement first: if a policy is configured and cannot be enforced, refuse to start
+    // rather than pretend.
+    let mut enforcer = match &cfg.policy {
+        Some(path) => {
+            let enf = Enforcer::start(StartOptions::new(path))
+                .with_context(|| format!("enforcing the policy {}", path.display()))?;
+            log::info!(
+                "policy {} in force (mode {}, {:?}, {} containers mapped)",
+                path.display(),
+                enf.mode(),
+                enf.installed,
+                enf.container_count()
+            );
+            Some(enf)
+        }
+        None => None,
+    };
+    let mut policy_events = enforcer.as_mut().and_then(Enforcer::take_events);
+    let clock = Clock::new();
+
     let opts = Options {
         no_fexit: cfg.probe.no_fexit,
         force_raw_syscalls: cfg.probe.force_raw_syscalls,
@@ -102,33 +124,42 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
     }
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut policy_tick = tokio::time::interval(Duration::from_millis(200));
     let mut last = session.summary();
-    let stdout = cfg.forward.stdout;
+    let sinks = Sinks {
+        metrics: &metrics,
+        stdout: cfg.forward.stdout,
+        syslog: syslog.as_ref(),
+        audit: audit.as_ref(),
+    };
     loop {
         tokio::select! {
             ev = session.events.recv() => {
                 let Some(ev) = ev else { break };
-                metrics.event(&ev);
-                if stdout {
-                    use std::io::Write as _;
-                    let mut out = std::io::stdout().lock();
-                    if writeln!(out, "{}", json_line(&ev)).and_then(|_| out.flush()).is_err() {
-                        metrics.forward.stdout_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                sinks.deliver(ev);
+            }
+            _ = policy_tick.tick(), if policy_events.is_some() => {
+                // Denials recorded by the pinned LSM programs, including any made while the
+                // daemon was down.
+                if let (Some(ring), Some(enf)) = (policy_events.as_mut(), enforcer.as_ref()) {
+                    while let Some(item) = ring.next() {
+                        match raw_from_bytes(&item).and_then(|r| Event::from_raw(&r, &clock)) {
+                            Ok(mut ev) => {
+                                enf.describe(&mut ev);
+                                sinks.deliver(ev);
+                            }
+                            Err(e) => log::warn!("undecodable policy record: {e}"),
+                        }
                     }
-                }
-                if let Some(s) = &syslog {
-                    let counter = match s.send_event(&ev) {
-                        Ok(()) => &metrics.forward.syslog_sent,
-                        Err(_) => &metrics.forward.syslog_errors,
-                    };
-                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                if let Some(log) = &audit {
-                    // Never blocks: a full queue or a failing disk is counted as lost.
-                    log.submit(ev);
                 }
             }
             _ = tick.tick() => {
+                // Keep the policy maps current as containers come and go.
+                if let Some(enf) = enforcer.as_mut()
+                    && let Err(e) = enf.sync(scan_running())
+                {
+                    log::warn!("updating the policy maps failed: {e}");
+                }
                 let now = session.summary();
                 for (reason, n) in &now.drops {
                     let before = last.drops.get(reason).copied().unwrap_or(0);
@@ -144,7 +175,21 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
                 last = now;
             }
             _ = sighup.recv() => {
-                log::info!("SIGHUP: configuration is read at start; restart to apply changes to it");
+                let msg = match enforcer.as_mut() {
+                    Some(enf) => match enf.reload(None) {
+                        Ok(()) => format!("SIGHUP: policy reloaded (mode {})", enf.mode()),
+                        Err(e) => format!(
+                            "SIGHUP: new policy rejected, the previous one stays in force: {e}"
+                        ),
+                    },
+                    None => "SIGHUP: no policy configured; the config file is read at start \
+                             (restart to apply changes)"
+                        .to_string(),
+                };
+                log::warn!("{msg}");
+                if let Some(log) = &audit {
+                    log.note(msg);
+                }
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -156,10 +201,52 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
         summary.seen, summary.delivered, summary.dropped, summary.in_flight, summary.unread
     );
     eprintln!("kmodmon: {text}");
+    if let Some(enf) = enforcer {
+        // Pins stay: enforcement outlives the daemon; `kmodmon enforce off` removes it.
+        if let Err(e) = enf.shutdown(false) {
+            log::warn!("leaving enforcement in place: {e}");
+        }
+    }
     if let Some(log) = &audit {
         log.note(text);
         let stats = log.close();
         eprintln!("kmodmon: audit log closed: {stats:?}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where every event goes.
+struct Sinks<'a> {
+    metrics: &'a Metrics,
+    stdout: bool,
+    syslog: Option<&'a Syslog>,
+    audit: Option<&'a AuditLog>,
+}
+
+impl Sinks<'_> {
+    fn deliver(&self, ev: Event) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.metrics.event(&ev);
+        if self.stdout {
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            if writeln!(out, "{}", json_line(&ev))
+                .and_then(|_| out.flush())
+                .is_err()
+            {
+                self.metrics.forward.stdout_errors.fetch_add(1, Relaxed);
+            }
+        }
+        if let Some(s) = self.syslog {
+            let counter = match s.send_event(&ev) {
+                Ok(()) => &self.metrics.forward.syslog_sent,
+                Err(_) => &self.metrics.forward.syslog_errors,
+            };
+            counter.fetch_add(1, Relaxed);
+        }
+        if let Some(log) = self.audit {
+            // Never blocks: a full queue or a failing disk is counted as lost.
+            log.submit(ev);
+        }
+    }
 }

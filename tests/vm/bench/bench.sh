@@ -1,6 +1,7 @@
 # `cargo xtask vm-bench`: the cost of module monitoring for an unrelated syscall (getppid),
-# paired in one boot: each round measures every mode in turn, so slow phases of the host
-# hit all modes alike. Prints `BENCH mode=M round=R ns=N` lines for xtask/src/vm/bench.rs.
+# paired in one boot: each round measures every mode in turn (in a rotating order), so slow
+# phases of the host hit all modes alike. Prints `BENCH mode=M round=R ns=MEAN best=FASTEST_CHUNK`
+# lines for xtask/src/vm/bench.rs.
 #   none         no monitor
 #   kmodmon      kmodmon tail --json (its best sources on this kernel)
 #   kmodmon-raw  kmodmon tail --json --force-raw-syscalls (the raw_syscalls fallback)
@@ -8,15 +9,18 @@
 . /kmodmon/lib.sh
 
 CALLS=${KMODMON_BENCH_CALLS:-500000}
-ROUNDS=${KMODMON_BENCH_ROUNDS:-5}
+ROUNDS=${KMODMON_BENCH_ROUNDS:-7}
 
 measure() { # MODE ROUND
-    echo "BENCH mode=$1 round=$2 ns=$(kmodmon-vm-bench "$CALLS")"
+    local r
+    r=$(kmodmon-vm-bench "$CALLS")
+    echo "BENCH mode=$1 round=$2 ns=${r% *} best=${r#* }"
 }
 
 monitor_kmodmon() { # MODE ROUND [ARGS...]
     local mode=$1 round=$2
     shift 2
+    rm -f "$OUT/bench-tail.err"
     kmodmon tail --json "$@" >/dev/null 2>"$OUT/bench-tail.err" &
     local pid=$! i=0
     while ! grep -q '^kmodmon: attached' "$OUT/bench-tail.err"; do
@@ -30,9 +34,35 @@ monitor_kmodmon() { # MODE ROUND [ARGS...]
         usleep 100000
     done
     [ "$round" = 1 ] && echo "BENCH-INFO mode=$mode $(grep '^kmodmon: attached' "$OUT/bench-tail.err" | cut -d: -f3-)"
+    # Steady state: let kmodmon finish its start-up work (module and container scans).
+    sleep 1
+    local before after
+    before=$(cpu_ticks "$pid")
     measure "$mode" "$round"
+    after=$(cpu_ticks "$pid")
+    echo "BENCH-CPU mode=$mode round=$round ticks=$((after - before))"
     kill -INT "$pid"
     wait "$pid"
+}
+
+# utime + stime of a process, in clock ticks (/proc/PID/stat fields 14 and 15).
+cpu_ticks() { # PID
+    sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'
+}
+
+audit_rule() { # ROUND
+    auditctl -a always,exit -F arch=b64 -S init_module,finit_module,delete_module -k modules >/dev/null
+    measure auditd "$1"
+    auditctl -D >/dev/null
+}
+
+run_mode() { # MODE ROUND
+    case $1 in
+    none) measure none "$2" ;;
+    kmodmon) monitor_kmodmon kmodmon "$2" ;;
+    kmodmon-raw) monitor_kmodmon kmodmon-raw "$2" --force-raw-syscalls ;;
+    auditd) [ "$AUDIT" != no ] && audit_rule "$2" ;;
+    esac
 }
 
 AUDIT=no
@@ -46,14 +76,16 @@ elif auditctl -e 1 >/dev/null 2>&1; then
 fi
 
 kmodmon-vm-bench 100000 >/dev/null # warm-up
+MODES="none kmodmon kmodmon-raw auditd"
 for round in $(seq 1 "$ROUNDS"); do
-    measure none "$round"
-    monitor_kmodmon kmodmon "$round"
-    monitor_kmodmon kmodmon-raw "$round" --force-raw-syscalls
-    if [ "$AUDIT" != no ]; then
-        auditctl -a always,exit -F arch=b64 -S init_module,finit_module,delete_module -k modules >/dev/null
-        measure auditd "$round"
-        auditctl -D >/dev/null
-    fi
+    # Rotate the order each round so no mode always follows the same one.
+    set -- $MODES
+    shift $(((round - 1) % 4))
+    for mode in "$@" $MODES; do
+        case " $done_modes " in *" $mode "*) continue ;; esac
+        done_modes="$done_modes $mode"
+        run_mode "$mode" "$round"
+    done
+    done_modes=
 done
 echo "BENCH-INFO calls=$CALLS rounds=$ROUNDS audit=$AUDIT"

@@ -171,7 +171,8 @@ pub fn sources_list(mirror: &Mirror, suites: &[&str]) -> String {
         .as_ref()
         .map(|k| format!("[signed-by={k}] "))
         .unwrap_or_default();
-    let mut out = String::from("# Written by `cargo xtask vm-fetch`: Debian kernels for the VM tests.\n");
+    let mut out =
+        String::from("# Written by `cargo xtask vm-fetch`: Debian kernels for the VM tests.\n");
     for suite in suites {
         out.push_str(&format!("deb {opts}{} {suite} main\n", mirror.archive));
         if let Some(sec) = &mirror.security {
@@ -198,7 +199,12 @@ pub fn parse_madison(text: &str) -> Vec<Candidate> {
             let package = cols.next()?.to_string();
             let version = cols.next()?.to_string();
             let source = cols.next()?;
-            let suite = source.split_whitespace().nth(1)?.split('/').next()?.to_string();
+            let suite = source
+                .split_whitespace()
+                .nth(1)?
+                .split('/')
+                .next()?
+                .to_string();
             (!package.is_empty() && !version.is_empty()).then_some(Candidate {
                 package,
                 version,
@@ -253,7 +259,12 @@ impl Apt {
 
     /// Writes the sources list (and the empty files apt expects) and refreshes the lists.
     pub fn update(&self, sources: &str) -> Result<()> {
-        for sub in ["sources.list.d", "preferences.d", "lists/partial", "cache/archives/partial"] {
+        for sub in [
+            "sources.list.d",
+            "preferences.d",
+            "lists/partial",
+            "cache/archives/partial",
+        ] {
             fs::create_dir_all(self.dir.join(sub))
                 .with_context(|| format!("creating {}", self.dir.join(sub).display()))?;
         }
@@ -264,14 +275,21 @@ impl Apt {
                 fs::write(&p, "")?;
             }
         }
-        eprintln!("xtask vm: refreshing the private package lists in {}", self.dir.display());
-        run(self.command("apt-get").args(["-q", "update"]))
-            .context("apt-get update (private sources list) failed: is the Debian mirror reachable?")
+        eprintln!(
+            "xtask vm: refreshing the private package lists in {}",
+            self.dir.display()
+        );
+        run(self.command("apt-get").args(["-q", "update"])).context(
+            "apt-get update (private sources list) failed: is the Debian mirror reachable?",
+        )
     }
 
     /// Package names matching `keep`, among the names apt-cache finds for `pattern` (a regex).
     pub fn search(&self, pattern: &str, keep: impl Fn(&str) -> bool) -> Result<Vec<String>> {
-        let text = output(self.command("apt-cache").args(["search", "--names-only", pattern]))?;
+        let text = output(
+            self.command("apt-cache")
+                .args(["search", "--names-only", pattern]),
+        )?;
         Ok(text
             .lines()
             .filter_map(|l| l.split(" - ").next())
@@ -307,7 +325,13 @@ impl Apt {
         debs_in(into)?
             .into_iter()
             .find(|p| !before.contains(p) && file_name_starts(p, &format!("{}_", c.package)))
-            .with_context(|| format!("apt-get download left no {}_*.deb in {}", c.package, into.display()))
+            .with_context(|| {
+                format!(
+                    "apt-get download left no {}_*.deb in {}",
+                    c.package,
+                    into.display()
+                )
+            })
     }
 }
 
@@ -339,7 +363,10 @@ pub fn newest_first(mut cands: Vec<Candidate>) -> Result<Vec<Candidate>> {
             Ok(s) if s.success() => std::cmp::Ordering::Less,
             Ok(s) if s.code() == Some(1) => std::cmp::Ordering::Greater,
             other => {
-                failure = Some(format!("dpkg --compare-versions {} gt {}: {other:?}", a.version, b.version));
+                failure = Some(format!(
+                    "dpkg --compare-versions {} gt {}: {other:?}",
+                    a.version, b.version
+                ));
                 std::cmp::Ordering::Equal
             }
         }
@@ -363,7 +390,10 @@ mod tests {
         assert_eq!(entries[0].suites, ["bookworm", "bookworm-updates"]);
         let m = mirror_from(&entries, "bookworm").unwrap();
         assert_eq!(m.archive, "http://deb.debian.org/debian");
-        assert_eq!(m.security.as_deref(), Some("http://deb.debian.org/debian-security"));
+        assert_eq!(
+            m.security.as_deref(),
+            Some("http://deb.debian.org/debian-security")
+        );
         assert!(mirror_from(&entries, "trixie").is_none());
     }
 
@@ -375,7 +405,10 @@ mod tests {
         assert_eq!(entries[0].signed_by.as_deref(), Some("/k.gpg"));
         let m = mirror_from(&entries, "trixie").unwrap();
         assert_eq!(m.archive, "http://m.example/debian");
-        assert_eq!(m.security.as_deref(), Some("http://m.example/debian-security"));
+        assert_eq!(
+            m.security.as_deref(),
+            Some("http://m.example/debian-security")
+        );
         // The keyring named does not exist on this machine, so it is not used.
         assert_eq!(m.keyring, None);
     }
@@ -389,7 +422,9 @@ mod tests {
         };
         let text = sources_list(&m, &["bullseye", "trixie"]);
         assert!(text.contains("deb [signed-by=/k.gpg] http://a/debian bullseye main\n"));
-        assert!(text.contains("deb [signed-by=/k.gpg] http://a/debian-security trixie-security main\n"));
+        assert!(
+            text.contains("deb [signed-by=/k.gpg] http://a/debian-security trixie-security main\n")
+        );
         assert_eq!(text.lines().filter(|l| l.starts_with("deb ")).count(), 4);
     }
 
@@ -413,8 +448,22 @@ mod tests {
             version: v.into(),
             suite: "s".into(),
         };
-        let sorted = newest_first(vec![c("6.12.9-1"), c("6.12.115-1+deb13u1"), c("6.12.115-1"), c("6.12.10~rc1-1")]).unwrap();
+        let sorted = newest_first(vec![
+            c("6.12.9-1"),
+            c("6.12.115-1+deb13u1"),
+            c("6.12.115-1"),
+            c("6.12.10~rc1-1"),
+        ])
+        .unwrap();
         let versions: Vec<_> = sorted.iter().map(|c| c.version.as_str()).collect();
-        assert_eq!(versions, ["6.12.115-1+deb13u1", "6.12.115-1", "6.12.10~rc1-1", "6.12.9-1"]);
+        assert_eq!(
+            versions,
+            [
+                "6.12.115-1+deb13u1",
+                "6.12.115-1",
+                "6.12.10~rc1-1",
+                "6.12.9-1"
+            ]
+        );
     }
 }

@@ -13,14 +13,17 @@ use crate::util::workspace_root;
 /// Samples parsed from the script's `BENCH mode=M round=R ns=N` lines.
 #[derive(Debug, Default)]
 pub struct Samples {
-    /// mode → round → ns per call.
-    pub by_mode: BTreeMap<String, BTreeMap<u32, f64>>,
+    /// mode → round → (mean ns per call, ns per call of the fastest chunk).
+    pub by_mode: BTreeMap<String, BTreeMap<u32, (f64, Option<f64>)>>,
     /// `BENCH-INFO` and `BENCH-ERROR` lines.
     pub notes: Vec<String>,
+    /// mode → CPU clock ticks the monitor itself used during the loops (all rounds).
+    pub monitor_ticks: BTreeMap<String, u64>,
 }
 
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
 pub fn parse(lines: &[String]) -> Samples {
@@ -30,11 +33,21 @@ pub fn parse(lines: &[String]) -> Samples {
             let mode = field(rest, "mode");
             let round = field(rest, "round").and_then(|r| r.parse().ok());
             let ns = field(rest, "ns").and_then(|n| n.parse().ok());
+            let best = field(rest, "best").and_then(|n| n.parse().ok());
             match (mode, round, ns) {
                 (Some(m), Some(r), Some(ns)) => {
-                    s.by_mode.entry(m.to_string()).or_default().insert(r, ns);
+                    s.by_mode
+                        .entry(m.to_string())
+                        .or_default()
+                        .insert(r, (ns, best));
                 }
                 _ => s.notes.push(format!("unreadable: {line}")),
+            }
+        } else if let Some(rest) = line.strip_prefix("BENCH-CPU ") {
+            let mode = field(rest, "mode");
+            let ticks = field(rest, "ticks").and_then(|t| t.parse::<u64>().ok());
+            if let (Some(m), Some(t)) = (mode, ticks) {
+                *s.monitor_ticks.entry(m.to_string()).or_default() += t;
             }
         } else if line.starts_with("BENCH-INFO ") || line.starts_with("BENCH-ERROR ") {
             s.notes.push(line.clone());
@@ -50,29 +63,62 @@ pub fn median(mut v: Vec<f64>) -> Option<f64> {
     }
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// One row of the report.
+#[derive(Debug, PartialEq)]
+pub struct Row {
+    pub mode: String,
+    /// Median over rounds of the mean ns per call.
+    pub mean: f64,
+    /// Median over rounds of (this mode's mean / "none"'s mean in the same round).
+    pub paired_ratio: Option<f64>,
+    /// Fastest chunk over all rounds, ns per call: the cost without host interference.
+    pub best: Option<f64>,
+    /// best / best of "none".
+    pub best_ratio: Option<f64>,
 }
 
 impl Samples {
-    /// (mode, median ns, median of per-round ratios to "none") per mode, "none" first.
-    pub fn table(&self) -> Vec<(String, f64, Option<f64>)> {
+    /// One row per mode, "none" first and "auditd" last.
+    pub fn table(&self) -> Vec<Row> {
         let none = self.by_mode.get("none");
-        let mut rows = Vec::new();
+        let fastest = |rounds: &BTreeMap<u32, (f64, Option<f64>)>| {
+            rounds.values().filter_map(|r| r.1).min_by(f64::total_cmp)
+        };
+        let none_best = none.and_then(fastest);
         let mut modes: Vec<&String> = self.by_mode.keys().collect();
         modes.sort_by_key(|m| (m.as_str() != "none", m.as_str() == "auditd", m.to_string()));
+        let mut rows = Vec::new();
         for mode in modes {
             let rounds = &self.by_mode[mode];
-            let Some(med) = median(rounds.values().copied().collect()) else {
+            let Some(mean) = median(rounds.values().map(|r| r.0).collect()) else {
                 continue;
             };
             let ratios: Vec<f64> = rounds
                 .iter()
-                .filter_map(|(r, ns)| none.and_then(|n| n.get(r)).map(|base| ns / base))
+                .filter_map(|(r, (ns, _))| none.and_then(|n| n.get(r)).map(|base| ns / base.0))
                 .collect();
-            rows.push((mode.clone(), med, median(ratios)));
+            let best = fastest(rounds);
+            rows.push(Row {
+                mode: mode.clone(),
+                mean,
+                paired_ratio: median(ratios),
+                best,
+                best_ratio: best.zip(none_best).map(|(b, n)| b / n),
+            });
         }
         rows
     }
+}
+
+fn percent(ratio: Option<f64>) -> String {
+    ratio.map_or("-".to_string(), |r| format!("{:+.1}%", (r - 1.0) * 100.0))
 }
 
 pub fn vm_bench(kernel: Option<&str>) -> Result<()> {
@@ -90,7 +136,11 @@ pub fn vm_bench(kernel: Option<&str>) -> Result<()> {
         eprintln!("xtask vm-bench: {}", k.label());
         let (vm, dir) = run_script_env(&p, k, "bench", &script, &VmConfig::default(), &env)?;
         if let Some(why) = vm.failure() {
-            bail!("the benchmark VM on {} failed: {why}\n  (output in {})", k.label(), dir.display());
+            bail!(
+                "the benchmark VM on {} failed: {why}\n  (output in {})",
+                k.label(),
+                dir.display()
+            );
         }
         let samples = parse(&vm.transcript.output);
         if samples.by_mode.is_empty() {
@@ -100,14 +150,43 @@ pub fn vm_bench(kernel: Option<&str>) -> Result<()> {
                 vm.transcript.output.join("\n")
             );
         }
-        println!("\nvm-bench on {}: getppid, median ns per call", k.label());
-        for (mode, ns, ratio) in samples.table() {
-            let overhead = match ratio {
-                Some(r) if mode != "none" => format!("{:+6.1}%", (r - 1.0) * 100.0),
-                _ => String::new(),
+        println!(
+            "\nvm-bench on {}: getppid ns per call (mean: median of rounds; best: fastest chunk)",
+            k.label()
+        );
+        println!(
+            "  {:<12} {:>8} {:>8} {:>9} {:>8}  monitor CPU",
+            "mode", "mean", "vs none", "best", "vs none"
+        );
+        for row in samples.table() {
+            let cpu = samples
+                .monitor_ticks
+                .get(&row.mode)
+                .map(|t| format!("{t} ticks"))
+                .unwrap_or_default();
+            let (paired, best_ratio) = if row.mode == "none" {
+                (String::new(), String::new())
+            } else {
+                (percent(row.paired_ratio), percent(row.best_ratio))
             };
-            println!("  {mode:<12} {ns:>9.1} ns  {overhead}");
+            println!(
+                "  {:<12} {:>8.1} {:>8} {:>9} {:>8}  {cpu}",
+                row.mode,
+                row.mean,
+                paired,
+                row.best.map_or("-".to_string(), |b| format!("{b:.1}")),
+                best_ratio,
+            );
         }
+        let rounds: Vec<String> = samples
+            .by_mode
+            .iter()
+            .map(|(m, r)| {
+                let v: Vec<String> = r.values().map(|(ns, _)| format!("{ns:.0}")).collect();
+                format!("{m}: {}", v.join(" "))
+            })
+            .collect();
+        println!("  mean per round: {}", rounds.join("; "));
         for note in &samples.notes {
             println!("  {note}");
         }
@@ -122,15 +201,17 @@ mod tests {
     #[test]
     fn samples_pair_rounds_and_report_medians() {
         let lines: Vec<String> = [
-            "BENCH mode=none round=1 ns=100.0",
-            "BENCH mode=kmodmon round=1 ns=101.0",
-            "BENCH mode=auditd round=1 ns=150.0",
-            "BENCH mode=none round=2 ns=200.0",
-            "BENCH mode=kmodmon round=2 ns=204.0",
+            "BENCH mode=none round=1 ns=100.0 best=90.0",
+            "BENCH mode=kmodmon round=1 ns=101.0 best=91.8",
+            "BENCH mode=auditd round=1 ns=150.0 best=140",
+            "BENCH mode=none round=2 ns=200.0 best=95",
+            "BENCH mode=kmodmon round=2 ns=204.0 best=99",
             "BENCH mode=auditd round=2 ns=300.0",
             "BENCH mode=none round=3 ns=110.0",
             "BENCH mode=kmodmon round=3 ns=110.0",
             "BENCH-INFO mode=kmodmon attempts: fexit",
+            "BENCH-CPU mode=kmodmon round=1 ticks=2",
+            "BENCH-CPU mode=kmodmon round=2 ticks=1",
             "noise",
             "BENCH mode=none round=x ns=1",
         ]
@@ -139,15 +220,22 @@ mod tests {
         .collect();
         let s = parse(&lines);
         assert_eq!(s.notes.len(), 2);
+        assert_eq!(s.monitor_ticks["kmodmon"], 3);
         let t = s.table();
-        let modes: Vec<&str> = t.iter().map(|r| r.0.as_str()).collect();
+        let modes: Vec<&str> = t.iter().map(|r| r.mode.as_str()).collect();
         assert_eq!(modes, ["none", "kmodmon", "auditd"]);
-        assert_eq!(t[0].1, 110.0);
-        assert_eq!(t[0].2, Some(1.0));
-        // kmodmon ratios 1.01, 1.02, 1.0 → median 1.01
-        assert!((t[1].2.unwrap() - 1.01).abs() < 1e-9);
-        assert_eq!(t[2].1, 225.0);
-        assert!((t[2].2.unwrap() - 1.5).abs() < 1e-9);
+        assert_eq!(
+            (t[0].mean, t[0].paired_ratio, t[0].best),
+            (110.0, Some(1.0), Some(90.0))
+        );
+        // kmodmon ratios 1.01, 1.02, 1.0 → median 1.01; best 91.8 vs 90 → +2%
+        assert!((t[1].paired_ratio.unwrap() - 1.01).abs() < 1e-9);
+        assert!((t[1].best_ratio.unwrap() - 1.02).abs() < 1e-9);
+        assert_eq!(t[2].mean, 225.0);
+        assert!((t[2].paired_ratio.unwrap() - 1.5).abs() < 1e-9);
+        assert_eq!(t[2].best, Some(140.0));
+        assert_eq!(percent(Some(1.5)), "+50.0%");
+        assert_eq!(percent(None), "-");
     }
 
     #[test]

@@ -195,10 +195,23 @@ mod tests {
         w.file("init", 0o755, b"#!/bin/sh\n").unwrap();
         let entries = parse(&w.finish().unwrap());
         let names: Vec<_> = entries.iter().map(|e| e.0.as_str()).collect();
-        assert_eq!(names, ["usr", "usr/bin", "usr/bin/busybox", "usr/bin/sh", "init"]);
+        assert_eq!(
+            names,
+            ["usr", "usr/bin", "usr/bin/busybox", "usr/bin/sh", "init"]
+        );
         assert_eq!(entries[0].1, S_IFDIR | 0o755);
-        assert_eq!(entries[2], ("usr/bin/busybox".into(), S_IFREG | 0o755, b"ELF...".to_vec()));
-        assert_eq!(entries[3], ("usr/bin/sh".into(), S_IFLNK | 0o777, b"busybox".to_vec()));
+        assert_eq!(
+            entries[2],
+            (
+                "usr/bin/busybox".into(),
+                S_IFREG | 0o755,
+                b"ELF...".to_vec()
+            )
+        );
+        assert_eq!(
+            entries[3],
+            ("usr/bin/sh".into(), S_IFLNK | 0o777, b"busybox".to_vec())
+        );
     }
 
     #[test]
@@ -228,7 +241,10 @@ mod tests {
             w.symlink("a", "x").unwrap_err().kind(),
             io::ErrorKind::AlreadyExists
         );
-        assert_eq!(w.file("/", 0o644, b"").unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(
+            w.file("/", 0o644, b"").unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
         assert!(w.contains("a") && w.contains("/a/b") && !w.contains("a/c"));
     }
 }

@@ -127,10 +127,13 @@ impl<W: Write> HostCopier<W> {
             return Ok(());
         }
         let dest = merged_usr(host);
-        let meta = fs::symlink_metadata(host).with_context(|| format!("reading {}", host.display()))?;
+        let meta =
+            fs::symlink_metadata(host).with_context(|| format!("reading {}", host.display()))?;
         if meta.file_type().is_symlink() {
             let target = fs::read_link(host)?;
-            let target_str = target.to_str().with_context(|| format!("non-UTF-8 link {}", host.display()))?;
+            let target_str = target
+                .to_str()
+                .with_context(|| format!("non-UTF-8 link {}", host.display()))?;
             if !self.cpio.contains(&dest) {
                 self.cpio.symlink(&dest, target_str)?;
             }
@@ -217,17 +220,42 @@ pub fn userland(dir: &Path) -> Result<PathBuf> {
     let key = stamp(&inputs, INIT);
     cached(&dir.join("userland.cpio"), &key, |out| {
         let mut cpio = create(out)?;
-        for (link, target) in [("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")] {
+        for (link, target) in [
+            ("bin", "usr/bin"),
+            ("sbin", "usr/sbin"),
+            ("lib", "usr/lib"),
+            ("lib64", "usr/lib64"),
+        ] {
             cpio.dir(target, 0o755)?;
             cpio.symlink(link, target)?;
         }
-        for d in ["proc", "sys", "dev", "run", "tmp", "mnt", "root", "etc/modprobe.d", "etc/audit/plugins.d", "var/log/audit", "kmodmon"] {
+        for d in [
+            "proc",
+            "sys",
+            "dev",
+            "run",
+            "tmp",
+            "mnt",
+            "root",
+            "etc/modprobe.d",
+            "etc/audit/plugins.d",
+            "var/log/audit",
+            "kmodmon",
+        ] {
             cpio.dir(d, if d == "tmp" { 0o1777 } else { 0o755 })?;
         }
         cpio.symlink("var/run", "/run")?;
         cpio.file("init", 0o755, INIT.as_bytes())?;
-        cpio.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")?;
-        cpio.file("etc/group", 0o644, b"root:x:0:\nadm:x:4:\nnogroup:x:65534:\n")?;
+        cpio.file(
+            "etc/passwd",
+            0o644,
+            b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+        )?;
+        cpio.file(
+            "etc/group",
+            0o644,
+            b"root:x:0:\nadm:x:4:\nnogroup:x:65534:\n",
+        )?;
         cpio.file("etc/hostname", 0o644, b"kmodmon-vm\n")?;
         container_rootfs(&mut cpio)?;
         let mut copier = HostCopier {
@@ -252,13 +280,24 @@ pub fn userland(dir: &Path) -> Result<PathBuf> {
 /// config bind-mounts the VM's /usr over its usr (see tests/vm/lib.sh).
 fn container_rootfs<W: Write>(cpio: &mut cpio::Writer<W>) -> Result<()> {
     let root = CONTAINER_ROOTFS;
-    for d in ["usr", "proc", "sys", "dev", "tmp", "run", "etc", "root", "mnt"] {
+    for d in [
+        "usr", "proc", "sys", "dev", "tmp", "run", "etc", "root", "mnt",
+    ] {
         cpio.dir(&format!("{root}/{d}"), 0o755)?;
     }
-    for (link, target) in [("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")] {
+    for (link, target) in [
+        ("bin", "usr/bin"),
+        ("sbin", "usr/sbin"),
+        ("lib", "usr/lib"),
+        ("lib64", "usr/lib64"),
+    ] {
         cpio.symlink(&format!("{root}/{link}"), target)?;
     }
-    cpio.file(&format!("{root}/etc/passwd"), 0o644, b"root:x:0:0:root:/root:/bin/sh\n")?;
+    cpio.file(
+        &format!("{root}/etc/passwd"),
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\n",
+    )?;
     cpio.file(&format!("{root}/etc/group"), 0o644, b"root:x:0:\n")?;
     Ok(())
 }
@@ -275,7 +314,9 @@ fn busybox_applets<W: Write>(cpio: &mut cpio::Writer<W>) -> Result<()> {
         let dest = merged_usr(&Path::new("/").join(applet));
         let name = applet.rsplit('/').next().unwrap_or(applet);
         // kmod's modprobe in /usr/sbin must not be shadowed by busybox's in /usr/bin either.
-        let taken = ["usr/bin", "usr/sbin"].iter().any(|d| cpio.contains(&format!("{d}/{name}")));
+        let taken = ["usr/bin", "usr/sbin"]
+            .iter()
+            .any(|d| cpio.contains(&format!("{d}/{name}")));
         if !taken {
             cpio.symlink(&dest, "/usr/bin/busybox")?;
             count += 1;
@@ -355,7 +396,10 @@ pub fn run_part(script: &[u8], lib: &[u8], env: &[(&str, String)]) -> Result<Vec
 
 /// Concatenates the parts into one initrd file.
 pub fn assemble(parts: &[PathBuf], run: &[u8], out: &Path) -> Result<()> {
-    let mut w = BufWriter::with_capacity(1 << 20, fs::File::create(out).with_context(|| format!("creating {}", out.display()))?);
+    let mut w = BufWriter::with_capacity(
+        1 << 20,
+        fs::File::create(out).with_context(|| format!("creating {}", out.display()))?,
+    );
     for p in parts {
         let mut f = fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
         std::io::copy(&mut f, &mut w)?;
@@ -371,10 +415,22 @@ mod tests {
 
     #[test]
     fn merged_usr_moves_top_dirs_under_usr() {
-        assert_eq!(merged_usr(Path::new("/lib/x86_64-linux-gnu/libc.so.6")), "usr/lib/x86_64-linux-gnu/libc.so.6");
-        assert_eq!(merged_usr(Path::new("/lib64/ld-linux-x86-64.so.2")), "usr/lib64/ld-linux-x86-64.so.2");
-        assert_eq!(merged_usr(Path::new("/usr/sbin/../bin/kmod")), "usr/bin/kmod");
-        assert_eq!(merged_usr(Path::new("/etc/audit/auditd.conf")), "etc/audit/auditd.conf");
+        assert_eq!(
+            merged_usr(Path::new("/lib/x86_64-linux-gnu/libc.so.6")),
+            "usr/lib/x86_64-linux-gnu/libc.so.6"
+        );
+        assert_eq!(
+            merged_usr(Path::new("/lib64/ld-linux-x86-64.so.2")),
+            "usr/lib64/ld-linux-x86-64.so.2"
+        );
+        assert_eq!(
+            merged_usr(Path::new("/usr/sbin/../bin/kmod")),
+            "usr/bin/kmod"
+        );
+        assert_eq!(
+            merged_usr(Path::new("/etc/audit/auditd.conf")),
+            "etc/audit/auditd.conf"
+        );
         assert_eq!(merged_usr(Path::new("/library/x")), "library/x");
     }
 

@@ -92,8 +92,14 @@ pub fn select(name: &str) -> Result<&'static KernelSpec> {
                     .is_some_and(|abi| s.matches(&format!("linux-image-{abi}{SUFFIX}")))
         })
         .with_context(|| {
-            let names: Vec<String> = MATRIX.iter().map(|s| format!("{} ({})", s.series, s.suite)).collect();
-            format!("unknown kernel {name:?}: the matrix has {}", names.join(", "))
+            let names: Vec<String> = MATRIX
+                .iter()
+                .map(|s| format!("{} ({})", s.series, s.suite))
+                .collect();
+            format!(
+                "unknown kernel {name:?}: the matrix has {}",
+                names.join(", ")
+            )
         })
 }
 
@@ -112,9 +118,6 @@ pub struct Kernel {
 impl Kernel {
     pub fn vmlinuz(&self) -> PathBuf {
         self.dir.join("vmlinuz")
-    }
-    pub fn config(&self) -> PathBuf {
-        self.dir.join("config")
     }
     /// The directory holding lib/modules/<release> (what `depmod -b` takes).
     pub fn modules_root(&self) -> PathBuf {
@@ -174,7 +177,9 @@ impl Cache {
     }
 
     fn fetch(&self, apt: &Apt, spec: &'static KernelSpec) -> Result<Kernel> {
-        let names = apt.search(&format!("^{}.*{SUFFIX}$", regex_escape(spec.prefix)), |n| spec.matches(n))?;
+        let names = apt.search(&format!("^{}.*{SUFFIX}$", regex_escape(spec.prefix)), |n| {
+            spec.matches(n)
+        })?;
         let suites = spec.suites();
         let cands: Vec<Candidate> = apt
             .madison(&names)?
@@ -194,7 +199,10 @@ impl Cache {
         let debs = self.vm_dir.join("apt/debs");
         let mut errors = Vec::new();
         for c in cands.iter().take(4) {
-            eprintln!("xtask vm: fetching {} {} ({})", c.package, c.version, c.suite);
+            eprintln!(
+                "xtask vm: fetching {} {} ({})",
+                c.package, c.version, c.suite
+            );
             match apt.download(c, &debs) {
                 Ok(deb) => {
                     let kernel = self.unpack(spec, c, &deb);
@@ -202,12 +210,19 @@ impl Cache {
                     return kernel;
                 }
                 Err(e) => {
-                    eprintln!("xtask vm: {} {} could not be downloaded, trying an older one: {e:#}", c.package, c.version);
+                    eprintln!(
+                        "xtask vm: {} {} could not be downloaded, trying an older one: {e:#}",
+                        c.package, c.version
+                    );
                     errors.push(format!("{}={}: {e:#}", c.package, c.version));
                 }
             }
         }
-        bail!("no {} kernel could be downloaded:\n  {}", spec.series, errors.join("\n  "))
+        bail!(
+            "no {} kernel could be downloaded:\n  {}",
+            spec.series,
+            errors.join("\n  ")
+        )
     }
 
     fn unpack(&self, spec: &KernelSpec, c: &Candidate, deb: &Path) -> Result<Kernel> {
@@ -230,14 +245,20 @@ impl Cache {
             .find(|p| p.is_dir())
             .with_context(|| format!("the package has no lib/modules/{release}"))?;
         fs::rename(&vmlinuz, tmp.join("vmlinuz"))?;
-        fs::rename(x.join("boot").join(format!("config-{release}")), tmp.join("config"))
-            .context("the package has no /boot/config-*")?;
+        fs::rename(
+            x.join("boot").join(format!("config-{release}")),
+            tmp.join("config"),
+        )
+        .context("the package has no /boot/config-*")?;
         let lib_modules = tmp.join("root/lib/modules");
         fs::create_dir_all(&lib_modules)?;
         fs::rename(&modules, lib_modules.join(&release))?;
         fs::remove_dir_all(&x)?;
-        run(Command::new("depmod").arg("-b").arg(tmp.join("root")).arg(&release))
-            .context("depmod failed (apt-get install kmod)")?;
+        run(Command::new("depmod")
+            .arg("-b")
+            .arg(tmp.join("root"))
+            .arg(&release))
+        .context("depmod failed (apt-get install kmod)")?;
         let kernel = Kernel {
             series: spec.series.to_string(),
             package: c.package.clone(),
@@ -245,11 +266,18 @@ impl Cache {
             release,
             dir: final_dir.clone(),
         };
-        fs::write(tmp.join("kernel.json"), serde_json::to_string_pretty(&kernel)?)?;
+        fs::write(
+            tmp.join("kernel.json"),
+            serde_json::to_string_pretty(&kernel)?,
+        )?;
         let _ = fs::remove_dir_all(&final_dir);
         fs::rename(&tmp, &final_dir)
             .with_context(|| format!("moving {} to {}", tmp.display(), final_dir.display()))?;
-        eprintln!("xtask vm: kernel {} ready in {}", kernel.label(), final_dir.display());
+        eprintln!(
+            "xtask vm: kernel {} ready in {}",
+            kernel.label(),
+            final_dir.display()
+        );
         Ok(kernel)
     }
 }
@@ -262,7 +290,10 @@ fn regex_escape(s: &str) -> String {
     s.chars()
         .flat_map(|c| {
             let special = ".+*?()[]{}|^$\\".contains(c);
-            special.then_some('\\').into_iter().chain(std::iter::once(c))
+            special
+                .then_some('\\')
+                .into_iter()
+                .chain(std::iter::once(c))
         })
         .collect()
 }

@@ -4,10 +4,11 @@
 //! - `cargo xtask vm-run [--kernel K] SCRIPT`: run any script, print its output, pass its exit
 //!   code through; files it sends back with `vm_export` (tests/vm/lib.sh) land in
 //!   target/vm/runs/<series>/<script name>/files/.
-//! - `cargo xtask vm-test [--kernel K]`: every scenario of tests/vm on every kernel, with the
-//!   event checks of scenarios.rs.
+//! - `cargo xtask vm-test [--kernel K] [--scenario S]`: every scenario of tests/vm on every
+//!   kernel, with the event checks of scenarios.rs (part of `cargo xtask test`).
 //! - `cargo xtask vm-fetch [--kernel K] [--refresh]`: download and unpack the kernels.
-//! - `cargo xtask vm-bench [--kernel K]`: syscall overhead of monitors (bench.rs).
+//! - `cargo xtask vm-bench [--kernel K]`: syscall overhead of monitors (bench.rs), on every
+//!   kernel unless one is named.
 //!
 //! Everything is cached under target/vm: apt/ (private package lists), kernels/<series>/,
 //! initramfs/ (userland and payload archives), build/ (test binaries), runs/ (last results).
@@ -42,7 +43,7 @@ use qemu::{VmConfig, VmRun};
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 /// Where the scenario scripts and their library live, relative to the workspace root.
 const SCENARIO_DIR: &str = "tests/vm";
-/// The default kernel of `vm-run` and `vm-bench`: the newest of the matrix.
+/// The default kernel of `vm-run`: the newest of the matrix.
 fn default_kernel() -> &'static KernelSpec {
     &MATRIX[MATRIX.len() - 1]
 }
@@ -79,7 +80,10 @@ pub fn prepare(kernel: Option<&str>, all: bool) -> Result<Prepared> {
     let root = workspace_root();
     let mut files = BTreeMap::new();
     files.insert("usr/bin/kmodmon".to_string(), build_kmodmon(&root)?);
-    files.insert("usr/bin/kmodmon-vm-bench".to_string(), build_bench(&root, &vm_dir)?);
+    files.insert(
+        "usr/bin/kmodmon-vm-bench".to_string(),
+        build_bench(&root, &vm_dir)?,
+    );
     let ramfs_dir = vm_dir.join("initramfs");
     let userland = initramfs::userland(&ramfs_dir)?;
     let payload = initramfs::payload(&ramfs_dir, &files)?;
@@ -98,7 +102,13 @@ pub fn prepare(kernel: Option<&str>, all: bool) -> Result<Prepared> {
 }
 
 /// Boots `kernel` to run `script`; the results are kept in target/vm/runs/<series>/<name>/.
-pub fn run_script(p: &Prepared, kernel: &Kernel, name: &str, script: &[u8], cfg: &VmConfig) -> Result<(VmRun, PathBuf)> {
+pub fn run_script(
+    p: &Prepared,
+    kernel: &Kernel,
+    name: &str,
+    script: &[u8],
+    cfg: &VmConfig,
+) -> Result<(VmRun, PathBuf)> {
     run_script_env(p, kernel, name, script, cfg, &[])
 }
 
@@ -121,8 +131,19 @@ pub fn run_script_env(
     ];
     env.extend(extra_env.iter().cloned());
     let run_part = initramfs::run_part(script, &p.lib_sh, &env)?;
-    let initrd = run_dir.join("initrd.img");
-    initramfs::assemble(&[p.userland.clone(), modules, p.payload.clone()], &run_part, &initrd)?;
+    // Outside run_dir, and unique: another xtask may be running the same script right now.
+    let tmp = p.vm_dir.join("tmp");
+    fs::create_dir_all(&tmp)?;
+    let initrd = tmp.join(format!(
+        "initrd-{}-{}-{name}.img",
+        std::process::id(),
+        kernel.series
+    ));
+    initramfs::assemble(
+        &[p.userland.clone(), modules, p.payload.clone()],
+        &run_part,
+        &initrd,
+    )?;
     let result = qemu::boot(kernel, &initrd, &run_dir, cfg);
     let _ = fs::remove_file(&initrd);
     let vm = result?;
@@ -134,7 +155,13 @@ pub fn run_script_env(
             // Names come from the VM: keep them inside files/.
             let safe: String = fname
                 .chars()
-                .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' })
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
                 .collect();
             fs::write(files.join(safe.trim_start_matches('.')), data)?;
         }
@@ -152,7 +179,11 @@ pub fn vm_run(kernel: Option<&str>, script: &Path) -> Result<()> {
         .and_then(|s| s.to_str())
         .unwrap_or("script")
         .to_string();
-    eprintln!("xtask vm-run: booting {} to run {}", k.label(), script.display());
+    eprintln!(
+        "xtask vm-run: booting {} to run {}",
+        k.label(),
+        script.display()
+    );
     let cfg = VmConfig {
         echo: true,
         ..VmConfig::default()
@@ -162,7 +193,12 @@ pub fn vm_run(kernel: Option<&str>, script: &Path) -> Result<()> {
         eprintln!("xtask vm-run: {e}");
     }
     if let Some(why) = vm.failure() {
-        bail!("{} on {}: {why}\n  (all output in {})", script.display(), k.label(), run_dir.display());
+        bail!(
+            "{} on {}: {why}\n  (all output in {})",
+            script.display(),
+            k.label(),
+            run_dir.display()
+        );
     }
     let rc = vm.rc().unwrap_or(1);
     let boot = vm.transcript.booted.as_ref().map(|b| b.1).unwrap_or(0.0);
@@ -179,14 +215,22 @@ pub fn vm_fetch(kernel: Option<&str>, refresh: bool) -> Result<()> {
     let cache = Cache::new(vm_dir());
     for k in cache.fetch_all(&specs(kernel, true)?, refresh)? {
         initramfs::modules(&k)?;
-        println!("{:<5} {:<28} {} {}", k.series, k.release, k.package, k.version);
+        println!(
+            "{:<5} {:<28} {} {}",
+            k.series, k.release, k.package, k.version
+        );
     }
     Ok(())
 }
 
 /// The workspace's cargo target directory (honours CARGO_TARGET_DIR and cargo config).
 fn target_dir(root: &Path) -> Result<PathBuf> {
-    let text = output(cargo().current_dir(root).args(["metadata", "--format-version", "1", "--no-deps"]))?;
+    let text =
+        output(
+            cargo()
+                .current_dir(root)
+                .args(["metadata", "--format-version", "1", "--no-deps"]),
+        )?;
     let v: serde_json::Value = serde_json::from_str(&text).context("parsing cargo metadata")?;
     v["target_directory"]
         .as_str()
@@ -199,12 +243,18 @@ fn build_kmodmon(root: &Path) -> Result<PathBuf> {
     run(cargo()
         .current_dir(root)
         .args(["build", "--release", "-p", "kmodmon", "--target", TARGET])
-        .env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS", "-C target-feature=+crt-static"))
+        .env(
+            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+            "-C target-feature=+crt-static",
+        ))
     .context("building kmodmon for the VM failed")?;
     let bin = target_dir(root)?.join(TARGET).join("release/kmodmon");
     let ldd = Command::new("ldd").arg(&bin).output()?;
     if ldd.status.success() && !String::from_utf8_lossy(&ldd.stdout).contains("statically linked") {
-        bail!("{} is not statically linked; the VM has no matching libraries", bin.display());
+        bail!(
+            "{} is not statically linked; the VM has no matching libraries",
+            bin.display()
+        );
     }
     Ok(bin)
 }
@@ -222,7 +272,15 @@ fn build_bench(root: &Path, vm_dir: &Path) -> Result<PathBuf> {
     }
     fs::create_dir_all(vm_dir.join("build"))?;
     run(Command::new("rustc")
-        .args(["--edition", "2024", "-O", "-C", "target-feature=+crt-static", "--target", TARGET])
+        .args([
+            "--edition",
+            "2024",
+            "-O",
+            "-C",
+            "target-feature=+crt-static",
+            "--target",
+            TARGET,
+        ])
         .arg(&src)
         .arg("-o")
         .arg(&out))

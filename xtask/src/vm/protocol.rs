@@ -43,7 +43,8 @@ impl Transcript {
         if let Some((name, data)) = &mut self.open_file {
             if let Some(end) = line.strip_prefix(FILE_END) {
                 if end.trim() != name {
-                    self.errors.push(format!("file {name:?} closed as {:?}", end.trim()));
+                    self.errors
+                        .push(format!("file {name:?} closed as {:?}", end.trim()));
                 }
                 let (name, data) = self.open_file.take().unwrap_or_default();
                 match base64::engine::general_purpose::STANDARD.decode(data.as_bytes()) {
@@ -61,7 +62,9 @@ impl Transcript {
             self.open_file = Some((rest.trim().to_string(), String::new()));
         } else if let Some(rest) = line.strip_prefix(BOOTED) {
             let release = field(rest, "release").unwrap_or("?").to_string();
-            let uptime = field(rest, "uptime").and_then(|u| u.parse().ok()).unwrap_or(0.0);
+            let uptime = field(rest, "uptime")
+                .and_then(|u| u.parse().ok())
+                .unwrap_or(0.0);
             self.booted = Some((release, uptime));
         } else if let Some(rest) = line.strip_prefix(RESULT) {
             match field(rest, "rc").and_then(|rc| rc.parse().ok()) {
@@ -83,7 +86,8 @@ impl Transcript {
     /// Called at the end of the stream.
     pub fn finish(&mut self) {
         if let Some((name, _)) = self.open_file.take() {
-            self.errors.push(format!("file {name:?} was cut off (no end marker)"));
+            self.errors
+                .push(format!("file {name:?} was cut off (no end marker)"));
         }
     }
 }
@@ -119,7 +123,13 @@ mod tests {
     #[test]
     fn reports_cut_off_and_corrupt_files() {
         let mut t = Transcript::default();
-        for l in ["KMODMON-VM-FILE-BEGIN a", "!!!", "KMODMON-VM-FILE-END a", "KMODMON-VM-FILE-BEGIN b", "QUJD"] {
+        for l in [
+            "KMODMON-VM-FILE-BEGIN a",
+            "!!!",
+            "KMODMON-VM-FILE-END a",
+            "KMODMON-VM-FILE-BEGIN b",
+            "QUJD",
+        ] {
             t.feed(l);
         }
         t.finish();

@@ -101,7 +101,10 @@ impl VmRun {
         } else if trouble.iter().any(|l| l.contains("Kernel panic")) {
             "the kernel panicked".to_string()
         } else if self.transcript.booted.is_none() {
-            format!("the VM never reached the script (qemu exit: {:?})", self.status)
+            format!(
+                "the VM never reached the script (qemu exit: {:?})",
+                self.status
+            )
         } else {
             format!(
                 "the VM stopped without a KMODMON-VM-RESULT line (qemu exit: {:?})",
@@ -110,9 +113,15 @@ impl VmRun {
         };
         let mut msg = why;
         if !trouble.is_empty() {
-            msg.push_str(&format!("\n  kernel console:\n    {}", trouble.join("\n    ")));
+            msg.push_str(&format!(
+                "\n  kernel console:\n    {}",
+                trouble.join("\n    ")
+            ));
         } else if !self.console.trim().is_empty() {
-            msg.push_str(&format!("\n  last kernel console lines:\n    {}", tail(&self.console, 15)));
+            msg.push_str(&format!(
+                "\n  last kernel console lines:\n    {}",
+                tail(&self.console, 15)
+            ));
         }
         if !self.qemu_stderr.trim().is_empty() {
             msg.push_str(&format!("\n  qemu: {}", self.qemu_stderr.trim()));
@@ -131,14 +140,26 @@ pub fn command(kernel: &Kernel, initrd: &Path, console_log: &Path, cfg: &VmConfi
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "1"])
         .args(["-m", &cfg.memory_mb.to_string()])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+        ])
         .arg("-no-reboot")
         .arg("-kernel")
         .arg(kernel.vmlinuz())
         .arg("-initrd")
         .arg(initrd)
         .args(["-append", &append])
-        .args(["-chardev", "stdio,id=data,signal=off", "-serial", "chardev:data"])
+        .args([
+            "-chardev",
+            "stdio,id=data,signal=off",
+            "-serial",
+            "chardev:data",
+        ])
         .arg("-serial")
         .arg(format!("file:{}", console_log.display()));
     cmd
@@ -236,20 +257,30 @@ mod tests {
 
     #[test]
     fn panic_and_timeout_are_named() {
-        let panic = run_with("a\nKernel panic - not syncing: Attempted to kill init!\nCPU: 0\n", None, false);
+        let panic = run_with(
+            "a\nKernel panic - not syncing: Attempted to kill init!\nCPU: 0\n",
+            None,
+            false,
+        );
         let msg = panic.failure().unwrap();
         assert!(msg.starts_with("the kernel panicked"), "{msg}");
         assert!(msg.contains("Attempted to kill init"), "{msg}");
         let msg = run_with("", None, true).failure().unwrap();
         assert!(msg.contains("timed out"), "{msg}");
         let msg = run_with("last words\n", None, false).failure().unwrap();
-        assert!(msg.contains("without a KMODMON-VM-RESULT") && msg.contains("last words"), "{msg}");
+        assert!(
+            msg.contains("without a KMODMON-VM-RESULT") && msg.contains("last words"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn kernel_trouble_keeps_context_after_the_marker() {
         let console = "ok\nBUG: unable to handle page fault\n RIP: x\nfine\n";
         let run = run_with(console, Some(0), false);
-        assert_eq!(run.kernel_trouble(), ["BUG: unable to handle page fault", " RIP: x", "fine"]);
+        assert_eq!(
+            run.kernel_trouble(),
+            ["BUG: unable to handle page fault", " RIP: x", "fine"]
+        );
     }
 }

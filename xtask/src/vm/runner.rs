@@ -40,7 +40,11 @@ fn discover(filter: Option<&str>) -> Result<Vec<Scenario>> {
     paths.sort();
     let mut out = Vec::new();
     for p in paths {
-        let name = p.file_stem().and_then(|s| s.to_str()).unwrap_or("?").to_string();
+        let name = p
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("?")
+            .to_string();
         if filter.is_some_and(|f| !name.contains(f)) {
             continue;
         }
@@ -75,10 +79,17 @@ fn judge(kernel: &Kernel, scenario: &Scenario, vm: &VmRun, run_dir: &std::path::
             Some(0) => {}
             rc => problems.push(format!("the script exited with {rc:?}")),
         }
-        problems.extend(scenarios::check(&scenario.name, kernel, &vm.transcript.files));
+        problems.extend(scenarios::check(
+            &scenario.name,
+            kernel,
+            &vm.transcript.files,
+        ));
         let trouble = vm.kernel_trouble();
         if !trouble.is_empty() {
-            problems.push(format!("kernel console shows trouble:\n    {}", trouble.join("\n    ")));
+            problems.push(format!(
+                "kernel console shows trouble:\n    {}",
+                trouble.join("\n    ")
+            ));
         }
     }
     let out = &vm.transcript.output;
@@ -89,8 +100,15 @@ fn judge(kernel: &Kernel, scenario: &Scenario, vm: &VmRun, run_dir: &std::path::
         problems,
         elapsed: vm.elapsed,
         boot: vm.transcript.booted.as_ref().map(|b| b.1),
-        sources: vm.transcript.files.get("tail.err").map(|b| attached(&String::from_utf8_lossy(b))),
-        details: format!("  script output (last lines):\n    | {tail}\n  everything: {}", run_dir.display()),
+        sources: vm
+            .transcript
+            .files
+            .get("tail.err")
+            .map(|b| attached(&String::from_utf8_lossy(b))),
+        details: format!(
+            "  script output (last lines):\n    | {tail}\n  everything: {}",
+            run_dir.display()
+        ),
     }
 }
 
@@ -101,14 +119,23 @@ fn attached(tail_err: &str) -> String {
         .filter_map(|l| {
             l.strip_prefix("kmodmon: attached in ")
                 .and_then(|r| r.split_once(": ").map(|(_, what)| what.to_string()))
-                .or_else(|| l.strip_prefix("kmodmon: note: ").map(|n| format!("note: {n}")))
+                .or_else(|| {
+                    l.strip_prefix("kmodmon: note: ")
+                        .map(|n| format!("note: {n}"))
+                })
         })
         .collect::<Vec<_>>()
         .join("\n")
 }
 
 fn run_one(p: &Prepared, kernel: &Kernel, scenario: &Scenario) -> Outcome {
-    match run_script(p, kernel, &scenario.name, &scenario.script, &VmConfig::default()) {
+    match run_script(
+        p,
+        kernel,
+        &scenario.name,
+        &scenario.script,
+        &VmConfig::default(),
+    ) {
         Ok((vm, dir)) => judge(kernel, scenario, &vm, &dir),
         Err(e) => Outcome {
             kernel: kernel.series.clone(),
@@ -145,8 +172,16 @@ pub fn vm_test(kernel: Option<&str>, filter: Option<&str>) -> Result<()> {
     eprintln!(
         "xtask vm-test: {} scenarios on {} ({}), {workers} VMs at a time",
         scenarios.len(),
-        p.kernels.iter().map(Kernel::label).collect::<Vec<_>>().join(", "),
-        if p.kernels.len() == 1 { "one kernel" } else { "all kernels" },
+        p.kernels
+            .iter()
+            .map(Kernel::label)
+            .collect::<Vec<_>>()
+            .join(", "),
+        if p.kernels.len() == 1 {
+            "one kernel"
+        } else {
+            "all kernels"
+        },
     );
     let start = Instant::now();
     let queue = Mutex::new(queue);
@@ -154,18 +189,20 @@ pub fn vm_test(kernel: Option<&str>, filter: Option<&str>) -> Result<()> {
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| {
-                loop {
-                    let Some((k, sc)) = queue.lock().ok().and_then(|mut q| q.pop_front()) else {
-                        break;
-                    };
+                while let Some((k, sc)) = queue.lock().ok().and_then(|mut q| q.pop_front()) {
                     let o = run_one(&p, k, sc);
                     println!(
                         "{} {:<5} {:<24} {:>5.1} s (script started {})",
-                        if o.problems.is_empty() { "PASS" } else { "FAIL" },
+                        if o.problems.is_empty() {
+                            "PASS"
+                        } else {
+                            "FAIL"
+                        },
                         o.kernel,
                         o.scenario,
                         o.elapsed.as_secs_f64(),
-                        o.boot.map_or("never".to_string(), |b| format!("{b:.1} s after boot")),
+                        o.boot
+                            .map_or("never".to_string(), |b| format!("{b:.1} s after boot")),
                     );
                     if let Ok(mut v) = outcomes.lock() {
                         v.push(o);
@@ -183,7 +220,12 @@ pub fn vm_test(kernel: Option<&str>, filter: Option<&str>) -> Result<()> {
             .find(|o| o.kernel == k.series && o.sources.is_some())
             .and_then(|o| o.sources.clone())
             .unwrap_or_else(|| "(no scenario reported them)".into());
-        println!("  {:<5} {}: {}", k.series, k.release, sources.replace('\n', "\n        "));
+        println!(
+            "  {:<5} {}: {}",
+            k.series,
+            k.release,
+            sources.replace('\n', "\n        ")
+        );
     }
     let failed: Vec<&Outcome> = outcomes.iter().filter(|o| !o.problems.is_empty()).collect();
     for o in &failed {
@@ -197,7 +239,10 @@ pub fn vm_test(kernel: Option<&str>, filter: Option<&str>) -> Result<()> {
     println!("\nvm-test: {:.0} s in all", start.elapsed().as_secs_f64());
     println!("{passed} passed, {} failed", failed.len());
     if !failed.is_empty() {
-        bail!("{} of {total} VM scenario runs failed (see above)", failed.len());
+        bail!(
+            "{} of {total} VM scenario runs failed (see above)",
+            failed.len()
+        );
     }
     Ok(())
 }

@@ -10,7 +10,6 @@ use super::{
 
 /// What a scenario run sent back, parsed.
 pub struct Ctx<'a> {
-    pub kernel: &'a Kernel,
     pub files: &'a BTreeMap<String, Vec<u8>>,
     pub events: Vec<Event>,
     pub oracle: Vec<OracleEvent>,
@@ -55,6 +54,11 @@ impl ModDeps {
         out
     }
 
+    /// The module's file, relative to /lib/modules/<release>.
+    pub fn path(&self, module: &str) -> Option<&str> {
+        self.0.get(module).map(|(p, _)| p.as_str())
+    }
+
     /// Whether the module's file is compressed (.ko.xz, .ko.zst, .ko.gz).
     pub fn compressed(&self, module: &str) -> bool {
         self.0.get(module).is_some_and(|(p, _)| !p.ends_with(".ko"))
@@ -62,15 +66,22 @@ impl ModDeps {
 }
 
 impl<'a> Ctx<'a> {
-    pub fn new(kernel: &'a Kernel, files: &'a BTreeMap<String, Vec<u8>>) -> Result<Ctx<'a>, String> {
-        let text = |name: &str| files.get(name).map(|b| String::from_utf8_lossy(b).into_owned());
-        let events_text = text("events.jsonl").ok_or("the scenario sent back no events.jsonl (did kmodmon start?)")?;
+    pub fn new(
+        kernel: &'a Kernel,
+        files: &'a BTreeMap<String, Vec<u8>>,
+    ) -> Result<Ctx<'a>, String> {
+        let text = |name: &str| {
+            files
+                .get(name)
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+        };
+        let events_text = text("events.jsonl")
+            .ok_or("the scenario sent back no events.jsonl (did kmodmon start?)")?;
         let events = check::parse_events(&events_text).map_err(|e| format!("{e:#}"))?;
         let deps = std::fs::read_to_string(kernel.modules_dir().join("modules.dep"))
             .map(|t| ModDeps::parse(&t))
             .unwrap_or_default();
         Ok(Ctx {
-            kernel,
             files,
             events,
             oracle: check::parse_oracle(&text("oracle.txt").unwrap_or_default()),
@@ -115,7 +126,10 @@ impl<'a> Ctx<'a> {
         if !self.deps.compressed(module) {
             return Some("finit_module");
         }
-        let kmod: u32 = self.fact("kmod.version").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let kmod: u32 = self
+            .fact("kmod.version")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         (kmod < 31).then_some("init_module")
     }
 
@@ -131,7 +145,11 @@ impl<'a> Ctx<'a> {
         let id = self.fact(&format!("ctr.{name}.id"))?;
         let path = self.fact(&format!("ctr.{name}.cgroup_path"))?;
         let cgid = self.fact(&format!("ctr.{name}.cgroup_id"))?.parse().ok()?;
-        let runtime = if path.starts_with("/docker/") { "docker" } else { "runc" };
+        let runtime = if path.starts_with("/docker/") {
+            "docker"
+        } else {
+            "runc"
+        };
         Some((
             Container {
                 id: id.to_string(),
@@ -150,6 +168,9 @@ impl<'a> Ctx<'a> {
         attempt.comm = Some(comm.to_string());
         attempt.syscall = self.load_syscall(module);
         attempt.module_may_be_unknown = self.name_may_be_unknown(module);
+        if attempt.syscall == Some("finit_module") {
+            attempt.path_suffix = self.deps.path(module).map(|p| format!("/{p}"));
+        }
         attempt.result = Some(0);
         [load, attempt]
     }
@@ -178,7 +199,13 @@ impl Place {
     }
 }
 
-fn failed(module: &str, kind: &'static str, syscall: Option<&'static str>, errno: i64, name: &'static str) -> Expect {
+fn failed(
+    module: &str,
+    kind: &'static str,
+    syscall: Option<&'static str>,
+    errno: i64,
+    name: &'static str,
+) -> Expect {
     Expect {
         syscall,
         result: Some(-errno),
@@ -195,14 +222,22 @@ pub fn check(name: &str, kernel: &Kernel, files: &BTreeMap<String, Vec<u8>>) -> 
     };
     let mut problems = Vec::new();
     if ctx.fact("kmodmon.rc") != Some("0") {
-        problems.push(format!("kmodmon exited with {:?} (want 0)", ctx.fact("kmodmon.rc")));
+        problems.push(format!(
+            "kmodmon exited with {:?} (want 0)",
+            ctx.fact("kmodmon.rc")
+        ));
     }
     problems.extend(check::summary_problems(&ctx.text("tail.err")));
     if let Some(missing) = ctx.fact("oracle.missing") {
-        problems.push(format!("this kernel has no module:{missing} tracepoint to compare with"));
+        problems.push(format!(
+            "this kernel has no module:{missing} tracepoint to compare with"
+        ));
     }
     problems.extend(check::against_oracle(&ctx.events, &ctx.oracle));
-    problems.extend(check::sources_agree(&ctx.text("sources.txt"), &ctx.text("tail.err")));
+    problems.extend(check::sources_agree(
+        &ctx.text("sources.txt"),
+        &ctx.text("tail.err"),
+    ));
     let expected = match name.split_once('-').map(|(n, _)| n) {
         Some("01") => modprobe_deps(&ctx, &mut problems),
         Some("02") => container_load(&ctx, &mut problems),
@@ -222,7 +257,9 @@ fn modprobe_deps(ctx: &Ctx, problems: &mut Vec<String>) -> Vec<Expect> {
     let unloaded = ctx.appeared("after", "loaded");
     for m in ctx.deps.closure("ip_vs_wrr") {
         if !loaded.contains(&m) {
-            problems.push(format!("modprobe ip_vs_wrr did not load {m} (modules.dep says it needs it)"));
+            problems.push(format!(
+                "modprobe ip_vs_wrr did not load {m} (modules.dep says it needs it)"
+            ));
         }
     }
     let mut want = Vec::new();
@@ -257,10 +294,15 @@ fn container_load(ctx: &Ctx, problems: &mut Vec<String>) -> Vec<Expect> {
     };
     let loaded = ctx.appeared("before", "loaded");
     if !loaded.contains("ip_vs_wrr") || !loaded.contains("ip_vs") {
-        problems.push(format!("the container's modprobe did not load ip_vs and ip_vs_wrr (new: {loaded:?})"));
+        problems.push(format!(
+            "the container's modprobe did not load ip_vs and ip_vs_wrr (new: {loaded:?})"
+        ));
     }
     let place = Place::Container(c, path, id);
-    loaded.iter().flat_map(|m| ctx.loaded(m, "modprobe", &place)).collect()
+    loaded
+        .iter()
+        .flat_map(|m| ctx.loaded(m, "modprobe", &place))
+        .collect()
 }
 
 /// 03: iptables-legacy -t nat in a container makes the kernel request iptable_nat.
@@ -273,7 +315,9 @@ fn container_autoload(ctx: &Ctx, problems: &mut Vec<String>) -> Vec<Expect> {
     };
     let loaded = ctx.appeared("before", "loaded");
     if !loaded.contains("iptable_nat") {
-        problems.push(format!("iptable_nat was not autoloaded (new modules: {loaded:?})"));
+        problems.push(format!(
+            "iptable_nat was not autoloaded (new modules: {loaded:?})"
+        ));
     }
     let mut want = vec![Expect {
         comm: Some("iptables-legacy".into()),
@@ -288,7 +332,13 @@ fn container_autoload(ctx: &Ctx, problems: &mut Vec<String>) -> Vec<Expect> {
 /// 04: failed loads and unloads.
 fn failures(ctx: &Ctx, problems: &mut Vec<String>) -> Vec<Expect> {
     ctx.step_rc("preload", true, problems);
-    for step in ["corrupt", "duplicate", "in_use", "nocap_insmod", "nocap_rmmod"] {
+    for step in [
+        "corrupt",
+        "duplicate",
+        "in_use",
+        "nocap_insmod",
+        "nocap_rmmod",
+    ] {
         ctx.step_rc(step, false, problems);
     }
     let changed: BTreeSet<String> = ctx
@@ -297,32 +347,86 @@ fn failures(ctx: &Ctx, problems: &mut Vec<String>) -> Vec<Expect> {
         .cloned()
         .collect();
     if !changed.is_empty() {
-        problems.push(format!("failed attempts changed the loaded modules: {changed:?}"));
+        problems.push(format!(
+            "failed attempts changed the loaded modules: {changed:?}"
+        ));
     }
     let Some((c, path, id)) = ctx.container("nocap") else {
         problems.push("the scenario recorded no container facts".into());
         return Vec::new();
     };
     let inside = Place::Container(c, path, id);
-    let with = |x: Expect, comm: &str, place: &Place| Expect {
-        comm: Some(comm.to_string()),
-        module_may_be_unknown: x.syscall != Some("finit_module") && x.kind == "load_attempt",
-        ..place.apply(x)
+    let with = |x: Expect, comm: &str, place: &Place| {
+        let finit = x.syscall == Some("finit_module");
+        let module = x.module.clone().unwrap_or_default();
+        Expect {
+            comm: Some(comm.to_string()),
+            module_may_be_unknown: !finit && x.kind == "load_attempt",
+            // The module tree's file, or the scenario's own (/tmp/bogus.ko).
+            path_suffix: finit.then(|| {
+                ctx.deps
+                    .path(&module)
+                    .map_or(format!("/{module}.ko"), |p| format!("/{p}"))
+            }),
+            ..place.apply(x)
+        }
     };
     // EAGAIN and EWOULDBLOCK are one value: accept either name.
     let eagain = ctx
         .events
         .iter()
-        .find(|e| e.kind == "unload_attempt" && e.module.as_deref() == Some("ip_vs") && e.result == Some(-11))
+        .find(|e| {
+            e.kind == "unload_attempt"
+                && e.module.as_deref() == Some("ip_vs")
+                && e.result == Some(-11)
+        })
         .and_then(|e| e.errno.clone())
         .filter(|n| n == "EWOULDBLOCK")
         .map_or("EAGAIN", |_| "EWOULDBLOCK");
     vec![
-        with(failed("bogus", "load_attempt", Some("finit_module"), 8, "ENOEXEC"), "insmod", &Place::Host),
-        with(failed("ip_vs", "load_attempt", ctx.load_syscall("ip_vs"), 17, "EEXIST"), "insmod", &Place::Host),
-        with(failed("ip_vs", "unload_attempt", Some("delete_module"), 11, eagain), "busybox", &Place::Host),
-        with(failed("ip_vs_rr", "load_attempt", ctx.load_syscall("ip_vs_rr"), 1, "EPERM"), "insmod", &inside),
-        with(failed("ip_vs_wrr", "unload_attempt", Some("delete_module"), 1, "EPERM"), "rmmod", &inside),
+        with(
+            failed("bogus", "load_attempt", Some("finit_module"), 8, "ENOEXEC"),
+            "insmod",
+            &Place::Host,
+        ),
+        with(
+            failed(
+                "ip_vs",
+                "load_attempt",
+                ctx.load_syscall("ip_vs"),
+                17,
+                "EEXIST",
+            ),
+            "insmod",
+            &Place::Host,
+        ),
+        with(
+            failed("ip_vs", "unload_attempt", Some("delete_module"), 11, eagain),
+            "busybox",
+            &Place::Host,
+        ),
+        with(
+            failed(
+                "ip_vs_rr",
+                "load_attempt",
+                ctx.load_syscall("ip_vs_rr"),
+                1,
+                "EPERM",
+            ),
+            "insmod",
+            &inside,
+        ),
+        with(
+            failed(
+                "ip_vs_wrr",
+                "unload_attempt",
+                Some("delete_module"),
+                1,
+                "EPERM",
+            ),
+            "rmmod",
+            &inside,
+        ),
     ]
 }
 
@@ -336,7 +440,16 @@ mod tests {
     fn closure_follows_modules_dep_transitively() {
         let d = ModDeps::parse(DEP);
         let c: Vec<String> = d.closure("ip_vs_wrr").into_iter().collect();
-        assert_eq!(c, ["ip_vs", "ip_vs_wrr", "libcrc32c", "nf_conntrack", "nf_defrag_ipv6"]);
+        assert_eq!(
+            c,
+            [
+                "ip_vs",
+                "ip_vs_wrr",
+                "libcrc32c",
+                "nf_conntrack",
+                "nf_defrag_ipv6"
+            ]
+        );
         assert_eq!(d.closure("unknown").len(), 1);
         assert!(d.compressed("nf_defrag_ipv6"));
         assert!(!d.compressed("ip_vs"));
@@ -350,9 +463,15 @@ mod tests {
             runtime: "docker".into(),
         };
         let x = Place::Container(c.clone(), "/docker/x".into(), 42).apply(Expect::new("load", "m"));
-        assert_eq!((x.cgroup_id, x.cgroup_path.as_deref()), (Some(42), Some("/docker/x")));
+        assert_eq!(
+            (x.cgroup_id, x.cgroup_path.as_deref()),
+            (Some(42), Some("/docker/x"))
+        );
         assert_eq!(x.container, Some(Some(c)));
         let h = Place::Host.apply(Expect::new("load", "m"));
-        assert_eq!((h.cgroup_path.as_deref(), h.container), (Some("/"), Some(None)));
+        assert_eq!(
+            (h.cgroup_path.as_deref(), h.container),
+            (Some("/"), Some(None))
+        );
     }
 }

@@ -1,0 +1,236 @@
+//! Policy enforcement: BPF LSM programs on the three hooks every module load goes through.
+//!
+//! - `kernel_module_request(char *kmod_name)`: an autoload request, in the requesting task;
+//! - `kernel_read_file(struct file *, enum kernel_read_file_id, bool)` with READING_MODULE:
+//!   finit_module, named by the file's name (the module's own name is not parsed yet), e.g.
+//!   `ip_vs.ko.xz`;
+//! - `kernel_load_data(enum kernel_load_data_id, bool)` with LOADING_MODULE: init_module from
+//!   memory, which carries no name: only an unrestricted cgroup may do it.
+//!
+//! The decision: the deepest ancestor of the current task's cgroup2 that userspace mapped in
+//! [`POLICY_CGROUPS`] (else the host entry, key 0; else allow), then the allow-set. In enforce
+//! mode a denial returns -EPERM and sends a `denied` event; in audit mode the same decision
+//! sends `would_deny` and returns 0. Userspace pins these maps and the programs' links, so the
+//! policy keeps holding while kmodmon is down.
+use aya_ebpf::{
+    helpers::generated::bpf_get_current_ancestor_cgroup_id,
+    macros::{lsm, map},
+    maps::{Array, HashMap},
+    programs::LsmContext,
+};
+use kmodmon_common::{
+    EventKind, NAME_LEN, OFFSET_UNKNOWN, Op, Source,
+    policy::{
+        AllowKey, Decision, HOST_KEY, LsmConfig, MAX_CGROUP_DEPTH, MODE_ENFORCE, MODE_OFF,
+        NAME_KEY_LEN, RESTRICTED, Settings,
+    },
+    trunc,
+};
+
+use crate::{
+    config::conf,
+    kernel::{file_path, read_kernel_str, read_ptr},
+    record::{begin, emit},
+};
+
+const EPERM: i32 = 1;
+
+/// `enum kernel_read_file_id` / `kernel_load_data_id` values, set by userspace before load.
+#[unsafe(no_mangle)]
+pub static KMODMON_LSM_CONFIG: LsmConfig = LsmConfig::DEFAULT;
+
+/// cgroup id → what applies to it and the cgroups below it; key 0 = the host.
+#[map]
+pub static POLICY_CGROUPS: HashMap<u64, Decision> = HashMap::with_max_entries(16384, 0);
+
+/// (allow-set, normalized name) → 1.
+#[map]
+pub static POLICY_ALLOW: HashMap<AllowKey, u32> = HashMap::with_max_entries(16384, 0);
+
+/// Slot 0: mode and generation.
+#[map]
+pub static POLICY_SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// The decision for the current task: (decision, enforce?) or None when nothing applies.
+#[inline(always)]
+fn current_decision() -> Option<(Decision, bool)> {
+    let settings = POLICY_SETTINGS.get(0)?;
+    // SAFETY: the map value is valid for the program's run.
+    let mode = unsafe { core::ptr::read_volatile(&settings.mode) };
+    if mode == MODE_OFF {
+        return None;
+    }
+    let mut found: Option<Decision> = None;
+    for level in 0..MAX_CGROUP_DEPTH {
+        // SAFETY: plain helper call; 0 means "no ancestor at this level".
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 {
+            break;
+        }
+        // SAFETY: map values are valid for the program's run.
+        if let Some(d) = unsafe { POLICY_CGROUPS.get(id) } {
+            found = Some(*d);
+        }
+    }
+    let decision = match found {
+        Some(d) => d,
+        // SAFETY: as above.
+        None => *unsafe { POLICY_CGROUPS.get(HOST_KEY) }?,
+    };
+    Some((decision, mode == MODE_ENFORCE))
+}
+
+/// Whether `name` (normalized, NUL-padded) may load under `d`.
+#[inline(always)]
+fn allowed(d: &Decision, key: &mut AllowKey, named: bool) -> bool {
+    if d.flags & RESTRICTED == 0 {
+        return true;
+    }
+    if !named {
+        return false;
+    }
+    key.set = d.allow_set;
+    POLICY_ALLOW.get_ptr(*key).is_some()
+}
+
+/// '-' and '_' are the same character in module names.
+#[inline(always)]
+fn normalize(name: &mut [u8; NAME_KEY_LEN]) {
+    for b in name.iter_mut() {
+        if *b == b'-' {
+            *b = b'_';
+        }
+    }
+}
+
+#[inline(always)]
+fn add_offsets(a: u32, b: u32) -> Option<u32> {
+    if a == OFFSET_UNKNOWN || b == OFFSET_UNKNOWN {
+        return None;
+    }
+    a.checked_add(b)
+}
+
+/// Sends the denied / would_deny event and returns the hook's verdict.
+#[inline(always)]
+fn report(d: &Decision, enforce: bool, op: Op, key: &AllowKey, cut: bool, file: u64) -> i32 {
+    let kind = if enforce {
+        EventKind::Denied
+    } else {
+        EventKind::WouldDeny
+    };
+    let ret = if enforce { -EPERM } else { 0 };
+    if let Some(ev) = begin(kind, Source::Lsm) {
+        ev.op = op as u32;
+        ev.taints = d.rule;
+        ev.ret = ret as i64;
+        let n = if NAME_KEY_LEN < NAME_LEN {
+            NAME_KEY_LEN
+        } else {
+            NAME_LEN
+        };
+        // finit_module: the module name comes from the path's leaf (userspace strips ".ko...").
+        if file == 0 {
+            ev.name[..n].copy_from_slice(&key.name[..n]);
+        }
+        if cut {
+            ev.truncated |= trunc::NAME;
+        }
+        if file != 0 {
+            match file_path(file, &mut ev.path, &mut ev.path_len) {
+                Some(true) => ev.truncated |= trunc::PATH,
+                Some(false) => {}
+                None => ev.path_len = 0,
+            }
+        }
+        emit(ev);
+    }
+    ret
+}
+
+#[lsm(hook = "kernel_module_request")]
+pub fn kernel_module_request(ctx: LsmContext) -> i32 {
+    let prior: i32 = ctx.arg(1);
+    if prior != 0 {
+        return prior;
+    }
+    let Some((d, enforce)) = current_decision() else {
+        return 0;
+    };
+    let mut key = AllowKey {
+        set: 0,
+        name: [0; NAME_KEY_LEN],
+    };
+    let name: u64 = ctx.arg(0);
+    let (named, cut) = match read_kernel_str(name, &mut key.name) {
+        Some((len, cut)) => (len > 0, cut),
+        None => (false, false),
+    };
+    normalize(&mut key.name);
+    if allowed(&d, &mut key, named && !cut) {
+        return 0;
+    }
+    report(&d, enforce, Op::None, &key, cut, 0)
+}
+
+#[lsm(hook = "kernel_read_file")]
+pub fn kernel_read_file(ctx: LsmContext) -> i32 {
+    let prior: i32 = ctx.arg(3);
+    if prior != 0 {
+        return prior;
+    }
+    let id: u32 = ctx.arg(1);
+    // SAFETY: a read-only global, valid for the program's life.
+    let reading_module = unsafe { core::ptr::read_volatile(&KMODMON_LSM_CONFIG.reading_module) };
+    if id != reading_module {
+        return 0;
+    }
+    let Some((d, enforce)) = current_decision() else {
+        return 0;
+    };
+    let file: u64 = ctx.arg(0);
+    let mut key = AllowKey {
+        set: 0,
+        name: [0; NAME_KEY_LEN],
+    };
+    let leaf = add_offsets(conf!(file_f_path), conf!(path_dentry))
+        .and_then(|off| read_ptr(file, off))
+        .zip(add_offsets(conf!(dentry_d_name), conf!(qstr_name)))
+        .and_then(|(dentry, off)| read_ptr(dentry, off));
+    let (named, cut) = match leaf.and_then(|p| read_kernel_str(p, &mut key.name)) {
+        Some((len, cut)) => (len > 0, cut),
+        None => (false, false),
+    };
+    // The file name is looked up as it is ("ip_vs.ko.xz"): userspace stores each allowed name
+    // with the module file suffixes, which keeps this program free of loops.
+    normalize(&mut key.name);
+    if allowed(&d, &mut key, named && !cut) {
+        return 0;
+    }
+    report(&d, enforce, Op::FinitModule, &key, cut, file)
+}
+
+#[lsm(hook = "kernel_load_data")]
+pub fn kernel_load_data(ctx: LsmContext) -> i32 {
+    let prior: i32 = ctx.arg(2);
+    if prior != 0 {
+        return prior;
+    }
+    let id: u32 = ctx.arg(0);
+    // SAFETY: as above.
+    let loading_module = unsafe { core::ptr::read_volatile(&KMODMON_LSM_CONFIG.loading_module) };
+    if id != loading_module {
+        return 0;
+    }
+    let Some((d, enforce)) = current_decision() else {
+        return 0;
+    };
+    let mut key = AllowKey {
+        set: 0,
+        name: [0; NAME_KEY_LEN],
+    };
+    if allowed(&d, &mut key, false) {
+        return 0;
+    }
+    report(&d, enforce, Op::InitModule, &key, false, 0)
+}

@@ -1,0 +1,409 @@
+//! Policy enforcement in the kernel: BPF LSM programs (kmodmon-ebpf `lsm.rs`) deciding every
+//! module load and autoload request from maps keyed by cgroup id, which this module keeps
+//! equal to the [`Policy`] as containers come and go.
+//!
+//! Programs, links and maps are pinned under /sys/fs/bpf/kmodmon (see [`pins`]), so a dead
+//! daemon leaves enforcement in force; a restarted one adopts the pins. Only
+//! [`Enforcer::shutdown`] with `remove = true` (`kmodmon enforce off`) takes them away.
+//!
+//! A task is decided by the deepest of its cgroup's ancestors (itself included) that has an
+//! entry, else by the host entry: sub-cgroups a container makes stay under its rule. A new
+//! container's cgroup falls under its parent's decision (usually the host's) until kmodmon maps
+//! it — on the daemon's cgroup mkdir event, or within a second with `enforce on --foreground`.
+//!
+//! The daemon's calls: [`Enforcer::start`] once, [`Enforcer::container_appeared`] /
+//! [`Enforcer::container_gone`] on cgroup mkdir/rmdir (and whenever it learns more about a
+//! container), [`Enforcer::reload`] on SIGHUP, [`Enforcer::take_events`] for the ring buffer
+//! carrying `denied` / `would_deny` records, [`Enforcer::describe`] to name the rule in them.
+pub mod cli;
+pub mod host;
+pub mod pins;
+mod state;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{MapData, RingBuf};
+use kmodmon_common::policy::HOST_KEY;
+use thiserror::Error;
+
+pub use self::pins::{Installed, PinDir};
+use self::{pins::PolicyMaps, state::KernelState};
+use crate::{
+    enrich::{
+        cgroup::cgroup2_mount,
+        container::unified_path_from_proc_cgroup,
+        runtime_state::{StateConfig, running_containers},
+    },
+    event::{Container, Event, Kind},
+    moddb::{ModDb, RootFs, running_kernel},
+    policy::{Effective, LoadError, Mode, Policy, Subject},
+};
+
+#[derive(Debug, Error)]
+pub enum EnforceError {
+    #[error("enforcement needs root (CAP_SYS_ADMIN and CAP_BPF); try `sudo kmodmon ...`")]
+    NotRoot,
+    #[error(
+        "the BPF LSM is not active (active LSMs: {active}), so kmodmon cannot enforce or audit \
+         module loads. Add `{}` to the kernel command line (e.g. GRUB_CMDLINE_LINUX in \
+         /etc/default/grub, then update-grub and reboot); the kernel must also be built with \
+         CONFIG_BPF_LSM=y",
+        host::suggested_lsm_param(active)
+    )]
+    BpfLsmInactive { active: String },
+    #[error(
+        "{}; nothing was installed (--force installs the programs anyway, e.g. to test pinning)",
+        host::NO_MODULES_EXPLANATION
+    )]
+    NoModuleSupport,
+    #[error("{0}")]
+    Host(String),
+    #[error("policy: {0}")]
+    Policy(#[from] LoadError),
+    #[error("loading the LSM programs: {0}")]
+    Load(String),
+    #[error("bpffs pins: {0}")]
+    Pin(String),
+    #[error("policy maps: {0}")]
+    Map(String),
+    #[error(
+        "enforcement is not installed (no pins under {0}); run `kmodmon enforce on` or `kmodmon run` with a policy"
+    )]
+    NotInstalled(String),
+}
+
+/// The cgroup2 root's id.
+const ROOT_CGROUP: u64 = 1;
+
+/// How to start.
+#[derive(Clone, Debug)]
+pub struct StartOptions {
+    pub policy_path: PathBuf,
+    /// Overrides the policy's `mode`.
+    pub mode: Option<Mode>,
+    /// Install even on a kernel without module support (the hooks then never fire).
+    pub force: bool,
+    /// Replace pinned programs with this binary's (upgrade) instead of adopting them.
+    pub replace: bool,
+    pub pins: PinDir,
+}
+
+impl StartOptions {
+    pub fn new(policy_path: impl Into<PathBuf>) -> StartOptions {
+        StartOptions {
+            policy_path: policy_path.into(),
+            mode: None,
+            force: false,
+            replace: false,
+            pins: PinDir::default(),
+        }
+    }
+}
+
+/// What the policy needs to know about one container.
+#[derive(Clone, Debug, Default)]
+pub struct ContainerInfo {
+    pub container: Container,
+    pub labels: BTreeMap<String, String>,
+    /// Valid names from its KERNEL_MODULES.
+    pub declared: Vec<String>,
+}
+
+/// Enforcement, installed or adopted, with the policy in force.
+pub struct Enforcer {
+    policy: Policy,
+    opts: StartOptions,
+    kernel: KernelState,
+    subjects: HashMap<u64, ContainerInfo>,
+    /// The running kernel's modules.dep: allowing a module allows what it depends on.
+    moddb: Option<ModDb>,
+    /// What `start` did with the pins.
+    pub installed: Installed,
+}
+
+/// Fails unless we are root, the BPF LSM is active and (unless forced) modules exist.
+pub fn preflight(force: bool) -> Result<Vec<String>, EnforceError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(EnforceError::NotRoot);
+    }
+    let lsms = host::require_bpf_lsm()?;
+    if !host::module_support() && !force {
+        return Err(EnforceError::NoModuleSupport);
+    }
+    host::ensure_bpffs()?;
+    Ok(lsms)
+}
+
+impl Enforcer {
+    /// Validates the policy, checks the kernel, installs (or adopts) the pinned programs and
+    /// maps, and applies the policy to the host and every running container found in the
+    /// runtimes' state. An invalid policy or an inactive BPF LSM installs nothing.
+    pub fn start(opts: StartOptions) -> Result<Enforcer, EnforceError> {
+        let policy = Policy::load(&opts.policy_path)?;
+        preflight(opts.force)?;
+        if !host::module_support() {
+            log::warn!("{}", host::NO_MODULES_EXPLANATION);
+        }
+        let installed = pins::install(&opts.pins, opts.replace)?;
+        let kernel = KernelState::adopt(PolicyMaps::open(&opts.pins)?)?;
+        let mut e = Enforcer {
+            policy,
+            opts,
+            kernel,
+            subjects: HashMap::new(),
+            moddb: open_moddb(),
+            installed,
+        };
+        let scanned = scan_running();
+        e.sync_inner(scanned, true)?;
+        Ok(e)
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.opts.mode.unwrap_or(self.policy.mode)
+    }
+
+    /// How many container cgroups have an entry.
+    pub fn container_count(&self) -> usize {
+        self.subjects.len()
+    }
+
+    /// A container's cgroup appeared, or kmodmon learnt more about it: (re)decide it.
+    pub fn container_appeared(
+        &mut self,
+        cgroup_id: u64,
+        info: ContainerInfo,
+    ) -> Result<(), EnforceError> {
+        // The root cgroup (id 1) holds the host: a container there cannot be told apart.
+        if cgroup_id == HOST_KEY || cgroup_id == ROOT_CGROUP {
+            log::debug!("not mapping cgroup {cgroup_id}: it is the host's");
+            return Ok(());
+        }
+        let eff = self.with_deps(self.policy.decide(&subject(&info)));
+        self.kernel.apply(cgroup_id, &eff)?;
+        self.subjects.insert(cgroup_id, info);
+        Ok(())
+    }
+
+    /// A container's cgroup was removed.
+    pub fn container_gone(&mut self, cgroup_id: u64) -> Result<(), EnforceError> {
+        self.subjects.remove(&cgroup_id);
+        if cgroup_id == HOST_KEY {
+            return Ok(());
+        }
+        self.kernel.remove(cgroup_id)
+    }
+
+    /// Makes the maps hold exactly the host entry and `containers` (entries of cgroups not
+    /// listed are removed), and the mode the policy's.
+    pub fn sync(
+        &mut self,
+        containers: impl IntoIterator<Item = (u64, ContainerInfo)>,
+    ) -> Result<(), EnforceError> {
+        self.sync_inner(containers, false)
+    }
+
+    /// As [`Self::sync`]; `new_policy` bumps the generation even when the mode is unchanged.
+    fn sync_inner(
+        &mut self,
+        containers: impl IntoIterator<Item = (u64, ContainerInfo)>,
+        new_policy: bool,
+    ) -> Result<(), EnforceError> {
+        let host = self.with_deps(self.policy.host_decision());
+        self.kernel.apply(HOST_KEY, &host)?;
+        let mut keep = HashSet::new();
+        for (cg, info) in containers {
+            keep.insert(cg);
+            self.container_appeared(cg, info)?;
+        }
+        self.subjects.retain(|cg, _| keep.contains(cg));
+        let dropped = self.kernel.retain(&keep)?;
+        if dropped > 0 {
+            log::info!("dropped {dropped} policy entries of cgroups that are gone");
+        }
+        let want = Some(self.mode());
+        if new_policy || self.kernel.mode()? != want {
+            self.kernel.set_mode(want)?;
+        }
+        Ok(())
+    }
+
+    /// Re-reads the policy (from `path`, else the current file). An invalid policy changes
+    /// nothing and the error says why; a valid one is applied to every known cgroup, each
+    /// moving from its old complete decision to its new one.
+    pub fn reload(&mut self, path: Option<&Path>) -> Result<(), EnforceError> {
+        let path = path.map_or_else(|| self.opts.policy_path.clone(), Path::to_path_buf);
+        let policy = Policy::load(&path)?;
+        self.policy = policy;
+        self.opts.policy_path = path;
+        self.moddb = open_moddb();
+        let subjects: Vec<(u64, ContainerInfo)> = self.subjects.drain().collect();
+        self.sync_inner(subjects, true)
+    }
+
+    /// The ring buffer of denied / would_deny records (once; RawEvent layout).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.kernel.events()
+    }
+
+    /// Names the rule of a denied / would_deny event in its `detail`.
+    pub fn describe(&self, ev: &mut Event) {
+        if !matches!(ev.kind, Kind::Denied | Kind::WouldDeny) {
+            return;
+        }
+        let id = ev
+            .detail
+            .as_deref()
+            .and_then(|d| d.strip_prefix("policy rule #"))
+            .and_then(|n| n.parse::<u32>().ok());
+        if let Some(id) = id {
+            ev.detail = Some(format!("policy: {}", self.policy.describe_rule(id)));
+        }
+        if ev.container.is_none()
+            && let Some(info) = self.subjects.get(&ev.cgroup_id)
+        {
+            ev.container = Some(info.container.clone());
+        }
+    }
+
+    /// Stops managing the maps. With `remove`, turns enforcement off and removes every pin
+    /// (`kmodmon enforce off`); without, the pins keep enforcing the last policy.
+    pub fn shutdown(mut self, remove: bool) -> Result<(), EnforceError> {
+        if remove {
+            self.kernel.set_mode(None)?;
+            pins::remove(&self.opts.pins)?;
+        }
+        Ok(())
+    }
+}
+
+impl Enforcer {
+    /// Adds the dependencies (modules.dep) of every allowed module: modprobe loads them first,
+    /// from the same cgroup.
+    fn with_deps(&self, mut eff: Effective) -> Effective {
+        if let Some(db) = &self.moddb
+            && eff.restrict
+        {
+            let deps: Vec<String> = eff.allowed.iter().flat_map(|m| db.deps_of(m)).collect();
+            eff.allowed.extend(deps);
+        }
+        eff
+    }
+}
+
+fn open_moddb() -> Option<ModDb> {
+    let root = RootFs::host();
+    let kernel = running_kernel(&root)?;
+    match ModDb::for_kernel(&root, &kernel) {
+        Ok(db) => Some(db),
+        Err(e) => {
+            log::info!(
+                "modules.dep unavailable ({e}): allowed modules' dependencies are not added"
+            );
+            None
+        }
+    }
+}
+
+fn subject(info: &ContainerInfo) -> Subject<'_> {
+    Subject {
+        container: &info.container,
+        labels: &info.labels,
+        declared: &info.declared,
+    }
+}
+
+/// The cgroup2 id (inode number) of a cgroup path as /proc/PID/cgroup shows it.
+pub fn cgroup_id_of(path: &str) -> Option<u64> {
+    let root = cgroup2_mount()?;
+    let dir = root.join(path.trim_start_matches('/'));
+    std::fs::metadata(dir).ok().map(|m| m.ino())
+}
+
+/// Running containers from the runtimes' state, with their cgroup ids.
+pub fn scan_running() -> Vec<(u64, ContainerInfo)> {
+    let cfg = StateConfig::detect();
+    let (list, problems) = running_containers(&cfg);
+    for p in problems {
+        log::debug!("runtime state: {p}");
+    }
+    let mut out = Vec::new();
+    for rc in list {
+        let path = rc.meta.cgroup_path.clone().or_else(|| {
+            let pid = rc.meta.pid?;
+            let text = std::fs::read_to_string(cfg.proc_root.join(format!("{pid}/cgroup"))).ok()?;
+            unified_path_from_proc_cgroup(&text).map(str::to_string)
+        });
+        // A container in the root cgroup cannot be told apart from the host.
+        let path = path.filter(|p| !p.trim_matches('/').is_empty());
+        let Some(id) = path.as_deref().and_then(cgroup_id_of) else {
+            log::warn!(
+                "container {} has no cgroup kmodmon can find: the policy cannot be applied to it",
+                rc.container.id
+            );
+            continue;
+        };
+        out.push((
+            id,
+            ContainerInfo {
+                declared: rc.expected_modules().to_vec(),
+                labels: rc.meta.annotations.clone(),
+                container: rc.container,
+            },
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use kmodmon_common::{EventKind, Op, RawEvent, Source};
+
+    use crate::{
+        event::{Clock, Event, Kind, SourceName, Syscall},
+        policy::Policy,
+    };
+
+    fn decision(kind: EventKind, op: Op, rule: u32) -> Event {
+        let mut r = RawEvent::zeroed();
+        r.kind = kind as u32;
+        r.source = Source::Lsm as u32;
+        r.op = op as u32;
+        r.taints = rule;
+        r.ret = if kind == EventKind::Denied { -1 } else { 0 };
+        r.name[..5].copy_from_slice(b"dummy");
+        Event::from_raw(&r, &Clock::new()).unwrap()
+    }
+
+    #[test]
+    fn lsm_records_decode_with_their_rule() {
+        let ev = decision(EventKind::Denied, Op::FinitModule, 2);
+        assert_eq!(ev.kind, Kind::Denied);
+        assert_eq!(ev.source, SourceName::Lsm);
+        assert_eq!(ev.syscall, Some(Syscall::FinitModule));
+        assert_eq!(ev.errno.as_deref(), Some("EPERM"));
+        assert_eq!((ev.params.as_deref(), ev.fd, ev.flags), (None, None, None));
+        assert_eq!(ev.detail.as_deref(), Some("policy rule #2"));
+
+        let ev = decision(EventKind::WouldDeny, Op::None, 1);
+        assert_eq!(ev.kind, Kind::WouldDeny);
+        assert_eq!(ev.module.as_deref(), Some("dummy"));
+        assert_eq!(ev.syscall, None);
+
+        let p = Policy::parse(
+            "mode = \"audit\"\n[[rule]]\nname = \"lb\"\nruntime = \"runc\"\n",
+            "p",
+        )
+        .unwrap();
+        assert_eq!(p.describe_rule(2), "rule \"lb\" (line 2)");
+        assert_eq!(p.describe_rule(1), "unselected containers");
+    }
+}

@@ -1,0 +1,322 @@
+//! Validating the file into a [`Policy`], and deciding what applies to one container.
+use std::collections::{BTreeMap, BTreeSet};
+
+use toml::Spanned;
+
+use super::{
+    Allowance, Mode, Policy, Problem, Rule, Selector,
+    file::{File, HostSection, RuleBody, RuleSection},
+    line_col,
+};
+use crate::{event::Container, modname};
+
+/// Which part of the policy decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuleRef {
+    Host,
+    Unselected,
+    /// Index into [`Policy::rules`].
+    Rule(usize),
+}
+
+/// A container as the policy sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Subject<'a> {
+    pub container: &'a Container,
+    /// Labels / annotations the runtime recorded (empty when unknown).
+    pub labels: &'a BTreeMap<String, String>,
+    /// The container's KERNEL_MODULES (valid names), used only where the rule trusts it.
+    pub declared: &'a [String],
+}
+
+/// The decision for one cgroup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Effective {
+    pub rule: RuleRef,
+    /// false: anything may load.
+    pub restrict: bool,
+    /// Normalized names that may load (when restricted).
+    pub allowed: BTreeSet<String>,
+    /// Names that came from the container's own KERNEL_MODULES (a subset of `allowed`).
+    pub from_declaration: BTreeSet<String>,
+}
+
+impl Policy {
+    /// The rule that selects this container (first match in file order).
+    pub fn select(&self, s: &Subject<'_>) -> RuleRef {
+        self.rules
+            .iter()
+            .position(|r| r.selector.matches(s))
+            .map_or(RuleRef::Unselected, RuleRef::Rule)
+    }
+
+    /// What applies to this container.
+    pub fn decide(&self, s: &Subject<'_>) -> Effective {
+        let rule = self.select(s);
+        let a = match rule {
+            RuleRef::Rule(i) => &self.rules[i].allowance,
+            _ => &self.unselected,
+        };
+        effective(rule, a, s.declared)
+    }
+
+    /// What applies to host processes (and any cgroup no container owns).
+    pub fn host_decision(&self) -> Effective {
+        effective(RuleRef::Host, &self.host, &[])
+    }
+}
+
+fn effective(rule: RuleRef, a: &Allowance, declared: &[String]) -> Effective {
+    let mut allowed = a.allow.clone();
+    let mut from_declaration = BTreeSet::new();
+    if a.restrict && a.trust_kernel_modules {
+        for m in declared {
+            if let Ok(n) = modname::validate(m)
+                && allowed.insert(n.clone())
+            {
+                from_declaration.insert(n);
+            }
+        }
+    }
+    Effective {
+        rule,
+        restrict: a.restrict,
+        allowed: if a.restrict { allowed } else { BTreeSet::new() },
+        from_declaration,
+    }
+}
+
+impl Selector {
+    pub fn matches(&self, s: &Subject<'_>) -> bool {
+        let c = s.container;
+        self.runtime
+            .as_ref()
+            .is_none_or(|r| r.eq_ignore_ascii_case(&c.runtime))
+            && self
+                .container_id
+                .as_ref()
+                .is_none_or(|id| c.id.starts_with(id.as_str()))
+            && self
+                .container_name
+                .as_ref()
+                .is_none_or(|p| c.name.as_deref().is_some_and(|n| p.matches(n)))
+            && self
+                .k8s_namespace
+                .as_ref()
+                .is_none_or(|ns| c.pod_namespace.as_deref() == Some(ns.as_str()))
+            && self
+                .pod_labels
+                .iter()
+                .all(|(k, v)| s.labels.get(k) == Some(v))
+    }
+}
+
+/// Collects every problem of a file while building the policy.
+pub(super) struct Validator<'t> {
+    text: &'t str,
+    pub problems: Vec<Problem>,
+}
+
+impl<'t> Validator<'t> {
+    pub fn new(text: &'t str) -> Self {
+        Validator {
+            text,
+            problems: Vec::new(),
+        }
+    }
+
+    fn problem(&mut self, at: usize, message: String) {
+        let (line, column) = line_col(self.text, at);
+        self.problems.push(Problem {
+            line,
+            column,
+            message,
+        });
+    }
+
+    pub fn policy(&mut self, raw: File) -> Option<Policy> {
+        let mode = Mode::parse(raw.mode.get_ref());
+        if mode.is_none() {
+            self.problem(
+                raw.mode.span().start,
+                format!(
+                    "mode must be \"audit\" or \"enforce\", not {:?}",
+                    raw.mode.get_ref()
+                ),
+            );
+        }
+        let host = match raw.host {
+            Some(h) => self.host(h.into_inner()),
+            None => Allowance::default(),
+        };
+        let unselected = match raw.unselected {
+            Some(u) => self.body(u.into_inner(), true),
+            None => Allowance {
+                restrict: true,
+                ..Allowance::default()
+            },
+        };
+        let mut rules: Vec<Rule> = Vec::new();
+        for r in raw.rules {
+            let start = r.span().start;
+            if let Some(rule) = self.rule(r.into_inner(), start, &rules) {
+                rules.push(rule);
+            }
+        }
+        Some(Policy {
+            mode: mode?,
+            host,
+            unselected,
+            rules,
+        })
+    }
+
+    fn flag(v: &Option<Spanned<bool>>, default: bool) -> bool {
+        v.as_ref().map_or(default, |b| *b.get_ref())
+    }
+
+    fn names(
+        &mut self,
+        list: &[Spanned<String>],
+        restrict: bool,
+        restrict_at: Option<usize>,
+    ) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for n in list {
+            match modname::validate(n.get_ref()) {
+                Ok(v) => {
+                    out.insert(v);
+                }
+                Err(e) => self.problem(n.span().start, format!("allow: {e}")),
+            }
+        }
+        if !restrict && let Some(first) = list.first() {
+            let why = match restrict_at {
+                Some(at) => format!("line {}", line_col(self.text, at).0),
+                None => "the default".to_string(),
+            };
+            self.problem(
+                first.span().start,
+                format!(
+                    "allow has no effect with restrict = false ({why}): either list modules and \
+                     set restrict = true, or drop the list"
+                ),
+            );
+        }
+        out
+    }
+
+    fn host(&mut self, h: HostSection) -> Allowance {
+        let restrict = Self::flag(&h.restrict, false);
+        let at = h.restrict.as_ref().map(|r| r.span().start);
+        Allowance {
+            restrict,
+            allow: self.names(&h.allow, restrict, at),
+            trust_kernel_modules: false,
+        }
+    }
+
+    fn body(&mut self, b: RuleBody, default_restrict: bool) -> Allowance {
+        let restrict = Self::flag(&b.restrict, default_restrict);
+        let at = b.restrict.as_ref().map(|r| r.span().start);
+        let trust = Self::flag(&b.trust_kernel_modules, false);
+        if !restrict
+            && trust
+            && let Some(t) = &b.trust_kernel_modules
+        {
+            self.problem(
+                t.span().start,
+                "trust_kernel_modules has no effect with restrict = false".to_string(),
+            );
+        }
+        Allowance {
+            restrict,
+            allow: self.names(&b.allow, restrict, at),
+            trust_kernel_modules: trust,
+        }
+    }
+
+    fn rule(&mut self, r: RuleSection, start: usize, earlier: &[Rule]) -> Option<Rule> {
+        let line = line_col(self.text, start).0;
+        let name = r.name.get_ref().trim().to_string();
+        if name.is_empty() {
+            self.problem(r.name.span().start, "rule name is empty".to_string());
+        } else if let Some(prev) = earlier.iter().find(|p| p.name == name) {
+            self.problem(
+                r.name.span().start,
+                format!(
+                    "rule name {name:?} is already used by the rule at line {}",
+                    prev.line
+                ),
+            );
+        }
+        let mut ok = true;
+        let mut text_field = |v: &Option<Spanned<String>>, what: &str| -> Option<String> {
+            let v = v.as_ref()?;
+            let s = v.get_ref().trim();
+            if s.is_empty() || s.chars().any(char::is_whitespace) {
+                self.problem(
+                    v.span().start,
+                    format!("{what} must be a non-empty word, not {:?}", v.get_ref()),
+                );
+                ok = false;
+                return None;
+            }
+            Some(s.to_string())
+        };
+        let runtime = text_field(&r.runtime, "runtime");
+        let container_id = text_field(&r.container_id, "container_id");
+        let k8s_namespace = text_field(&r.k8s_namespace, "k8s_namespace");
+        let name_glob = text_field(&r.container_name, "container_name");
+        let container_name = match (name_glob, &r.container_name) {
+            (Some(g), Some(at)) => match glob::Pattern::new(&g) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    self.problem(at.span().start, format!("container_name: bad pattern: {e}"));
+                    ok = false;
+                    None
+                }
+            },
+            _ => None,
+        };
+        let selector = Selector {
+            runtime,
+            container_id,
+            container_name,
+            k8s_namespace,
+            pod_labels: r.pod_labels.map(Spanned::into_inner).unwrap_or_default(),
+        };
+        let allowance = self.body(
+            RuleBody {
+                restrict: r.restrict,
+                allow: r.allow,
+                trust_kernel_modules: r.trust_kernel_modules,
+            },
+            true,
+        );
+        if ok && selector.is_empty() {
+            self.problem(
+                start,
+                format!(
+                    "rule {name:?} selects every container (no runtime, container_id, \
+                     container_name, k8s_namespace or pod_labels); use [unselected] for that"
+                ),
+            );
+        } else if ok && let Some(prev) = earlier.iter().find(|p| p.selector.same_as(&selector)) {
+            self.problem(
+                start,
+                format!(
+                    "rule {name:?} selects exactly what rule {:?} (line {}) selects; the first \
+                     matching rule wins, so this one could never apply",
+                    prev.name, prev.line
+                ),
+            );
+        }
+        Some(Rule {
+            name,
+            line,
+            selector,
+            allowance,
+        })
+    }
+}

@@ -1,0 +1,206 @@
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::event::Container;
+
+const GOOD: &str = r#"mode = "enforce"
+
+[host]
+restrict = false
+
+[unselected]
+allow = ["overlay"]
+
+[[rule]]
+name = "lb"
+container_name = "lb-*"
+allow = ["ip-vs"]
+trust_kernel_modules = true
+
+[[rule]]
+name = "kube"
+k8s_namespace = "kube-system"
+pod_labels = { app = "cni" }
+allow = ["vxlan"]
+
+[[rule]]
+name = "free"
+runtime = "podman"
+restrict = false
+"#;
+
+fn container(name: Option<&str>, runtime: &str) -> Container {
+    Container {
+        id: "a".repeat(64),
+        runtime: runtime.to_string(),
+        name: name.map(str::to_string),
+        ..Container::default()
+    }
+}
+
+fn problems(text: &str) -> Vec<(usize, usize, String)> {
+    match Policy::parse(text, "p.toml") {
+        Ok(_) => panic!("policy unexpectedly valid:\n{text}"),
+        Err(e) => e
+            .problems
+            .into_iter()
+            .map(|p| (p.line, p.column, p.message))
+            .collect(),
+    }
+}
+
+#[test]
+fn good_policy_parses() {
+    let p = Policy::parse(GOOD, "p.toml").unwrap();
+    assert_eq!(p.mode, Mode::Enforce);
+    assert!(!p.host.restrict);
+    assert!(p.unselected.restrict);
+    assert_eq!(p.rules.len(), 3);
+    assert_eq!(p.rules[0].line, 9);
+    assert!(
+        p.rules[0].allowance.allow.contains("ip_vs"),
+        "names are normalized"
+    );
+    assert!(!p.rules[2].allowance.restrict);
+}
+
+#[test]
+fn unknown_key_is_located() {
+    let text =
+        "mode = \"audit\"\n\n[[rule]]\nname = \"x\"\nruntime = \"runc\"\nallowed = [\"a\"]\n";
+    let p = problems(text);
+    assert_eq!(p.len(), 1);
+    assert_eq!((p[0].0, p[0].1), (6, 1));
+    assert!(p[0].2.contains("allowed"), "{}", p[0].2);
+}
+
+#[test]
+fn bad_mode_and_bad_module_are_located() {
+    let text = "mode = \"deny\"\n[unselected]\nallow = [\"ok\", \"bad/name\"]\n";
+    let p = problems(text);
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert_eq!((p[0].0, p[0].1), (1, 8));
+    assert!(p[0].2.contains("audit"));
+    assert_eq!((p[1].0, p[1].1), (3, 16));
+    assert!(p[1].2.contains("bad/name"));
+}
+
+#[test]
+fn conflicting_rules_are_reported() {
+    let text = r#"mode = "audit"
+[[rule]]
+name = "a"
+runtime = "docker"
+allow = ["x"]
+[[rule]]
+name = "b"
+runtime = "docker"
+allow = ["y"]
+[[rule]]
+name = "a"
+container_id = "abc"
+[[rule]]
+name = "all"
+allow = ["z"]
+"#;
+    let p = problems(text);
+    assert_eq!(p.len(), 3, "{p:?}");
+    assert_eq!(p[0].0, 6);
+    assert!(p[0].2.contains("could never apply"), "{}", p[0].2);
+    assert_eq!((p[1].0, p[1].1), (11, 8));
+    assert!(p[1].2.contains("already used"));
+    assert_eq!(p[2].0, 13);
+    assert!(p[2].2.contains("selects every container"));
+}
+
+#[test]
+fn allow_without_restrict_is_an_error() {
+    let text = "mode = \"audit\"\n[host]\nallow = [\"x\"]\n";
+    let p = problems(text);
+    assert_eq!((p[0].0, p[0].1), (3, 10));
+    assert!(p[0].2.contains("restrict"));
+}
+
+#[test]
+fn syntax_error_has_line_and_column() {
+    let p = problems("mode = \"audit\"\n[[rule]\n");
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].0, 2);
+}
+
+#[test]
+fn first_matching_rule_decides_and_trust_adds_declaration() {
+    let p = Policy::parse(GOOD, "p.toml").unwrap();
+    let labels = BTreeMap::new();
+    let declared = vec!["ip_vs_wrr".to_string(), "ip_vs".to_string()];
+    let c = container(Some("lb-1"), "docker");
+    let e = p.decide(&Subject {
+        container: &c,
+        labels: &labels,
+        declared: &declared,
+    });
+    assert_eq!(e.rule, RuleRef::Rule(0));
+    assert!(e.restrict);
+    assert_eq!(
+        e.allowed.iter().map(String::as_str).collect::<Vec<_>>(),
+        ["ip_vs", "ip_vs_wrr"]
+    );
+    assert_eq!(
+        e.from_declaration
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        ["ip_vs_wrr"]
+    );
+
+    // Not trusted: the declaration is ignored.
+    let other = container(Some("web"), "docker");
+    let e = p.decide(&Subject {
+        container: &other,
+        labels: &labels,
+        declared: &declared,
+    });
+    assert_eq!(e.rule, RuleRef::Unselected);
+    assert_eq!(e.allowed.len(), 1);
+    assert!(e.allowed.contains("overlay"));
+}
+
+#[test]
+fn namespace_and_labels_must_all_match() {
+    let p = Policy::parse(GOOD, "p.toml").unwrap();
+    let mut c = container(None, "containerd");
+    c.pod_namespace = Some("kube-system".into());
+    let mut labels = BTreeMap::new();
+    let select = |labels: &BTreeMap<String, String>| {
+        p.select(&Subject {
+            container: &c,
+            labels,
+            declared: &[],
+        })
+    };
+    assert_eq!(select(&labels), RuleRef::Unselected);
+    labels.insert("app".to_string(), "cni".to_string());
+    assert_eq!(select(&labels), RuleRef::Rule(1));
+}
+
+#[test]
+fn unrestricted_rule_allows_everything() {
+    let p = Policy::parse(GOOD, "p.toml").unwrap();
+    let c = container(Some("x"), "podman");
+    let e = p.decide(&Subject {
+        container: &c,
+        labels: &BTreeMap::new(),
+        declared: &[],
+    });
+    assert_eq!(e.rule, RuleRef::Rule(2));
+    assert!(!e.restrict);
+    assert!(p.host_decision().allowed.is_empty());
+    assert_eq!(Policy::rule_id(e.rule), 4);
+    assert!(p.describe_rule(4).contains("free"));
+}
+
+#[test]
+fn line_col_counts_characters() {
+    assert_eq!(line_col("ab\ncé d", 7), (2, 4));
+    assert_eq!(line_col("x", 99), (1, 2));
+}

@@ -1,0 +1,130 @@
+# Enforcement (BPF LSM), run with `cargo xtask vm-run --kernel 6.1 tests/vm/enforce.sh`.
+# Not an NN- scenario (vm-test does not check it): it records facts and prints a summary.
+#
+# A runc container "lb" (cgroup /docker/<id>) declares KERNEL_MODULES=ip_vs,ip_vs_wrr under a
+# rule that trusts it. The host preloads the shared dependencies (nf_conntrack ...), so the
+# container's modprobe needs exactly ip_vs and ip_vs_wrr. Recorded: allowed loads, a denied
+# load and a denied autoload from the container, the host loading anything, audit mode,
+# SIGHUP with a malformed policy, SIGKILL of kmodmon, adoption, `enforce off`.
+. /kmodmon/lib.sh
+trap 'enf_stop; vm_finish' EXIT
+
+POLICY=/tmp/policy.toml
+write_policy() { # MODE
+    cat >"$POLICY" <<EOF
+mode = "$1"
+
+[[rule]]
+name = "lb"
+container_name = "lb"
+trust_kernel_modules = true
+EOF
+}
+
+EPID=
+enf_start() { # NAME
+    kmodmon enforce on --policy "$POLICY" --foreground >>"$OUT/enforce.jsonl" 2>>"$OUT/enforce.err" &
+    EPID=$!
+    local i=0
+    while ! grep -q '^enforcement on' "$OUT/enforce.jsonl" 2>/dev/null || [ "$(grep -c '^enforcement on' "$OUT/enforce.jsonl")" -lt "$1" ]; do
+        i=$((i + 1))
+        if [ "$i" -gt 600 ] || ! kill -0 "$EPID" 2>/dev/null; then
+            log "kmodmon enforce on did not start:"
+            cat "$OUT/enforce.err"
+            return 1
+        fi
+        usleep 100000
+    done
+    grep '^enforcement on' "$OUT/enforce.jsonl" | tail -1
+}
+enf_stop() {
+    [ -n "$EPID" ] && kill -INT "$EPID" 2>/dev/null && wait "$EPID"
+    EPID=
+}
+loaded() { # MODULE -> fact loaded.NAME.TAG
+    if grep -q "^$1 " /proc/modules; then fact "loaded.$1.$2" 1; else fact "loaded.$1.$2" 0; fi
+}
+
+step preload_host modprobe nf_conntrack
+step preload_iptables modprobe ip_tables
+ID=$(ctr_id lb)
+fact ctr.lb.id "$ID"
+CTR_ENV="KERNEL_MODULES=ip_vs,ip_vs_wrr" ctr_start lb "/docker/$ID" "SYS_MODULE NET_ADMIN" || exit 1
+
+write_policy enforce
+step policy_check kmodmon policy check "$POLICY"
+kmodmon policy show "$POLICY" >"$OUT/policy_show.txt" 2>&1
+cat "$OUT/policy_show.txt"
+enf_start 1 || exit 1
+kmodmon enforce status >"$OUT/status.1.txt" 2>&1
+
+# Allowed by the trusted declaration.
+step ctr_allowed ctr_exec lb modprobe ip_vs_wrr
+loaded ip_vs_wrr after_allowed
+# Not declared: denied.
+step ctr_denied ctr_exec lb modprobe dummy
+loaded dummy after_denied
+# An autoload the container triggers (nat table → iptable_nat) is denied too.
+step ctr_autoload ctr_exec lb iptables-legacy -t nat -L -n
+loaded iptable_nat after_autoload
+# The host loads anything.
+step host_load modprobe veth
+loaded veth after_host
+
+# Audit mode through SIGHUP: the same load is reported as would_deny and succeeds.
+write_policy audit
+kill -HUP "$EPID"
+sleep 1
+step ctr_audit ctr_exec lb modprobe dummy
+loaded dummy after_audit
+step ctr_audit_unload modprobe -r dummy
+
+# Back to enforce, then a malformed policy on SIGHUP: rejected, enforce stays in force.
+write_policy enforce
+kill -HUP "$EPID"
+sleep 1
+echo 'mode = "enforce"
+[[rule]]
+nme = "broken"' >"$POLICY"
+kill -HUP "$EPID"
+sleep 1
+step ctr_after_bad_reload ctr_exec lb modprobe dummy
+loaded dummy after_bad_reload
+
+# SIGKILL: the pins keep denying.
+kill -KILL "$EPID"
+wait "$EPID" 2>/dev/null
+EPID=
+kmodmon enforce status >"$OUT/status.killed.txt" 2>&1
+step ctr_after_kill ctr_exec lb modprobe dummy
+loaded dummy after_kill
+
+# Restart: adopted, no duplicate programs.
+write_policy enforce
+enf_start 2 || exit 1
+kmodmon enforce status >"$OUT/status.adopted.txt" 2>&1
+enf_stop
+
+# Upgrade: --replace swaps in this binary's programs; the old ones go with their links.
+step enforce_replace kmodmon enforce on --policy "$POLICY" --replace
+kmodmon enforce status >"$OUT/status.replaced.txt" 2>&1
+step ctr_after_replace ctr_exec lb modprobe dummy
+loaded dummy after_replace
+
+# Off: pins removed, the load succeeds.
+step enforce_off kmodmon enforce off
+kmodmon enforce status >"$OUT/status.off.txt" 2>&1
+step ctr_after_off ctr_exec lb modprobe dummy
+loaded dummy after_off
+ctr_stop lb
+
+echo "=== facts"
+cat "$OUT/facts.txt"
+for f in status.1 status.killed status.adopted status.replaced status.off; do
+    echo "=== $f"
+    cat "$OUT/$f.txt"
+done
+echo "=== enforce.err"
+cat "$OUT/enforce.err"
+echo "=== enforce.jsonl"
+cat "$OUT/enforce.jsonl"
