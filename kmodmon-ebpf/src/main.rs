@@ -10,8 +10,8 @@
 
 mod config;
 mod kernel;
-mod maps;
 mod lsm;
+mod maps;
 mod record;
 
 use aya_ebpf::{

@@ -22,6 +22,8 @@ use crate::{
 pub const QUEUE: usize = 64;
 /// Most records per batch.
 pub const BATCH: usize = 256;
+/// How often an idle enricher polls (finished modprobe runs, late runtime state).
+const IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Userspace-side accounting, shared with whoever reports it.
 #[derive(Debug, Default)]
@@ -49,7 +51,11 @@ impl Accounting {
 enum Msg {
     /// Raw records copied off the ring in one drain; decoded by the enricher.
     Events(Vec<RawEvent>),
-    Cgroup { op: u32, id: u64, path: String },
+    Cgroup {
+        op: u32,
+        id: u64,
+        path: String,
+    },
 }
 
 /// Starts the reader and enricher tasks; enriched events arrive on the returned channel.
@@ -97,27 +103,47 @@ pub fn start(
     });
 
     tokio::spawn(async move {
-        while let Some(msg) = raw_rx.recv().await {
+        loop {
+            // The enricher may hold events back (a container still starting) and make its
+            // own (expectation, self_load): wake when it has work, or when a message comes.
+            let wakeup = enricher
+                .next_wakeup()
+                .unwrap_or_else(|| std::time::Instant::now() + IDLE_POLL);
+            let msg = tokio::select! {
+                msg = raw_rx.recv() => match msg {
+                    Some(m) => Some(m),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(wakeup.into()) => None,
+            };
             match msg {
-                Msg::Cgroup { op, id, path } => {
+                Some(Msg::Cgroup { op, id, path }) => {
                     enricher.cgroup_changed(op == CGROUP_MKDIR, id, &path)
                 }
-                Msg::Events(batch) => {
+                Some(Msg::Events(batch)) => {
                     for raw in batch {
-                        let mut ev = match Event::from_raw(&raw, &clock) {
-                            Ok(ev) => ev,
+                        match Event::from_raw(&raw, &clock) {
+                            Ok(ev) => enricher.handle(ev),
                             Err(e) => {
                                 dec_acc.undecodable.fetch_add(1, Ordering::Relaxed);
                                 log::warn!("undecodable event record: {e}");
-                                continue;
                             }
-                        };
-                        enricher.enrich(&mut ev);
-                        if out_tx.send(ev).await.is_err() {
-                            return;
                         }
                     }
                 }
+                None => {}
+            }
+            enricher.poll();
+            for ev in enricher.take_ready() {
+                if out_tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+        }
+        enricher.flush();
+        for ev in enricher.take_ready() {
+            if out_tx.send(ev).await.is_err() {
+                return;
             }
         }
     });
@@ -138,7 +164,11 @@ fn drain_events(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Msg>, acc: &Accou
         }
         drop(item);
         if batch.len() == BATCH {
-            send_batch(tx, std::mem::replace(&mut batch, Vec::with_capacity(BATCH)), acc);
+            send_batch(
+                tx,
+                std::mem::replace(&mut batch, Vec::with_capacity(BATCH)),
+                acc,
+            );
         }
     }
     if !batch.is_empty() {

@@ -215,5 +215,8 @@ fn daemon_with_a_policy_never_pretends_to_enforce() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("no module support") && err.contains("nothing to hook"), "{err}");
+    assert!(
+        err.contains("no module support") && err.contains("nothing to hook"),
+        "{err}"
+    );
 }

@@ -466,8 +466,12 @@ mod tests {
         let sources = "module events: module tracepoints; attempts: fexit\n";
         let ok = "kmodmon: attached in 12 ms: module events: module tracepoints; attempts: fexit\n";
         assert!(sources_agree(sources, ok).is_empty());
-        let with_notes = "module events: module tracepoints; attempts: fexit\nnote: a degradation\n";
-        assert!(sources_agree(with_notes, ok).is_empty(), "notes after the plan line are not the plan");
+        let with_notes =
+            "module events: module tracepoints; attempts: fexit\nnote: a degradation\n";
+        assert!(
+            sources_agree(with_notes, ok).is_empty(),
+            "notes after the plan line are not the plan"
+        );
         let fell_back = "kmodmon: attached in 9 ms: module events: module tracepoints; attempts: syscall_tracepoint\nkmodmon: note: fexit failed (verifier)\n";
         let p = sources_agree(sources, fell_back);
         assert_eq!(p.len(), 1);
