@@ -188,19 +188,23 @@ pub fn attempt_kind(op: Op) -> EventKind {
 
 /// Syscall entry (tracepoint sources): record the attempt and park it until the exit.
 #[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "`&*ev` keeps the 984-byte event in map memory; by value it would be copied onto the 512-byte BPF stack"
+)]
 pub fn syscall_enter(source: Source, op: Op, a0: u64, a1: u64, a2: u64) {
     let Some(ev) = begin(attempt_kind(op), source) else {
         return;
     };
     fill_attempt(ev, op, a0, a1, a2);
     let key = bpf_get_current_pid_tgid();
-    if PENDING.insert(&key, &*ev, BPF_NOEXIST as u64).is_ok() {
+    if PENDING.insert(key, &*ev, BPF_NOEXIST as u64).is_ok() {
         return;
     }
     // Either the map is full or a stale entry of a task that died inside the syscall is there.
-    if PENDING.get_ptr(&key).is_some() {
+    if PENDING.get_ptr(key).is_some() {
         count(Counter::DropPendingLost);
-        if PENDING.insert(&key, &*ev, BPF_ANY as u64).is_ok() {
+        if PENDING.insert(key, &*ev, BPF_ANY as u64).is_ok() {
             return;
         }
     }
@@ -212,7 +216,7 @@ pub fn syscall_enter(source: Source, op: Op, a0: u64, a1: u64, a2: u64) {
 pub fn syscall_exit<C: EbpfContext>(ctx: &C, ret: i64) {
     debug!(ctx, "module syscall returned {}", ret);
     let key = bpf_get_current_pid_tgid();
-    let Some(ev) = PENDING.get_ptr_mut(&key) else {
+    let Some(ev) = PENDING.get_ptr_mut(key) else {
         count(Counter::ExitWithoutEnter);
         return;
     };
@@ -221,7 +225,7 @@ pub fn syscall_exit<C: EbpfContext>(ctx: &C, ret: i64) {
     ev.ret = ret;
     ev.end_ktime_ns = unsafe { bpf_ktime_get_ns() };
     emit(ev);
-    if PENDING.remove(&key).is_err() {
+    if PENDING.remove(key).is_err() {
         count(Counter::ErrPendingRemove);
     }
 }

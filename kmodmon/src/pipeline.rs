@@ -13,7 +13,7 @@ use kmodmon_common::{CGROUP_MKDIR, CGROUP_RMDIR, RawCgroupEvent, RawEvent};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use crate::{
-    enrich::Enricher,
+    enrich::{Enricher, init_names::InitNames},
     escape::{escape_bytes, until_nul},
     event::{Clock, Event, raw_from_bytes},
 };
@@ -103,6 +103,7 @@ pub fn start(
     });
 
     tokio::spawn(async move {
+        let mut init_names = InitNames::default();
         loop {
             // The enricher may hold events back (a container still starting) and make its
             // own (expectation, self_load): wake when it has work, or when a message comes.
@@ -123,7 +124,10 @@ pub fn start(
                 Some(Msg::Events(batch)) => {
                     for raw in batch {
                         match Event::from_raw(&raw, &clock) {
-                            Ok(ev) => enricher.handle(ev),
+                            Ok(mut ev) => {
+                                init_names.observe(&mut ev);
+                                enricher.handle(ev)
+                            }
                             Err(e) => {
                                 dec_acc.undecodable.fetch_add(1, Ordering::Relaxed);
                                 log::warn!("undecodable event record: {e}");

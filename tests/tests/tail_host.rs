@@ -26,7 +26,7 @@ fn errno_of(ret: libc::c_long) -> i64 {
     if ret < 0 {
         -(std::io::Error::last_os_error().raw_os_error().unwrap_or(0) as i64)
     } else {
-        ret as i64
+        ret
     }
 }
 

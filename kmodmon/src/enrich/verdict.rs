@@ -1,0 +1,171 @@
+//! The verdict on one event, from the judging container's declaration (see
+//! [`super::expect::judge`]). The reason goes into `detail` only when it says something the
+//! verdict does not: why it is unexpected, which declared module it is a dependency of, that
+//! the declaration could not be read.
+use super::autoload::ModuleResolver;
+use super::expect::{self, ENV_VAR, Expected, Verdict};
+use super::expectations::DeclState;
+use crate::event::{Event, Kind};
+use crate::modname;
+
+/// Appends to an event's detail.
+pub fn add_detail(ev: &mut Event, text: &str) {
+    ev.detail = Some(match ev.detail.take() {
+        Some(d) if !d.is_empty() => format!("{d}; {text}"),
+        _ => text.to_string(),
+    });
+}
+
+/// Sets `verdict` (and maybe `detail`). `state`: `None` for the host, `Some(None)` for a
+/// container kmodmon has no record of, else the container's declaration state.
+pub fn judge_event(
+    ev: &mut Event,
+    state: Option<Option<&DeclState>>,
+    resolver: &dyn ModuleResolver,
+) {
+    if matches!(ev.kind, Kind::Expectation | Kind::SelfLoad) {
+        return;
+    }
+    let Some(state) = state else {
+        ev.verdict = Some(Verdict::Host.as_str().to_string());
+        return;
+    };
+    let empty = Expected::default();
+    let (expected, note) = match state {
+        Some(DeclState::Known(d)) => (&d.expected, None),
+        Some(DeclState::Failed(why)) => (&empty, Some(format!("{ENV_VAR} unknown: {why}"))),
+        Some(DeclState::Pending { last_error, .. }) => (
+            &empty,
+            Some(format!(
+                "{ENV_VAR} not read yet{}",
+                last_error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            )),
+        ),
+        None => (
+            &empty,
+            Some(format!("no record of this container's {ENV_VAR}")),
+        ),
+    };
+    let Some(module) = ev.module.clone() else {
+        // A module whose name the kernel did not give (init_module of an image): cannot judge.
+        if let Some(n) = note {
+            add_detail(ev, &n);
+        }
+        return;
+    };
+    let deps = |m: &str| resolver.dependencies(m);
+    let mut j = expect::judge(&module, Some(expected), &deps);
+    if ev.kind == Kind::Request && j.verdict == Verdict::Unexpected {
+        // A request names an alias (`net-pf-10`, `fs-xfs`): judge what it resolves to.
+        let targets = resolver.resolve_request(&module);
+        for t in targets.iter().filter(|t| !modname::same(t, &module)) {
+            let jt = expect::judge(t, Some(expected), &deps);
+            if jt.verdict == Verdict::Expected {
+                j = expect::Judgement {
+                    verdict: jt.verdict,
+                    reason: format!("resolves to {t}, {}", jt.reason),
+                };
+                break;
+            }
+        }
+    }
+    ev.verdict = Some(j.verdict.as_str().to_string());
+    let useful = j.verdict == Verdict::Unexpected || !j.reason.starts_with("declared in");
+    if useful && note.is_none() {
+        add_detail(ev, &j.reason);
+    }
+    if let Some(n) = note {
+        add_detail(ev, &n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::enrich::expect::{Declaration, Source};
+    use crate::event::Clock;
+
+    struct R;
+    impl ModuleResolver for R {
+        fn resolve_request(&self, request: &str) -> Vec<String> {
+            match request {
+                "net-pf-10" => vec!["ipv6".into()],
+                _ => Vec::new(),
+            }
+        }
+        fn dependencies(&self, module: &str) -> Vec<String> {
+            match module {
+                "ip_vs_wrr" => vec!["ip_vs".into(), "nf_conntrack".into()],
+                _ => Vec::new(),
+            }
+        }
+    }
+
+    fn ev(kind: Kind, module: Option<&str>) -> Event {
+        let mut e = Event::synthetic(kind, &Clock::new());
+        e.module = module.map(str::to_string);
+        e
+    }
+
+    fn known(v: &[u8]) -> DeclState {
+        DeclState::Known(Declaration {
+            declared: true,
+            expected: Expected::parse(v),
+            source: Source::Environ(1),
+        })
+    }
+
+    #[test]
+    fn verdicts_and_tidy_details() {
+        let s = known(b"ip_vs_wrr,ipv6");
+        let mut e = ev(Kind::LoadAttempt, Some("ip_vs_wrr"));
+        judge_event(&mut e, Some(Some(&s)), &R);
+        assert_eq!(e.verdict.as_deref(), Some("expected"));
+        assert_eq!(e.detail, None, "declared: nothing to add");
+        let mut e = ev(Kind::Load, Some("nf_conntrack"));
+        judge_event(&mut e, Some(Some(&s)), &R);
+        assert_eq!(e.verdict.as_deref(), Some("expected"));
+        assert_eq!(
+            e.detail.as_deref(),
+            Some("dependency of ip_vs_wrr, declared in KERNEL_MODULES")
+        );
+        let mut e = ev(Kind::LoadAttempt, Some("other"));
+        judge_event(&mut e, Some(Some(&s)), &R);
+        assert_eq!(e.verdict.as_deref(), Some("unexpected"));
+        assert!(
+            e.detail
+                .unwrap()
+                .contains("not in KERNEL_MODULES=ip_vs_wrr,ipv6")
+        );
+        let mut e = ev(Kind::Request, Some("net-pf-10"));
+        judge_event(&mut e, Some(Some(&s)), &R);
+        assert_eq!(e.verdict.as_deref(), Some("expected"));
+        assert!(e.detail.unwrap().contains("resolves to ipv6"));
+        let mut e = ev(Kind::Load, Some("anything"));
+        judge_event(&mut e, None, &R);
+        assert_eq!(e.verdict.as_deref(), Some("host"));
+        assert_eq!(e.detail, None);
+    }
+
+    #[test]
+    fn unknown_declarations_say_so() {
+        let f = DeclState::Failed("no process".into());
+        let mut e = ev(Kind::LoadAttempt, Some("ip_vs"));
+        judge_event(&mut e, Some(Some(&f)), &R);
+        assert_eq!(e.verdict.as_deref(), Some("unexpected"));
+        assert_eq!(
+            e.detail.as_deref(),
+            Some("KERNEL_MODULES unknown: no process")
+        );
+        let mut e = ev(Kind::LoadAttempt, None);
+        judge_event(&mut e, Some(None), &R);
+        assert_eq!(e.verdict, None, "no module name: no verdict");
+        assert!(e.detail.unwrap().contains("no record"));
+        let mut e = ev(Kind::Expectation, Some("x"));
+        judge_event(&mut e, None, &R);
+        assert_eq!(e.verdict, None, "kmodmon's own events are not judged");
+    }
+}
