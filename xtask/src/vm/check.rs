@@ -25,6 +25,13 @@ pub struct Event {
     pub container: Option<Container>,
     pub taints: Option<u32>,
     pub taint_flags: Option<String>,
+    pub verdict: Option<String>,
+    pub requested_by: Option<RequestedBy>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+pub struct RequestedBy {
+    pub container: Option<Container>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -262,6 +269,10 @@ pub struct Expect {
     pub cgroup_path: Option<String>,
     /// Some(None): no container; Some(Some(c)): exactly this container.
     pub container: Option<Option<Container>>,
+    /// host / expected / unexpected.
+    pub verdict: Option<&'static str>,
+    /// The ID of the container whose autoload request led to this event.
+    pub requested_by: Option<String>,
 }
 
 impl Expect {
@@ -292,6 +303,13 @@ impl Expect {
                 .as_ref()
                 .is_none_or(|p| e.cgroup_path.as_ref() == Some(p))
             && self.container.as_ref().is_none_or(|c| &e.container == c)
+            && self.verdict.is_none_or(|v| e.verdict.as_deref() == Some(v))
+            && self.requested_by.as_ref().is_none_or(|id| {
+                e.requested_by
+                    .as_ref()
+                    .and_then(|r| r.container.as_ref())
+                    .is_some_and(|c| &c.id == id)
+            })
     }
 }
 
@@ -331,6 +349,12 @@ impl std::fmt::Display for Expect {
             Some(Some(c)) => write!(f, " container {}:{}", c.runtime, short(&c.id))?,
             Some(None) => write!(f, " no container")?,
             None => {}
+        }
+        if let Some(v) = self.verdict {
+            write!(f, " verdict={v}")?;
+        }
+        if let Some(r) = &self.requested_by {
+            write!(f, " requested_by={}", &r[..r.len().min(12)])?;
         }
         Ok(())
     }

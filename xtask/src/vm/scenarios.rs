@@ -133,13 +133,6 @@ impl<'a> Ctx<'a> {
         (kmod < 31).then_some("init_module")
     }
 
-    /// init_module gets an image, not a file: kmodmon names the module only when it can read
-    /// the name (documented in the report of issue 3); finit_module attempts are named from
-    /// the file.
-    fn name_may_be_unknown(&self, module: &str) -> bool {
-        self.load_syscall(module) != Some("finit_module")
-    }
-
     /// (container, cgroup path, cgroup id) of a container the scenario started.
     fn container(&self, name: &str) -> Option<(Container, String, u64)> {
         let id = self.fact(&format!("ctr.{name}.id"))?;
@@ -167,7 +160,8 @@ impl<'a> Ctx<'a> {
         let mut attempt = place.apply(Expect::new("load_attempt", module));
         attempt.comm = Some(comm.to_string());
         attempt.syscall = self.load_syscall(module);
-        attempt.module_may_be_unknown = self.name_may_be_unknown(module);
+        // A successful init_module is named from the kernel's load record (same task): the
+        // name must be there.
         if attempt.syscall == Some("finit_module") {
             attempt.path_suffix = self.deps.path(module).map(|p| format!("/{p}"));
         }
@@ -266,6 +260,9 @@ fn modprobe_deps(ctx: &Ctx, problems: &mut Vec<String>) -> Vec<Expect> {
     for m in &loaded {
         want.extend(ctx.loaded(m, "modprobe", &Place::Host));
     }
+    for x in &mut want {
+        x.verdict = Some("host");
+    }
     for m in &unloaded {
         let unload = Expect {
             comm: Some("modprobe".into()),
@@ -299,9 +296,14 @@ fn container_load(ctx: &Ctx, problems: &mut Vec<String>) -> Vec<Expect> {
         ));
     }
     let place = Place::Container(c, path, id);
+    // It declared ip_vs and ip_vs_wrr: those and what they depend on are expected.
     loaded
         .iter()
         .flat_map(|m| ctx.loaded(m, "modprobe", &place))
+        .map(|x| Expect {
+            verdict: Some("expected"),
+            ..x
+        })
         .collect()
 }
 
@@ -319,12 +321,21 @@ fn container_autoload(ctx: &Ctx, problems: &mut Vec<String>) -> Vec<Expect> {
             "iptable_nat was not autoloaded (new modules: {loaded:?})"
         ));
     }
+    let requester = c.id.clone();
+    // The container declared no KERNEL_MODULES: its request is unexpected, and so is every
+    // load the kernel's modprobe makes for it (judged against the requester, named in
+    // requested_by).
     let mut want = vec![Expect {
         comm: Some("iptables-legacy".into()),
+        verdict: Some("unexpected"),
         ..Place::Container(c, path, id).apply(Expect::new("request", "iptable_nat"))
     }];
     for m in &loaded {
-        want.extend(ctx.loaded(m, "modprobe", &Place::Host));
+        want.extend(ctx.loaded(m, "modprobe", &Place::Host).map(|x| Expect {
+            verdict: Some("unexpected"),
+            requested_by: Some(requester.clone()),
+            ..x
+        }));
     }
     want
 }
