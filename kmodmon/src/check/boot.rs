@@ -238,11 +238,7 @@ mod tests {
     use std::os::unix::fs::symlink;
     use std::path::Path;
 
-    fn write(root: &Path, path: &str, text: &str) {
-        let p = root.join(path.trim_start_matches('/'));
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, text).unwrap();
-    }
+    use crate::check::tests::write;
 
     fn systemd_root() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();

@@ -252,11 +252,7 @@ mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
 
-    fn write(root: &Path, path: &str, text: &str) {
-        let p = root.join(path.trim_start_matches('/'));
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, text).unwrap();
-    }
+    use crate::check::tests::write;
 
     const KMOD_SCRIPT: &str =
         "#!/bin/sh\n# Load the modules listed in /etc/modules.\nfiles=\"/etc/modules\"\n";

@@ -6,7 +6,9 @@ use super::*;
 
 const KVER: &str = "6.1.0-13-cloud-amd64";
 
-fn write(root: &Path, path: &str, text: &str) {
+/// Writes `text` at `path` under the test root `root`, creating directories (shared by the
+/// check modules' tests).
+pub(super) fn write(root: &Path, path: &str, text: &str) {
     let p = root.join(path.trim_start_matches('/'));
     std::fs::create_dir_all(p.parent().unwrap()).unwrap();
     std::fs::write(p, text).unwrap();
