@@ -236,7 +236,6 @@ impl BootConfig {
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
-    use std::path::Path;
 
     use crate::check::tests::write;
 
