@@ -324,7 +324,9 @@ fn load_expected_runs_modprobe_and_reports_it() {
         &format!("kmodmon-e2e-{}", &id[..12]),
         &format!("/docker/{id}"),
         &["KERNEL_MODULES=kmodmon_e2e_absent"],
-        &["/bin/sh", "-c", "sleep 0.3"],
+        // Long enough that a loaded machine cannot miss it: short lives are the subject of
+        // `a_100ms_container_is_attributed_and_judged`, not of this test.
+        &["/bin/sh", "-c", "sleep 2"],
         &[],
     );
     let mut tail = Tail::start(&[
