@@ -150,7 +150,7 @@ pub fn install(dir: &PinDir, replace: bool) -> Result<Installed, EnforceError> {
 
 fn load_and_pin(dir: &PinDir) -> Result<(), EnforceError> {
     dir.mkdirs()?;
-    let mut config = crate::probe::base_config();
+    let mut config = kmodmon_common::Config::unset();
     let kbtf = KernelBtf::load().map_err(|e| EnforceError::Load(e.to_string()))?;
     let missing = kbtf.fill(&mut config);
     if !missing.is_empty() {

@@ -19,7 +19,6 @@ use aya::{
     maps::{MapData, RingBuf},
     programs::{FExit, RawTracePoint, TracePoint},
 };
-use kmodmon_common::Config;
 pub use plan::{AttemptSource, Plan};
 use thiserror::Error;
 
@@ -69,7 +68,7 @@ pub struct Options {
 pub struct Probe {
     ebpf: Ebpf,
     pub plan: Plan,
-    _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 impl Probe {
@@ -90,7 +89,7 @@ impl Probe {
         }
         loop {
             let t1 = std::time::Instant::now();
-            let attempt = Self::try_attach(&plan, btf.as_ref().ok());
+            let attempt = Self::try_attach(&plan);
             log::debug!(
                 "attach attempt ({}) took {:?}",
                 plan.attempts.as_str(),
@@ -109,7 +108,7 @@ impl Probe {
         }
     }
 
-    fn try_attach(plan: &Plan, btf: Option<&KernelBtf>) -> Result<Probe, ProbeError> {
+    fn try_attach(plan: &Plan) -> Result<Probe, ProbeError> {
         // aya parses the kernel's BTF itself when asked; only fexit needs it (the programs carry
         // no CO-RE relocations), so skip that cost otherwise.
         let aya_btf = if plan.attempts == AttemptSource::Fexit {
@@ -140,11 +139,10 @@ impl Probe {
                 attach_fexit(&mut ebpf, program, &func, aya_btf)?;
             }
         }
-        let _ = btf;
         Ok(Probe {
             ebpf,
             plan: plan.clone(),
-            _logger: logger,
+            logger,
         })
     }
 
@@ -173,7 +171,7 @@ impl Probe {
 
     /// Takes the eBPF logger so its ring buffer can be polled.
     pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
-        self._logger.take()
+        self.logger.take()
     }
 }
 
@@ -288,9 +286,4 @@ pub fn explain() -> anyhow::Result<ExitCode> {
         println!("note: {n}");
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Shared by the planner: the configuration with every layout fact resolved.
-pub(crate) fn base_config() -> Config {
-    Config::unset()
 }

@@ -61,7 +61,7 @@ impl Plan {
         btf: Option<&KernelBtf>,
         opts: Options,
     ) -> Result<Plan, ProbeError> {
-        let mut config = super::base_config();
+        let mut config = Config::unset();
         let mut notes = Vec::new();
         set_syscall_numbers(&mut config);
 
