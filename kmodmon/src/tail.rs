@@ -65,7 +65,9 @@ async fn tail(args: TailArgs, filter: Filter) -> anyhow::Result<ExitCode> {
     };
     let mut out = std::io::BufWriter::with_capacity(64 << 10, std::io::stdout().lock());
     if !args.json {
-        writeln!(out, "{}", human::header()).ok();
+        writeln!(out, "{}", human::header())
+            .and_then(|_| out.flush())
+            .ok();
     }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last = counters.snapshot();
