@@ -9,6 +9,14 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     name = "kmodmon",
     version,
     about = "Kernel-module event monitor: who loaded which module, from which container, and was it expected",
+    long_about = "Kernel-module event monitor: who loaded which module, from which container, \
+                  and was it expected.\n\n\
+                  kmodmon watches module loads, unloads, autoload requests and load/unload \
+                  attempts (with their results) through eBPF, ties each to its cgroup, \
+                  container and pod and to the modules that container declared in \
+                  KERNEL_MODULES, and gives a verdict. `tail` streams them, `run` is the daemon \
+                  (audit log, metrics, stdout, syslog, policy enforcement with BPF LSM), `check` \
+                  compares what is configured to load at boot with what is loaded.",
     propagate_version = true
 )]
 pub struct Cli {
@@ -35,6 +43,20 @@ pub enum Command {
     Log(crate::audit::cli::LogArgs),
     /// Stream events out of an audit log (filters; JSON lines or CSV).
     Export(crate::audit::cli::ExportArgs),
+    /// Print a shell completion script to stdout, e.g.
+    /// `kmodmon completions bash > /etc/bash_completion.d/kmodmon`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages and completion scripts into DIR (for packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Output directory: DIR/man/*.1 and DIR/completions/{kmodmon.bash,_kmodmon,kmodmon.fish}.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 /// Output colouring.

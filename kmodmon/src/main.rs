@@ -17,6 +17,8 @@ fn main() -> ExitCode {
         Command::Check(args) => kmodmon::check::run(args),
         Command::Log(args) => kmodmon::audit::cli::run_log(args),
         Command::Export(args) => kmodmon::audit::cli::run_export(args),
+        Command::Completions { shell } => kmodmon::docs::print_completions(shell),
+        Command::GenerateDocs { out } => kmodmon::docs::run_generate(&out),
     };
     match result {
         Ok(code) => code,

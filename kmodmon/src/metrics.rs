@@ -1,5 +1,6 @@
 //! Prometheus metrics: [`Metrics`] holds atomic counters the pipeline increments, and
-//! [`MetricsServer`] serves them as Prometheus text (format 0.0.4) on `GET /metrics`.
+//! [`MetricsServer`] serves them as Prometheus text (format 0.0.4) on `GET /metrics`, and the
+//! daemon's [`Health`] on `GET /ready` and `GET /healthz` (200 or 503, one line of text).
 //!
 //! ```no_run
 //! # async fn f() -> std::io::Result<()> {
@@ -22,6 +23,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::event::Event;
+use crate::health::Health;
 
 /// Series per labelled family beyond which new label sets are counted under "other".
 const MAX_SERIES: usize = 512;
@@ -126,6 +128,8 @@ pub struct Metrics {
     pub denials: AtomicU64,
     pub audit: AuditMetrics,
     pub forward: ForwardMetrics,
+    /// Readiness and liveness, served on /ready and /healthz.
+    pub health: Health,
 }
 
 impl Default for Metrics {
@@ -144,6 +148,7 @@ impl Metrics {
             denials: AtomicU64::new(0),
             audit: AuditMetrics::default(),
             forward: ForwardMetrics::default(),
+            health: Health::default(),
         }
     }
 
@@ -362,8 +367,8 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     })
 }
 
-/// The HTTP endpoint. Only `GET`/`HEAD` `/metrics` (and `/`) are served; one request per
-/// connection.
+/// The HTTP endpoint. Only `GET`/`HEAD` on `/metrics`, `/ready`, `/healthz` (and `/`) are
+/// served; one request per connection.
 pub struct MetricsServer {
     listener: TcpListener,
 }
@@ -457,14 +462,27 @@ async fn handle(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
                 )
             } else if path == "/metrics" {
                 (200, "OK", metrics.render(), head_only, "")
+            } else if path == "/ready" || path == "/healthz" {
+                let status = if path == "/ready" {
+                    metrics.health.ready()
+                } else {
+                    metrics.health.live()
+                };
+                let body = format!("{}\n", status.reason);
+                match status.ok {
+                    true => (200, "OK", body, head_only, ""),
+                    false => (503, "Service Unavailable", body, head_only, ""),
+                }
             } else if path == "/" {
-                let body = "kmodmon: metrics are at /metrics\n".to_string();
+                let body =
+                    "kmodmon: metrics at /metrics, readiness at /ready, liveness at /healthz\n"
+                        .to_string();
                 (200, "OK", body, head_only, "")
             } else {
                 (
                     404,
                     "Not Found",
-                    "not found; metrics are at /metrics\n".into(),
+                    "not found; metrics are at /metrics, health at /ready and /healthz\n".into(),
                     false,
                     "",
                 )
@@ -564,6 +582,17 @@ mod tests {
         assert!(head.contains(&format!("Content-Length: {}", body.len())));
         let head_only = request(addr, b"HEAD /metrics?x=1 HTTP/1.0\r\n\r\n").await;
         assert!(head_only.starts_with("HTTP/1.1 200") && head_only.ends_with("\r\n\r\n"));
+        let ready = request(addr, b"GET /ready HTTP/1.1\r\n\r\n").await;
+        assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+        assert!(
+            ready.ends_with("starting: probes not attached yet\n"),
+            "{ready}"
+        );
+        m.health.set_attached();
+        let ready = request(addr, b"GET /ready HTTP/1.1\r\n\r\n").await;
+        assert!(ready.starts_with("HTTP/1.1 200") && ready.ends_with("\r\nready\n"));
+        let live = request(addr, b"HEAD /healthz HTTP/1.1\r\n\r\n").await;
+        assert!(live.starts_with("HTTP/1.1 200") && live.ends_with("\r\n\r\n"));
         assert!(
             request(addr, b"GET /nope HTTP/1.1\r\n\r\n")
                 .await

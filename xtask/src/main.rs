@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: everything the project needs besides cargo itself.
 mod bench;
 mod setup;
+mod ship;
 mod tasks;
 mod util;
 mod vm;
@@ -33,6 +34,10 @@ enum Task {
     },
     /// Lints only: rustfmt, clippy for the workspace and (separately) the eBPF crate.
     Lint,
+    /// Build the Debian package (target/debian/kmodmon_VERSION-1_ARCH.deb).
+    Package,
+    /// Validate the Kubernetes manifests (deploy/kubernetes) against the Kubernetes schemas.
+    ValidateManifests,
     /// Host benchmarks, paired in one run as ratios (see BENCHMARKS.md).
     Bench {
         /// Rounds per measurement (medians are reported).
@@ -79,6 +84,8 @@ fn main() -> ExitCode {
         Task::Run { args } => tasks::run(&args),
         Task::Test { no_vm } => tasks::test(no_vm),
         Task::Lint => tasks::lint(),
+        Task::Package => ship::package().map(|_| ()),
+        Task::ValidateManifests => ship::validate_manifests(),
         Task::Bench { rounds } => bench::bench(rounds),
         Task::VmRun { kernel, script } => vm::vm_run(kernel.as_deref(), &script),
         Task::VmTest { kernel, scenario } => vm::vm_test(kernel.as_deref(), scenario.as_deref()),

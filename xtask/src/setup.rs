@@ -25,6 +25,9 @@ pub const APT_PACKAGES: &[&str] = &[
     "auditd",
     // loop-mounted filesystems for the audit-log disk-full test
     "e2fsprogs",
+    // the .deb install test: `man -l`, `systemd-analyze verify`
+    "man-db",
+    "systemd",
 ];
 
 pub fn setup() -> Result<()> {

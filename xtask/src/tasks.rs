@@ -88,6 +88,9 @@ pub fn test(no_vm: bool) -> Result<()> {
         "kmodmon-ebpf",
         "--no-fail-fast",
     ]))?;
+    // Shipping: the Debian package installed with dpkg, the Kubernetes manifests validated.
+    crate::ship::test_deb()?;
+    crate::ship::validate_manifests()?;
     if no_vm {
         eprintln!("xtask test: --no-vm given, VM scenarios skipped");
         return Ok(());
@@ -100,4 +103,13 @@ pub fn test(no_vm: bool) -> Result<()> {
         return Ok(());
     }
     crate::vm::vm_test(None, None)
+}
+
+/// A step that needs root: skipped loudly outside CI, an error in CI (`CI=true`).
+pub fn root_needed(what: &str) -> Result<()> {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        bail!("{what} needs root, and CI must run it");
+    }
+    eprintln!("\n!!! xtask: NOT ROOT — {what} SKIPPED\n");
+    Ok(())
 }

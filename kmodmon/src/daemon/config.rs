@@ -107,6 +107,10 @@ pub struct RunArgs {
     /// Enforce this policy (BPF LSM); its `mode` decides enforce or audit.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
+    /// Only check the configuration (the config file, the flags, the policy file it names) and
+    /// exit: 0 when valid, 2 with the file, line and column of the first error.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 /// The effective configuration.

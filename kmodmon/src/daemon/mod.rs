@@ -23,12 +23,52 @@ use crate::{
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let cfg = config::load(&args)?;
+    if args.check_config {
+        return check_config(&cfg);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     rt.block_on(daemon(cfg))
+}
+
+/// `kmodmon run --check-config`: everything `run` would reject before attaching, without
+/// attaching (no privileges needed).
+fn check_config(cfg: &config::Effective) -> anyhow::Result<ExitCode> {
+    let source = cfg
+        .source
+        .as_ref()
+        .map_or("no config file (defaults and flags)".to_string(), |p| {
+            p.display().to_string()
+        });
+    if let Some(addr) = &cfg.metrics {
+        crate::metrics::parse_addr(addr).map_err(|e| anyhow::anyhow!("metrics listen: {e}"))?;
+    }
+    if cfg.forward.syslog {
+        cfg.forward
+            .syslog_facility
+            .parse::<crate::syslog::Facility>()
+            .map_err(|e| anyhow::anyhow!("syslog facility: {e}"))?;
+    }
+    let policy = match &cfg.policy {
+        Some(path) => {
+            let p = crate::policy::Policy::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+            format!(
+                "policy {} (mode {}, {} rules)",
+                path.display(),
+                p.mode,
+                p.rules.len()
+            )
+        }
+        None => "no policy (monitoring only)".to_string(),
+    };
+    let audit = cfg.audit.as_ref().map_or("no audit log".to_string(), |a| {
+        format!("audit log in {}", a.dir.display())
+    });
+    println!("{source}: ok; {audit}; {policy}");
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
@@ -122,6 +162,7 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
     if let Some(log) = &audit {
         log.note(started);
     }
+    metrics.health.set_attached();
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut policy_tick = tokio::time::interval(Duration::from_millis(200));
@@ -154,6 +195,7 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
                 }
             }
             _ = tick.tick() => {
+                metrics.health.beat();
                 // Keep the policy maps current as containers come and go.
                 if let Some(enf) = enforcer.as_mut()
                     && let Err(e) = enf.sync(scan_running())

@@ -21,9 +21,37 @@ struct Entry {
     removed_at: Option<Instant>,
 }
 
-/// Where the cgroup2 hierarchy is mounted (pure v2: /sys/fs/cgroup; hybrid: usually
-/// /sys/fs/cgroup/unified), from /proc/self/mountinfo.
+/// Names the host's cgroup2 hierarchy when kmodmon runs in a container with a cgroup namespace
+/// of its own (a Kubernetes DaemonSet): a bind mount of the host's /sys/fs/cgroup, e.g.
+/// `/host/sys/fs/cgroup`. The container's own /sys/fs/cgroup shows only its own subtree.
+pub const CGROUP_ROOT_ENV: &str = "KMODMON_CGROUP_ROOT";
+
+/// The cgroup2 root given in [`CGROUP_ROOT_ENV`], if set and not empty.
+pub fn cgroup_root_override() -> Option<PathBuf> {
+    std::env::var_os(CGROUP_ROOT_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// Whether kmodmon runs in another cgroup namespace than PID 1 (the host's init, when the
+/// PID namespace is the host's): its cgroup2 mount then shows a subtree, not the host's tree.
+pub fn in_cgroup_namespace() -> bool {
+    match (
+        std::fs::read_link("/proc/self/ns/cgroup"),
+        std::fs::read_link("/proc/1/ns/cgroup"),
+    ) {
+        (Ok(me), Ok(init)) => me != init,
+        _ => false,
+    }
+}
+
+/// Where the host's cgroup2 hierarchy is: [`CGROUP_ROOT_ENV`] when set, else the first cgroup2
+/// mount in /proc/self/mountinfo (pure v2: /sys/fs/cgroup; hybrid: usually
+/// /sys/fs/cgroup/unified).
 pub fn cgroup2_mount() -> Option<PathBuf> {
+    if let Some(root) = cgroup_root_override() {
+        return Some(root);
+    }
     let me = procfs::process::Process::myself().ok()?;
     let mounts = me.mountinfo().ok()?;
     mounts
@@ -49,6 +77,14 @@ pub struct CgroupCache {
 impl CgroupCache {
     /// A cache over the mounted cgroup2 hierarchy (empty when there is none).
     pub fn new() -> CgroupCache {
+        if cgroup_root_override().is_none() && in_cgroup_namespace() {
+            log::warn!(
+                "kmodmon runs in a cgroup namespace of its own: its cgroup2 mount shows only its \
+                 own subtree, so events cannot be tied to other containers. Bind-mount the \
+                 host's /sys/fs/cgroup (e.g. at /host/sys/fs/cgroup) and set \
+                 {CGROUP_ROOT_ENV}=/host/sys/fs/cgroup"
+            );
+        }
         Self::with_root(cgroup2_mount())
     }
 

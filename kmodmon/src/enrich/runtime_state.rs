@@ -151,12 +151,16 @@ impl StateConfig {
         }
     }
 
-    /// The defaults, with the cgroup2 mount read from /proc/self/mounts put first.
+    /// The defaults, with the cgroup2 root put first: `KMODMON_CGROUP_ROOT` when set, else the
+    /// mount read from /proc/self/mounts.
     pub fn detect() -> StateConfig {
         let mut cfg = StateConfig::default();
-        if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts")
-            && let Some(m) = cgroup2_mount(&mounts)
-        {
+        let found = crate::enrich::cgroup::cgroup_root_override().or_else(|| {
+            std::fs::read_to_string("/proc/self/mounts")
+                .ok()
+                .and_then(|m| cgroup2_mount(&m))
+        });
+        if let Some(m) = found {
             cfg.cgroup2_mounts.retain(|p| p != &m);
             cfg.cgroup2_mounts.insert(0, m);
         }

@@ -1,0 +1,184 @@
+"""The Kubernetes manifests against what kmodmon needs (schema validity is checked apart, by
+kubernetes-validate): the configuration they carry parses with kmodmon's own parser, and the
+DaemonSet mounts, probes, capabilities and environment match that configuration and the
+systemd unit.
+
+    python3 tests/package/k8s-check.py KMODMON_BIN MANIFEST...
+
+Needs PyYAML (kubernetes-validate brings it). Exits 1 naming every mismatch.
+"""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+problems = []
+
+
+def problem(msg):
+    problems.append(msg)
+    print(f"k8s-check: FAIL: {msg}", file=sys.stderr)
+
+
+def ok(msg):
+    print(f"k8s-check: ok: {msg}")
+
+
+def unit_capabilities():
+    with open(os.path.join(ROOT, "dist/kmodmon.service"), encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("CapabilityBoundingSet="):
+                return {c.removeprefix("CAP_") for c in line.split("=", 1)[1].split()}
+    return set()
+
+
+def check_daemonset(ds, configmaps, kmodmon):
+    pod = ds["spec"]["template"]["spec"]
+    name = ds["metadata"]["name"]
+    if not pod.get("hostPID"):
+        problem(f"{name}: hostPID must be true (kmodmon reads /proc/PID of the host)")
+    containers = [c for c in pod["containers"] if c.get("args", [None])[0] == "run"]
+    if len(containers) != 1:
+        problem(f"{name}: expected one container running `kmodmon run`")
+        return
+    c = containers[0]
+    sc = c.get("securityContext", {})
+    if sc.get("privileged"):
+        problem(f"{name}: privileged; use the capabilities kmodmon needs")
+    added = set(sc.get("capabilities", {}).get("add", []))
+    if sc.get("capabilities", {}).get("drop") != ["ALL"]:
+        problem(f"{name}: capabilities must drop ALL before adding")
+    want = unit_capabilities()
+    if added != want:
+        problem(f"{name}: capabilities {sorted(added)} differ from the systemd unit's {sorted(want)}")
+    else:
+        ok(f"capabilities match the systemd unit: {' '.join(sorted(added))}")
+
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+
+    def host_path(mount):
+        return volumes.get(mount["name"], {}).get("hostPath", {}).get("path")
+
+    # The config file named in args comes from a ConfigMap key that exists.
+    args = c["args"]
+    config_path = args[args.index("--config") + 1] if "--config" in args else "/etc/kmodmon/kmodmon.toml"
+    config_dir, config_key = os.path.split(config_path)
+    cm_mount = mounts.get(config_dir)
+    cm_name = volumes.get(cm_mount["name"], {}).get("configMap", {}).get("name") if cm_mount else None
+    data = configmaps.get(cm_name, {})
+    if config_key not in data:
+        problem(f"{name}: {config_path} is not a key of a mounted ConfigMap")
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, text in data.items():
+            with open(os.path.join(tmp, key), "w", encoding="utf-8") as f:
+                f.write(text)
+        cmd = [kmodmon, "run", "--check-config", "--config", os.path.join(tmp, config_key)]
+        if "policy.toml" in data:
+            r = subprocess.run([kmodmon, "policy", "check", os.path.join(tmp, "policy.toml")],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                problem(f"{name}: policy.toml: {r.stdout}{r.stderr}")
+            else:
+                ok(f"policy.toml: {r.stdout.strip()}")
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            problem(f"{name}: {config_key}: {r.stderr.strip()}")
+        else:
+            ok(f"{config_key} parses with kmodmon: {r.stdout.strip()}")
+
+    import tomllib
+    cfg = tomllib.loads(data[config_key])
+
+    # Events on stdout for the log pipeline.
+    if not cfg.get("forward", {}).get("stdout"):
+        problem(f"{name}: [forward] stdout must be true (events as JSON on stdout)")
+
+    # The audit log lands on a writable hostPath.
+    audit = cfg.get("audit", {}).get("dir")
+    holder = max((p for p in mounts if audit and (audit + "/").startswith(p.rstrip("/") + "/")),
+                 key=len, default=None)
+    if not audit or not holder or not host_path(mounts[holder]) or mounts[holder].get("readOnly"):
+        problem(f"{name}: the audit dir {audit} is not on a writable hostPath mount")
+    else:
+        ok(f"audit log {audit} on hostPath {host_path(mounts[holder])}")
+
+    # Metrics port, readiness and liveness probes.
+    listen = cfg.get("metrics", {}).get("listen", "")
+    port = int(listen.rsplit(":", 1)[1]) if ":" in listen else None
+    if listen.startswith("127.") or listen.startswith("[::1]"):
+        problem(f"{name}: metrics listen {listen} is loopback: the kubelet cannot probe it")
+    ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+    if port not in ports.values():
+        problem(f"{name}: metrics port {port} is not a containerPort")
+    for probe, path in (("readinessProbe", "/ready"), ("livenessProbe", "/healthz")):
+        get = c.get(probe, {}).get("httpGet", {})
+        pport = ports.get(get.get("port"), get.get("port"))
+        if get.get("path") != path or pport != port:
+            problem(f"{name}: {probe} must GET {path} on the metrics port {port}")
+    ok(f"metrics on :{port}, readiness /ready, liveness /healthz")
+
+    # Host mounts kmodmon reads, read-only except the pins and the audit log.
+    required = {
+        "/sys/fs/bpf": "/sys/fs/bpf",
+        "/sys/kernel/tracing": "/sys/kernel/tracing",
+        "/lib/modules": "/lib/modules",
+        "/run/containerd": "/run/containerd",
+        "/run/containers/storage": "/run/containers/storage",
+    }
+    by_host = {host_path(m): m for m in mounts.values() if host_path(m)}
+    for host, why in required.items():
+        if host not in by_host:
+            problem(f"{name}: host path {host} is not mounted")
+    for host, m in by_host.items():
+        writable = host in ("/sys/fs/bpf", "/var/lib/kmodmon")
+        if not writable and not m.get("readOnly"):
+            problem(f"{name}: host path {host} must be mounted readOnly")
+    if by_host.get("/sys/fs/bpf", {}).get("mountPropagation") != "HostToContainer":
+        problem(f"{name}: /sys/fs/bpf needs mountPropagation HostToContainer")
+
+    # The host's cgroup tree, named to kmodmon.
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    cg = by_host.get("/sys/fs/cgroup")
+    if not cg or env.get("KMODMON_CGROUP_ROOT") != cg["mountPath"]:
+        problem(f"{name}: KMODMON_CGROUP_ROOT must name the mount of the host's /sys/fs/cgroup")
+    else:
+        ok(f"host cgroup tree at {cg['mountPath']} (KMODMON_CGROUP_ROOT)")
+
+    # Memory: a limit, and a request at least the measured idle RSS.
+    res = c.get("resources", {})
+    limit = res.get("limits", {}).get("memory")
+    request = res.get("requests", {}).get("memory")
+    mib = lambda v: int(re.fullmatch(r"(\d+)Mi", v).group(1)) if v and re.fullmatch(r"(\d+)Mi", v) else None
+    if mib(limit) is None or mib(request) is None or not (32 <= mib(request) <= mib(limit)):
+        problem(f"{name}: memory request {request} / limit {limit} (want Mi values, 32Mi <= request <= limit)")
+    else:
+        ok(f"memory request {request}, limit {limit}")
+
+
+def main():
+    kmodmon, manifests = sys.argv[1], sys.argv[2:]
+    docs = []
+    for path in manifests:
+        with open(path, encoding="utf-8") as f:
+            docs += [d for d in yaml.safe_load_all(f) if d]
+    configmaps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
+    daemonsets = [d for d in docs if d["kind"] == "DaemonSet"]
+    if not daemonsets:
+        problem("no DaemonSet in the manifests")
+    for ds in daemonsets:
+        check_daemonset(ds, configmaps, kmodmon)
+    if problems:
+        print(f"k8s-check: {len(problems)} problem(s)", file=sys.stderr)
+        sys.exit(1)
+    print("k8s-check: the manifests match what kmodmon needs")
+
+
+if __name__ == "__main__":
+    main()
