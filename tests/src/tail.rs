@@ -20,10 +20,15 @@ pub struct Tail {
 impl Tail {
     /// Starts `kmodmon tail --json ARGS` and waits until it says it is attached.
     pub fn start(args: &[&str]) -> Tail {
-        let mut child = Command::new(crate::kmodmon_bin())
-            .arg("tail")
-            .arg("--json")
-            .args(args)
+        let mut cmd = Command::new(crate::kmodmon_bin());
+        cmd.arg("tail").arg("--json").args(args);
+        Tail::spawn(cmd)
+    }
+
+    /// Starts `cmd` (which runs `kmodmon tail --json`, perhaps through a wrapper) and waits
+    /// until kmodmon says it is attached.
+    pub fn spawn(mut cmd: Command) -> Tail {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -84,6 +89,16 @@ impl Tail {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
         self.finish()
+    }
+
+    /// Stops kmodmon with SIGINT and returns everything it printed on stderr.
+    pub fn stop_log(mut self) -> Vec<String> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let _ = self.child.wait();
+        let rest: Vec<String> = self.stderr.iter().collect();
+        self.log.extend(rest);
+        std::mem::take(&mut self.log)
     }
 
     /// Waits for kmodmon to exit by itself (e.g. after --count).

@@ -33,16 +33,13 @@ pub fn cgroup_root_override() -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
-/// Whether kmodmon runs in another cgroup namespace than PID 1 (the host's init, when the
-/// PID namespace is the host's): its cgroup2 mount then shows a subtree, not the host's tree.
+/// The inode number of the initial cgroup namespace (the kernel's fixed PROC_CGROUP_INIT_INO).
+const INIT_CGROUP_NS_INO: u64 = 0xEFFF_FFFB;
+
+/// Whether kmodmon runs in a cgroup namespace other than the initial one: its cgroup2 mount
+/// then shows a subtree, not the host's tree.
 pub fn in_cgroup_namespace() -> bool {
-    match (
-        std::fs::read_link("/proc/self/ns/cgroup"),
-        std::fs::read_link("/proc/1/ns/cgroup"),
-    ) {
-        (Ok(me), Ok(init)) => me != init,
-        _ => false,
-    }
+    std::fs::metadata("/proc/self/ns/cgroup").is_ok_and(|m| m.ino() != INIT_CGROUP_NS_INO)
 }
 
 /// Where the host's cgroup2 hierarchy is: [`CGROUP_ROOT_ENV`] when set, else the first cgroup2
@@ -60,6 +57,20 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
         .map(|m| m.mount_point)
 }
 
+/// [`cgroup2_mount`], with a warning that says what to do when kmodmon runs in a cgroup
+/// namespace of its own without [`CGROUP_ROOT_ENV`]: it would see only its own subtree.
+pub fn host_cgroup_root() -> Option<PathBuf> {
+    if cgroup_root_override().is_none() && in_cgroup_namespace() {
+        log::warn!(
+            "kmodmon runs in a cgroup namespace of its own: its cgroup2 mount shows only its \
+             own subtree, so events cannot be tied to containers that started before it. \
+             Bind-mount the host's /sys/fs/cgroup (e.g. at /host/sys/fs/cgroup) and set \
+             {CGROUP_ROOT_ENV}=/host/sys/fs/cgroup"
+        );
+    }
+    cgroup2_mount()
+}
+
 /// The id → path map.
 #[derive(Debug)]
 pub struct CgroupCache {
@@ -75,17 +86,9 @@ pub struct CgroupCache {
 }
 
 impl CgroupCache {
-    /// A cache over the mounted cgroup2 hierarchy (empty when there is none).
+    /// A cache over the host's cgroup2 hierarchy (empty when there is none).
     pub fn new() -> CgroupCache {
-        if cgroup_root_override().is_none() && in_cgroup_namespace() {
-            log::warn!(
-                "kmodmon runs in a cgroup namespace of its own: its cgroup2 mount shows only its \
-                 own subtree, so events cannot be tied to other containers. Bind-mount the \
-                 host's /sys/fs/cgroup (e.g. at /host/sys/fs/cgroup) and set \
-                 {CGROUP_ROOT_ENV}=/host/sys/fs/cgroup"
-            );
-        }
-        Self::with_root(cgroup2_mount())
+        Self::with_root(host_cgroup_root())
     }
 
     pub fn with_root(root: Option<PathBuf>) -> CgroupCache {

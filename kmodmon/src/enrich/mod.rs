@@ -101,7 +101,7 @@ impl Enricher {
     /// Reads the cgroup tree, runtime state and the module database once, and starts
     /// tracking the containers already running.
     pub fn with_options(opts: EnrichOptions) -> Enricher {
-        let cgroup_root = opts.cgroup_root.clone().or_else(cgroup::cgroup2_mount);
+        let cgroup_root = opts.cgroup_root.clone().or_else(cgroup::host_cgroup_root);
         let cgroups = CgroupCache::with_root(cgroup_root.clone());
         let state = opts.state.clone().unwrap_or_else(StateConfig::detect);
         let proc_root = state.proc_root.clone();
@@ -363,6 +363,23 @@ impl Enricher {
             Some(db) => db.as_ref(),
             None => &NameOnly,
         };
+        if key.is_none() && ev.container.is_none() && ev.cgroup_path.is_none() && ev.cgroup_id > 1 {
+            // Not in the root cgroup and not found in the tree kmodmon reads: it may be a
+            // container kmodmon cannot see, so "host" would be a guess.
+            verdict::add_detail(
+                ev,
+                &format!(
+                    "cgroup {} not found under {}: no verdict (host or container unknown)",
+                    ev.cgroup_id,
+                    self.cgroups
+                        .root()
+                        .map_or("(no cgroup2 mount)".to_string(), |r| r
+                            .display()
+                            .to_string())
+                ),
+            );
+            return;
+        }
         let state = key.map(|k| self.expectations.get(k).map(|t| &t.state));
         verdict::judge_event(ev, state, resolver);
     }

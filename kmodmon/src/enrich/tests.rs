@@ -215,6 +215,24 @@ fn an_unreadable_declaration_is_reported_not_waited_for_forever() {
 }
 
 #[test]
+fn a_cgroup_outside_the_tree_gets_no_verdict_rather_than_host() {
+    // kmodmon in a cgroup namespace without the host's tree: a container's cgroup id is in no
+    // directory kmodmon reads. "host" would be a guess.
+    let h = Host::new("");
+    let mut e = h.enricher();
+    e.handle(event(Kind::LoadAttempt, "ip_vs", 987_654_321, 1, 1));
+    let out = e.take_ready();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].verdict, None);
+    assert!(out[0].cgroup_path.is_none());
+    let detail = out[0].detail.as_deref().unwrap_or_default();
+    assert!(
+        detail.contains("cgroup 987654321 not found under") && detail.contains("no verdict"),
+        "{detail}"
+    );
+}
+
+#[test]
 fn host_events_pass_straight_through() {
     let h = Host::new("");
     let id = h.mkdir("/system.slice/cron.service");
