@@ -132,11 +132,75 @@ pub fn bench(rounds: usize) -> Result<()> {
         idle_rss as f64 / 1024.0,
         peak_rss as f64 / 1024.0
     ));
+
+    // 4. The daemon as shipped (audit log, metrics, stdout): the memory the systemd unit's
+    //    MemoryMax and the DaemonSet's requests/limits are sized from.
+    say(
+        "\n## Daemon memory: `kmodmon run` with audit log, metrics and --stdout > /dev/null\n"
+            .into(),
+    );
+    say("| round | RSS idle | VmHWM after a storm of 4 × 50,000 attempts |".into());
+    say("|---|---|---|".into());
+    for r in 0..rounds.min(3) {
+        let (idle, peak) = daemon_rss(&bins)?;
+        say(format!(
+            "| {r} | {:.1} MB | {:.1} MB |",
+            idle as f64 / 1024.0,
+            peak as f64 / 1024.0
+        ));
+    }
     let dir = root.join("target/bench");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("host.md"), report)?;
     println!("\n(written to {})", dir.join("host.md").display());
     Ok(())
+}
+
+/// One daemon run: (idle VmRSS, VmHWM after a storm), in KiB.
+fn daemon_rss(bins: &Bins) -> Result<(u64, u64)> {
+    const METRICS: &str = "127.0.0.1:9467";
+    let dir = std::env::temp_dir().join(format!("kmodmon-bench-audit-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut child = Command::new(&bins.kmodmon)
+        .args(["run", "--stdout", "--metrics", METRICS, "--audit-dir"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting kmodmon run")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !http_ok(METRICS, "/ready") {
+        if Instant::now() > deadline || child.try_wait()?.is_some() {
+            stop(&mut child);
+            bail!("kmodmon run did not become ready");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    thread::sleep(Duration::from_secs(1));
+    let idle = rss_kib(child.id(), "VmRSS:").unwrap_or(0);
+    output_of(Command::new(&bins.load).args(["storm", "4", "50000"]))?;
+    thread::sleep(Duration::from_secs(2));
+    let peak = rss_kib(child.id(), "VmHWM:").unwrap_or(0);
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((idle, peak))
+}
+
+/// Whether `GET path` on `addr` answers 200.
+fn http_ok(addr: &str, path: &str) -> bool {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut answer = String::new();
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .and_then(|_| s.read_to_string(&mut answer))
+        .is_ok()
+        && answer.starts_with("HTTP/1.1 200")
 }
 
 fn uname_r() -> String {

