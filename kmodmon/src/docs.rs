@@ -13,9 +13,25 @@ use crate::cli::Cli;
 
 const BIN: &str = "kmodmon";
 
+/// The command line as users see it: without hidden subcommands (clap_complete's bash script
+/// would otherwise offer `generate-docs`).
+fn visible_command() -> clap::Command {
+    let full = Cli::command();
+    let subcommands: Vec<clap::Command> = full
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set())
+        .cloned()
+        .collect();
+    clap::Command::new(BIN)
+        .version(env!("CARGO_PKG_VERSION"))
+        .subcommand_required(true)
+        .args(full.get_arguments().filter(|a| !a.is_hide_set()).cloned())
+        .subcommands(subcommands)
+}
+
 /// Prints the completion script for `shell` to stdout.
 pub fn print_completions(shell: Shell) -> anyhow::Result<ExitCode> {
-    let mut cmd = Cli::command();
+    let mut cmd = visible_command();
     let mut out = std::io::stdout().lock();
     clap_complete::generate(shell, &mut cmd, BIN, &mut out);
     out.flush().context("writing the completion script")?;
@@ -42,7 +58,7 @@ pub fn generate(out: &Path) -> anyhow::Result<Generated> {
     pages.build();
     let mut man_pages = Vec::new();
     write_pages(&pages, &man, &mut man_pages)?;
-    let mut cmd = Cli::command();
+    let mut cmd = visible_command();
     let mut completions = Vec::new();
     for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
         let path = clap_complete::generate_to(shell, &mut cmd, BIN, &comp)
@@ -231,6 +247,11 @@ mod tests {
         assert!(tail.contains("\\-\\-json"), "options rendered");
         let bash = std::fs::read_to_string(&g.completions[0]).unwrap();
         assert!(bash.contains("complete -F") && bash.contains("--load-expected"));
+        for script in &g.completions {
+            let text = std::fs::read_to_string(script).unwrap();
+            assert!(!text.contains("generate-docs"), "{}", script.display());
+            assert!(text.contains("check-config"), "{}", script.display());
+        }
         assert_eq!(g.completions.len(), 3);
     }
 }
