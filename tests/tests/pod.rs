@@ -78,8 +78,9 @@ fn wait_for(path: &Path, timeout: Duration) -> bool {
 }
 
 /// A docker-layout container that waits for /go in its rootfs, then tries to load ip_vs.
-/// Returns its ID and the events kmodmon (in a pod, as configured) printed for it.
-fn run_case(test: &str, cgroup_root_env: bool) -> Option<(String, Vec<Value>, Vec<String>)> {
+/// Returns its ID, the ip_vs attempt kmodmon (in a pod, as configured) printed, and kmodmon's
+/// stderr.
+fn run_case(test: &str, cgroup_root_env: bool) -> Option<(String, Value, Vec<String>)> {
     if !require_root(test) {
         return None;
     }
@@ -137,21 +138,22 @@ fn run_case(test: &str, cgroup_root_env: bool) -> Option<(String, Vec<Value>, Ve
     let log = tail.stop_log();
     let out = container.join().expect("container thread");
     assert!(out.status.success(), "runc run failed: {out:?}");
-    Some((id, events, log))
+    let attempt = events
+        .iter()
+        .find(|e| e["module"] == "ip_vs")
+        .unwrap_or_else(|| panic!("no ip_vs attempt: {events:#?}\n{}", log.join("\n")))
+        .clone();
+    Some((id, attempt, log))
 }
 
 #[test]
 fn daemonset_layout_recognises_containers_through_the_host_cgroup_tree() {
-    let Some((id, events, _)) = run_case(
+    let Some((id, e, _)) = run_case(
         "daemonset_layout_recognises_containers_through_the_host_cgroup_tree",
         true,
     ) else {
         return;
     };
-    let e = events
-        .iter()
-        .find(|e| e["module"] == "ip_vs")
-        .unwrap_or_else(|| panic!("no ip_vs attempt: {events:#?}"));
     assert_eq!(e["container"]["id"], id.as_str(), "{e}");
     assert_eq!(e["container"]["runtime"], "docker", "{e}");
     assert_eq!(e["verdict"], "expected", "{e}");
@@ -166,7 +168,7 @@ fn daemonset_layout_recognises_containers_through_the_host_cgroup_tree() {
 /// the container it cannot see is not claimed.
 #[test]
 fn in_a_cgroup_namespace_without_the_host_tree_kmodmon_says_so() {
-    let Some((id, events, log)) = run_case(
+    let Some((id, e, log)) = run_case(
         "in_a_cgroup_namespace_without_the_host_tree_kmodmon_says_so",
         false,
     ) else {
@@ -177,10 +179,6 @@ fn in_a_cgroup_namespace_without_the_host_tree_kmodmon_says_so() {
         log.contains("cgroup namespace of its own") && log.contains("KMODMON_CGROUP_ROOT="),
         "{log}"
     );
-    let e = events
-        .iter()
-        .find(|e| e["module"] == "ip_vs")
-        .unwrap_or_else(|| panic!("no ip_vs attempt: {events:#?}"));
     // It cannot see the container; it must not pretend the load came from the host either.
     assert_ne!(e["container"]["id"], id.as_str(), "{e}");
     assert!(
