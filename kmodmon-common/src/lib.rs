@@ -535,21 +535,35 @@ pub mod policy {
     }
 
     /// `enum kernel_read_file_id` / `enum kernel_load_data_id` values the programs compare
-    /// against, resolved from BTF by userspace (written into `KMODMON_LSM_CONFIG`).
+    /// against, resolved from BTF by userspace (written into `KMODMON_LSM_CONFIG`), and how
+    /// init_module images are named.
     #[repr(C)]
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct LsmConfig {
         pub reading_module: u32,
         pub loading_module: u32,
+        /// 1 when the kernel_post_load_data program is attached: kernel_load_data then lets
+        /// init_module through to it, where the image is read for the module's name.
+        pub name_images: u32,
+        /// Offset of `name` in `struct module` (BTF), or OFFSET_UNKNOWN.
+        pub module_name: u32,
     }
 
     impl LsmConfig {
-        /// The values in every kernel since 5.7 (include/linux/kernel_read_file.h).
+        /// The values in every kernel since 5.7 (include/linux/kernel_read_file.h); images not
+        /// named.
         pub const DEFAULT: LsmConfig = LsmConfig {
             reading_module: 2,
             loading_module: 2,
+            name_images: 0,
+            module_name: crate::OFFSET_UNKNOWN,
         };
     }
+
+    /// The section of a module's ELF image that holds its `struct module` (and so its name).
+    pub const THIS_MODULE_SECTION: &[u8; 26] = b".gnu.linkonce.this_module\0";
+    /// Section headers the image parser looks at, at most.
+    pub const MAX_IMAGE_SECTIONS: u32 = 128;
 }
 
 #[cfg(feature = "user")]

@@ -5,7 +5,11 @@
 //!   finit_module, named by the file's name (the module's own name is not parsed yet), e.g.
 //!   `ip_vs.ko.xz`;
 //! - `kernel_load_data(enum kernel_load_data_id, bool)` with LOADING_MODULE: init_module from
-//!   memory, which carries no name: only an unrestricted cgroup may do it.
+//!   memory, which carries no name yet: where the kernel has the next hook (5.10+), the decision
+//!   waits for it; else only an unrestricted cgroup may do it;
+//! - `kernel_post_load_data(char *buf, loff_t size, enum kernel_load_data_id, char *)`: the
+//!   init_module image, copied into the kernel: its name is read from the `struct module` in
+//!   its `.gnu.linkonce.this_module` section (kmod decompressing `.ko.xz` itself loads this way).
 //!
 //! The decision: the deepest ancestor of the current task's cgroup2 that userspace mapped in
 //! [`POLICY_CGROUPS`] (else the host entry, key 0; else allow), then the allow-set. In enforce
@@ -13,7 +17,7 @@
 //! sends `would_deny` and returns 0. Userspace pins these maps and the programs' links, so the
 //! policy keeps holding while kmodmon is down.
 use aya_ebpf::{
-    helpers::generated::bpf_get_current_ancestor_cgroup_id,
+    helpers::{bpf_probe_read_kernel, generated::bpf_get_current_ancestor_cgroup_id},
     macros::{lsm, map},
     maps::{Array, HashMap},
     programs::LsmContext,
@@ -21,8 +25,8 @@ use aya_ebpf::{
 use kmodmon_common::{
     EventKind, NAME_LEN, OFFSET_UNKNOWN, Op, Source,
     policy::{
-        AllowKey, Decision, HOST_KEY, LsmConfig, MAX_CGROUP_DEPTH, MODE_ENFORCE, MODE_OFF,
-        NAME_KEY_LEN, RESTRICTED, Settings,
+        AllowKey, Decision, HOST_KEY, LsmConfig, MAX_CGROUP_DEPTH, MAX_IMAGE_SECTIONS,
+        MODE_ENFORCE, MODE_OFF, NAME_KEY_LEN, RESTRICTED, Settings, THIS_MODULE_SECTION,
     },
     trunc,
 };
@@ -229,8 +233,147 @@ pub fn kernel_load_data(ctx: LsmContext) -> i32 {
         set: 0,
         name: [0; NAME_KEY_LEN],
     };
+    // SAFETY: as above.
+    let name_images = unsafe { core::ptr::read_volatile(&KMODMON_LSM_CONFIG.name_images) };
+    let contents: u64 = ctx.arg(1);
+    if name_images == 1 && contents & 1 == 1 {
+        // kernel_post_load_data decides, with the module's name from the image.
+        return 0;
+    }
     if allowed(&d, &mut key, false) {
         return 0;
     }
     report(&d, enforce, Op::InitModule, &key, false, 0)
+}
+
+#[lsm(hook = "kernel_post_load_data")]
+pub fn kernel_post_load_data(ctx: LsmContext) -> i32 {
+    let prior: i32 = ctx.arg(4);
+    if prior != 0 {
+        return prior;
+    }
+    let id: u32 = ctx.arg(2);
+    // SAFETY: as above.
+    let loading_module = unsafe { core::ptr::read_volatile(&KMODMON_LSM_CONFIG.loading_module) };
+    if id != loading_module {
+        return 0;
+    }
+    let Some((d, enforce)) = current_decision() else {
+        return 0;
+    };
+    if d.flags & RESTRICTED == 0 {
+        return 0;
+    }
+    let buf: u64 = ctx.arg(0);
+    let size: u64 = ctx.arg(1);
+    // SAFETY: as above.
+    let name_off = unsafe { core::ptr::read_volatile(&KMODMON_LSM_CONFIG.module_name) };
+    let mut key = AllowKey {
+        set: 0,
+        name: [0; NAME_KEY_LEN],
+    };
+    let named = image_module_name(buf, size, name_off, &mut key.name);
+    normalize(&mut key.name);
+    if allowed(&d, &mut key, named) {
+        return 0;
+    }
+    report(&d, enforce, Op::InitModule, &key, false, 0)
+}
+
+/// Elf64_Ehdr and Elf64_Shdr field offsets.
+const E_SHOFF: u64 = 0x28;
+const E_SHNUM: u64 = 0x3c;
+const E_SHSTRNDX: u64 = 0x3e;
+const SHDR_SIZE: u64 = 64;
+const SH_OFFSET: u64 = 0x18;
+/// "\x7fELF", read as a little-endian u32.
+const ELF_MAGIC: u32 = 0x464c_457f;
+
+#[inline(always)]
+fn read_at<T>(addr: u64) -> Option<T> {
+    // SAFETY: bpf_probe_read_kernel validates the address; a bad one returns an error.
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
+}
+
+/// The section name [`THIS_MODULE_SECTION`] as four little-endian words (the last masked to
+/// its two bytes "e\0").
+#[inline(always)]
+fn section_words() -> [u64; 4] {
+    let s = THIS_MODULE_SECTION;
+    let w = |i: usize| {
+        let mut b = [0u8; 8];
+        let mut j = 0;
+        while j < 8 {
+            if i + j < s.len() {
+                b[j] = s[i + j];
+            }
+            j += 1;
+        }
+        u64::from_le_bytes(b)
+    };
+    [w(0), w(8), w(16), w(24)]
+}
+
+/// Reads the module's name from an init_module image of `size` bytes at `buf` (kernel
+/// memory): the section headers are walked for `.gnu.linkonce.this_module`, which holds the
+/// module's `struct module`, whose `name` is at `name_off`. Every offset is checked against
+/// `size`; false when anything does not fit.
+#[inline(always)]
+fn image_module_name(buf: u64, size: u64, name_off: u32, out: &mut [u8; NAME_KEY_LEN]) -> bool {
+    if buf == 0 || name_off == OFFSET_UNKNOWN || size < SHDR_SIZE {
+        return false;
+    }
+    if read_at::<u32>(buf) != Some(ELF_MAGIC) {
+        return false;
+    }
+    let (Some(shoff), Some(shnum), Some(shstrndx)) = (
+        read_at::<u64>(buf + E_SHOFF),
+        read_at::<u16>(buf + E_SHNUM),
+        read_at::<u16>(buf + E_SHSTRNDX),
+    ) else {
+        return false;
+    };
+    let (shnum, shstrndx) = (shnum as u64, shstrndx as u64);
+    if shoff > size || shnum * SHDR_SIZE > size - shoff || shstrndx >= shnum {
+        return false;
+    }
+    let Some(strtab) = read_at::<u64>(buf + shoff + shstrndx * SHDR_SIZE + SH_OFFSET) else {
+        return false;
+    };
+    if strtab >= size {
+        return false;
+    }
+    let want = section_words();
+    for i in 1..MAX_IMAGE_SECTIONS as u64 {
+        if i >= shnum {
+            break;
+        }
+        let sh = buf + shoff + i * SHDR_SIZE;
+        let Some(sh_name) = read_at::<u32>(sh) else {
+            return false;
+        };
+        let at = strtab + sh_name as u64;
+        if at + 32 > size {
+            continue;
+        }
+        let Some(words) = read_at::<[u64; 4]>(buf + at) else {
+            return false;
+        };
+        if words[0] != want[0]
+            || words[1] != want[1]
+            || words[2] != want[2]
+            || words[3] & 0xffff != want[3]
+        {
+            continue;
+        }
+        let Some(off) = read_at::<u64>(sh + SH_OFFSET) else {
+            return false;
+        };
+        let name_at = off.saturating_add(name_off as u64);
+        if name_at.saturating_add(NAME_KEY_LEN as u64) > size {
+            return false;
+        }
+        return matches!(read_kernel_str(buf + name_at, out), Some((len, false)) if len > 0);
+    }
+    false
 }

@@ -153,7 +153,7 @@ fn status(dir: &PinDir) -> anyhow::Result<ExitCode> {
     let links = dir.pinned_links();
     println!(
         "pinned links: {links}/{} under {}",
-        pins::PROGRAMS.len(),
+        pins::expected_links(),
         dir.root.display()
     );
     println!(

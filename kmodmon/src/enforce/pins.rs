@@ -25,12 +25,48 @@ use kmodmon_common::policy::{AllowKey, Decision, LsmConfig, Settings};
 use super::{EnforceError, host::BPFFS};
 use crate::probe::{EBPF_OBJECT, btf::KernelBtf};
 
-/// (program in the object, LSM hook).
-pub const PROGRAMS: [(&str, &str); 3] = [
+/// (program in the object, LSM hook), in the order they are attached. [`IMAGE_PROGRAM`] names
+/// init_module images; it needs the kernel_post_load_data hook (5.10+) and `struct module` in
+/// BTF, and is left out without them. It comes before kernel_load_data, which defers to it:
+/// while an older kernel_load_data (which denies every unnamed load) is being replaced, the
+/// two together are stricter, never looser.
+pub const PROGRAMS: [(&str, &str); 4] = [
     ("kernel_module_request", "kernel_module_request"),
     ("kernel_read_file", "kernel_read_file"),
+    (IMAGE_PROGRAM, IMAGE_PROGRAM),
     ("kernel_load_data", "kernel_load_data"),
 ];
+
+/// The program that reads init_module images for the module's name.
+pub const IMAGE_PROGRAM: &str = "kernel_post_load_data";
+
+/// The LSM settings for this kernel: whether init_module images can be named here.
+pub fn lsm_config(kbtf: &KernelBtf) -> LsmConfig {
+    let name = kbtf.member_offset("module", "name");
+    let hook = kbtf.has_func(&format!("bpf_lsm_{IMAGE_PROGRAM}"));
+    LsmConfig {
+        name_images: u32::from(hook && name.is_some()),
+        module_name: name.unwrap_or(kmodmon_common::OFFSET_UNKNOWN),
+        ..LsmConfig::DEFAULT
+    }
+}
+
+/// The programs this kernel takes.
+pub fn programs_for(cfg: &LsmConfig) -> Vec<(&'static str, &'static str)> {
+    PROGRAMS
+        .iter()
+        .copied()
+        .filter(|(p, _)| *p != IMAGE_PROGRAM || cfg.name_images == 1)
+        .collect()
+}
+
+/// How many programs this kernel takes (3 or 4).
+pub fn expected_links() -> usize {
+    match KernelBtf::load() {
+        Ok(kbtf) => programs_for(&lsm_config(&kbtf)).len(),
+        Err(_) => PROGRAMS.len() - 1,
+    }
+}
 
 /// (map in the object, pin name).
 pub const MAPS: [(&str, &str); 4] = [
@@ -65,7 +101,7 @@ impl PinDir {
         self.root.join("maps").join(pin)
     }
 
-    /// How many of the three links are pinned.
+    /// How many of the links are pinned.
     pub fn pinned_links(&self) -> usize {
         PROGRAMS
             .iter()
@@ -133,7 +169,8 @@ pub enum Installed {
 /// A fresh install that fails leaves no pins behind.
 pub fn install(dir: &PinDir, replace: bool) -> Result<Installed, EnforceError> {
     let pinned = dir.pinned_links();
-    if pinned == PROGRAMS.len() && !replace {
+    // Pins of an older kmodmon may lack a program this one has: then it replaces them.
+    if pinned == expected_links() && !replace {
         return Ok(Installed::Adopted);
     }
     let r = load_and_pin(dir);
@@ -164,12 +201,19 @@ fn load_and_pin(dir: &PinDir) -> Result<(), EnforceError> {
             "the kernel's BTF (/sys/kernel/btf/vmlinux) is needed for LSM programs: {e}"
         ))
     })?;
+    let lsm_cfg = lsm_config(&kbtf);
+    if lsm_cfg.name_images == 0 {
+        log::warn!(
+            "this kernel has no kernel_post_load_data hook (5.10+) or no struct module in BTF: \
+             init_module loads stay unnamed and are denied wherever loads are restricted"
+        );
+    }
     let map_paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|(n, p)| (*n, dir.map(p))).collect();
     let mut loader = EbpfLoader::new();
     loader
         .btf(Some(&btf))
         .override_global("KMODMON_CONFIG", &config, true)
-        .override_global("KMODMON_LSM_CONFIG", &LsmConfig::DEFAULT, true)
+        .override_global("KMODMON_LSM_CONFIG", &lsm_cfg, true)
         // Unused by the LSM programs: keep them small.
         .map_max_entries("PENDING", 1);
     for (name, path) in &map_paths {
@@ -178,7 +222,7 @@ fn load_and_pin(dir: &PinDir) -> Result<(), EnforceError> {
     let mut ebpf = loader
         .load(EBPF_OBJECT)
         .map_err(|e| EnforceError::Load(format!("{e:#}")))?;
-    for (name, hook) in PROGRAMS {
+    for (name, hook) in programs_for(&lsm_cfg) {
         let err = |what: &str, e: String| EnforceError::Load(format!("{what} {name}: {e}"));
         let prog: &mut Lsm = ebpf
             .program_mut(name)
@@ -268,7 +312,7 @@ pub fn remove(dir: &PinDir) -> Result<usize, EnforceError> {
 }
 
 /// How many LSM programs with kmodmon's program names are loaded in the kernel (pinned or
-/// not): more than three means duplicates.
+/// not): more than [`expected_links`] means duplicates.
 pub fn loaded_program_count() -> usize {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
