@@ -1,4 +1,4 @@
-//! Policy enforcement: BPF LSM programs on the three hooks every module load goes through.
+//! Policy enforcement: BPF LSM programs on the hooks every module load goes through.
 //!
 //! - `kernel_module_request(char *kmod_name)`: an autoload request, in the requesting task;
 //! - `kernel_read_file(struct file *, enum kernel_read_file_id, bool)` with READING_MODULE:
