@@ -1,5 +1,7 @@
-# Enforcement (BPF LSM), run with `cargo xtask vm-run --kernel 6.1 tests/vm/enforce.sh`.
-# Not an NN- scenario (vm-test does not check it): it records facts and prints a summary.
+# Enforcement (BPF LSM): `cargo xtask vm-run --kernel 6.1 tests/vm/enforce.sh`; `vm-test` runs
+# it on every kernel. Self-checking: it records facts, prints a summary, checks the facts and
+# exits 1 naming every check that failed. Where the BPF LSM is not active, `enforce on` must
+# refuse with the boot parameter to add and leave nothing pinned.
 #
 # A runc container "lb" (cgroup /docker/<id>) declares KERNEL_MODULES=ip_vs,ip_vs_wrr under a
 # rule that trusts it. The host preloads the shared dependencies (nf_conntrack ...), so the
@@ -44,6 +46,46 @@ enf_stop() {
 loaded() { # MODULE -> fact loaded.NAME.TAG
     if grep -q "^$1 " /proc/modules; then fact "loaded.$1.$2" 1; else fact "loaded.$1.$2" 0; fi
 }
+
+FAILS=0
+want() { # FACT VALUE: the recorded fact must have this value
+    local got
+    got=$(sed -n "s/^$1=//p" "$OUT/facts.txt" | tail -1)
+    if [ "$got" = "$2" ]; then echo "enforce: ok: $1=$2"; else
+        echo "enforce: FAIL: $1 is '$got', want '$2'"
+        FAILS=$((FAILS + 1))
+    fi
+}
+want_nonzero() { # FACT
+    local got
+    got=$(sed -n "s/^$1=//p" "$OUT/facts.txt" | tail -1)
+    if [ -n "$got" ] && [ "$got" != 0 ]; then echo "enforce: ok: $1=$got (failed, as it must)"; else
+        echo "enforce: FAIL: $1 is '$got', want a failure"
+        FAILS=$((FAILS + 1))
+    fi
+}
+want_line() { # FILE PATTERN WHAT
+    if grep -q -- "$2" "$OUT/$1"; then echo "enforce: ok: $3"; else
+        echo "enforce: FAIL: $3 (no '$2' in $1)"
+        FAILS=$((FAILS + 1))
+    fi
+}
+
+if ! grep -qw bpf /sys/kernel/security/lsm; then
+    write_policy enforce
+    kmodmon enforce on --policy "$POLICY" >"$OUT/refused.out" 2>"$OUT/refused.err"
+    fact rc.refused "$?"
+    cat "$OUT/refused.err"
+    want rc.refused 2
+    want_line refused.err "lsm=" "the refusal names the boot parameter to add"
+    [ ! -e /sys/fs/bpf/kmodmon/links ] && echo "enforce: ok: nothing pinned" || {
+        echo "enforce: FAIL: pins left behind"
+        FAILS=$((FAILS + 1))
+    }
+    [ "$FAILS" -eq 0 ] || exit 1
+    echo "enforce: BPF LSM not active: refused as it must be"
+    exit 0
+fi
 
 step preload_host modprobe nf_conntrack
 step preload_iptables modprobe ip_tables
@@ -128,3 +170,36 @@ echo "=== enforce.err"
 cat "$OUT/enforce.err"
 echo "=== enforce.jsonl"
 cat "$OUT/enforce.jsonl"
+
+echo "=== checks"
+want rc.policy_check 0
+want rc.ctr_allowed 0
+want loaded.ip_vs_wrr.after_allowed 1
+want_nonzero rc.ctr_denied
+want loaded.dummy.after_denied 0
+want_nonzero rc.ctr_autoload
+want loaded.iptable_nat.after_autoload 0
+want loaded.veth.after_host 1
+want rc.ctr_audit 0
+want loaded.dummy.after_audit 1
+want loaded.dummy.after_bad_reload 0
+want loaded.dummy.after_kill 0
+want rc.enforce_replace 0
+want loaded.dummy.after_replace 0
+want rc.enforce_off 0
+want rc.ctr_after_off 0
+want loaded.dummy.after_off 1
+want_line enforce.jsonl '"kind":"denied".*"module":"dummy"' "a denied event names dummy"
+want_line enforce.jsonl '"kind":"would_deny".*"module":"dummy"' "audit mode reports would_deny for dummy"
+want_line enforce.err "rejected" "the malformed policy was rejected on SIGHUP"
+# Adoption loads nothing twice: as many programs in the kernel as links pinned.
+links=$(sed -n 's/^pinned links: \([0-9]*\)\/.*/\1/p' "$OUT/status.adopted.txt")
+progs=$(sed -n 's/^kmodmon LSM programs loaded in the kernel: //p' "$OUT/status.adopted.txt")
+if [ -n "$links" ] && [ "$links" -gt 0 ] && [ "$links" = "$progs" ]; then
+    echo "enforce: ok: adopted, $links links and $progs programs (none twice)"
+else
+    echo "enforce: FAIL: after adoption $links links but $progs programs"
+    FAILS=$((FAILS + 1))
+fi
+[ "$FAILS" -eq 0 ] || { echo "enforce: $FAILS check(s) failed"; exit 1; }
+echo "enforce: all checks passed"
