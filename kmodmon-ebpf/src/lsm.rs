@@ -226,13 +226,6 @@ pub fn kernel_load_data(ctx: LsmContext) -> i32 {
     if id != loading_module {
         return 0;
     }
-    let Some((d, enforce)) = current_decision() else {
-        return 0;
-    };
-    let mut key = AllowKey {
-        set: 0,
-        name: [0; NAME_KEY_LEN],
-    };
     // SAFETY: as above.
     let name_images = unsafe { core::ptr::read_volatile(&KMODMON_LSM_CONFIG.name_images) };
     let contents: u64 = ctx.arg(1);
@@ -240,6 +233,13 @@ pub fn kernel_load_data(ctx: LsmContext) -> i32 {
         // kernel_post_load_data decides, with the module's name from the image.
         return 0;
     }
+    let Some((d, enforce)) = current_decision() else {
+        return 0;
+    };
+    let mut key = AllowKey {
+        set: 0,
+        name: [0; NAME_KEY_LEN],
+    };
     if allowed(&d, &mut key, false) {
         return 0;
     }

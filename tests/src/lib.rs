@@ -49,18 +49,24 @@ pub fn have(cmd: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Where the cgroup2 hierarchy is mounted (pure v2: /sys/fs/cgroup; hybrid:
+/// /sys/fs/cgroup/unified), from /proc/self/mounts.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, mnt, fs) = (f.next()?, f.next()?, f.next()?);
+        (fs == "cgroup2").then(|| PathBuf::from(mnt))
+    })
+}
+
 /// The cgroup2 id of the calling process: the inode of its cgroup directory.
 pub fn own_cgroup_id() -> Option<u64> {
     use std::os::unix::fs::MetadataExt as _;
     let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    let root = mounts.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let (_, mnt, fs) = (f.next()?, f.next()?, f.next()?);
-        (fs == "cgroup2").then(|| mnt.to_string())
-    })?;
-    let dir = format!("{root}{}", if rel == "/" { "" } else { rel });
+    let root = cgroup2_root()?;
+    let dir = format!("{}{}", root.display(), if rel == "/" { "" } else { rel });
     std::fs::metadata(dir).ok().map(|m| m.ino())
 }
 

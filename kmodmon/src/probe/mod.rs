@@ -93,8 +93,9 @@ impl Probe {
         if let Err(e) = &btf {
             plan.notes.push(e.to_string());
         }
-        if let Some(note) = lockdown::blocking_note() {
-            plan.notes.push(note);
+        let locked_down = lockdown::blocking_note();
+        if let Some(note) = &locked_down {
+            plan.notes.push(note.clone());
         }
         loop {
             let t1 = std::time::Instant::now();
@@ -112,7 +113,7 @@ impl Probe {
                 Err(e) => match plan.fallback(&tracefs, &e) {
                     Some(next) => plan = next,
                     None => {
-                        return Err(match lockdown::blocking_note() {
+                        return Err(match locked_down {
                             Some(note) => ProbeError::LockedDown {
                                 error: Box::new(e),
                                 note,

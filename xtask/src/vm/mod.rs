@@ -35,7 +35,7 @@ use anyhow::{Context as _, Result, bail};
 pub use bench::vm_bench;
 pub use runner::vm_test;
 
-use crate::util::{cargo, output, run, workspace_root};
+use crate::util::{cargo, run, workspace_root};
 use kernels::{Cache, Kernel, KernelSpec, MATRIX};
 use qemu::{VmConfig, VmRun};
 
@@ -223,21 +223,6 @@ pub fn vm_fetch(kernel: Option<&str>, refresh: bool) -> Result<()> {
     Ok(())
 }
 
-/// The workspace's cargo target directory (honours CARGO_TARGET_DIR and cargo config).
-fn target_dir(root: &Path) -> Result<PathBuf> {
-    let text =
-        output(
-            cargo()
-                .current_dir(root)
-                .args(["metadata", "--format-version", "1", "--no-deps"]),
-        )?;
-    let v: serde_json::Value = serde_json::from_str(&text).context("parsing cargo metadata")?;
-    v["target_directory"]
-        .as_str()
-        .map(PathBuf::from)
-        .context("cargo metadata has no target_directory")
-}
-
 /// kmodmon, statically linked (glibc, crt-static), so it runs on the VM's bare root.
 fn build_kmodmon(root: &Path) -> Result<PathBuf> {
     run(cargo()
@@ -248,7 +233,9 @@ fn build_kmodmon(root: &Path) -> Result<PathBuf> {
             "-C target-feature=+crt-static",
         ))
     .context("building kmodmon for the VM failed")?;
-    let bin = target_dir(root)?.join(TARGET).join("release/kmodmon");
+    let bin = crate::util::target_dir(root)?
+        .join(TARGET)
+        .join("release/kmodmon");
     let ldd = Command::new("ldd").arg(&bin).output()?;
     if ldd.status.success() && !String::from_utf8_lossy(&ldd.stdout).contains("statically linked") {
         bail!(
