@@ -2,7 +2,7 @@
 //! module named in its doc comment.
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -27,7 +27,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Stream module events live (human-readable, or JSON lines with --json).
-    Tail(TailArgs),
+    Tail(crate::tail::TailArgs),
     /// Show which kernel sources kmodmon would attach here, and why (no attaching).
     Sources,
     /// The daemon: monitor continuously into the audit log, metrics, stdout and syslog.
@@ -57,53 +57,4 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
-}
-
-/// Output colouring.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Default)]
-pub enum ColorChoice {
-    /// Colour when stdout is a terminal and NO_COLOR is unset.
-    #[default]
-    Auto,
-    Always,
-    Never,
-}
-
-#[derive(Args, Debug, Clone, Default)]
-pub struct TailArgs {
-    /// One JSON object per line (schema in the README).
-    #[arg(long)]
-    pub json: bool,
-    /// Only events for this module (repeatable; '-' and '_' are equivalent).
-    #[arg(long = "module", value_name = "NAME")]
-    pub modules: Vec<String>,
-    /// Only events of this kind (repeatable): load, unload, request, load_attempt,
-    /// unload_attempt, expectation, self_load, denied, would_deny.
-    #[arg(long = "kind", value_name = "KIND")]
-    pub kinds: Vec<String>,
-    /// Only events from this container: a full ID, an ID prefix, a name, or "host".
-    #[arg(long = "container", value_name = "ID")]
-    pub containers: Vec<String>,
-    /// Only events from this process ID (repeatable).
-    #[arg(long = "pid", value_name = "PID")]
-    pub pids: Vec<u32>,
-    /// Exit after printing N events.
-    #[arg(long, value_name = "N")]
-    pub count: Option<u64>,
-    /// Colour in human output.
-    #[arg(long, value_enum, default_value_t = ColorChoice::Auto)]
-    pub color: ColorChoice,
-    /// Do not use fexit even where BTF allows it (use syscall tracepoints instead).
-    #[arg(long)]
-    pub no_fexit: bool,
-    /// Force the raw_syscalls fallback for attempts (for comparison and testing).
-    #[arg(long)]
-    pub force_raw_syscalls: bool,
-    /// Where modules.dep and modules.alias are read from (default /lib/modules/$(uname -r)).
-    #[arg(long, value_name = "DIR")]
-    pub modules_dir: Option<PathBuf>,
-    /// Load (modprobe) a new container's KERNEL_MODULES that are not loaded, before reporting
-    /// them; each run is reported as a self_load event.
-    #[arg(long)]
-    pub load_expected: bool,
 }

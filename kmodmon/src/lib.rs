@@ -1,8 +1,9 @@
 //! kmodmon: a kernel-module event monitor.
 //!
-//! The data flows one way: [`probe`] loads and attaches the eBPF programs and reads their ring
-//! buffers → [`event`] decodes each record into the one event model → [`enrich`] ties it to a
-//! cgroup, a container and that container's expected modules → sinks ([`output`] for `tail`).
+//! The data flows one way: [`probe`] loads and attaches the eBPF programs → [`pipeline`] reads
+//! their ring buffers and decodes each record into the one event model ([`event`]) →
+//! [`enrich`] ties it to a cgroup, a container and that container's declared modules, all
+//! known from the [`host`] registry (which the [`enforce`]r follows too) → [`sinks`].
 pub mod audit;
 pub mod check;
 pub mod cli;
@@ -12,14 +13,14 @@ pub mod enforce;
 pub mod enrich;
 pub mod escape;
 pub mod event;
+pub mod filter;
 pub mod health;
+pub mod host;
 pub mod metrics;
-pub mod moddb;
 pub mod modname;
-pub mod output;
 pub mod pipeline;
 pub mod policy;
 pub mod probe;
 pub mod session;
-pub mod syslog;
+pub mod sinks;
 pub mod tail;

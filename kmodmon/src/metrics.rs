@@ -24,6 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::event::Event;
 use crate::health::Health;
+use crate::sinks::{SinkCounters, SinkReport};
 
 /// Series per labelled family beyond which new label sets are counted under "other".
 const MAX_SERIES: usize = 512;
@@ -107,14 +108,6 @@ pub struct AuditMetrics {
     pub segments: AtomicU64,
 }
 
-/// Forwarding counters (syslog, stdout).
-#[derive(Default)]
-pub struct ForwardMetrics {
-    pub syslog_sent: AtomicU64,
-    pub syslog_errors: AtomicU64,
-    pub stdout_errors: AtomicU64,
-}
-
 /// Every counter kmodmon exports. Share it as `Arc<Metrics>`.
 pub struct Metrics {
     started: SystemTime,
@@ -127,7 +120,8 @@ pub struct Metrics {
     /// Loads the policy denied.
     pub denials: AtomicU64,
     pub audit: AuditMetrics,
-    pub forward: ForwardMetrics,
+    /// The pipeline's sinks, whose counters are exported as they are.
+    sinks: RwLock<Vec<Arc<SinkCounters>>>,
     /// Readiness and liveness, served on /ready and /healthz.
     pub health: Health,
 }
@@ -147,7 +141,7 @@ impl Metrics {
             enrichment_misses: Labeled::default(),
             denials: AtomicU64::new(0),
             audit: AuditMetrics::default(),
-            forward: ForwardMetrics::default(),
+            sinks: RwLock::new(Vec::new()),
             health: Health::default(),
         }
     }
@@ -159,6 +153,18 @@ impl Metrics {
         if ev.kind == crate::event::Kind::Denied {
             self.denials.fetch_add(1, Relaxed);
         }
+    }
+
+    /// Exports these sinks' counters (the pipeline's outputs).
+    pub fn watch_sinks(&self, sinks: Vec<Arc<SinkCounters>>) {
+        if let Ok(mut w) = self.sinks.write() {
+            *w = sinks;
+        }
+    }
+
+    fn sink(&self, name: &str) -> Option<SinkReport> {
+        let sinks = self.sinks.read().ok()?;
+        sinks.iter().find(|c| c.name == name).map(|c| c.report())
     }
 
     /// Counts `n` events dropped for `reason`.
@@ -175,7 +181,6 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let a = &self.audit;
-        let f = &self.forward;
         let events = self.events.snapshot();
         family(
             &mut out,
@@ -267,26 +272,46 @@ impl Metrics {
             "Number of audit-log segments.",
             a.segments.load(Relaxed),
         );
+        let syslog = self.sink("syslog").unwrap_or_default();
         single(
             &mut out,
             "kmodmon_syslog_messages_total",
             "counter",
             "Events forwarded to syslog.",
-            f.syslog_sent.load(Relaxed),
+            syslog.emitted,
         );
         single(
             &mut out,
             "kmodmon_syslog_errors_total",
             "counter",
             "Events that could not be forwarded to syslog.",
-            f.syslog_errors.load(Relaxed),
+            syslog.lost_total,
         );
         single(
             &mut out,
             "kmodmon_stdout_errors_total",
             "counter",
             "Events that could not be written to stdout.",
-            f.stdout_errors.load(Relaxed),
+            self.sink("stdout").map_or(0, |r| r.lost_total),
+        );
+        let mut by_sink = Vec::new();
+        if let Ok(sinks) = self.sinks.read() {
+            for c in sinks.iter() {
+                let r = c.report();
+                by_sink.push(([r.name.clone(), "emitted".to_string()], r.emitted));
+                by_sink.push(([r.name.clone(), "filtered".to_string()], r.filtered));
+                for (reason, n) in &r.lost {
+                    by_sink.push(([r.name.clone(), format!("lost_{reason}")], *n));
+                }
+            }
+        }
+        family(
+            &mut out,
+            "kmodmon_sink_events_total",
+            "counter",
+            "Events offered to each sink, by outcome (emitted, filtered, lost_<reason>).",
+            &["sink", "outcome"],
+            &by_sink,
         );
         let start = self
             .started

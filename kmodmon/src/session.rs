@@ -1,97 +1,329 @@
-//! A live monitoring session: probes attached, the pipeline running, counters at hand. Shared by
-//! `kmodmon tail` and `kmodmon run`.
-use std::{sync::Arc, time::Instant};
+//! A live session, the machinery every front end (`tail`, `run`, `enforce --foreground`)
+//! shares: the sensor attached, the host registry read, the enforcer built from it, the
+//! pipeline running into the front end's sinks; per-second loss reports; and the end — a
+//! first SIGINT/SIGTERM drains everything delivered into the sinks, a second one exits at
+//! once and says how many events were not written.
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{
-    enrich::Enricher,
-    event::Event,
-    pipeline::{self, Accounting},
+    enforce::Enforcer,
+    enrich::{EnrichOptions, Enricher},
+    host::{Registry, RegistryOptions},
+    pipeline::{Finished, Flow, Inputs, Pipeline},
     probe::{
         Options, Probe,
         counters::{Counters, Snapshot},
         plan::Plan,
     },
+    sinks::{Fanout, SinkReport},
 };
+
+/// What a session attaches and reads.
+#[derive(Clone, Debug, Default)]
+pub struct SessionOptions {
+    pub probe: Options,
+    pub registry: RegistryOptions,
+    pub enrich: EnrichOptions,
+}
 
 pub struct Session {
     pub plan: Plan,
     pub counters: Counters,
-    pub accounting: Arc<Accounting>,
-    /// Enriched events, in kernel order.
-    pub events: tokio::sync::mpsc::Receiver<Event>,
+    pub pipeline: Pipeline,
     /// Time from start to all programs attached.
     pub attach_ms: u128,
     /// Owns the loaded programs and their links: dropping it detaches everything.
-    pub probe: Probe,
+    _probe: Probe,
+    /// Losses already reported by [`Session::new_losses`].
+    reported: BTreeMap<String, u64>,
 }
 
-/// The exit/periodic accounting: seen = delivered + dropped + in flight + unread.
+/// The signals that end a session (and SIGHUP, which the daemon answers).
+pub struct Signals {
+    int: Signal,
+    term: Signal,
+    hup: Signal,
+}
+
+/// What a signal asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sig {
+    Stop,
+    Hangup,
+}
+
+impl Signals {
+    /// Installs the handlers. Do this first: a signal while attaching must not be lost.
+    pub fn install() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+            term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            hup: signal(SignalKind::hangup()).context("installing SIGHUP handler")?,
+        })
+    }
+
+    pub async fn next(&mut self) -> Sig {
+        tokio::select! {
+            _ = self.int.recv() => Sig::Stop,
+            _ = self.term.recv() => Sig::Stop,
+            _ = self.hup.recv() => Sig::Hangup,
+        }
+    }
+}
+
+impl Session {
+    /// Attaches the sensor, then reads the host (so nothing created in between is missed:
+    /// the cgroup ring has it), lets `enforcer` build the enforcer from the registry (an
+    /// error here stops everything before any event flows), and starts the pipeline. `policy`
+    /// gives the enforcement ring. Must run inside a tokio runtime.
+    pub fn start(
+        opts: SessionOptions,
+        enforcer: impl FnOnce(&Registry) -> anyhow::Result<Option<Enforcer>>,
+        fanout: Fanout,
+    ) -> anyhow::Result<Session> {
+        let started = Instant::now();
+        let mut probe = Probe::attach(opts.probe)?;
+        let attach_ms = started.elapsed().as_millis();
+        let registry = Registry::open(opts.registry);
+        let mut enforcer = enforcer(&registry)?;
+        let inputs = Inputs {
+            events: (!opts.probe.cgroups_only)
+                .then(|| probe.take_events())
+                .transpose()?,
+            cgroups: probe
+                .plan
+                .cgroups
+                .then(|| probe.take_cgroups())
+                .transpose()?,
+            policy: enforcer.as_mut().and_then(Enforcer::take_events),
+        };
+        let counters = probe.take_counters()?;
+        spawn_logger(probe.take_logger());
+        let enricher = Enricher::new(registry, opts.enrich);
+        let pipeline = Pipeline::start(inputs, enricher, enforcer, fanout)?;
+        Ok(Session {
+            plan: probe.plan.clone(),
+            counters,
+            pipeline,
+            attach_ms,
+            _probe: probe,
+            reported: BTreeMap::new(),
+        })
+    }
+
+    /// The kernel's and the pipeline's counters now.
+    pub fn summary(&self) -> Summary {
+        Summary::new(&self.counters.snapshot(), self.pipeline.accounting.flow())
+    }
+
+    /// Losses since the last call, by reason (kernel drops, the reader's queue, each sink's).
+    pub fn new_losses(&mut self) -> Vec<(String, u64)> {
+        let now = self.summary().losses();
+        let mut out = Vec::new();
+        for (reason, n) in &now {
+            let before = self.reported.get(reason).copied().unwrap_or(0);
+            if *n > before {
+                out.push((reason.clone(), n - before));
+            }
+        }
+        self.reported = now;
+        out
+    }
+
+    /// Drains the pipeline into the sinks (the reader stopped first). A second SIGINT or
+    /// SIGTERM meanwhile exits the process at once, saying how many events were not written.
+    pub async fn finish(self, signals: &mut Signals) -> (Finished, Summary) {
+        let accounting = self.pipeline.accounting.clone();
+        self.pipeline.stop();
+        let counters = self.counters;
+        // The programs stay attached until everything is written (their rings are read no
+        // more, but the counters must stay exact).
+        let _probe = self._probe;
+        let finishing = self.pipeline.finish();
+        tokio::pin!(finishing);
+        loop {
+            tokio::select! {
+                f = &mut finishing => {
+                    let summary = Summary::new(&counters.snapshot(), Flow {
+                        sinks: f.sinks.clone(),
+                        ..accounting.flow()
+                    });
+                    return (f, summary);
+                }
+                sig = signals.next() => {
+                    if sig == Sig::Stop {
+                        let s = Summary::new(&counters.snapshot(), accounting.flow());
+                        eprintln!(
+                            "kmodmon: forced exit: {} delivered events were not written",
+                            s.not_written()
+                        );
+                        std::process::exit(130);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The exit (and periodic) accounting. Kernel side:
+/// `seen = delivered + dropped + in_flight + unread`. Pipeline, for each sink:
+/// `delivered + delivered_policy + synthesized = lost before the sinks + filtered + skipped
+/// + emitted + lost`.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Summary {
     pub seen: u64,
     pub delivered: u64,
     pub dropped: u64,
-    pub drops: std::collections::BTreeMap<String, u64>,
+    pub drops: BTreeMap<String, u64>,
     pub in_flight: u64,
     pub unread: u64,
+    pub errors: BTreeMap<String, u64>,
+    pub counters: BTreeMap<&'static str, u64>,
+    pub delivered_policy: u64,
+    pub synthesized: u64,
     pub undecodable: u64,
-    pub errors: std::collections::BTreeMap<String, u64>,
-    pub counters: std::collections::BTreeMap<&'static str, u64>,
+    pub queue_full: u64,
+    pub cgroup_queue_full: u64,
+    pub sinks_gone: u64,
+    pub sinks: Vec<SinkReport>,
 }
 
-impl Session {
-    /// Attaches the probes and starts the pipeline. Must run inside a tokio runtime.
-    pub fn start(opts: Options, enricher: Enricher) -> anyhow::Result<Session> {
-        let started = Instant::now();
-        let mut probe = Probe::attach(opts)?;
-        let events = probe.take_events()?;
-        let cgroups = probe.take_cgroups()?;
-        let counters = probe.take_counters()?;
-        spawn_logger(probe.take_logger());
-        let accounting = Arc::new(Accounting::default());
-        let rx = pipeline::start(events, cgroups, enricher, accounting.clone())?;
-        Ok(Session {
-            plan: probe.plan.clone(),
-            counters,
-            accounting,
-            events: rx,
-            attach_ms: started.elapsed().as_millis(),
-            probe,
-        })
+impl Summary {
+    pub fn new(snap: &Snapshot, flow: Flow) -> Summary {
+        let seen = snap.seen();
+        let dropped = snap.dropped();
+        Summary {
+            seen,
+            delivered: flow.delivered,
+            dropped,
+            drops: snap
+                .drops()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            in_flight: snap.in_flight,
+            unread: seen.saturating_sub(flow.delivered + dropped + snap.in_flight),
+            errors: snap
+                .errors()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            counters: snap.values.clone(),
+            delivered_policy: flow.delivered_policy,
+            synthesized: flow.synthesized,
+            undecodable: flow.undecodable,
+            queue_full: flow.queue_full,
+            cgroup_queue_full: flow.cgroup_queue_full,
+            sinks_gone: flow.sinks_gone,
+            sinks: flow.sinks,
+        }
     }
 
-    /// The kernel's and userspace's counters now.
-    pub fn summary(&self) -> Summary {
-        summarize(&self.counters.snapshot(), &self.accounting)
+    fn flow(&self) -> Flow {
+        Flow {
+            delivered: self.delivered,
+            delivered_policy: self.delivered_policy,
+            synthesized: self.synthesized,
+            undecodable: self.undecodable,
+            queue_full: self.queue_full,
+            cgroup_queue_full: self.cgroup_queue_full,
+            sinks_gone: self.sinks_gone,
+            sinks: self.sinks.clone(),
+        }
     }
-}
 
-pub fn summarize(snap: &Snapshot, acc: &Accounting) -> Summary {
-    let seen = snap.seen();
-    let dropped = snap.dropped();
-    let delivered = acc.delivered();
-    let mut drops: std::collections::BTreeMap<String, u64> = snap
-        .drops()
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-    if acc.queue_full() > 0 {
-        drops.insert("userspace_queue_full".to_string(), acc.queue_full());
+    /// Whether every sink's identity holds with nothing left in flight.
+    pub fn balanced(&self) -> bool {
+        self.flow().balanced()
     }
-    Summary {
-        seen,
-        delivered,
-        dropped,
-        drops,
-        in_flight: snap.in_flight,
-        unread: seen.saturating_sub(delivered + dropped + snap.in_flight),
-        undecodable: acc.undecodable(),
-        errors: snap
-            .errors()
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect(),
-        counters: snap.values.clone(),
+
+    /// Events that entered the pipeline and reached no sink's outcome (the most over all
+    /// sinks): what a forced exit leaves unwritten.
+    pub fn not_written(&self) -> u64 {
+        let flow = self.flow();
+        flow.sinks
+            .iter()
+            .map(|s| flow.in_pipeline(s) + s.pending)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Every loss so far, by reason: the kernel's drops, the reader's, each sink's.
+    pub fn losses(&self) -> BTreeMap<String, u64> {
+        let mut m = self.drops.clone();
+        for (reason, n) in [
+            ("userspace_queue_full", self.queue_full),
+            ("undecodable", self.undecodable),
+            ("sinks_gone", self.sinks_gone),
+        ] {
+            if n > 0 {
+                m.insert(reason.to_string(), n);
+            }
+        }
+        for s in &self.sinks {
+            for (reason, n) in &s.lost {
+                if reason != crate::sinks::lines::READER_GONE {
+                    m.insert(format!("{}:{reason}", s.name), *n);
+                }
+            }
+        }
+        m
+    }
+
+    /// One line: the kernel identity, then each sink's.
+    pub fn describe(&self) -> String {
+        let drops = if self.drops.is_empty() {
+            "none".to_string()
+        } else {
+            self.drops
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut s = format!(
+            "kernel saw {} = delivered {} + dropped {} + in flight {} + unread at exit {}; drops: {drops}",
+            self.seen, self.delivered, self.dropped, self.in_flight, self.unread
+        );
+        let lost_before = self.undecodable + self.queue_full + self.sinks_gone;
+        for sink in &self.sinks {
+            let lost = if sink.lost.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({})",
+                    sink.lost
+                        .iter()
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            s.push_str(&format!(
+                "; {}: delivered {}{}{} = emitted {} + filtered {} + skipped {} + lost {}{lost} + lost before the sinks {lost_before}",
+                sink.name,
+                self.delivered,
+                if self.delivered_policy > 0 {
+                    format!(" + policy {}", self.delivered_policy)
+                } else {
+                    String::new()
+                },
+                if self.synthesized > 0 {
+                    format!(" + own {}", self.synthesized)
+                } else {
+                    String::new()
+                },
+                sink.emitted,
+                sink.filtered,
+                sink.skipped,
+                sink.lost_total,
+            ));
+        }
+        s
     }
 }
 

@@ -1,25 +1,65 @@
-//! `kmodmon tail`: attach, stream events to stdout, report drops as they happen and a summary
-//! (delivered + dropped + in flight = seen) at exit.
-use std::{
-    io::{IsTerminal as _, Write as _},
-    process::ExitCode,
-    time::Duration,
-};
+//! `kmodmon tail`: a front end that streams events to stdout (human columns or JSON lines),
+//! reports losses as they happen and the accounting at exit.
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::signal::unix::{SignalKind, signal};
+use clap::Args;
 
 use crate::{
-    cli::TailArgs,
-    enrich::{EnrichOptions, Enricher},
-    output::{filter::Filter, human, json_line},
-    pipeline::Accounting,
-    probe::{
-        Options,
-        counters::{Counters, Snapshot},
+    enrich::EnrichOptions,
+    filter::Filter,
+    host::RegistryOptions,
+    probe::Options,
+    session::{Session, SessionOptions, Sig, Signals, Summary},
+    sinks::{
+        Fanout, Output,
+        human::{self, ColorChoice},
+        json,
+        lines::LineSink,
     },
-    session::{Session, summarize},
 };
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct TailArgs {
+    /// One JSON object per line (schema in the README).
+    #[arg(long)]
+    pub json: bool,
+    /// Only events for this module (repeatable; '-' and '_' are equivalent).
+    #[arg(long = "module", value_name = "NAME")]
+    pub modules: Vec<String>,
+    /// Only events of this kind (repeatable): load, unload, request, load_attempt,
+    /// unload_attempt, expectation, self_load, denied, would_deny.
+    #[arg(long = "kind", value_name = "KIND")]
+    pub kinds: Vec<String>,
+    /// Only events from this container: a full ID, an ID prefix, a name, or "host".
+    #[arg(long = "container", value_name = "ID")]
+    pub containers: Vec<String>,
+    /// Only events from this process ID (repeatable).
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Exit after printing N events.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+    /// Colour in human output.
+    #[arg(long, value_enum, default_value_t = ColorChoice::Auto)]
+    pub color: ColorChoice,
+    /// Do not use fexit even where BTF allows it (use syscall tracepoints instead).
+    #[arg(long)]
+    pub no_fexit: bool,
+    /// Force the raw_syscalls fallback for attempts (for comparison and testing).
+    #[arg(long)]
+    pub force_raw_syscalls: bool,
+    /// Where modules.dep and modules.alias are read from (default /lib/modules/$(uname -r)).
+    #[arg(long, value_name = "DIR")]
+    pub modules_dir: Option<PathBuf>,
+    /// Load (modprobe) a new container's KERNEL_MODULES that are not loaded, before reporting
+    /// them; each run is reported as a self_load event.
+    #[arg(long)]
+    pub load_expected: bool,
+}
 
 pub fn run(args: TailArgs) -> anyhow::Result<ExitCode> {
     let filter = Filter::new(&args.modules, &args.kinds, &args.containers, &args.pids)?;
@@ -32,141 +72,102 @@ pub fn run(args: TailArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn tail(args: TailArgs, filter: Filter) -> anyhow::Result<ExitCode> {
-    // Handlers first: a SIGINT while attaching (possibly ignored by a non-interactive shell's
-    // background job until a handler exists) must still stop tail.
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let opts = Options {
-        no_fexit: args.no_fexit,
-        force_raw_syscalls: args.force_raw_syscalls,
+    let mut signals = Signals::install()?;
+    let stdout = std::io::stdout();
+    let sink = if args.json {
+        LineSink::new(stdout, json::line)
+    } else {
+        let style = human::Style {
+            color: human::want_color(args.color, std::io::stdout().is_terminal()),
+        };
+        LineSink::new(stdout, move |ev| human::line(ev, style)).preamble(&human::header())
     };
-    let Session {
-        plan,
-        counters,
-        accounting,
-        events: mut rx,
-        attach_ms,
-        probe: _probe,
-    } = Session::start(
-        opts,
-        Enricher::with_options(EnrichOptions {
+    let (done_tx, mut done_rx) = tokio::sync::watch::channel(false);
+    let fanout = Fanout::new(vec![
+        Output::new("stdout", Box::new(sink))
+            .filter(filter)
+            .limit(args.count),
+    ])
+    .on_done(move || {
+        let _ = done_tx.send(true);
+    });
+    let opts = SessionOptions {
+        probe: Options {
+            no_fexit: args.no_fexit,
+            force_raw_syscalls: args.force_raw_syscalls,
+            cgroups_only: false,
+        },
+        registry: RegistryOptions {
             modules_dir: args.modules_dir.clone(),
+            ..RegistryOptions::default()
+        },
+        enrich: EnrichOptions {
             load_expected: args.load_expected,
-            ..EnrichOptions::default()
-        }),
-    )?;
-    eprintln!("kmodmon: attached in {attach_ms} ms: {}", plan.describe());
-    for note in &plan.notes {
+        },
+    };
+    let mut session = Session::start(opts, |_| Ok(None), fanout)?;
+    eprintln!(
+        "kmodmon: attached in {} ms: {}",
+        session.attach_ms,
+        session.plan.describe()
+    );
+    for note in &session.plan.notes {
         eprintln!("kmodmon: note: {note}");
     }
-
-    let style = human::Style {
-        color: human::want_color(args.color, std::io::stdout().is_terminal()),
-    };
-    let mut out = std::io::BufWriter::with_capacity(64 << 10, std::io::stdout().lock());
-    if !args.json {
-        writeln!(out, "{}", human::header())
-            .and_then(|_| out.flush())
-            .ok();
-    }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut last = counters.snapshot();
-    let mut last_queue_full = 0;
-    let mut printed: u64 = 0;
-    let limit = args.count;
-    if limit == Some(0) {
-        return finish(&counters, &accounting, printed, args.json);
-    }
-    loop {
-        tokio::select! {
-            ev = rx.recv() => {
-                let Some(ev) = ev else { break };
-                if !filter.matches(&ev) {
-                    continue;
+    if args.count != Some(0) {
+        loop {
+            tokio::select! {
+                sig = signals.next() => if sig == Sig::Stop { break },
+                _ = done_rx.changed() => break,
+                _ = tick.tick() => {
+                    report_losses(&session.new_losses());
+                    if session.pipeline.has_failed() {
+                        break;
+                    }
                 }
-                let text = if args.json { json_line(&ev) } else { human::line(&ev, style) };
-                // Flush when nothing more is waiting: one write per burst, not per event.
-                let written = writeln!(out, "{text}")
-                    .and_then(|_| if rx.is_empty() { out.flush() } else { Ok(()) });
-                if written.is_err() {
-                    // stdout closed (e.g. `| head`): stop quietly.
-                    break;
-                }
-                printed += 1;
-                if limit.is_some_and(|n| printed >= n) {
-                    break;
-                }
-            }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = tick.tick() => {
-                let now = counters.snapshot();
-                report_drops(&now.since(&last), accounting.queue_full() - last_queue_full);
-                last_queue_full = accounting.queue_full();
-                last = now;
             }
         }
     }
-    let _ = out.flush();
-    drop(out);
-    finish(&counters, &accounting, printed, args.json)
+    let (finished, summary) = session.finish(&mut signals).await;
+    print_summary(&summary, args.json)?;
+    if let Some(why) = finished.failure {
+        eprintln!("kmodmon: error: {why}");
+        return Ok(ExitCode::from(2));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
-fn report_drops(delta: &Snapshot, queue_full: u64) {
-    let mut parts: Vec<String> = delta
-        .drops()
-        .iter()
-        .map(|(k, v)| format!("{v} {k}"))
-        .collect();
-    if queue_full > 0 {
-        parts.push(format!("{queue_full} userspace_queue_full"));
+fn report_losses(losses: &[(String, u64)]) {
+    if losses.is_empty() {
+        return;
     }
-    if !parts.is_empty() {
-        eprintln!(
-            "kmodmon: DROPPED events in the last second: {}",
-            parts.join(", ")
-        );
-    }
+    let parts: Vec<String> = losses.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    eprintln!(
+        "kmodmon: DROPPED events in the last second: {}",
+        parts.join(", ")
+    );
 }
 
-/// The exit summary. Identity: seen = delivered + dropped + in_flight + unread, where unread are
-/// events still in the ring buffer when tail stopped (e.g. after --count).
-fn finish(
-    counters: &Counters,
-    acc: &Accounting,
-    printed: u64,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
-    let s = summarize(&counters.snapshot(), acc);
+/// The exit summary on stderr: the kernel's identity and the pipeline's.
+fn print_summary(s: &Summary, json: bool) -> anyhow::Result<()> {
+    let printed = s.sinks.first().map_or(0, |r| r.emitted);
     if json {
-        let mut v = serde_json::to_value(&s)?;
+        let mut v = serde_json::to_value(s)?;
         v["printed"] = printed.into();
         eprintln!("{}", serde_json::json!({ "summary": v }));
-    } else {
-        let drops_text = if s.drops.is_empty() {
-            "none".to_string()
-        } else {
-            s.drops
+        return Ok(());
+    }
+    eprintln!("kmodmon: summary: printed {printed}; {}", s.describe());
+    if !s.errors.is_empty() {
+        eprintln!(
+            "kmodmon: kernel-side read errors (events delivered with fields marked missing): {}",
+            s.errors
                 .iter()
                 .map(|(k, v)| format!("{k} {v}"))
                 .collect::<Vec<_>>()
                 .join(", ")
-        };
-        eprintln!(
-            "kmodmon: summary: printed {printed}, delivered {}; kernel saw {} = delivered {} + \
-             dropped {} + in flight {} + unread at exit {}; drops: {drops_text}",
-            s.delivered, s.seen, s.delivered, s.dropped, s.in_flight, s.unread
         );
-        if !s.errors.is_empty() {
-            eprintln!(
-                "kmodmon: kernel-side read errors (events delivered with fields marked missing): {}",
-                s.errors
-                    .iter()
-                    .map(|(k, v)| format!("{k} {v}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }

@@ -493,5 +493,5 @@ fn sinks_can_be_shared_between_threads() {
     fn shared<T: Send + Sync>() {}
     shared::<AuditLog>();
     shared::<Metrics>();
-    shared::<crate::syslog::Syslog>();
+    shared::<crate::sinks::syslog::Syslog>();
 }

@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::boot::{BootEntry, Source};
 use super::containers::ContainerExpectation;
 use super::modprobe::{Blocker, ModprobeConfig};
-use crate::moddb::{LiveState, Loaded, ModDb};
+use crate::host::moddb::{LiveState, Loaded, ModDb};
 use crate::modname;
 
 /// Per-module verdict. Ordered from most to least severe.

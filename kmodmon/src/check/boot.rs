@@ -8,7 +8,7 @@ use super::cmdline::{KernelCmdline, PROC_CMDLINE};
 use super::conf::{self, ConfFile, FileState};
 use super::init::{self, ETC_MODULES, EtcModulesReader, InitInfo};
 use crate::escape::escape_bytes;
-use crate::moddb::RootFs;
+use crate::host::moddb::RootFs;
 use crate::modname;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

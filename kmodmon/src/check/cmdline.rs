@@ -1,7 +1,7 @@
 //! The kernel command line (ROOT/proc/cmdline): words split on white space, double quotes
 //! grouping, and `key=value` look-ups where `-` and `_` in keys are the same (as systemd's
 //! proc_cmdline_key_streq treats them).
-use crate::moddb::RootFs;
+use crate::host::moddb::RootFs;
 
 pub const PROC_CMDLINE: &str = "/proc/cmdline";
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::escape::escape_bytes;
-use crate::moddb::RootFs;
+use crate::host::moddb::RootFs;
 
 /// systemd-modules-load's directories, highest precedence first (modules-load.d(5)).
 pub const MODULES_LOAD_DIRS: [&str; 5] = [

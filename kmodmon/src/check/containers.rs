@@ -5,9 +5,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::{CheckError, Warning};
-use crate::enrich::runtime_state::{self, StateConfig};
 use crate::escape::escape_bytes;
-use crate::moddb::RootFs;
+use crate::host::moddb::RootFs;
+use crate::host::runtime_state::{self, StateConfig};
 use crate::modname;
 
 /// One container and the modules it declares.
@@ -49,7 +49,7 @@ pub struct ContainerInputs {
 /// Running containers of the root, from the runtimes' state directories (under the root for
 /// an offline root).
 ///
-/// WIRING POINT: this is where the container enumeration of `crate::enrich::runtime_state`
+/// WIRING POINT: this is where the container enumeration of `crate::host::runtime_state`
 /// feeds the check. Anything else that can list containers with their expected modules can
 /// be plugged in here (or passed in as a file with `--containers-file`).
 pub fn from_runtime_state(root: &RootFs) -> ContainerInputs {

@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::conf::FileState;
 use super::report::Report;
 use super::{CheckError, Status};
-use crate::moddb::RootFs;
+use crate::host::moddb::RootFs;
 
 /// Logical path of the file `--fix` writes.
 pub const FIX_FILE: &str = "/etc/modules-load.d/kmodmon.conf";

@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use super::cmdline::KernelCmdline;
 use super::conf::{ConfFile, FileState};
-use crate::moddb::RootFs;
+use crate::host::moddb::RootFs;
 
 pub const ETC_MODULES: &str = "/etc/modules";
 

@@ -29,7 +29,7 @@ pub use analyze::{ModuleReport, Status};
 pub use containers::{ContainerExpectation, ContainerInputs};
 pub use report::Report;
 
-use crate::moddb::{self, LiveState, ModDb, RootFs};
+use crate::host::moddb::{self, LiveState, ModDb, RootFs};
 
 /// Options of `kmodmon check`.
 #[derive(clap::Args, Debug, Clone)]

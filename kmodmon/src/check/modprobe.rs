@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::Warning;
 use super::cmdline::{KernelCmdline, PROC_CMDLINE};
 use super::conf::{self, ConfFile, FileState};
-use crate::moddb::{AliasIndex, RootFs};
+use crate::host::moddb::{AliasIndex, RootFs};
 use crate::modname;
 
 /// One rule that stops a module from loading.

@@ -11,7 +11,7 @@ use super::fix::FixSummary;
 use super::init::InitInfo;
 use super::modprobe::ModprobeConfig;
 use super::{KernelChoice, Warning};
-use crate::moddb::{LiveState, Loaded, ModDb, RootFs};
+use crate::host::moddb::{LiveState, Loaded, ModDb, RootFs};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct KernelInfo {

@@ -69,7 +69,7 @@ impl Default for ForwardConfig {
         ForwardConfig {
             stdout: false,
             syslog: false,
-            syslog_socket: PathBuf::from(crate::syslog::DEFAULT_SOCKET),
+            syslog_socket: PathBuf::from(crate::sinks::syslog::DEFAULT_SOCKET),
             syslog_facility: "daemon".to_string(),
         }
     }

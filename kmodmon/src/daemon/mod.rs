@@ -6,19 +6,22 @@ pub mod config;
 use std::{process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use tokio::signal::unix::{SignalKind, signal};
 
 pub use self::config::RunArgs;
 use crate::{
     audit::AuditLog,
-    enforce::{Enforcer, StartOptions, scan_running},
-    enrich::Enricher,
-    event::{Clock, Event, raw_from_bytes},
+    enforce::{Enforcer, StartOptions},
     metrics::{Metrics, MetricsServer},
-    output::json_line,
     probe::Options,
-    session::{Session, summarize},
-    syslog::Syslog,
+    session::{Session, SessionOptions, Sig, Signals},
+    sinks::{
+        Fanout, Output,
+        audit::AuditSink,
+        json,
+        lines::LineSink,
+        metrics::MetricsSink,
+        syslog::{Syslog, SyslogSink},
+    },
 };
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -49,7 +52,7 @@ fn check_config(cfg: &config::Effective) -> anyhow::Result<ExitCode> {
     if cfg.forward.syslog {
         cfg.forward
             .syslog_facility
-            .parse::<crate::syslog::Facility>()
+            .parse::<crate::sinks::syslog::Facility>()
             .map_err(|e| anyhow::anyhow!("syslog facility: {e}"))?;
     }
     let policy = match &cfg.policy {
@@ -73,9 +76,7 @@ fn check_config(cfg: &config::Effective) -> anyhow::Result<ExitCode> {
 
 async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
     // Handlers first, so a signal during start-up is not lost.
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
+    let mut signals = Signals::install()?;
     let metrics = Arc::new(Metrics::new());
     let audit = match cfg.audit.clone() {
         Some(a) => {
@@ -83,7 +84,7 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
             let (log, report) = AuditLog::open(a, metrics.clone())
                 .with_context(|| format!("opening the audit log in {}", dir.display()))?;
             log::info!("audit log {}: {report:?}", dir.display());
-            Some(log)
+            Some(Arc::new(log))
         }
         None => {
             log::warn!(
@@ -98,14 +99,14 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
             .syslog_facility
             .parse()
             .map_err(|e| anyhow::anyhow!("syslog facility: {e}"))?;
-        Some(
+        Some(Arc::new(
             Syslog::connect(&cfg.forward.syslog_socket, facility).with_context(|| {
                 format!(
                     "connecting to syslog at {} (is a syslog daemon running?)",
                     cfg.forward.syslog_socket.display()
                 )
             })?,
-        )
+        ))
     } else {
         None
     };
@@ -123,12 +124,48 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
             }
         });
     }
+    // A policy is validated (and the BPF LSM checked) before anything is attached: if it
+    // cannot be enforced, refuse to start rather than pretend.
+    if let Some(path) = &cfg.policy {
+        crate::policy::Policy::load(path)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("enforcing the policy {}", path.display()))?;
+        crate::enforce::preflight(false)
+            .with_context(|| format!("enforcing the policy {}", path.display()))?;
+    }
 
-    // Enforcement first: if a policy is configured and cannot be enforced, refuse to start
-    // rather than pretend.
-    let mut enforcer = match &cfg.policy {
-        Some(path) => {
-            let enf = Enforcer::start(StartOptions::new(path))
+    let mut outputs = vec![Output::new(
+        "metrics",
+        Box::new(MetricsSink(metrics.clone())),
+    )];
+    if let Some(log) = &audit {
+        outputs.push(Output::new("audit", Box::new(AuditSink::new(log.clone()))));
+    }
+    if cfg.forward.stdout {
+        outputs.push(Output::new(
+            "stdout",
+            Box::new(LineSink::new(std::io::stdout(), json::line)),
+        ));
+    }
+    if let Some(s) = &syslog {
+        outputs.push(Output::new("syslog", Box::new(SyslogSink(s.clone()))));
+    }
+    let fanout = Fanout::new(outputs);
+    metrics.watch_sinks(fanout.counters());
+    let opts = SessionOptions {
+        probe: Options {
+            no_fexit: cfg.probe.no_fexit,
+            force_raw_syscalls: cfg.probe.force_raw_syscalls,
+            cgroups_only: false,
+        },
+        ..SessionOptions::default()
+    };
+    let policy = cfg.policy.clone();
+    let mut session = Session::start(
+        opts,
+        |registry| {
+            let Some(path) = &policy else { return Ok(None) };
+            let enf = Enforcer::start(StartOptions::new(path), registry)
                 .with_context(|| format!("enforcing the policy {}", path.display()))?;
             log::info!(
                 "policy {} in force (mode {}, {:?}, {} containers mapped)",
@@ -137,18 +174,10 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
                 enf.installed,
                 enf.container_count()
             );
-            Some(enf)
-        }
-        None => None,
-    };
-    let mut policy_events = enforcer.as_mut().and_then(Enforcer::take_events);
-    let clock = Clock::new();
-
-    let opts = Options {
-        no_fexit: cfg.probe.no_fexit,
-        force_raw_syscalls: cfg.probe.force_raw_syscalls,
-    };
-    let mut session = Session::start(opts, Enricher::new())?;
+            Ok(Some(enf))
+        },
+        fanout,
+    )?;
     let started = format!(
         "kmodmon {} started; attached in {} ms: {}",
         env!("CARGO_PKG_VERSION"),
@@ -165,85 +194,46 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
     metrics.health.set_attached();
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut policy_tick = tokio::time::interval(Duration::from_millis(200));
-    let mut last = session.summary();
-    let sinks = Sinks {
-        metrics: &metrics,
-        stdout: cfg.forward.stdout,
-        syslog: syslog.as_ref(),
-        audit: audit.as_ref(),
-    };
     loop {
         tokio::select! {
-            ev = session.events.recv() => {
-                let Some(ev) = ev else { break };
-                sinks.deliver(ev);
-            }
-            _ = policy_tick.tick(), if policy_events.is_some() => {
-                // Denials recorded by the pinned LSM programs, including any made while the
-                // daemon was down.
-                if let (Some(ring), Some(enf)) = (policy_events.as_mut(), enforcer.as_ref()) {
-                    while let Some(item) = ring.next() {
-                        match raw_from_bytes(&item).and_then(|r| Event::from_raw(&r, &clock)) {
-                            Ok(mut ev) => {
-                                enf.describe(&mut ev);
-                                sinks.deliver(ev);
-                            }
-                            Err(e) => log::warn!("undecodable policy record: {e}"),
-                        }
-                    }
-                }
-            }
             _ = tick.tick() => {
-                metrics.health.beat();
-                // Keep the policy maps current as containers come and go.
-                if let Some(enf) = enforcer.as_mut()
-                    && let Err(e) = enf.sync(scan_running())
-                {
-                    log::warn!("updating the policy maps failed: {e}");
+                if session.pipeline.has_failed() {
+                    break;
                 }
-                let now = session.summary();
-                for (reason, n) in &now.drops {
-                    let before = last.drops.get(reason).copied().unwrap_or(0);
-                    if *n > before {
-                        metrics.drop_events(reason, n - before);
-                        let msg = format!("dropped {} events ({reason})", n - before);
-                        log::warn!("{msg}");
-                        if let Some(log) = &audit {
-                            log.note(msg);
-                        }
+                if session.pipeline.accounting.stalled_ms() < 5_000 {
+                    metrics.health.beat();
+                }
+                for (reason, n) in session.new_losses() {
+                    metrics.drop_events(&reason, n);
+                    let msg = format!("dropped {n} events ({reason})");
+                    log::warn!("{msg}");
+                    if let Some(log) = &audit {
+                        log.note(msg);
                     }
                 }
-                last = now;
             }
-            _ = sighup.recv() => {
-                let msg = match enforcer.as_mut() {
-                    Some(enf) => match enf.reload(None) {
-                        Ok(()) => format!("SIGHUP: policy reloaded (mode {})", enf.mode()),
-                        Err(e) => format!(
-                            "SIGHUP: new policy rejected, the previous one stays in force: {e}"
+            sig = signals.next() => match sig {
+                Sig::Stop => break,
+                Sig::Hangup => {
+                    let msg = match session.pipeline.reload_policy().await {
+                        Ok(m) => format!("SIGHUP: {m}"),
+                        Err(e) if policy.is_none() => format!(
+                            "SIGHUP: {e}; the config file is read at start (restart to apply changes)"
                         ),
-                    },
-                    None => "SIGHUP: no policy configured; the config file is read at start \
-                             (restart to apply changes)"
-                        .to_string(),
-                };
-                log::warn!("{msg}");
-                if let Some(log) = &audit {
-                    log.note(msg);
+                        Err(e) => format!("SIGHUP: {e}"),
+                    };
+                    log::warn!("{msg}");
+                    if let Some(log) = &audit {
+                        log.note(msg);
+                    }
                 }
-            }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
+            },
         }
     }
-    let summary = summarize(&session.counters.snapshot(), &session.accounting);
-    let text = format!(
-        "stopping: kernel saw {} = delivered {} + dropped {} + in flight {} + unread {}",
-        summary.seen, summary.delivered, summary.dropped, summary.in_flight, summary.unread
-    );
+    let (finished, summary) = session.finish(&mut signals).await;
+    let text = format!("stopping: {}", summary.describe());
     eprintln!("kmodmon: {text}");
-    if let Some(enf) = enforcer {
+    if let Some(enf) = finished.enforcer {
         // Pins stay: enforcement outlives the daemon; `kmodmon enforce off` removes it.
         if let Err(e) = enf.shutdown(false) {
             log::warn!("leaving enforcement in place: {e}");
@@ -254,41 +244,8 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
         let stats = log.close();
         eprintln!("kmodmon: audit log closed: {stats:?}");
     }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Where every event goes.
-struct Sinks<'a> {
-    metrics: &'a Metrics,
-    stdout: bool,
-    syslog: Option<&'a Syslog>,
-    audit: Option<&'a AuditLog>,
-}
-
-impl Sinks<'_> {
-    fn deliver(&self, ev: Event) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.metrics.event(&ev);
-        if self.stdout {
-            use std::io::Write as _;
-            let mut out = std::io::stdout().lock();
-            if writeln!(out, "{}", json_line(&ev))
-                .and_then(|_| out.flush())
-                .is_err()
-            {
-                self.metrics.forward.stdout_errors.fetch_add(1, Relaxed);
-            }
-        }
-        if let Some(s) = self.syslog {
-            let counter = match s.send_event(&ev) {
-                Ok(()) => &self.metrics.forward.syslog_sent,
-                Err(_) => &self.metrics.forward.syslog_errors,
-            };
-            counter.fetch_add(1, Relaxed);
-        }
-        if let Some(log) = self.audit {
-            // Never blocks: a full queue or a failing disk is counted as lost.
-            log.submit(ev);
-        }
+    if let Some(why) = finished.failure {
+        anyhow::bail!("{why}; kmodmon stopped (a supervisor should restart it)");
     }
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,5 +1,9 @@
 //! `kmodmon enforce on|off|status`.
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
@@ -8,11 +12,12 @@ use kmodmon_common::policy::{MODE_AUDIT, MODE_ENFORCE, MODE_OFF};
 use super::{
     EnforceError, Enforcer, Installed, PinDir, StartOptions, host,
     pins::{self, PolicyMaps},
-    scan_running,
 };
 use crate::{
-    event::{Clock, Event, raw_from_bytes},
+    host::{Registry, RegistryOptions},
     policy::{DEFAULT_PATH, Mode},
+    session::{Session, SessionOptions, Sig, Signals},
+    sinks::{Fanout, Output, json, lines::LineSink},
 };
 
 #[derive(Args, Debug)]
@@ -39,8 +44,8 @@ pub enum EnforceCommand {
         /// Install even where the kernel has no module support (the hooks never fire there).
         #[arg(long)]
         force: bool,
-        /// Stay in the foreground: rescan containers every second, reload the policy on
-        /// SIGHUP, print denied / would_deny events as JSON lines.
+        /// Stay in the foreground: map containers as their cgroups appear, reload the policy
+        /// on SIGHUP, print denied / would_deny events (enriched) as JSON lines.
         #[arg(long)]
         foreground: bool,
         /// With --foreground: remove the pins on SIGTERM / SIGINT (default: leave them).
@@ -67,7 +72,13 @@ pub fn run(args: EnforceArgs) -> anyhow::Result<ExitCode> {
             opts.mode = mode.as_deref().and_then(Mode::parse);
             opts.replace = replace;
             opts.force = force;
-            let enforcer = match Enforcer::start(opts) {
+            if foreground {
+                return foreground_run(opts, off_on_exit);
+            }
+            let mut registry = Registry::open(RegistryOptions::default());
+            // Read what the running containers declare (trust_kernel_modules needs it).
+            registry.settle(Instant::now() + SETTLE);
+            let enforcer = match Enforcer::start(opts, &registry) {
                 Ok(e) => e,
                 Err(e @ (EnforceError::NoModuleSupport | EnforceError::BpfLsmInactive { .. })) => {
                     eprintln!("kmodmon: {e}");
@@ -75,23 +86,7 @@ pub fn run(args: EnforceArgs) -> anyhow::Result<ExitCode> {
                 }
                 Err(e) => return Err(e).context("enforce on"),
             };
-            let what = match enforcer.installed {
-                Installed::Adopted => "adopted the pinned LSM programs (nothing loaded twice)",
-                Installed::Fresh => "installed and pinned the LSM programs",
-                Installed::Replaced => "replaced the pinned LSM programs with this binary's",
-            };
-            println!(
-                "enforcement on: {what}; mode {}; policy applied to the host and {} container \
-                 cgroup(s)",
-                enforcer.mode(),
-                enforcer.container_count()
-            );
-            if !host::module_support() {
-                println!("warning: {}", host::NO_MODULES_EXPLANATION);
-            }
-            if foreground {
-                return foreground_loop(enforcer, off_on_exit);
-            }
+            announce(&enforcer);
             println!(
                 "note: containers started from now on fall under the host entry until `kmodmon \
                  run` (or `kmodmon enforce on --foreground`) maps them"
@@ -182,55 +177,88 @@ fn status(dir: &PinDir) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn foreground_loop(mut enforcer: Enforcer, off_on_exit: bool) -> anyhow::Result<ExitCode> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// How long `enforce on` waits for running containers' declarations.
+const SETTLE: Duration = Duration::from_secs(2);
+
+fn announce(enforcer: &Enforcer) {
+    let what = match enforcer.installed {
+        Installed::Adopted => "adopted the pinned LSM programs (nothing loaded twice)",
+        Installed::Fresh => "installed and pinned the LSM programs",
+        Installed::Replaced => "replaced the pinned LSM programs with this binary's",
+    };
+    println!(
+        "enforcement on: {what}; mode {}; policy applied to the host and {} container \
+         cgroup(s)",
+        enforcer.mode(),
+        enforcer.container_count()
+    );
+    if !host::module_support() {
+        println!("warning: {}", host::NO_MODULES_EXPLANATION);
+    }
+}
+
+/// `enforce on --foreground`: the pipeline with the cgroup programs only (no module events),
+/// the enforcer following the registry, denied / would_deny events as JSON lines on stdout.
+fn foreground_run(opts: StartOptions, off_on_exit: bool) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let mut events = enforcer.take_events();
-    let clock = Clock::new();
     rt.block_on(async {
-        let mut hup = signal(SignalKind::hangup())?;
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
-        let mut n: u64 = 0;
-        loop {
-            tokio::select! {
-                _ = hup.recv() => match enforcer.reload(None) {
-                    Ok(()) => eprintln!("kmodmon: policy reloaded (mode {})", enforcer.mode()),
-                    Err(e) => eprintln!(
-                        "kmodmon: policy reload rejected, the previous policy stays in force: {e}"
-                    ),
-                },
-                _ = term.recv() => break,
-                _ = int.recv() => break,
-                _ = tick.tick() => {
-                    n += 1;
-                    if let Some(ring) = events.as_mut() {
-                        while let Some(item) = ring.next() {
-                            match raw_from_bytes(&item).and_then(|r| Event::from_raw(&r, &clock)) {
-                                Ok(mut ev) => {
-                                    enforcer.describe(&mut ev);
-                                    if let Ok(line) = serde_json::to_string(&ev) {
-                                        println!("{line}");
-                                    }
-                                }
-                                Err(e) => eprintln!("kmodmon: undecodable record: {e}"),
-                            }
-                        }
-                    }
-                    if n.is_multiple_of(5)
-                        && let Err(e) = enforcer.sync(scan_running())
-                    {
-                        eprintln!("kmodmon: updating the policy maps failed: {e}");
-                    }
+        let mut signals = Signals::install()?;
+        let fanout = Fanout::new(vec![Output::new(
+            "stdout",
+            Box::new(LineSink::new(std::io::stdout(), json::line)),
+        )]);
+        let session_opts = SessionOptions {
+            probe: crate::probe::Options {
+                cgroups_only: true,
+                ..crate::probe::Options::default()
+            },
+            ..SessionOptions::default()
+        };
+        let mut refused = None;
+        let session = Session::start(
+            session_opts,
+            |registry| match Enforcer::start(opts, registry) {
+                Ok(e) => {
+                    announce(&e);
+                    Ok(Some(e))
                 }
+                Err(e @ (EnforceError::NoModuleSupport | EnforceError::BpfLsmInactive { .. })) => {
+                    refused = Some(e.to_string());
+                    anyhow::bail!("{e}")
+                }
+                Err(e) => Err(e).context("enforce on"),
+            },
+            fanout,
+        );
+        let session = match session {
+            Ok(s) => s,
+            Err(_) if refused.is_some() => {
+                eprintln!("kmodmon: {}", refused.unwrap_or_default());
+                return Ok(ExitCode::from(2));
+            }
+            Err(e) => return Err(e),
+        };
+        loop {
+            match signals.next().await {
+                Sig::Stop => break,
+                Sig::Hangup => match session.pipeline.reload_policy().await {
+                    Ok(m) => eprintln!("kmodmon: {m}"),
+                    Err(e) => eprintln!("kmodmon: policy reload: {e}"),
+                },
             }
         }
-        anyhow::Ok(())
-    })?;
-    enforcer.shutdown(off_on_exit)?;
-    Ok(ExitCode::SUCCESS)
+        let (finished, summary) = session.finish(&mut signals).await;
+        eprintln!("kmodmon: {}", summary.describe());
+        if let Some(enf) = finished.enforcer {
+            enf.shutdown(off_on_exit)?;
+        }
+        if let Some(why) = finished.failure {
+            anyhow::bail!("{why}");
+        }
+        Ok(ExitCode::SUCCESS)
+    })
 }

@@ -9,12 +9,13 @@
 //! A task is decided by the deepest of its cgroup's ancestors (itself included) that has an
 //! entry, else by the host entry: sub-cgroups a container makes stay under its rule. A new
 //! container's cgroup falls under its parent's decision (usually the host's) until kmodmon maps
-//! it — on the daemon's cgroup mkdir event, or within a second with `enforce on --foreground`.
+//! it, which it does as soon as the pipeline reads the cgroup's mkdir record: the enforcer
+//! follows the host [`Registry`] (no polling).
 //!
-//! The daemon's calls: [`Enforcer::start`] once, [`Enforcer::container_appeared`] /
-//! [`Enforcer::container_gone`] on cgroup mkdir/rmdir (and whenever it learns more about a
-//! container), [`Enforcer::reload`] on SIGHUP, [`Enforcer::take_events`] for the ring buffer
-//! carrying `denied` / `would_deny` records, [`Enforcer::describe`] to name the rule in them.
+//! The calls: [`Enforcer::start`] once, with the registry; [`Enforcer::follow`] for every
+//! registry [`Change`]; [`Enforcer::reload`] on SIGHUP; [`Enforcer::take_events`] for the
+//! ring buffer carrying `denied` / `would_deny` records; [`Enforcer::describe`] to name the
+//! rule in them.
 pub mod cli;
 pub mod host;
 pub mod pins;
@@ -22,7 +23,6 @@ mod state;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
 
@@ -33,13 +33,12 @@ use thiserror::Error;
 pub use self::pins::{Installed, PinDir};
 use self::{pins::PolicyMaps, state::KernelState};
 use crate::{
-    enrich::{
-        cgroup::cgroup2_mount,
-        container::unified_path_from_proc_cgroup,
-        runtime_state::{StateConfig, running_containers},
-    },
     event::{Container, Event, Kind},
-    moddb::{ModDb, RootFs, running_kernel},
+    host::{
+        Change, Registry,
+        moddb::{ModDb, RootFs, running_kernel},
+        tracking::Tracked,
+    },
     policy::{Effective, LoadError, Mode, Policy, Subject},
 };
 
@@ -113,6 +112,34 @@ pub struct ContainerInfo {
     pub declared: Vec<String>,
 }
 
+impl ContainerInfo {
+    /// What the registry knows about a container.
+    pub fn of(t: &Tracked) -> ContainerInfo {
+        ContainerInfo {
+            container: t.container.clone(),
+            labels: t.labels(),
+            declared: t.declared_modules().to_vec(),
+        }
+    }
+}
+
+/// The registry's running containers that have a cgroup of their own (a container in the
+/// root cgroup cannot be told apart from the host).
+pub fn containers_of(registry: &Registry) -> Vec<(u64, ContainerInfo)> {
+    let mut out = Vec::new();
+    for t in registry.running() {
+        if t.cgroup_id == HOST_KEY || t.cgroup_id == ROOT_CGROUP {
+            log::warn!(
+                "container {} has no cgroup kmodmon can find: the policy cannot be applied to it",
+                t.container.id
+            );
+            continue;
+        }
+        out.push((t.cgroup_id, ContainerInfo::of(t)));
+    }
+    out
+}
+
 /// Enforcement, installed or adopted, with the policy in force.
 pub struct Enforcer {
     policy: Policy,
@@ -140,9 +167,9 @@ pub fn preflight(force: bool) -> Result<Vec<String>, EnforceError> {
 
 impl Enforcer {
     /// Validates the policy, checks the kernel, installs (or adopts) the pinned programs and
-    /// maps, and applies the policy to the host and every running container found in the
-    /// runtimes' state. An invalid policy or an inactive BPF LSM installs nothing.
-    pub fn start(opts: StartOptions) -> Result<Enforcer, EnforceError> {
+    /// maps, and applies the policy to the host and every running container the registry
+    /// knows. An invalid policy or an inactive BPF LSM installs nothing.
+    pub fn start(opts: StartOptions, registry: &Registry) -> Result<Enforcer, EnforceError> {
         let policy = Policy::load(&opts.policy_path)?;
         preflight(opts.force)?;
         if !host::module_support() {
@@ -158,8 +185,7 @@ impl Enforcer {
             moddb: open_moddb(),
             installed,
         };
-        let scanned = scan_running();
-        e.sync_inner(scanned, true)?;
+        e.sync_inner(containers_of(registry), true)?;
         Ok(e)
     }
 
@@ -236,17 +262,36 @@ impl Enforcer {
         Ok(())
     }
 
+    /// Follows a change the registry made: maps a container's cgroup as soon as it appears,
+    /// re-decides it when its name, labels or declaration become known, unmaps it when it
+    /// goes. A failure is logged; the maps keep what they had.
+    pub fn follow(&mut self, change: &Change, registry: &Registry) {
+        let result = match change {
+            Change::Appeared { key, .. } | Change::Updated { key } | Change::Settled { key } => {
+                match registry.container(key) {
+                    Some(t) if t.gone_at.is_none() => {
+                        self.container_appeared(t.cgroup_id, ContainerInfo::of(t))
+                    }
+                    _ => Ok(()),
+                }
+            }
+            Change::Gone { cgroup_id, .. } => self.container_gone(*cgroup_id),
+        };
+        if let Err(e) = result {
+            log::error!("updating the policy maps for {change:?} failed: {e}");
+        }
+    }
+
     /// Re-reads the policy (from `path`, else the current file). An invalid policy changes
-    /// nothing and the error says why; a valid one is applied to every known cgroup, each
-    /// moving from its old complete decision to its new one.
-    pub fn reload(&mut self, path: Option<&Path>) -> Result<(), EnforceError> {
+    /// nothing and the error says why; a valid one is applied to the host and every running
+    /// container the registry knows, each moving from its old complete decision to its new one.
+    pub fn reload(&mut self, path: Option<&Path>, registry: &Registry) -> Result<(), EnforceError> {
         let path = path.map_or_else(|| self.opts.policy_path.clone(), Path::to_path_buf);
         let policy = Policy::load(&path)?;
         self.policy = policy;
         self.opts.policy_path = path;
         self.moddb = open_moddb();
-        let subjects: Vec<(u64, ContainerInfo)> = self.subjects.drain().collect();
-        self.sync_inner(subjects, true)
+        self.sync_inner(containers_of(registry), true)
     }
 
     /// The ring buffer of denied / would_deny records (once; RawEvent layout).
@@ -319,48 +364,6 @@ fn subject(info: &ContainerInfo) -> Subject<'_> {
         labels: &info.labels,
         declared: &info.declared,
     }
-}
-
-/// The cgroup2 id (inode number) of a cgroup path as /proc/PID/cgroup shows it.
-pub fn cgroup_id_of(path: &str) -> Option<u64> {
-    let root = cgroup2_mount()?;
-    let dir = root.join(path.trim_start_matches('/'));
-    std::fs::metadata(dir).ok().map(|m| m.ino())
-}
-
-/// Running containers from the runtimes' state, with their cgroup ids.
-pub fn scan_running() -> Vec<(u64, ContainerInfo)> {
-    let cfg = StateConfig::detect();
-    let (list, problems) = running_containers(&cfg);
-    for p in problems {
-        log::debug!("runtime state: {p}");
-    }
-    let mut out = Vec::new();
-    for rc in list {
-        let path = rc.meta.cgroup_path.clone().or_else(|| {
-            let pid = rc.meta.pid?;
-            let text = std::fs::read_to_string(cfg.proc_root.join(format!("{pid}/cgroup"))).ok()?;
-            unified_path_from_proc_cgroup(&text).map(str::to_string)
-        });
-        // A container in the root cgroup cannot be told apart from the host.
-        let path = path.filter(|p| !p.trim_matches('/').is_empty());
-        let Some(id) = path.as_deref().and_then(cgroup_id_of) else {
-            log::warn!(
-                "container {} has no cgroup kmodmon can find: the policy cannot be applied to it",
-                rc.container.id
-            );
-            continue;
-        };
-        out.push((
-            id,
-            ContainerInfo {
-                declared: rc.expected_modules().to_vec(),
-                labels: rc.meta.annotations.clone(),
-                container: rc.container,
-            },
-        ));
-    }
-    out
 }
 
 #[cfg(test)]

@@ -3,9 +3,9 @@
 //! `--load-expected` the `self_load` event of kmodmon's own `modprobe` runs.
 use std::sync::mpsc;
 
-use super::expect::{Declaration, ENV_VAR};
 use crate::event::{Clock, Container, Event, Kind};
-use crate::moddb::{LiveState, ModDb, RootFs};
+use crate::host::declaration::{Declaration, ENV_VAR};
+use crate::host::moddb::{LiveState, ModDb, RootFs};
 
 /// What the running kernel has, for "is it missing?".
 pub trait ModuleState {
@@ -167,7 +167,7 @@ pub fn self_load_event(s: &Subject<'_>, r: &LoadResult, clock: &Clock) -> Event 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::enrich::expect::{Expected, Source};
+    use crate::host::declaration::{Expected, Source};
     use std::collections::HashSet;
 
     struct Fake(HashSet<&'static str>);
@@ -237,7 +237,7 @@ mod tests {
             }
         }
         assert!(missing(&decl(b"ip_vs"), &Unknown).is_empty());
-        let files = crate::moddb::DepmodFiles {
+        let files = crate::host::moddb::DepmodFiles {
             dep: "kernel/ip_vs.ko:\n".into(),
             builtin: Some("kernel/net/unix.ko\n".into()),
             ..Default::default()
@@ -245,7 +245,7 @@ mod tests {
         let db = ModDb::parse("test", &files);
         let live = Live {
             state: Some(LiveState {
-                loaded: crate::moddb::Loaded::NoModuleSupport,
+                loaded: crate::host::moddb::Loaded::NoModuleSupport,
                 sysfs: None,
             }),
             db: Some(&db),

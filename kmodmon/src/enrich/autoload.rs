@@ -30,7 +30,7 @@ pub trait ModuleResolver {
 /// Most modules one dependency fan-out collects (a guard against odd databases).
 const MAX_FANOUT: usize = 512;
 
-impl ModuleResolver for crate::moddb::ModDb {
+impl ModuleResolver for crate::host::moddb::ModDb {
     fn resolve_request(&self, request: &str) -> Vec<String> {
         self.resolve_alias(request)
     }
@@ -405,7 +405,7 @@ mod tests {
 
     #[test]
     fn moddb_dependencies_include_softdeps() {
-        let files = crate::moddb::DepmodFiles {
+        let files = crate::host::moddb::DepmodFiles {
             dep: "kernel/nf_conntrack.ko: kernel/libcrc32c.ko\n\
                   kernel/libcrc32c.ko:\n\
                   kernel/crc32c-intel.ko:\n\
@@ -415,7 +415,7 @@ mod tests {
             softdep: Some("softdep libcrc32c pre: crc32c\n".into()),
             ..Default::default()
         };
-        let db = crate::moddb::ModDb::parse("t", &files);
+        let db = crate::host::moddb::ModDb::parse("t", &files);
         assert_eq!(
             request_modules("iptable_nat", &db),
             vec!["iptable_nat", "nf_conntrack", "libcrc32c", "crc32c_intel"]

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use super::*;
 use crate::event::SourceName;
-use crate::moddb::DepmodFiles;
+use crate::host::moddb::DepmodFiles;
+use crate::host::runtime_state::StateConfig;
+use crate::host::{Registry, RegistryOptions};
 
 const HEX: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
 
@@ -61,14 +63,14 @@ impl Host {
     }
 
     fn enricher_with(&self, load_expected: bool) -> Enricher {
-        let mut e = Enricher::with_options(EnrichOptions {
-            load_expected,
+        let registry = Registry::open(RegistryOptions {
             state: Some(StateConfig::under(self.root())),
             cgroup_root: Some(self.cg_root()),
             live_root: Some(self.root().to_path_buf()),
             no_moddb: true,
-            ..EnrichOptions::default()
+            ..RegistryOptions::default()
         });
+        let mut e = Enricher::new(registry, EnrichOptions { load_expected });
         let files = DepmodFiles {
             dep: "kernel/ip_vs_wrr.ko: kernel/ip_vs.ko kernel/nf_conntrack.ko\n\
                   kernel/ip_vs.ko: kernel/nf_conntrack.ko\n\
@@ -118,7 +120,7 @@ fn a_starting_container_is_captured_and_its_events_judged() {
     // The cgroup appears with runc's init in it: not the container's environment yet.
     h.process(100, "runc:[2:INIT]", b"_LIBCONTAINER_INITPIPE=3\0");
     h.procs(&path, &[100]);
-    e.cgroup_changed(true, id, &path);
+    e.cgroup_created(id, &path);
     e.handle(event(Kind::LoadAttempt, "ip_vs_wrr", id, 101, 1));
     e.handle(event(Kind::LoadAttempt, "nf_conntrack", id, 101, 2));
     e.handle(event(Kind::LoadAttempt, "other", id, 101, 3));
@@ -175,11 +177,11 @@ fn a_100ms_container_is_judged_after_its_cgroup_is_gone() {
     let id = h.mkdir(&path);
     h.process(200, "sh", b"KERNEL_MODULES=ip_vs\0");
     h.procs(&path, &[200]);
-    e.cgroup_changed(true, id, &path);
+    e.cgroup_created(id, &path);
     // Gone before any event is handled: the process and the cgroup.
     std::fs::remove_dir_all(h.root().join("proc/200")).unwrap();
     std::fs::remove_dir_all(h.cg_root().join(path.trim_start_matches('/'))).unwrap();
-    e.cgroup_changed(false, id, &path);
+    e.cgroup_removed(id, &path);
     e.handle(event(Kind::LoadAttempt, "ip_vs", id, 201, 1));
     e.handle(event(Kind::LoadAttempt, "other", id, 201, 2));
     let out = drain(&mut e, 3);
@@ -258,7 +260,7 @@ fn autoloads_are_joined_to_the_requesting_container() {
     let root = h.mkdir("/");
     h.process(400, "iptables", b"KERNEL_MODULES=iptable_nat\0");
     h.procs(&path, &[400]);
-    e.cgroup_changed(true, id, &path);
+    e.cgroup_created(id, &path);
     let mut req = event(Kind::Request, "iptable_nat", id, 400, 1_000);
     req.comm = "iptables".into();
     e.handle(req);
@@ -304,7 +306,7 @@ fn an_autoload_for_an_undeclared_module_is_unexpected() {
     let root = h.mkdir("/");
     h.process(600, "sh", b"HOME=/\0");
     h.procs(&path, &[600]);
-    e.cgroup_changed(true, id, &path);
+    e.cgroup_created(id, &path);
     e.handle(event(Kind::Request, "fs-xfs", id, 600, 10));
     let mut ld = event(Kind::Load, "xfs", root, 700, 20);
     ld.comm = "modprobe".into();
@@ -336,7 +338,7 @@ fn load_expected_reports_and_joins_its_own_modprobe() {
     let id = h.mkdir(&path);
     h.process(800, "sh", b"KERNEL_MODULES=kmodmon_unit_absent\0");
     h.procs(&path, &[800]);
-    e.cgroup_changed(true, id, &path);
+    e.cgroup_created(id, &path);
     // This machine's modprobe cannot load a module of that name: the run fails, and says so.
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut out = Vec::new();

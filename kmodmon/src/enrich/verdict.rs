@@ -1,11 +1,11 @@
 //! The verdict on one event, from the judging container's declaration (see
-//! [`super::expect::judge`]). The reason goes into `detail` only when it says something the
+//! [`crate::host::declaration::judge`]). The reason goes into `detail` only when it says something the
 //! verdict does not: why it is unexpected, which declared module it is a dependency of, that
 //! the declaration could not be read.
 use super::autoload::ModuleResolver;
-use super::expect::{self, ENV_VAR, Expected, Verdict};
-use super::expectations::DeclState;
 use crate::event::{Event, Kind};
+use crate::host::declaration::{self, ENV_VAR, Expected, Verdict};
+use crate::host::tracking::DeclState;
 use crate::modname;
 
 /// Appends to an event's detail.
@@ -57,14 +57,14 @@ pub fn judge_event(
         return;
     };
     let deps = |m: &str| resolver.dependencies(m);
-    let mut j = expect::judge(&module, Some(expected), &deps);
+    let mut j = declaration::judge(&module, Some(expected), &deps);
     if ev.kind == Kind::Request && j.verdict == Verdict::Unexpected {
         // A request names an alias (`net-pf-10`, `fs-xfs`): judge what it resolves to.
         let targets = resolver.resolve_request(&module);
         for t in targets.iter().filter(|t| !modname::same(t, &module)) {
-            let jt = expect::judge(t, Some(expected), &deps);
+            let jt = declaration::judge(t, Some(expected), &deps);
             if jt.verdict == Verdict::Expected {
-                j = expect::Judgement {
+                j = declaration::Judgement {
                     verdict: jt.verdict,
                     reason: format!("resolves to {t}, {}", jt.reason),
                 };
@@ -85,8 +85,8 @@ pub fn judge_event(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::enrich::expect::{Declaration, Source};
     use crate::event::Clock;
+    use crate::host::declaration::{Declaration, Source};
 
     struct R;
     impl ModuleResolver for R {

@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Args, Subcommand};
 
 use super::{DEFAULT_PATH, Effective, Policy, RuleRef, Subject};
-use crate::enrich::runtime_state::{StateConfig, running_containers};
+use crate::host::{Registry, RegistryOptions};
 
 #[derive(Args, Debug)]
 pub struct PolicyArgs {
@@ -63,21 +63,21 @@ pub fn run(args: PolicyArgs) -> anyhow::Result<ExitCode> {
 fn show(policy: &Policy) {
     println!("mode: {}", policy.mode);
     println!("{}", summary(policy, &policy.host_decision()));
-    let (list, problems) = running_containers(&StateConfig::detect());
-    for p in problems {
-        eprintln!("note: {p}");
-    }
+    let mut registry = Registry::open(RegistryOptions::default());
+    registry.settle(std::time::Instant::now() + std::time::Duration::from_secs(2));
+    let list = registry.running();
     if list.is_empty() {
         println!("no running containers found (runtime state directories are empty)");
     }
-    for rc in &list {
+    for t in &list {
+        let labels = t.labels();
         let subject = Subject {
-            container: &rc.container,
-            labels: &rc.meta.annotations,
-            declared: rc.expected_modules(),
+            container: &t.container,
+            labels: &labels,
+            declared: t.declared_modules(),
         };
         let eff = policy.decide(&subject);
-        let c = &rc.container;
+        let c = &t.container;
         println!(
             "container {} ({}{}): {}",
             short_id(&c.id),

@@ -68,6 +68,8 @@ pub(crate) static EBPF_OBJECT: &[u8] =
 pub struct Options {
     pub no_fexit: bool,
     pub force_raw_syscalls: bool,
+    /// Attach only the cgroup programs (enforcement follows containers; no module events).
+    pub cgroups_only: bool,
 }
 
 /// Loaded and attached programs.

@@ -155,7 +155,14 @@ impl Plan {
                 }
             }
         };
-        if plan.attempts == AttemptSource::None && plan.module_events.is_empty() {
+        if opts.cgroups_only {
+            // Enforcement in the foreground follows containers, not module events.
+            plan.module_events.clear();
+            plan.attempts = AttemptSource::None;
+            if !plan.cgroups {
+                return Err(ProbeError::NothingAttachable(plan.notes.join("; ")));
+            }
+        } else if plan.attempts == AttemptSource::None && plan.module_events.is_empty() {
             return Err(ProbeError::NothingAttachable(plan.notes.join("; ")));
         }
         Ok(plan)

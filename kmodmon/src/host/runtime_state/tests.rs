@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::formats::{expand_slice, oci_cgroups_path, stat_start_time, stat_state, strip_mount};
 use super::*;
-use crate::enrich::expect::Source;
+use crate::host::declaration::Source;
 
 const HEX: &str = "abababababababababababababababababababababababababababababababab";
 const CID: &str = "3f1b5c0e9a7d4e2f8b6c1a0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f";
@@ -269,7 +269,7 @@ fn containerd_cri_with_systemd_cgroups() {
 
     // The cgroupfs driver's path names no runtime; the state does.
     let mut c =
-        crate::enrich::container::parse_cgroup_path(&format!("/kubepods/burstable/pod{UID}/{CID}"))
+        crate::host::container::parse_cgroup_path(&format!("/kubepods/burstable/pod{UID}/{CID}"))
             .unwrap();
     assert_eq!(c.runtime, "cri");
     m.apply_to(&mut c);
@@ -582,7 +582,7 @@ fn real_runc_container() {
         let pid = m.pid.unwrap();
         let proc_cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
         assert_eq!(
-            crate::enrich::container::unified_path_from_proc_cgroup(&proc_cgroup),
+            crate::host::container::unified_path_from_proc_cgroup(&proc_cgroup),
             Some(cgroup.as_str())
         );
         let d = m.declaration(&cfg.proc_root, None).unwrap();
@@ -591,7 +591,7 @@ fn real_runc_container() {
         // (right after `runc run -d` returns it sometimes has not).
         let mut tries = 0;
         let d = loop {
-            match expect::declaration(None, Some(pid), &cfg.proc_root) {
+            match declaration::declaration(None, Some(pid), &cfg.proc_root) {
                 Err(e) if e.is_retryable() && tries < 200 => {
                     tries += 1;
                     std::thread::sleep(std::time::Duration::from_millis(10));
@@ -599,12 +599,12 @@ fn real_runc_container() {
                 other => break other.unwrap(),
             }
         };
-        assert_eq!(d.source, expect::Source::Environ(pid));
+        assert_eq!(d.source, declaration::Source::Environ(pid));
         assert_eq!(
             d.expected.modules,
             vec!["ip_vs", "ip_vs_wrr"],
             "environ {:?}, comm {:?}",
-            String::from_utf8_lossy(&expect::read_environ(&cfg.proc_root, pid).unwrap()),
+            String::from_utf8_lossy(&declaration::read_environ(&cfg.proc_root, pid).unwrap()),
             std::fs::read_to_string(format!("/proc/{pid}/comm"))
         );
         let index = StateIndex::scan(&cfg);

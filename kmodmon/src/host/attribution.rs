@@ -477,7 +477,7 @@ mod tests {
     #[test]
     #[ignore = "benchmark: prints figures; needs root"]
     fn bench_cgroup_lookup_real_cgroup2() {
-        let Some(mount) = crate::enrich::cgroup::cgroup2_mount() else {
+        let Some(mount) = crate::host::cgroup::cgroup2_mount() else {
             println!("no cgroup2 mount: skipped");
             return;
         };

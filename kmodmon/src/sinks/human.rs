@@ -12,9 +12,18 @@ pub struct Style {
     pub color: bool,
 }
 
+/// Output colouring (`--color`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum ColorChoice {
+    /// Colour when stdout is a terminal and NO_COLOR is unset.
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
 /// Whether to colour: `--color always|never`, else only on a terminal and never with NO_COLOR.
-pub fn want_color(choice: crate::cli::ColorChoice, is_tty: bool) -> bool {
-    use crate::cli::ColorChoice;
+pub fn want_color(choice: ColorChoice, is_tty: bool) -> bool {
     let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     match choice {
         ColorChoice::Always => true,
@@ -160,10 +169,7 @@ pub fn line(ev: &Event, style: Style) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        cli::ColorChoice,
-        event::{Clock, Container},
-    };
+    use crate::event::{Clock, Container};
 
     fn attempt() -> Event {
         let mut e = Event::synthetic(Kind::LoadAttempt, &Clock::new());

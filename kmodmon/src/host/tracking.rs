@@ -6,9 +6,9 @@
 //! config when runtime state names one, else from the environ of a process in its cgroup (the
 //! init pid, `cgroup.procs`, then the pids of its events) — and, while the container is still
 //! starting (runc's init has not exec'd the program yet, or the cgroup is still empty), read
-//! again on a short schedule ([`RETRY_DELAYS`]) driven by the enricher's poll, never by
-//! sleeping. Events of a container whose declaration is still pending are held back (bounded)
-//! until it is known, so even a container that lives 100 ms is judged against what it declared.
+//! again on a short schedule ([`RETRY_DELAYS`]) driven by the registry's poll, never by
+//! sleeping. The enricher holds back (bounded) the events of a container whose declaration is
+//! still pending, so even a container that lives 100 ms is judged against what it declared.
 //! Entries live [`KEEP_AFTER_GONE`] after the container's cgroup is removed.
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -16,9 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::attribution::Resolved;
-use super::expect::{self, Declaration, ExpectError};
+use super::declaration::{self, Declaration, ExpectError};
 use super::runtime_state::ContainerMeta;
-use crate::event::{Container, Event};
+use crate::event::Container;
 
 /// Capture attempts 1 ms apart at first: a container's program may live only a few ms.
 pub const FAST_RETRIES: usize = 40;
@@ -39,8 +39,6 @@ pub const RETRY_DELAYS: [Duration; 10] = [
 pub const KEEP_AFTER_GONE: Duration = Duration::from_secs(600);
 /// Most containers tracked; beyond it the longest-gone are evicted first.
 pub const MAX_TRACKED: usize = 16_384;
-/// Most events held for one container while its declaration is pending.
-pub const MAX_HELD: usize = 1024;
 /// Most processes of a cgroup whose environ is tried.
 const MAX_PIDS: usize = 8;
 
@@ -67,13 +65,9 @@ pub struct Tracked {
     pub state: DeclState,
     /// Pids seen in its events (environ fallback).
     pub pids: Vec<u32>,
-    /// Whether its appearance was reported (expectation event decided).
-    pub announced: bool,
     pub gone_at: Option<Instant>,
     /// When kmodmon first saw it.
     pub since: Instant,
-    /// Events waiting for the declaration.
-    pub held: Vec<Event>,
 }
 
 /// The tracked containers, by container ID.
@@ -137,10 +131,8 @@ impl Expectations {
                 last_error: None,
             },
             pids: Vec::new(),
-            announced: false,
             gone_at: None,
             since: Instant::now(),
-            held: Vec::new(),
         });
         if t.meta.is_none() && r.meta.is_some() {
             t.meta = r.meta.clone();
@@ -167,11 +159,16 @@ impl Expectations {
         }
     }
 
-    /// The cgroup of a container was removed.
-    pub fn cgroup_gone(&mut self, cgroup_id: u64) {
+    /// The cgroup of a container was removed; returns the keys of the containers that went
+    /// with it (each once).
+    pub fn cgroup_gone(&mut self, cgroup_id: u64) -> Vec<String> {
         let now = Instant::now();
-        for t in self.map.values_mut().filter(|t| t.cgroup_id == cgroup_id) {
-            t.gone_at = Some(now);
+        let mut gone = Vec::new();
+        for (k, t) in self.map.iter_mut() {
+            if t.cgroup_id == cgroup_id && t.gone_at.is_none() {
+                t.gone_at = Some(now);
+                gone.push(k.clone());
+            }
         }
         let pending = &mut self.pending;
         self.map.retain(|k, t| {
@@ -183,6 +180,12 @@ impl Expectations {
             }
             keep
         });
+        gone
+    }
+
+    /// Every tracked container, gone ones included.
+    pub fn iter(&self) -> impl Iterator<Item = &Tracked> {
+        self.map.values()
     }
 
     fn evict_oldest(&mut self) {
@@ -299,7 +302,7 @@ pub fn capture(
     proc_root: &Path,
 ) -> Result<Declaration, ExpectError> {
     if let Some((path, env)) = meta.and_then(|m| m.env.as_ref()) {
-        return expect::declaration(Some((path, env)), None, proc_root);
+        return declaration::declaration(Some((path, env)), None, proc_root);
     }
     let mut candidates: Vec<u32> = meta.and_then(|m| m.pid).into_iter().collect();
     let mut cgroup_exists = false;
@@ -320,7 +323,7 @@ pub fn capture(
             continue;
         }
         tried.push(pid);
-        match expect::declaration(None, Some(pid), proc_root) {
+        match declaration::declaration(None, Some(pid), proc_root) {
             Ok(d) => return Ok(d),
             Err(e) if e.is_retryable() => starting = starting.or(Some(e)),
             Err(e) => other = other.or(Some(e)),

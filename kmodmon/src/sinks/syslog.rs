@@ -207,6 +207,23 @@ impl Syslog {
     }
 }
 
+/// Forwards every event to syslog (see [`Syslog::send_event`]).
+pub struct SyslogSink(pub std::sync::Arc<Syslog>);
+
+/// The syslog socket refused the message (daemon down, queue full).
+pub const SEND_ERROR: &str = "syslog_send_error";
+
+impl super::Sink for SyslogSink {
+    fn emit(&mut self, ev: &Event, c: &super::SinkCounters) {
+        match self.0.send_event(ev) {
+            Ok(()) => c.emitted(1),
+            Err(_) => c.lost(SEND_ERROR, 1),
+        }
+    }
+    fn flush(&mut self, _c: &super::SinkCounters) {}
+    fn close(self: Box<Self>, _c: &super::SinkCounters) {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

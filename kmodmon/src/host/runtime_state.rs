@@ -19,11 +19,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use crate::enrich::cgroup::cgroup2_mount;
-use crate::enrich::container::{self, is_generic_runtime, parse_cgroup_path};
-use crate::enrich::expect::{self, BadEntry, Declaration, ExpectError};
 use crate::escape::escape_bytes;
 use crate::event::Container;
+use crate::host::cgroup::cgroup2_mount;
+use crate::host::container::{self, is_generic_runtime, parse_cgroup_path};
+use crate::host::declaration::{self, BadEntry, Declaration, ExpectError};
 
 mod formats;
 mod reader;
@@ -278,7 +278,7 @@ impl ContainerMeta {
         pid: Option<u32>,
     ) -> Result<Declaration, ExpectError> {
         let env = self.env.as_ref().map(|(p, e)| (p.as_path(), e.as_slice()));
-        expect::declaration(env, self.pid.or(pid), proc_root)
+        declaration::declaration(env, self.pid.or(pid), proc_root)
     }
 
     fn merge(&mut self, p: Partial, source: PathBuf, runtime: &str, rank: u8, best: &mut u8) {

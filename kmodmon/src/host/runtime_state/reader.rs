@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use super::formats::{self, Partial};
 use super::{ContainerMeta, FILE_MAX, StateConfig, StateError, StateKind, StateRoot, rank};
-use crate::enrich::container;
 use crate::escape::escape_bytes;
+use crate::host::container;
 
 /// Checks an ID or name before it becomes a path component.
 pub(super) fn check_id(id: &str) -> Result<(), StateError> {

@@ -7,11 +7,11 @@
 //! offline root filesystem. [`live`] reads what the running kernel has loaded.
 //!
 //! ```no_run
-//! use kmodmon::moddb::{ModDb, RootFs};
+//! use kmodmon::host::moddb::{ModDb, RootFs};
 //! let db = ModDb::for_kernel(&RootFs::host(), "6.1.0-13-cloud-amd64")?;
 //! let deps = db.deps_of("ip_vs_wrr"); // ["ip_vs", "nf_conntrack", ...]
 //! let mods = db.resolve_alias("fs-overlay"); // ["overlay"]
-//! # Ok::<(), kmodmon::moddb::ModDbError>(())
+//! # Ok::<(), kmodmon::host::moddb::ModDbError>(())
 //! ```
 mod alias;
 pub mod live;

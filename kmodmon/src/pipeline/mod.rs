@@ -1,0 +1,390 @@
+//! The live event path, the same for every front end (`tail`, `run`, `enforce --foreground`):
+//!
+//! ```text
+//! rings (events, cgroups, policy) ─▶ reader ─▶ enrich task ─▶ sink thread ─▶ sinks
+//!                                              │  registry, enricher
+//!                                              └─ enforcer (follows the registry)
+//! ```
+//!
+//! - the [`reader`] only copies records off the rings (a full queue is a counted loss);
+//! - the enrich task decodes them, feeds cgroup records to the host registry, enriches every
+//!   event (monitor and enforcement records alike), passes the registry's changes to the
+//!   enforcer so a new container's cgroup is mapped as soon as its mkdir record is read, and
+//!   answers [`Control`] requests (policy reload);
+//! - the sink thread offers each event to the [`Fanout`] (sinks may block on a pipe or a
+//!   socket without stalling enrichment).
+//!
+//! Shutdown loses nothing delivered: [`Pipeline::stop`] stops the reader; the enrich task
+//! works through its queue, releases held events (their container's declaration then says it
+//! was not read), and the sink thread writes everything and closes the sinks.
+//! [`Pipeline::finish`] waits for all of it. See [`accounting`] for the exact identity.
+pub mod accounting;
+pub mod reader;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use aya::maps::{MapData, RingBuf};
+use kmodmon_common::RawEvent;
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use self::accounting::{Accounting, Flow};
+use self::reader::{Msg, Rings};
+use crate::enforce::Enforcer;
+use crate::enrich::{Enricher, init_names::InitNames};
+use crate::event::{Clock, Event, Kind};
+use crate::sinks::{Fanout, SinkReport};
+
+/// Capacity of the reader → enrich queue, in messages (a batch of up to
+/// [`reader::BATCH`] records, or one cgroup record).
+pub const QUEUE: usize = 256;
+/// Capacity of the enrich → sink queue, in events.
+pub const OUT_QUEUE: usize = 4096;
+/// How often an idle enrich task turns (captures due, finished modprobe runs, liveness).
+const IDLE_POLL: Duration = Duration::from_millis(250);
+/// How often an idle enrich task tells the sink thread it is alive.
+const TICK: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Error)]
+pub enum PipelineError {
+    #[error("polling a ring buffer: {0}")]
+    Poll(std::io::Error),
+    #[error("starting the sink thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The rings to read; any may be absent (`enforce --foreground` has no monitor ring).
+#[derive(Default)]
+pub struct Inputs {
+    pub events: Option<RingBuf<MapData>>,
+    pub cgroups: Option<RingBuf<MapData>>,
+    pub policy: Option<RingBuf<MapData>>,
+}
+
+/// Requests to the enrich task.
+pub enum Control {
+    /// Re-read the policy file; the reply says what happened.
+    ReloadPolicy {
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+}
+
+enum Out {
+    Event(Box<Event>),
+    /// The enrich task is alive.
+    Tick,
+}
+
+/// What the pipeline ended with.
+pub struct Finished {
+    /// The sinks' final reports.
+    pub sinks: Vec<SinkReport>,
+    /// The enforcer, handed back for its shutdown.
+    pub enforcer: Option<Enforcer>,
+    /// A task that failed (panicked), if any: the front end exits non-zero.
+    pub failure: Option<String>,
+}
+
+/// A running pipeline.
+pub struct Pipeline {
+    stop: watch::Sender<bool>,
+    control: mpsc::Sender<Control>,
+    pub accounting: Arc<Accounting>,
+    reader: tokio::task::JoinHandle<()>,
+    enrich: tokio::task::JoinHandle<Option<Enforcer>>,
+    sinks: std::thread::JoinHandle<Vec<SinkReport>>,
+}
+
+impl Pipeline {
+    /// Starts the reader, the enrich task and the sink thread. Must run inside a tokio
+    /// runtime.
+    pub fn start(
+        inputs: Inputs,
+        enricher: Enricher,
+        enforcer: Option<Enforcer>,
+        fanout: Fanout,
+    ) -> Result<Pipeline, PipelineError> {
+        let register = |r: Option<RingBuf<MapData>>| {
+            r.map(reader::register)
+                .transpose()
+                .map_err(PipelineError::Poll)
+        };
+        let rings = Rings {
+            events: register(inputs.events)?,
+            cgroups: register(inputs.cgroups)?,
+            policy: register(inputs.policy)?,
+        };
+        let accounting = Arc::new(Accounting::default());
+        accounting.watch_sinks(fanout.counters());
+        let (raw_tx, raw_rx) = mpsc::channel(QUEUE);
+        let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
+        let (ctl_tx, ctl_rx) = mpsc::channel(4);
+        let (stop_tx, stop_rx) = watch::channel(false);
+
+        let acc = accounting.clone();
+        let sinks = std::thread::Builder::new()
+            .name("kmodmon-sinks".into())
+            .spawn(move || sink_thread(fanout, out_rx, &acc))
+            .map_err(PipelineError::Thread)?;
+        let reader = tokio::spawn(reader::run(rings, raw_tx, accounting.clone(), stop_rx));
+        let enrich = tokio::spawn(enrich_task(
+            raw_rx,
+            ctl_rx,
+            enricher,
+            enforcer,
+            out_tx,
+            accounting.clone(),
+        ));
+        Ok(Pipeline {
+            stop: stop_tx,
+            control: ctl_tx,
+            accounting,
+            reader,
+            enrich,
+            sinks,
+        })
+    }
+
+    /// Stops reading new records; what was delivered still flows to the sinks.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Sends a request to the enrich task.
+    pub async fn control(&self, c: Control) -> bool {
+        self.control.send(c).await.is_ok()
+    }
+
+    /// Re-reads the policy; the answer is the line to log.
+    pub async fn reload_policy(&self) -> Result<String, String> {
+        let (reply, rx) = oneshot::channel();
+        if !self.control(Control::ReloadPolicy { reply }).await {
+            return Err("the pipeline has stopped".into());
+        }
+        rx.await
+            .unwrap_or_else(|_| Err("the pipeline has stopped".into()))
+    }
+
+    /// Whether a task ended on its own (a failure: they run until stopped).
+    pub fn has_failed(&self) -> bool {
+        self.reader.is_finished() || self.enrich.is_finished() || self.sinks.is_finished()
+    }
+
+    /// Stops (if not yet) and waits until everything delivered is written and the sinks are
+    /// closed.
+    pub async fn finish(self) -> Finished {
+        self.stop();
+        let mut failure = None;
+        if let Err(e) = self.reader.await {
+            failure = Some(format!("the ring-buffer reader failed: {e}"));
+        }
+        let enforcer = match self.enrich.await {
+            Ok(e) => e,
+            Err(e) => {
+                failure.get_or_insert(format!("the enrich task failed: {e}"));
+                None
+            }
+        };
+        let sinks = match tokio::task::spawn_blocking(move || self.sinks.join()).await {
+            Ok(Ok(reports)) => reports,
+            Ok(Err(_)) | Err(_) => {
+                failure.get_or_insert("the sink thread failed".to_string());
+                self.accounting.flow().sinks
+            }
+        };
+        Finished {
+            sinks,
+            enforcer,
+            failure,
+        }
+    }
+}
+
+/// Decodes, enriches and hands events on until the reader is gone; then releases what is
+/// held and hands back the enforcer.
+async fn enrich_task(
+    mut rx: mpsc::Receiver<Msg>,
+    mut control: mpsc::Receiver<Control>,
+    mut enricher: Enricher,
+    mut enforcer: Option<Enforcer>,
+    out: mpsc::Sender<Out>,
+    acc: Arc<Accounting>,
+) -> Option<Enforcer> {
+    let clock = Clock::new();
+    let mut init_names = InitNames::default();
+    let mut last_tick = Instant::now();
+    // The changes of the registry's start-up scan reach the enforcer (it synced with the
+    // registry when it started, so this only repeats what it knows).
+    follow(&mut enricher, enforcer.as_mut());
+    let mut sinks_dead = false;
+    loop {
+        acc.enrich_turned();
+        let wakeup = enricher
+            .next_wakeup()
+            .unwrap_or_else(|| Instant::now() + IDLE_POLL)
+            .min(Instant::now() + IDLE_POLL);
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(m) => handle(m, &mut enricher, enforcer.as_ref(), &mut init_names, &clock, &acc),
+                None => break,
+            },
+            Some(c) = control.recv() => match c {
+                Control::ReloadPolicy { reply } => {
+                    let answer = match enforcer.as_mut() {
+                        Some(enf) => enf
+                            .reload(None, enricher.registry())
+                            .map(|()| format!("policy reloaded (mode {})", enf.mode()))
+                            .map_err(|e| format!("new policy rejected, the previous one stays in force: {e}")),
+                        None => Err("no policy configured".to_string()),
+                    };
+                    let _ = reply.send(answer);
+                }
+            },
+            _ = tokio::time::sleep_until(wakeup.into()) => {}
+        }
+        enricher.poll();
+        follow(&mut enricher, enforcer.as_mut());
+        if !forward(&mut enricher, &out, &acc).await {
+            sinks_dead = true;
+            break;
+        }
+        if last_tick.elapsed() >= TICK {
+            last_tick = Instant::now();
+            if out.send(Out::Tick).await.is_err() {
+                sinks_dead = true;
+                break;
+            }
+        }
+    }
+    if sinks_dead {
+        // Nothing can be written any more: count what is queued and held as lost.
+        rx.close();
+        let mut lost = enricher.held() as u64;
+        while let Ok(m) = rx.try_recv() {
+            lost += match m {
+                Msg::Events(b) | Msg::Policy(b) => b.len() as u64,
+                Msg::Cgroup { .. } => 0,
+            };
+        }
+        acc.sinks_gone.fetch_add(lost, Relaxed);
+        return enforcer;
+    }
+    // The reader is gone: work through what it queued, then let held events go.
+    while let Ok(m) = rx.try_recv() {
+        handle(
+            m,
+            &mut enricher,
+            enforcer.as_ref(),
+            &mut init_names,
+            &clock,
+            &acc,
+        );
+        follow(&mut enricher, enforcer.as_mut());
+        forward(&mut enricher, &out, &acc).await;
+    }
+    enricher.flush();
+    follow(&mut enricher, enforcer.as_mut());
+    forward(&mut enricher, &out, &acc).await;
+    enforcer
+}
+
+fn handle(
+    msg: Msg,
+    enricher: &mut Enricher,
+    enforcer: Option<&Enforcer>,
+    init_names: &mut InitNames,
+    clock: &Clock,
+    acc: &Accounting,
+) {
+    match msg {
+        Msg::Cgroup {
+            mkdir: true,
+            id,
+            path,
+        } => enricher.cgroup_created(id, &path),
+        Msg::Cgroup {
+            mkdir: false,
+            id,
+            path,
+        } => enricher.cgroup_removed(id, &path),
+        Msg::Events(batch) => {
+            for raw in batch {
+                if let Some(mut ev) = decode(&raw, clock, acc) {
+                    init_names.observe(&mut ev);
+                    enricher.handle(ev);
+                }
+            }
+        }
+        Msg::Policy(batch) => {
+            for raw in batch {
+                if let Some(mut ev) = decode(&raw, clock, acc) {
+                    if let Some(enf) = enforcer {
+                        enf.describe(&mut ev);
+                    }
+                    enricher.handle(ev);
+                }
+            }
+        }
+    }
+}
+
+fn decode(raw: &RawEvent, clock: &Clock, acc: &Accounting) -> Option<Event> {
+    match Event::from_raw(raw, clock) {
+        Ok(ev) => Some(ev),
+        Err(e) => {
+            acc.undecodable.fetch_add(1, Relaxed);
+            log::warn!("undecodable event record: {e}");
+            None
+        }
+    }
+}
+
+/// Hands the registry's changes to the enforcer.
+fn follow(enricher: &mut Enricher, enforcer: Option<&mut Enforcer>) {
+    let changes = enricher.take_changes();
+    if let Some(enf) = enforcer {
+        for c in &changes {
+            enf.follow(c, enricher.registry());
+        }
+    }
+}
+
+/// Sends the ready events on; false when the sink thread is gone.
+async fn forward(enricher: &mut Enricher, out: &mpsc::Sender<Out>, acc: &Accounting) -> bool {
+    let ready = enricher.take_ready();
+    let mut gone = 0u64;
+    for ev in ready {
+        if matches!(ev.kind, Kind::Expectation | Kind::SelfLoad) {
+            acc.synthesized.fetch_add(1, Relaxed);
+        }
+        if gone > 0 || out.send(Out::Event(Box::new(ev))).await.is_err() {
+            gone += 1;
+        }
+    }
+    if gone > 0 {
+        acc.sinks_gone.fetch_add(gone, Relaxed);
+        log::error!("the sink thread is gone: {gone} events not written");
+        return false;
+    }
+    true
+}
+
+fn sink_thread(
+    mut fanout: Fanout,
+    mut rx: mpsc::Receiver<Out>,
+    acc: &Accounting,
+) -> Vec<SinkReport> {
+    acc.sink_turned();
+    while let Some(m) = rx.blocking_recv() {
+        acc.sink_turned();
+        if let Out::Event(ev) = m {
+            fanout.deliver(&ev);
+        }
+        if rx.is_empty() {
+            fanout.flush();
+        }
+    }
+    fanout.close()
+}
