@@ -86,9 +86,19 @@ impl Tail {
 
     /// Stops kmodmon with SIGINT; returns the events it still printed and its JSON summary.
     pub fn stop(self) -> (Vec<Value>, Value) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        self.stop_with(nix::sys::signal::Signal::SIGINT)
+    }
+
+    /// Stops kmodmon with `signal`; returns the events it still printed and its JSON summary.
+    pub fn stop_with(self, signal: nix::sys::signal::Signal) -> (Vec<Value>, Value) {
+        self.signal(signal);
         self.finish()
+    }
+
+    /// Sends `signal` to kmodmon (then [`Tail::finish`] waits for it).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, signal);
     }
 
     /// Stops kmodmon with SIGINT and returns everything it printed on stderr.

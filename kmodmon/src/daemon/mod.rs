@@ -233,6 +233,8 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
     let (finished, summary) = session.finish(&mut signals).await;
     let text = format!("stopping: {}", summary.describe());
     eprintln!("kmodmon: {text}");
+    // The same, for machines (journald keeps it as one line).
+    eprintln!("{}", serde_json::json!({ "summary": summary }));
     if let Some(enf) = finished.enforcer {
         // Pins stay: enforcement outlives the daemon; `kmodmon enforce off` removes it.
         if let Err(e) = enf.shutdown(false) {

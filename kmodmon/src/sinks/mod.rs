@@ -151,7 +151,7 @@ impl Output {
         self
     }
 
-    /// Stop after `n` emitted events (what comes after is counted as skipped).
+    /// Stop after `n` events (what comes after is counted as skipped).
     pub fn limit(mut self, n: Option<u64>) -> Output {
         self.limit = n;
         self
@@ -161,9 +161,11 @@ impl Output {
         self.counters.clone()
     }
 
+    /// The limit counts events handed to the sink (a line sink counts them emitted only once
+    /// they are flushed).
     fn full(&self) -> bool {
         self.limit
-            .is_some_and(|n| self.counters.emitted.load(Relaxed) >= n)
+            .is_some_and(|n| self.counters.accepted.load(Relaxed) >= n)
     }
 
     /// Wants nothing more: its limit is reached or its reader went away.
