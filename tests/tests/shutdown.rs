@@ -215,9 +215,11 @@ fn start_daemon(dir: &std::path::Path) -> (std::process::Child, std::sync::mpsc:
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut seen = Vec::new();
     loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("daemon did not start: {seen:#?}"));
+        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("daemon did not start: {seen:#?}");
+        };
         let ready = line.contains("started; attached");
         seen.push(line);
         if ready {
