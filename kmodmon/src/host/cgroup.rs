@@ -4,10 +4,13 @@
 //! cgroup is already gone still gets its path.
 use std::{
     collections::HashMap,
+    os::unix::ffi::OsStrExt as _,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
+
+use crate::escape::escape_bytes;
 
 /// How long a removed cgroup's path stays known.
 pub const REMOVED_TTL: Duration = Duration::from_secs(600);
@@ -197,8 +200,9 @@ impl CgroupCache {
             };
             for entry in rd.flatten() {
                 if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    let name = entry.file_name();
-                    let name = name.to_string_lossy();
+                    // Escaped like the kernel's mkdir records: a cgroup name is chosen by
+                    // whoever may create cgroups (delegated subtrees, containers).
+                    let name = escape_bytes(entry.file_name().as_bytes());
                     let child_rel = if rel == "/" {
                         format!("/{name}")
                     } else {
@@ -242,6 +246,18 @@ mod tests {
         let mut cache = CgroupCache::with_root(Some(dir.path().to_path_buf()));
         assert_eq!(cache.lookup(ino).as_deref(), Some("/docker/abc"));
         assert_eq!(cache.lookup(root_ino).as_deref(), Some("/"));
+    }
+
+    #[test]
+    fn hostile_cgroup_names_are_escaped_as_in_kernel_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let evil = dir.path().join("x\x1b[31m\u{202e}y");
+        std::fs::create_dir_all(&evil).unwrap();
+        let ino = std::fs::metadata(&evil).unwrap().ino();
+        let mut cache = CgroupCache::with_root(Some(dir.path().to_path_buf()));
+        let path = cache.lookup(ino).unwrap();
+        assert_eq!(path, "/x\\x1b[31m\\u{202e}y");
+        assert!(!path.chars().any(|c| c.is_control()));
     }
 
     #[test]
