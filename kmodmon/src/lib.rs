@@ -13,6 +13,7 @@ pub mod enrich;
 pub mod escape;
 pub mod event;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod moddb;
 pub mod modname;

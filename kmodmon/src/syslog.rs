@@ -91,6 +91,11 @@ fn header_field(s: &str, max: usize) -> String {
     if out.is_empty() { "-".into() } else { out }
 }
 
+/// The MSG of an event: its JSON object, every string through the sink guard.
+pub fn event_message(ev: &Event) -> String {
+    crate::output::json_line(ev)
+}
+
 /// One RFC 5424 message (no structured data).
 #[allow(clippy::too_many_arguments)]
 pub fn format_message(
@@ -159,14 +164,16 @@ impl Syslog {
         })
     }
 
-    /// Sends one event: MSGID is its kind, MSG its JSON object.
+    /// Sends one event: MSGID is its kind, MSG its JSON object (every string through the sink
+    /// guard, [`crate::escape::sanitize_event`]).
     pub fn send_event(&self, ev: &Event) -> io::Result<()> {
-        let json = serde_json::to_string(ev).map_err(io::Error::other)?;
-        self.send(severity_for(ev), ev.kind.as_str(), &json)
+        self.send(severity_for(ev), ev.kind.as_str(), &event_message(ev))
     }
 
-    /// Sends one message.
+    /// Sends one message. `msg` passes the sink guard ([`crate::escape::sanitize`]): no
+    /// control character (a newline would split the message in some daemons), no bidi control.
     pub fn send(&self, severity: Severity, msgid: &str, msg: &str) -> io::Result<()> {
+        let msg = crate::escape::sanitize(msg);
         let line = format_message(
             self.facility,
             severity,
@@ -175,7 +182,7 @@ impl Syslog {
             &self.app_name,
             &self.procid,
             msgid,
-            msg,
+            &msg,
         );
         let mut guard = self
             .sock

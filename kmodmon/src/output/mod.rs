@@ -4,9 +4,11 @@ pub mod human;
 
 use crate::event::Event;
 
-/// One JSON object per line; the schema is `Event`'s serde form.
+/// One JSON object per line; the schema is `Event`'s serde form. Every string passes the
+/// sink guard ([`crate::escape::sanitize_event`]) first: serde_json escapes only C0 controls,
+/// quotes and backslashes, and would pass C1 controls and bidi overrides through.
 pub fn json_line(ev: &Event) -> String {
-    serde_json::to_string(ev).unwrap_or_else(|e| {
+    serde_json::to_string(&*crate::escape::sanitize_event(ev)).unwrap_or_else(|e| {
         // Serialising plain strings and numbers cannot fail; if it ever does, say so in-band.
         format!(
             "{{\"error\":\"cannot serialise event: {}\"}}",
