@@ -21,6 +21,7 @@ pub mod output;
 pub mod pipeline;
 pub mod policy;
 pub mod probe;
+pub mod ratelimit;
 pub mod session;
 pub mod syslog;
 pub mod tail;
