@@ -170,6 +170,13 @@ impl Syslog {
         self.send(severity_for(ev), ev.kind.as_str(), &event_message(ev))
     }
 
+    /// Sends the audit log's chain head as an anchor line (`kmodmon-anchor seq=N hash=H`),
+    /// MSGID `anchor`, for `kmodmon log verify --anchor-from` to find in a syslog or journal
+    /// export later.
+    pub fn send_anchor(&self, anchor: &crate::audit::Anchor) -> io::Result<()> {
+        self.send(Severity::Notice, "anchor", &anchor.line())
+    }
+
     /// Sends one message. `msg` passes the sink guard ([`crate::escape::sanitize`]): no
     /// control character (a newline would split the message in some daemons), no bidi control.
     pub fn send(&self, severity: Severity, msgid: &str, msg: &str) -> io::Result<()> {

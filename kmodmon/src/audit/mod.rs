@@ -34,10 +34,13 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
-pub use config::{AuditArgs, AuditConfig, FsyncPolicy};
+pub use config::{AuditArgs, AuditConfig, DiskFullAction, FsyncPolicy};
 pub use export::{ExportStats, Filter, Format, export};
 pub use recovery::Recovery;
-pub use verify::{Failure, Problem, VerifyReport, verify};
+pub use verify::{
+    ANCHOR_TAG, Anchor, AnchorCheck, Failure, Problem, VerifyReport, anchors_in, newest_anchor,
+    verify,
+};
 pub use writer::{AuditLog, AuditStats, OpenReport};
 
 /// Audit-log errors (I/O on a named file, or the log's state).
@@ -57,6 +60,8 @@ pub enum AuditError {
     Locked(PathBuf),
     #[error("the audit writer has stopped (see earlier errors)")]
     WriterGone,
+    #[error("audit log settings: {0}")]
+    Config(String),
     #[error(
         "{} holds no audit log segments (audit-*.jsonl); give the directory passed to `kmodmon run --audit-dir`",
         .0.display()

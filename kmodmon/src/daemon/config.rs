@@ -134,7 +134,17 @@ pub fn load(args: &RunArgs) -> anyhow::Result<Effective> {
         ),
         None => (FileConfig::default(), None),
     };
-    Ok(apply(file, args, source))
+    let eff = apply(file, args, source);
+    if let Some(audit) = &eff.audit {
+        audit.validate().map_err(|e| {
+            let at = eff
+                .source
+                .as_ref()
+                .map_or("flags".to_string(), |p| p.display().to_string());
+            anyhow::anyhow!("{at}: [audit]: {e}")
+        })?;
+    }
+    Ok(eff)
 }
 
 fn read(path: &Path) -> anyhow::Result<FileConfig> {
@@ -218,6 +228,32 @@ mod tests {
         assert_eq!(eff.metrics.as_deref(), Some(":2"));
         assert_eq!(eff.audit.unwrap().dir, PathBuf::from("/b"));
         assert!(eff.forward.stdout);
+    }
+
+    #[test]
+    fn audit_settings_that_cannot_work_are_refused_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(
+            &path,
+            "[audit]\ndir = \"/a\"\nsegment_size = \"64MiB\"\nretain_size = \"100MiB\"\n",
+        )
+        .unwrap();
+        let args = RunArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        let err = load(&args).unwrap_err().to_string();
+        assert!(err.contains("twice segment_size"), "{err}");
+        std::fs::write(
+            &path,
+            "[audit]\ndir = \"/a\"\nretain_size = \"none\"\ndisk_full_action = \"suspend\"\n",
+        )
+        .unwrap();
+        let eff = load(&args).unwrap();
+        let a = eff.audit.unwrap();
+        assert_eq!(a.retain_size, None);
+        assert_eq!(a.disk_full_action, crate::audit::DiskFullAction::Suspend);
     }
 
     #[test]
