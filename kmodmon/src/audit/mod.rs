@@ -5,9 +5,12 @@
 //! - `audit-<first seq, 20 digits>.jsonl`: segments, in order; closed ones may be compressed to
 //!   `.jsonl.zst` (same bytes once decompressed).
 //! - `.lock`: held (flock) by the one writer.
+//! - `.reserve`: 16 KiB of zeros, given up on a full disk so that the record of a deletion can
+//!   be written before the deletion (see [`writer`]).
 //!
 //! Every line is a record: an event (the `tail --json` object) or one of kmodmon's own records
-//! (`"record": "segment_start" | "lost" | "recovered" | "retention" | "note"`), with `seq` first
+//! (`"record": "segment_start" | "lost" | "recovered" | "retention" | "sync_failed" |
+//! "rate_limited" | "note"`), with `seq` first
 //! and `hash` last; see [`record`] for the exact hash definition. Every segment starts with a
 //! `segment_start` record naming the previous record's seq and hash, so the chain runs across
 //! rotation, compression and restarts.
