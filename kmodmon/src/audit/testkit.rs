@@ -13,17 +13,18 @@ use super::writer::AuditLog;
 use crate::event::{Clock, Container, Event, Kind, Syscall};
 use crate::metrics::Metrics;
 
-const MODULES: [&str; 5] = [
+const MODULES: [&str; 6] = [
     "ip_vs",
     "nf-conntrack",
     "evil,\"mod\"",
     "overlay",
     "ip_vs_wrr",
+    "=HYPERLINK(\"http://x\",\"y\")",
 ];
 const VERDICTS: [Option<&str>; 4] = [Some("host"), Some("expected"), Some("unexpected"), None];
 
 /// Event `i` of run `run`, at `time`. Its `detail` is `run=<run> i=<i>`; kinds, modules
-/// (including CSV-hostile names), containers and verdicts cycle with `i`.
+/// (including CSV-hostile names: a comma and quotes, a formula), containers and verdicts cycle with `i`.
 pub fn synthetic_event(run: &str, i: u64, time: SystemTime) -> Event {
     let mut e = Event::synthetic(
         Kind::ALL[(i % Kind::ALL.len() as u64) as usize],

@@ -583,23 +583,33 @@ fn a_failed_fsync_is_not_retried_and_its_records_are_counted_unsure() {
             .unwrap();
     }
     let after = log.sync().unwrap();
+    // A second failure counts only its own records.
+    log.fail_next_fsyncs(1);
+    log.submit_blocking(synthetic_event("f", 10, SystemTime::now()))
+        .unwrap();
+    log.sync().unwrap();
+    assert_eq!(
+        log.stats().unsure,
+        3 + 1,
+        "only the record since the last good fsync"
+    );
     let s = log.close();
-    assert_eq!(s.durable_seq, after);
-    assert_eq!(s.events, 10);
-    // A new segment began after the failure, and says what is unsure.
+    assert!(s.durable_seq >= after);
+    assert_eq!(s.events, 11);
+    // A new segment began after each failure, and says what is unsure.
     let segs = segment::list(dir.path()).unwrap();
-    assert_eq!(segs.len(), 2, "{segs:?}");
+    assert_eq!(segs.len(), 3, "{segs:?}");
     let first_of_new = lines_of(&segs[1]);
     let rec: serde_json::Value = serde_json::from_slice(&first_of_new[1]).unwrap();
     assert_eq!(rec["record"], "sync_failed", "{rec}");
     assert_eq!(rec["from_seq"].as_u64(), Some(before + 1));
     assert_eq!(rec["count"], 3);
     let report = intact(dir.path());
-    assert_eq!(report.unsure, 3);
-    assert_eq!(report.events, 10);
+    assert_eq!(report.unsure, 3 + 1);
+    assert_eq!(report.events, 11);
     use std::sync::atomic::Ordering::Relaxed;
-    assert_eq!(metrics.audit.unsure.load(Relaxed), 3);
-    assert_eq!(metrics.audit.fsync_errors.load(Relaxed), 1);
+    assert_eq!(metrics.audit.unsure.load(Relaxed), 3 + 1);
+    assert_eq!(metrics.audit.fsync_errors.load(Relaxed), 2);
 }
 
 #[test]

@@ -260,6 +260,7 @@ impl AuditLog {
             suspended_since: None,
             room_exhausted: false,
             in_removal: false,
+            unsure_to: 0,
             last_error: None,
             failing: false,
             dirty_since: None,
@@ -462,6 +463,9 @@ struct Writer {
     room_exhausted: bool,
     /// Segments are being removed (no nested retention from a rotation meanwhile).
     in_removal: bool,
+    /// The last seq of a range whose fsync failed: the head never points at or before it
+    /// until a later record is fsynced.
+    unsure_to: u64,
     last_error: Option<String>,
     failing: bool,
     dirty_since: Option<Instant>,
@@ -1090,7 +1094,7 @@ impl Writer {
     fn mark_durable(&self) {
         let last = self.shared.last_seq.load(Relaxed);
         self.shared.durable_seq.store(last, Relaxed);
-        if last > 0
+        if last > self.unsure_to
             && let Ok(mut h) = self.shared.head.lock()
         {
             *h = Some(Anchor {
@@ -1136,11 +1140,12 @@ impl Writer {
                 self.mark_durable();
             }
             Err(e) => {
-                let from = self.shared.durable_seq.load(Relaxed) + 1;
+                let from = self.shared.durable_seq.load(Relaxed).max(self.unsure_to) + 1;
                 let to = self.shared.last_seq.load(Relaxed);
                 let count = (to + 1).saturating_sub(from);
                 let name = seg.segment.name();
                 self.shared.unsure.fetch_add(count, Relaxed);
+                self.unsure_to = to;
                 let m = &self.shared.metrics.audit;
                 m.fsync_errors.fetch_add(1, Relaxed);
                 m.unsure.fetch_add(count, Relaxed);
