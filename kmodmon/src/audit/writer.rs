@@ -743,8 +743,8 @@ impl Writer {
         self.ensure_reserve();
     }
 
-    /// keep_newest: deletes the oldest closed segments, at least `segment_size` bytes of them
-    /// (one segment at least). False when there is none.
+    /// keep_newest: deletes the oldest closed segments, at least `segment_size` (and four
+    /// reserves) bytes of them, one segment at least. False when there is none.
     fn remove_oldest_for_room(&mut self) -> bool {
         let Ok(segs) = segment::list(&self.cfg.dir) else {
             return false;
@@ -753,7 +753,9 @@ impl Writer {
         let closed: Vec<Segment> = segs.into_iter().filter(|s| s.first_seq < active).collect();
         let mut freed = 0;
         let mut n = 0;
-        while n < closed.len() && (n == 0 || freed < self.cfg.segment_size) {
+        // Enough that the reserve, taken back after the deletion, leaves room behind.
+        let want = self.cfg.segment_size.max(4 * RESERVE);
+        while n < closed.len() && (n == 0 || freed < want) {
             freed += std::fs::metadata(&closed[n].path).map_or(0, |m| m.len());
             n += 1;
         }
