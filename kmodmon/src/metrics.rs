@@ -19,8 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::event::Event;
 use crate::health::Health;
@@ -100,12 +99,39 @@ pub struct AuditMetrics {
     pub events: AtomicU64,
     pub lost_queue_full: AtomicU64,
     pub lost_write_error: AtomicU64,
+    /// Events not written while writing was suspended (`disk_full_action = "suspend"`).
+    pub lost_suspended: AtomicU64,
+    /// kmodmon's own records (notes) not written.
+    pub lost_notes: AtomicU64,
+    /// Records whose fsync failed: they may not be on disk.
+    pub unsure: AtomicU64,
+    /// Events aggregated into `rate_limited` records instead of being recorded one by one.
+    pub rate_limited: AtomicU64,
+    /// Times the disk-full action triggered, by action.
+    pub disk_full: Labeled<1>,
+    /// Segments deleted, by reason (age, count, size, disk_full).
+    pub removed_segments: Labeled<1>,
+    /// Gauge: 1 while writing is suspended for a full disk.
+    pub suspended: AtomicU64,
     pub write_errors: AtomicU64,
     pub fsync_errors: AtomicU64,
     /// Gauge: bytes of all segments.
     pub bytes: AtomicU64,
     /// Gauge: number of segments.
     pub segments: AtomicU64,
+}
+
+/// The HTTP endpoint's own counters.
+#[derive(Default)]
+pub struct HttpMetrics {
+    /// Gauge: connections open now.
+    pub open: AtomicU64,
+    pub accepted: AtomicU64,
+    /// Connections closed to make room for a newer one (the cap was reached).
+    pub evicted: AtomicU64,
+    /// Connections closed for taking longer than the connection timeout.
+    pub timeouts: AtomicU64,
+    pub accept_errors: AtomicU64,
 }
 
 /// Every counter kmodmon exports. Share it as `Arc<Metrics>`.
@@ -122,6 +148,7 @@ pub struct Metrics {
     pub audit: AuditMetrics,
     /// The pipeline's sinks, whose counters are exported as they are.
     sinks: RwLock<Vec<Arc<SinkCounters>>>,
+    pub http: HttpMetrics,
     /// Readiness and liveness, served on /ready and /healthz.
     pub health: Health,
 }
@@ -142,6 +169,7 @@ impl Metrics {
             denials: AtomicU64::new(0),
             audit: AuditMetrics::default(),
             sinks: RwLock::new(Vec::new()),
+            http: HttpMetrics::default(),
             health: Health::default(),
         }
     }
@@ -235,14 +263,55 @@ impl Metrics {
                 ["write_error".to_string()],
                 a.lost_write_error.load(Relaxed),
             ),
+            (["suspended".to_string()], a.lost_suspended.load(Relaxed)),
+            (["note".to_string()], a.lost_notes.load(Relaxed)),
         ];
         family(
             &mut out,
             "kmodmon_audit_lost_records_total",
             "counter",
-            "Events not written to the audit log, by reason.",
+            "Events (and, reason note, kmodmon's own records) not written to the audit log, by reason.",
             &["reason"],
             &lost,
+        );
+        single(
+            &mut out,
+            "kmodmon_audit_unsure_records_total",
+            "counter",
+            "Records written before an fsync that failed: they may not be on disk.",
+            a.unsure.load(Relaxed),
+        );
+        single(
+            &mut out,
+            "kmodmon_audit_rate_limited_total",
+            "counter",
+            "Events aggregated into rate_limited summary records by the per-cgroup rate limit.",
+            a.rate_limited.load(Relaxed),
+        );
+        let disk_full = a.disk_full.snapshot();
+        family(
+            &mut out,
+            "kmodmon_audit_disk_full_total",
+            "counter",
+            "Times the file system was full and the disk-full action triggered, by action.",
+            &["action"],
+            &disk_full,
+        );
+        let removed = a.removed_segments.snapshot();
+        family(
+            &mut out,
+            "kmodmon_audit_removed_segments_total",
+            "counter",
+            "Audit-log segments deleted, by reason (age, count, size, disk_full).",
+            &["reason"],
+            &removed,
+        );
+        single(
+            &mut out,
+            "kmodmon_audit_suspended",
+            "gauge",
+            "1 while audit-log writing is suspended because the disk is full.",
+            a.suspended.load(Relaxed),
         );
         single(
             &mut out,
@@ -313,6 +382,29 @@ impl Metrics {
             &["sink", "outcome"],
             &by_sink,
         );
+        let h = &self.http;
+        single(
+            &mut out,
+            "kmodmon_http_connections",
+            "gauge",
+            "Connections open to the metrics endpoint.",
+            h.open.load(Relaxed),
+        );
+        let conns = [
+            (["accepted".to_string()], h.accepted.load(Relaxed)),
+            (["evicted".to_string()], h.evicted.load(Relaxed)),
+            (["timeout".to_string()], h.timeouts.load(Relaxed)),
+            (["accept_error".to_string()], h.accept_errors.load(Relaxed)),
+        ];
+        family(
+            &mut out,
+            "kmodmon_http_connections_total",
+            "counter",
+            "Connections to the metrics endpoint: accepted, closed to make room (evicted), \
+             closed for taking too long (timeout), and failed accepts.",
+            &["event"],
+            &conns,
+        );
         let start = self
             .started
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -337,8 +429,10 @@ impl Metrics {
     }
 }
 
-/// Escapes a label value per the exposition format.
-fn escape_label(v: &str) -> String {
+/// Escapes a label value: the sink guard ([`crate::escape::sanitize`]: no control, bidi or
+/// invisible character), then the exposition format's own escapes (`\\`, `\"`, `\n`).
+pub fn escape_label(v: &str) -> String {
+    let v = crate::escape::sanitize(v);
     let mut s = String::with_capacity(v.len());
     for c in v.chars() {
         match c {
@@ -380,32 +474,79 @@ fn family<const N: usize>(
     }
 }
 
-/// Parses a `--metrics` address: `HOST:PORT`, `[V6]:PORT`, or `:PORT` (all interfaces).
+/// Parses a `--metrics` address: `HOST:PORT`, `[V6]:PORT`, or `:PORT` / `PORT` (loopback,
+/// 127.0.0.1). Every interface must be asked for by name: `0.0.0.0:PORT` or `[::]:PORT`.
 pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     let s = s.trim();
-    let full = match s.strip_prefix(':') {
-        Some(port) => format!("0.0.0.0:{port}"),
-        None => s.to_string(),
+    let port_only = s.strip_prefix(':').unwrap_or(s);
+    let full = if !port_only.is_empty() && port_only.bytes().all(|b| b.is_ascii_digit()) {
+        format!("127.0.0.1:{port_only}")
+    } else {
+        s.to_string()
     };
     full.parse().map_err(|e| {
-        format!("metrics address {s:?}: {e} (expected e.g. 127.0.0.1:9464, [::1]:9464 or :9464)")
+        format!(
+            "metrics address {s:?}: {e} (expected e.g. 127.0.0.1:9464, [::1]:9464, :9464 for \
+             loopback, or 0.0.0.0:9464 for every interface)"
+        )
     })
 }
 
-/// The HTTP endpoint. Only `GET`/`HEAD` on `/metrics`, `/ready`, `/healthz` (and `/`) are
-/// served; one request per connection.
-pub struct MetricsServer {
-    listener: TcpListener,
+/// Limits of the HTTP endpoint, against clients that open many connections or send slowly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Connections served at once. A new connection beyond this closes the oldest one (a
+    /// scraper or probe sends its request at once and is done in milliseconds; the oldest
+    /// connection is the one most likely held open on purpose).
+    pub max_connections: usize,
+    /// Time a client has to send its whole request head.
+    pub header_timeout: Duration,
+    /// Longest a connection lives, request and response included.
+    pub connection_timeout: Duration,
 }
 
-const MAX_REQUEST: usize = 8192;
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: 64,
+            header_timeout: Duration::from_secs(2),
+            connection_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The HTTP endpoint (hyper, HTTP/1.1, one request per connection). Only `GET`/`HEAD` on
+/// `/metrics`, `/ready`, `/healthz` (and `/`) are served; see [`HttpLimits`] for the rest.
+pub struct MetricsServer {
+    listener: TcpListener,
+    limits: HttpLimits,
+}
+
+/// Open connections, oldest first, each with the sender that closes it.
+#[derive(Default)]
+struct Slots {
+    next_id: u64,
+    open: std::collections::VecDeque<(u64, tokio::sync::oneshot::Sender<()>)>,
+}
 
 impl MetricsServer {
-    /// Binds now, so a bad address or a port in use is reported at start.
+    /// Binds now, so a bad address or a port in use is reported at start. Default limits.
     pub async fn bind(addr: SocketAddr) -> io::Result<MetricsServer> {
+        Self::bind_with(addr, HttpLimits::default()).await
+    }
+
+    /// Binds with the given limits. Binding an address other than loopback is logged as a
+    /// warning: whoever reaches it reads the metrics.
+    pub async fn bind_with(addr: SocketAddr, limits: HttpLimits) -> io::Result<MetricsServer> {
+        if !addr.ip().is_loopback() {
+            log::warn!(
+                "metrics endpoint on {addr}: reachable from the network; restrict it to the \
+                 scraper (firewall, Kubernetes NetworkPolicy) or listen on 127.0.0.1"
+            );
+        }
         Ok(MetricsServer {
             listener: TcpListener::bind(addr).await?,
+            limits,
         })
     }
 
@@ -415,114 +556,112 @@ impl MetricsServer {
 
     /// Serves until the task is dropped. Each connection runs in a task of its own.
     pub async fn serve(self, metrics: Arc<Metrics>) -> io::Result<()> {
+        let slots = Arc::new(std::sync::Mutex::new(Slots::default()));
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(self.limits.header_timeout)
+            .keep_alive(false);
+        let http = Arc::new(http);
         loop {
-            match self.listener.accept().await {
-                Ok((stream, _)) => {
-                    let m = metrics.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = handle(stream, &m).await {
-                            log::debug!("metrics request: {e}");
-                        }
-                    });
-                }
+            let stream = match self.listener.accept().await {
+                Ok((stream, _)) => stream,
                 Err(e) => {
                     // Out of file descriptors and the like: wait instead of spinning.
+                    metrics.http.accept_errors.fetch_add(1, Relaxed);
                     log::warn!("metrics endpoint: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
-            }
+            };
+            metrics.http.accepted.fetch_add(1, Relaxed);
+            let (close_tx, close_rx) = tokio::sync::oneshot::channel();
+            let id = {
+                let Ok(mut s) = slots.lock() else { continue };
+                while s.open.len() >= self.limits.max_connections.max(1) {
+                    if let Some((_, oldest)) = s.open.pop_front() {
+                        let _ = oldest.send(());
+                        metrics.http.evicted.fetch_add(1, Relaxed);
+                    }
+                }
+                s.next_id += 1;
+                let id = s.next_id;
+                s.open.push_back((id, close_tx));
+                metrics.http.open.store(s.open.len() as u64, Relaxed);
+                id
+            };
+            let (m, slots, http) = (metrics.clone(), slots.clone(), http.clone());
+            let deadline = self.limits.connection_timeout;
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|req| {
+                    let m = m.clone();
+                    async move { Ok::<_, std::convert::Infallible>(respond(&req, &m)) }
+                });
+                let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                tokio::select! {
+                    r = tokio::time::timeout(deadline, conn) => match r {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => log::debug!("metrics connection: {e}"),
+                        Err(_) => {
+                            m.http.timeouts.fetch_add(1, Relaxed);
+                        }
+                    },
+                    _ = close_rx => {}
+                }
+                if let Ok(mut s) = slots.lock() {
+                    s.open.retain(|(i, _)| *i != id);
+                    m.http.open.store(s.open.len() as u64, Relaxed);
+                }
+            });
         }
     }
 }
 
-async fn handle(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let parsed = tokio::time::timeout(READ_TIMEOUT, async {
-        let mut chunk = [0u8; 1024];
-        loop {
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok(None);
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut req = httparse::Request::new(&mut headers);
-            match req.parse(&buf) {
-                Ok(httparse::Status::Complete(_)) => {
-                    let method = req.method.unwrap_or("").to_string();
-                    let path = req.path.unwrap_or("").to_string();
-                    return Ok::<_, io::Error>(Some(Ok((method, path))));
-                }
-                Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST => {}
-                Ok(httparse::Status::Partial) => return Ok(Some(Err(431))),
-                Err(_) => return Ok(Some(Err(400))),
-            }
-        }
-    })
-    .await;
-    let request = match parsed {
-        Ok(Ok(Some(r))) => r,
-        Ok(Ok(None)) | Err(_) => return Ok(()),
-        Ok(Err(e)) => return Err(e),
+type Body = http_body_util::Full<hyper::body::Bytes>;
+
+/// The answer to one request.
+fn respond<B>(req: &hyper::Request<B>, metrics: &Metrics) -> hyper::Response<Body> {
+    use hyper::{Method, StatusCode};
+    let text = |status: StatusCode, body: String| {
+        let mut r = hyper::Response::new(Body::from(body));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        r
     };
-    let (status, reason, body, head_only, extra) = match request {
-        Err(431) => (
-            431,
-            "Request Header Fields Too Large",
-            String::new(),
-            false,
-            "",
-        ),
-        Err(_) => (400, "Bad Request", String::new(), false, ""),
-        Ok((method, path)) => {
-            let path = path.split('?').next().unwrap_or("");
-            let head_only = method == "HEAD";
-            if method != "GET" && !head_only {
-                (
-                    405,
-                    "Method Not Allowed",
-                    String::new(),
-                    false,
-                    "Allow: GET, HEAD\r\n",
-                )
-            } else if path == "/metrics" {
-                (200, "OK", metrics.render(), head_only, "")
-            } else if path == "/ready" || path == "/healthz" {
-                let status = if path == "/ready" {
-                    metrics.health.ready()
-                } else {
-                    metrics.health.live()
-                };
-                let body = format!("{}\n", status.reason);
-                match status.ok {
-                    true => (200, "OK", body, head_only, ""),
-                    false => (503, "Service Unavailable", body, head_only, ""),
-                }
-            } else if path == "/" {
-                let body =
-                    "kmodmon: metrics at /metrics, readiness at /ready, liveness at /healthz\n"
-                        .to_string();
-                (200, "OK", body, head_only, "")
-            } else {
-                (
-                    404,
-                    "Not Found",
-                    "not found; metrics are at /metrics, health at /ready and /healthz\n".into(),
-                    false,
-                    "",
-                )
-            }
-        }
-    };
-    let response = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    if !head_only {
-        stream.write_all(body.as_bytes()).await?;
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, String::new());
+        r.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+        return r;
     }
-    stream.shutdown().await
+    match req.uri().path() {
+        "/metrics" => text(StatusCode::OK, metrics.render()),
+        path @ ("/ready" | "/healthz") => {
+            let status = if path == "/ready" {
+                metrics.health.ready()
+            } else {
+                metrics.health.live()
+            };
+            let code = if status.ok {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            text(code, format!("{}\n", status.reason))
+        }
+        "/" => text(
+            StatusCode::OK,
+            "kmodmon: metrics at /metrics, readiness at /ready, liveness at /healthz\n".into(),
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; metrics are at /metrics, health at /ready and /healthz\n".into(),
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -550,7 +689,10 @@ mod tests {
         assert!(text.contains("kmodmon_denials_total 1\n"));
         assert!(text.contains("kmodmon_drops_total{reason=\"ringbuf_full\"} 5\n"));
         assert!(
-            text.contains("kmodmon_enrichment_misses_total{what=\"container \\\"x\\\"\\n\"} 1\n")
+            text.contains(
+                "kmodmon_enrichment_misses_total{what=\"container \\\"x\\\"\\\\x0a\"} 1\n"
+            ),
+            "{text}"
         );
         assert!(text.contains("kmodmon_audit_lost_records_total{reason=\"queue_full\"} 2\n"));
         assert!(text.contains("# TYPE kmodmon_audit_log_bytes gauge\n"));
@@ -573,65 +715,154 @@ mod tests {
     }
 
     #[test]
-    fn addresses_parse() {
+    fn addresses_parse_and_default_to_loopback() {
         assert_eq!(
             parse_addr(":9464").unwrap(),
+            "127.0.0.1:9464".parse().unwrap()
+        );
+        assert_eq!(
+            parse_addr("9464").unwrap(),
+            "127.0.0.1:9464".parse().unwrap()
+        );
+        assert_eq!(
+            parse_addr("0.0.0.0:9464").unwrap(),
             "0.0.0.0:9464".parse().unwrap()
         );
         assert_eq!(parse_addr("[::1]:80").unwrap(), "[::1]:80".parse().unwrap());
         assert!(parse_addr("localhost").is_err());
+        assert!(parse_addr(":").is_err());
     }
+
+    #[test]
+    fn hostile_label_values_are_escaped() {
+        let m = Metrics::new();
+        m.enrichment_miss("a\u{202e}b\x1b[2J\\\"\n");
+        let text = m.render();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("kmodmon_enrichment_misses_total{"))
+            .unwrap();
+        assert_eq!(
+            line,
+            "kmodmon_enrichment_misses_total{what=\"a\\\\u{202e}b\\\\x1b[2J\\\\\\\"\\\\x0a\"} 1"
+        );
+        assert!(!text.contains(|c: char| crate::escape::is_unsafe(c) && c != '\n'));
+    }
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpStream;
 
     async fn request(addr: SocketAddr, req: &[u8]) -> String {
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(req).await.unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    async fn serve(
+        m: Arc<Metrics>,
+        limits: HttpLimits,
+    ) -> (SocketAddr, tokio::task::JoinHandle<io::Result<()>>) {
+        let server = MetricsServer::bind_with("127.0.0.1:0".parse().unwrap(), limits)
+            .await
+            .unwrap();
+        let addr = server.local_addr().unwrap();
+        (addr, tokio::spawn(server.serve(m)))
     }
 
     #[tokio::test]
     async fn http_endpoint_serves_metrics_and_rejects_the_rest() {
         let m = Arc::new(Metrics::new());
         m.drop_events("decode", 1);
-        let server = MetricsServer::bind("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
-        let addr = server.local_addr().unwrap();
-        let task = tokio::spawn(server.serve(m.clone()));
+        let (addr, task) = serve(m.clone(), HttpLimits::default()).await;
         let ok = request(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
         assert!(ok.contains("text/plain; version=0.0.4"));
         assert!(ok.contains("kmodmon_drops_total{reason=\"decode\"} 1"));
         let (head, body) = ok.split_once("\r\n\r\n").unwrap();
-        assert!(head.contains(&format!("Content-Length: {}", body.len())));
+        assert!(
+            head.to_ascii_lowercase()
+                .contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
         let head_only = request(addr, b"HEAD /metrics?x=1 HTTP/1.0\r\n\r\n").await;
-        assert!(head_only.starts_with("HTTP/1.1 200") && head_only.ends_with("\r\n\r\n"));
-        let ready = request(addr, b"GET /ready HTTP/1.1\r\n\r\n").await;
+        assert!(
+            head_only.contains(" 200 OK") && head_only.ends_with("\r\n\r\n"),
+            "{head_only}"
+        );
+        let ready = request(addr, b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
         assert!(
             ready.ends_with("starting: probes not attached yet\n"),
             "{ready}"
         );
         m.health.set_attached();
-        let ready = request(addr, b"GET /ready HTTP/1.1\r\n\r\n").await;
-        assert!(ready.starts_with("HTTP/1.1 200") && ready.ends_with("\r\nready\n"));
-        let live = request(addr, b"HEAD /healthz HTTP/1.1\r\n\r\n").await;
-        assert!(live.starts_with("HTTP/1.1 200") && live.ends_with("\r\n\r\n"));
+        let ready = request(addr, b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(
-            request(addr, b"GET /nope HTTP/1.1\r\n\r\n")
+            ready.starts_with("HTTP/1.1 200") && ready.ends_with("\r\nready\n"),
+            "{ready}"
+        );
+        let live = request(addr, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(
+            live.starts_with("HTTP/1.1 200") && live.ends_with("\r\n\r\n"),
+            "{live}"
+        );
+        assert!(
+            request(addr, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
                 .await
                 .starts_with("HTTP/1.1 404")
         );
+        let post = request(addr, b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(post.starts_with("HTTP/1.1 405"), "{post}");
         assert!(
-            request(addr, b"POST /metrics HTTP/1.1\r\n\r\n")
-                .await
-                .starts_with("HTTP/1.1 405")
+            post.to_ascii_lowercase().contains("allow: get, head"),
+            "{post}"
         );
+        let bad = request(addr, b"\x00\x01garbage\r\n\r\n").await;
+        assert!(bad.is_empty() || bad.starts_with("HTTP/1.1 400"), "{bad}");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn held_connections_are_capped_timed_out_and_ready_still_answers() {
+        let m = Arc::new(Metrics::new());
+        m.health.set_attached();
+        let limits = HttpLimits {
+            max_connections: 8,
+            header_timeout: Duration::from_millis(300),
+            connection_timeout: Duration::from_secs(2),
+        };
+        let (addr, task) = serve(m.clone(), limits).await;
+        // 40 clients that connect and send half a request head, then hold on.
+        let mut held = Vec::new();
+        for _ in 0..40 {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHo").await.unwrap();
+            held.push(s);
+        }
+        // A probe still gets its answer, at once.
+        let t = std::time::Instant::now();
+        let ready = request(addr, b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(
-            request(addr, b"\x00\x01garbage\r\n\r\n")
-                .await
-                .starts_with("HTTP/1.1 400")
+            ready.starts_with("HTTP/1.1 200") && ready.ends_with("ready\n"),
+            "{ready}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        assert!(m.http.open.load(Relaxed) <= 8);
+        assert!(m.http.evicted.load(Relaxed) >= 32, "{}", m.render());
+        // The held ones are closed: evicted at once, or after the header timeout.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        for mut s in held {
+            let mut buf = Vec::new();
+            let r = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
+            assert!(r.is_ok(), "a held connection stayed open");
+        }
+        assert_eq!(m.http.open.load(Relaxed), 0);
+        let text = m.render();
+        assert!(
+            text.contains("kmodmon_http_connections_total{event=\"evicted\"}"),
+            "{text}"
         );
         task.abort();
     }

@@ -172,7 +172,7 @@ impl Session {
 /// The exit (and periodic) accounting. Kernel side:
 /// `seen = delivered + dropped + in_flight + unread`. Pipeline, for each sink:
 /// `delivered + delivered_policy + synthesized = lost before the sinks + filtered + skipped
-/// + emitted + lost`.
+/// + emitted + aggregated + lost`.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Summary {
     pub seen: u64,
@@ -304,7 +304,7 @@ impl Summary {
                 )
             };
             s.push_str(&format!(
-                "; {}: delivered {}{}{} = emitted {} + filtered {} + skipped {} + lost {}{lost} + lost before the sinks {lost_before}",
+                "; {}: delivered {}{}{} = emitted {}{} + filtered {} + skipped {} + lost {}{lost} + lost before the sinks {lost_before}",
                 sink.name,
                 self.delivered,
                 if self.delivered_policy > 0 {
@@ -318,6 +318,11 @@ impl Summary {
                     String::new()
                 },
                 sink.emitted,
+                if sink.aggregated > 0 {
+                    format!(" + aggregated {}", sink.aggregated)
+                } else {
+                    String::new()
+                },
                 sink.filtered,
                 sink.skipped,
                 sink.lost_total,

@@ -162,6 +162,56 @@ def check_daemonset(ds, configmaps, kmodmon):
         ok(f"memory request {request}, limit {limit}")
 
 
+def check_networkpolicy(ds, policies, listen):
+    """The metrics port is reachable only from a selected scraper, and kmodmon opens nothing."""
+    name = ds["metadata"]["name"]
+    ns = ds["metadata"].get("namespace")
+    labels = ds["spec"]["template"]["metadata"].get("labels", {})
+    c = [c for c in ds["spec"]["template"]["spec"]["containers"] if c.get("args", [None])[0] == "run"][0]
+    ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+    metrics_port = int(listen.rsplit(":", 1)[1]) if ":" in listen else None
+
+    def selects(np):
+        sel = np["spec"].get("podSelector", {})
+        match = sel.get("matchLabels", {})
+        return (np["metadata"].get("namespace") == ns and not sel.get("matchExpressions")
+                and match and all(labels.get(k) == v for k, v in match.items()))
+
+    mine = [np for np in policies if selects(np)]
+    if not mine:
+        problem(f"{name}: no NetworkPolicy selects its pods (labels {labels}); the metrics port "
+                f"would be open to every pod")
+        return
+    before = len(problems)
+    for np in mine:
+        pname = np["metadata"]["name"]
+        spec = np["spec"]
+        types = set(spec.get("policyTypes", []))
+        if types != {"Ingress", "Egress"}:
+            problem(f"NetworkPolicy {pname}: policyTypes must be Ingress and Egress, not {sorted(types)}")
+        if spec.get("egress"):
+            problem(f"NetworkPolicy {pname}: kmodmon opens no connection; egress must be empty")
+        for rule in spec.get("ingress", []):
+            peers = rule.get("from")
+            if not peers:
+                problem(f"NetworkPolicy {pname}: an ingress rule without `from` admits everyone")
+            for peer in peers or []:
+                if "ipBlock" in peer:
+                    problem(f"NetworkPolicy {pname}: ipBlock peers are not a scraper selector")
+                if not peer.get("podSelector", {}).get("matchLabels"):
+                    problem(f"NetworkPolicy {pname}: each peer must select the scraper's pods by label")
+            rports = rule.get("ports") or []
+            if not rports:
+                problem(f"NetworkPolicy {pname}: an ingress rule without ports admits every port")
+            for p in rports:
+                port = ports.get(p.get("port"), p.get("port"))
+                if port != metrics_port or p.get("protocol", "TCP") != "TCP":
+                    problem(f"NetworkPolicy {pname}: ingress port {p} is not the metrics port {metrics_port}/TCP")
+    if len(problems) == before:
+        ok(f"NetworkPolicy {', '.join(np['metadata']['name'] for np in mine)}: only the scraper "
+           f"reaches :{metrics_port}, no egress")
+
+
 def main():
     kmodmon, manifests = sys.argv[1], sys.argv[2:]
     docs = []
@@ -172,8 +222,17 @@ def main():
     daemonsets = [d for d in docs if d["kind"] == "DaemonSet"]
     if not daemonsets:
         problem("no DaemonSet in the manifests")
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
     for ds in daemonsets:
         check_daemonset(ds, configmaps, kmodmon)
+        import tomllib
+        c = [c for c in ds["spec"]["template"]["spec"]["containers"] if c.get("args", [None])[0] == "run"]
+        data = {}
+        for v in ds["spec"]["template"]["spec"].get("volumes", []):
+            data.update(configmaps.get(v.get("configMap", {}).get("name"), {}))
+        listen = tomllib.loads(data.get("kmodmon.toml", "")).get("metrics", {}).get("listen", "") if c else ""
+        if listen and not (listen.startswith("127.") or listen.startswith("[::1]")):
+            check_networkpolicy(ds, policies, listen)
     if problems:
         print(f"k8s-check: {len(problems)} problem(s)", file=sys.stderr)
         sys.exit(1)

@@ -3,7 +3,7 @@
 //! event taken off the ring is printed / written or counted, per sink:
 //!
 //! `delivered + delivered_policy + synthesized = undecodable + queue_full + sinks_gone
-//!  + emitted + filtered + skipped + lost`
+//!  + emitted + aggregated + filtered + skipped + lost`
 use std::{
     ffi::CString,
     io::{BufRead as _, BufReader},
@@ -61,7 +61,12 @@ fn assert_pipeline_identity(summary: &Value) -> Vec<(String, Value)> {
         );
         assert_eq!(
             entered,
-            before + n(&s, "emitted") + n(&s, "filtered") + n(&s, "skipped") + lost,
+            before
+                + n(&s, "emitted")
+                + s["aggregated"].as_u64().unwrap_or(0)
+                + n(&s, "filtered")
+                + n(&s, "skipped")
+                + lost,
             "pipeline identity broken for sink {}: {summary}",
             s["name"]
         );

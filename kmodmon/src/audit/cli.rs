@@ -9,7 +9,9 @@ use clap::{Args, Subcommand};
 
 use super::export::{Filter, Format, export};
 use super::timespec::parse_bound;
-use super::verify::{Anchor, Outcome, VerifyReport, verify};
+use super::verify::{
+    ANCHOR_TAG, Anchor, AnchorCheck, Outcome, VerifyReport, anchors_in, newest_anchor, verify,
+};
 use super::{AuditError, bench, testkit};
 use crate::event::Kind;
 
@@ -36,8 +38,13 @@ pub struct VerifyArgs {
     pub dir: PathBuf,
     /// A record's seq and hash known from elsewhere (an earlier verify, syslog): the log
     /// must still hold it unchanged. Catches records cut from the end of the log.
-    #[arg(long, value_name = "SEQ:HASH")]
+    #[arg(long, value_name = "SEQ:HASH", conflicts_with = "anchor_from")]
     pub anchor: Option<Anchor>,
+    /// Read anchors from FILE ("-": standard input): a syslog or journal export, or any file
+    /// holding the daemon's `kmodmon-anchor seq=N hash=H` lines. The log is checked against
+    /// the newest one; records cut from its end since then are reported as truncation.
+    #[arg(long, value_name = "FILE")]
+    pub anchor_from: Option<PathBuf>,
     /// Print the result as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -90,8 +97,41 @@ pub fn run_log(args: LogArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The newest anchor in FILE (or stdin for "-"), and how many anchors it holds.
+fn anchor_from(path: &std::path::Path) -> anyhow::Result<(Anchor, usize)> {
+    let anchors = if path.as_os_str() == "-" {
+        anchors_in(io::stdin().lock())
+    } else {
+        let f = std::fs::File::open(path)
+            .with_context(|| format!("--anchor-from: cannot open {}", path.display()))?;
+        anchors_in(io::BufReader::new(f))
+    }
+    .with_context(|| format!("--anchor-from: cannot read {}", path.display()))?;
+    let newest = newest_anchor(&anchors)
+        .map_err(|e| anyhow::anyhow!("--anchor-from {}: {e}", path.display()))?
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--anchor-from: {} holds no `{ANCHOR_TAG} seq=N hash=H` line (the daemon writes \
+                 them to syslog, the journal and stdout)",
+                path.display()
+            )
+        })?;
+    Ok((newest, anchors.len()))
+}
+
 fn run_verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let outcome = verify(&args.dir, args.anchor)
+    let from_file = args.anchor_from.as_deref().map(anchor_from).transpose()?;
+    let anchor = args.anchor.or(from_file.map(|(a, _)| a));
+    if let (Some((a, n)), Some(path)) = (from_file, &args.anchor_from)
+        && !args.json
+    {
+        println!(
+            "anchor: seq {} from {} (the newest of {n} anchor line(s))",
+            a.seq,
+            path.display()
+        );
+    }
+    let outcome = verify(&args.dir, anchor)
         .with_context(|| format!("cannot verify {}", args.dir.display()))?;
     let dir = args.dir.display();
     let (report, failure) = match &outcome {
@@ -112,11 +152,26 @@ fn run_verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             "records": report.records,
             "events": report.events,
             "lost": report.lost,
+            "lost_notes": report.lost_notes,
             "recoveries": report.recoveries,
             "first_seq": report.first_seq,
             "last_seq": report.last_seq,
             "head": report.head,
             "from_genesis": report.from_genesis,
+            "rate_limited": report.rate_limited,
+            "unsure": report.unsure,
+            "anchor": anchor.map(|a| serde_json::json!({
+                "seq": a.seq,
+                "hash": super::record::to_hex(&a.hash),
+                "found_in": args.anchor_from.as_ref().map(|p| p.display().to_string()),
+                "anchors_in_file": from_file.map(|(_, n)| n),
+                "result": match (failure, report.anchor) {
+                    (_, Some(AnchorCheck::Matched)) => "matched",
+                    (_, Some(AnchorCheck::RemovedByRetention)) => "removed_by_retention",
+                    (Some(_), None) => "not_reached_or_failed",
+                    (None, None) => "unchecked",
+                },
+            })),
         });
         println!("{v}");
     } else if let Some(f) = failure {
@@ -127,10 +182,26 @@ fn run_verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         if let (Some(seq), Some(h)) = (report.last_seq, &report.head) {
             println!("head: {seq}:{h}  (keep it elsewhere; pass it to --anchor later)");
         }
+        match report.anchor {
+            Some(AnchorCheck::Matched) => {
+                println!("anchor: the anchored record is in the log, unchanged")
+            }
+            Some(AnchorCheck::RemovedByRetention) => println!(
+                "anchor: older than the oldest record kept (removed by retention): not compared"
+            ),
+            None => {}
+        }
         if report.lost > 0 || report.recoveries > 0 {
             println!(
                 "the log records {} lost event(s) and {} crash recovery(ies)",
                 report.lost, report.recoveries
+            );
+        }
+        if report.rate_limited > 0 || report.unsure > 0 {
+            println!(
+                "the log records {} event(s) aggregated by the rate limit and {} record(s) whose \
+                 durability is unknown (a failed fsync)",
+                report.rate_limited, report.unsure
             );
         }
     }

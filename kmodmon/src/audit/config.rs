@@ -57,6 +57,39 @@ impl<'de> Deserialize<'de> for FsyncPolicy {
     }
 }
 
+/// What the writer does when the file system refuses a record for lack of space (ENOSPC,
+/// EDQUOT). Named after auditd's `disk_full_action` values they correspond to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum DiskFullAction {
+    /// Delete the oldest closed segments until the record fits (auditd's `rotate`). A
+    /// `retention` record (reason `disk_full`) names what was deleted; the chain stays
+    /// verifiable. With no closed segment left to delete, records are counted lost.
+    #[default]
+    KeepNewest,
+    /// Delete nothing: every record is still tried, and those that do not fit are counted
+    /// lost (auditd's `ignore`/`syslog` with auditd's `keep_logs` spirit: old evidence stays).
+    KeepOldest,
+    /// Stop writing (auditd's `suspend`): no record is tried while the disk is full, each one
+    /// is counted lost; free space is checked every second and writing resumes, with a `lost`
+    /// record, once enough is free again.
+    Suspend,
+}
+
+impl DiskFullAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFullAction::KeepNewest => "keep_newest",
+            DiskFullAction::KeepOldest => "keep_oldest",
+            DiskFullAction::Suspend => "suspend",
+        }
+    }
+}
+
+/// The default cap on the audit log's size (`retain_size`).
+pub const DEFAULT_RETAIN_SIZE: u64 = 1 << 30;
+
 /// Everything the audit-log writer needs. `Default` gives the documented defaults with
 /// `dir` empty (callers must set it).
 ///
@@ -69,6 +102,8 @@ impl<'de> Deserialize<'de> for FsyncPolicy {
 /// segment_age = "1day"
 /// retain_segments = 100
 /// retain_age = "90days"
+/// retain_size = "1GiB"      # or "none"
+/// disk_full_action = "keep_newest"   # or "keep_oldest", "suspend"
 /// compress = true
 /// compression_level = 3
 /// queue = 8192
@@ -89,6 +124,12 @@ pub struct AuditConfig {
     /// Delete closed segments last written longer ago than this.
     #[serde(deserialize_with = "de_opt_duration")]
     pub retain_age: Option<Duration>,
+    /// Delete the oldest closed segments while all segments together are larger than this
+    /// (`None`: no cap). Default [`DEFAULT_RETAIN_SIZE`].
+    #[serde(deserialize_with = "de_opt_size")]
+    pub retain_size: Option<u64>,
+    /// What to do when the file system is full.
+    pub disk_full_action: DiskFullAction,
     /// zstd-compress closed segments.
     pub compress: bool,
     pub compression_level: i32,
@@ -105,6 +146,8 @@ impl Default for AuditConfig {
             segment_age: Some(Duration::from_secs(24 * 3600)),
             retain_segments: None,
             retain_age: None,
+            retain_size: Some(DEFAULT_RETAIN_SIZE),
+            disk_full_action: DiskFullAction::KeepNewest,
             compress: false,
             compression_level: 3,
             queue: 8192,
@@ -113,6 +156,20 @@ impl Default for AuditConfig {
 }
 
 impl AuditConfig {
+    /// Settings that cannot work together.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(cap) = self.retain_size
+            && cap < 2 * self.segment_size
+        {
+            return Err(format!(
+                "audit retain_size ({cap} bytes) must be at least twice segment_size ({} bytes): \
+                 the active segment is never deleted, so a smaller cap cannot be kept",
+                self.segment_size
+            ));
+        }
+        Ok(())
+    }
+
     /// Defaults, writing to `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         AuditConfig {
@@ -137,6 +194,28 @@ fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     match Size::deserialize(d)? {
         Size::Bytes(b) => Ok(b),
         Size::Text(t) => parse_size(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+/// `none` (or `unlimited`, `0`) for no cap, else a size.
+pub fn parse_opt_size(s: &str) -> Result<Option<u64>, String> {
+    match s.trim() {
+        "none" | "unlimited" | "0" => Ok(None),
+        other => parse_size(other).map(Some),
+    }
+}
+
+fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Bytes(0) => Ok(None),
+        Size::Bytes(b) => Ok(Some(b)),
+        Size::Text(t) => parse_opt_size(&t).map_err(serde::de::Error::custom),
     }
 }
 
@@ -168,6 +247,14 @@ pub struct AuditArgs {
     /// Delete closed segments older than this, e.g. "90days".
     #[arg(long = "audit-retain-age", value_name = "DURATION")]
     pub audit_retain_age: Option<humantime::Duration>,
+    /// Delete the oldest segments while the log is larger than SIZE, or "none" [default: 1GiB].
+    #[arg(long = "audit-retain-size", value_name = "SIZE", value_parser = parse_opt_size)]
+    pub audit_retain_size: Option<Option<u64>>,
+    /// When the disk is full: keep_newest (delete the oldest segments), keep_oldest (delete
+    /// nothing; records that do not fit are counted lost), suspend (stop writing until space
+    /// returns; records counted lost) [default: keep_newest].
+    #[arg(long = "audit-disk-full-action", value_name = "ACTION")]
+    pub audit_disk_full_action: Option<DiskFullAction>,
     /// zstd-compress closed segments.
     #[arg(long = "audit-compress")]
     pub audit_compress: bool,
@@ -198,6 +285,12 @@ impl AuditArgs {
         }
         if let Some(a) = self.audit_retain_age {
             cfg.retain_age = Some(a.into());
+        }
+        if let Some(s) = self.audit_retain_size {
+            cfg.retain_size = s;
+        }
+        if let Some(a) = self.audit_disk_full_action {
+            cfg.disk_full_action = a;
         }
         cfg.compress |= self.audit_compress;
         Some(cfg)
@@ -237,6 +330,36 @@ mod tests {
         assert!(merged.compress);
         assert_eq!(AuditArgs::default().apply(None), None);
         assert!(serde_json::from_str::<AuditConfig>(r#"{"dri":"/x"}"#).is_err());
+    }
+
+    #[test]
+    fn retain_size_and_disk_full_action_parse_and_validate() {
+        let cfg: AuditConfig = serde_json::from_str(r#"{"dir":"/x"}"#).unwrap();
+        assert_eq!(cfg.retain_size, Some(DEFAULT_RETAIN_SIZE));
+        assert_eq!(cfg.disk_full_action, DiskFullAction::KeepNewest);
+        assert!(cfg.validate().is_ok());
+        let cfg: AuditConfig = serde_json::from_str(
+            r#"{"dir":"/x","retain_size":"none","disk_full_action":"suspend"}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.retain_size, None);
+        assert_eq!(cfg.disk_full_action, DiskFullAction::Suspend);
+        let cfg: AuditConfig =
+            serde_json::from_str(r#"{"dir":"/x","retain_size":"100MiB","segment_size":"64MiB"}"#)
+                .unwrap();
+        assert!(cfg.validate().unwrap_err().contains("twice segment_size"));
+        assert!(serde_json::from_str::<AuditConfig>(r#"{"disk_full_action":"halt"}"#).is_err());
+        let args = AuditArgs {
+            audit_dir: Some("/d".into()),
+            audit_retain_size: Some(Some(4 << 30)),
+            audit_disk_full_action: Some(DiskFullAction::KeepOldest),
+            ..Default::default()
+        };
+        let merged = args.apply(None).unwrap();
+        assert_eq!(merged.retain_size, Some(4 << 30));
+        assert_eq!(merged.disk_full_action, DiskFullAction::KeepOldest);
+        assert_eq!(parse_opt_size("none"), Ok(None));
+        assert_eq!(parse_opt_size("2GiB"), Ok(Some(2 << 30)));
     }
 
     #[test]

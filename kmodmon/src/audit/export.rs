@@ -1,5 +1,6 @@
 //! `kmodmon export`: streams events out of the log in order, across rotated and compressed
 //! segments, with constant memory, as JSON lines or CSV.
+use std::borrow::Cow;
 use std::io::{self, Write};
 use std::path::Path;
 use std::time::SystemTime;
@@ -19,7 +20,8 @@ pub enum Format {
     /// The records as stored: one JSON object per line (the event schema plus seq and hash).
     #[default]
     Jsonl,
-    /// A header row, then one row per event (RFC 4180 quoting).
+    /// A header row, then one row per event (RFC 4180 quoting; cells that a spreadsheet would
+    /// take for a formula get a leading `'`, see [`neutralize_cell`]).
     Csv,
 }
 
@@ -137,7 +139,59 @@ fn json_str(v: &impl serde::Serialize) -> String {
         .unwrap_or_default()
 }
 
-fn csv_row(seq: u64, hash: &str, ev: &Event) -> Vec<String> {
+/// Characters that make a spreadsheet (Excel, LibreOffice Calc, Google Sheets) read a cell as
+/// a formula when they lead it: OWASP's CSV-injection list (`=` `+` `-` `@`, tab, carriage
+/// return), line feed and NUL (OWASP ASVS 1.2.10), and the fullwidth forms `＝` `＋` `－` `＠`,
+/// which some spreadsheets in East Asian locales also evaluate.
+pub const FORMULA_TRIGGERS: [char; 12] = [
+    '=', '+', '-', '@', '\t', '\r', '\n', '\0', '\u{ff1d}', '\u{ff0b}', '\u{ff0d}', '\u{ff20}',
+];
+
+/// A plain decimal number: an optional `-`, digits, optionally `.` and digits. Such a cell is
+/// a number to every spreadsheet (`-38`, a failed syscall's result), never a formula.
+fn is_number(s: &str) -> bool {
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    let (int, frac) = match digits.split_once('.') {
+        Some((i, f)) => (i, Some(f)),
+        None => (digits, None),
+    };
+    let all_digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    all_digits(int) && frac.is_none_or(all_digits)
+}
+
+/// Makes one cell of a tabular export safe to open in a spreadsheet, reversibly, following
+/// OWASP's CSV-injection guidance: a cell that begins with a [`FORMULA_TRIGGERS`] character
+/// gets a `'` in front, which spreadsheets take as "this is text" and
+/// do not show. So that this can be undone, a cell that already begins with `'` gets one more.
+/// Numbers (`-38`) are left as they are.
+///
+/// To get the original value back: if the cell begins with `'`, remove that one `'`.
+pub fn neutralize_cell(cell: &str) -> Cow<'_, str> {
+    let risky = cell.starts_with(FORMULA_TRIGGERS) || cell.starts_with('\'');
+    if risky && !is_number(cell) {
+        Cow::Owned(format!("'{cell}"))
+    } else {
+        Cow::Borrowed(cell)
+    }
+}
+
+/// The inverse of [`neutralize_cell`].
+pub fn restore_cell(cell: &str) -> &str {
+    cell.strip_prefix('\'').unwrap_or(cell)
+}
+
+pub(crate) fn csv_row(seq: u64, hash: &str, ev: &Event) -> Vec<String> {
+    let ev = &*crate::escape::sanitize_event(ev);
+    let row = csv_cells(seq, hash, ev);
+    row.into_iter()
+        .map(|c| match neutralize_cell(&c) {
+            Cow::Borrowed(_) => c,
+            Cow::Owned(o) => o,
+        })
+        .collect()
+}
+
+fn csv_cells(seq: u64, hash: &str, ev: &Event) -> Vec<String> {
     let opt = |v: &Option<String>| v.clone().unwrap_or_default();
     let num = |v: Option<String>| v.unwrap_or_default();
     let c = ev.container.as_ref();
@@ -329,7 +383,8 @@ mod tests {
         let bytes = w.into_inner().unwrap();
         let text = String::from_utf8(bytes.clone()).unwrap();
         assert!(text.contains("\"evil,\"\"mod\"\"\""), "{text}");
-        assert!(text.contains("\"line one\nline two\""), "{text}");
+        // The newline was escaped by the sink guard: one physical line per row.
+        assert!(text.contains(",line one\\x0aline two,"), "{text}");
         let mut r = csv::Reader::from_reader(bytes.as_slice());
         assert_eq!(r.headers().unwrap().len(), CSV_HEADER.len());
         let row = r.records().next().unwrap().unwrap();
@@ -337,7 +392,67 @@ mod tests {
         assert_eq!(&row[2], "load_attempt");
         assert_eq!(&row[4], "evil,\"mod\"");
         assert_eq!(&row[24], "a=1, b=\"x\"");
-        assert_eq!(&row[28], "line one\nline two");
+        assert_eq!(&row[28], "line one\\x0aline two");
         assert_eq!(&row[6], "kmodmon");
+    }
+
+    #[test]
+    fn formula_cells_are_neutralized_reversibly_and_numbers_stay_numbers() {
+        for (raw, want) in [
+            (
+                "=HYPERLINK(\"http://x\",\"y\")",
+                "'=HYPERLINK(\"http://x\",\"y\")",
+            ),
+            ("+cmd|' /C calc'!A0", "'+cmd|' /C calc'!A0"),
+            ("-2+3+cmd|' /C calc'!A0", "'-2+3+cmd|' /C calc'!A0"),
+            (
+                "@SUM(1+1)*cmd|' /C calc'!A0",
+                "'@SUM(1+1)*cmd|' /C calc'!A0",
+            ),
+            ("\t=1", "'\t=1"),
+            ("\r=1", "'\r=1"),
+            ("\u{ff1d}1+1", "'\u{ff1d}1+1"),
+            ("\u{ff20}SUM(A1)", "'\u{ff20}SUM(A1)"),
+            ("'already", "''already"),
+            ("-", "'-"),
+            ("-x", "'-x"),
+            ("1-", "1-"),
+            ("ip_vs", "ip_vs"),
+            ("a=1, b=2", "a=1, b=2"),
+            ("", ""),
+            ("-38", "-38"),
+            ("0", "0"),
+            ("-1.5", "-1.5"),
+            ("12345678901234567890", "12345678901234567890"),
+        ] {
+            assert_eq!(neutralize_cell(raw), want, "{raw:?}");
+            assert_eq!(restore_cell(&neutralize_cell(raw)), raw);
+        }
+        assert!(!is_number("-1.") && !is_number(".5") && !is_number("1e3") && !is_number("--1"));
+    }
+
+    #[test]
+    fn csv_rows_carry_no_formula_and_keep_numeric_results() {
+        let mut e = ev(Kind::LoadAttempt, "=HYPERLINK(\"http://evil\")");
+        e.result = Some(-38);
+        e.errno = Some("ENOSYS".into());
+        e.params = Some("@SUM(1)".into());
+        e.comm = "+cmd".into();
+        e.detail = Some("\u{202e}-1+1".into());
+        let row = csv_row(3, "ab", &e);
+        let col = |name: &str| &row[CSV_HEADER.iter().position(|h| *h == name).unwrap()];
+        assert_eq!(col("result"), "-38");
+        assert_eq!(col("seq"), "3");
+        assert_eq!(col("module"), "'=HYPERLINK(\"http://evil\")");
+        assert_eq!(col("params"), "'@SUM(1)");
+        assert_eq!(col("comm"), "'+cmd");
+        // The bidi override is escaped first; the cell then starts with a backslash.
+        assert_eq!(col("detail"), "\\u{202e}-1+1");
+        for cell in &row {
+            assert!(
+                is_number(cell) || !cell.starts_with(FORMULA_TRIGGERS),
+                "{cell:?}"
+            );
+        }
     }
 }

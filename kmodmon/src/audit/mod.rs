@@ -5,9 +5,12 @@
 //! - `audit-<first seq, 20 digits>.jsonl`: segments, in order; closed ones may be compressed to
 //!   `.jsonl.zst` (same bytes once decompressed).
 //! - `.lock`: held (flock) by the one writer.
+//! - `.reserve`: 16 KiB of zeros, given up on a full disk so that the record of a deletion can
+//!   be written before the deletion (see [`writer`]).
 //!
 //! Every line is a record: an event (the `tail --json` object) or one of kmodmon's own records
-//! (`"record": "segment_start" | "lost" | "recovered" | "retention" | "note"`), with `seq` first
+//! (`"record": "segment_start" | "lost" | "recovered" | "retention" | "sync_failed" |
+//! "rate_limited" | "note"`), with `seq` first
 //! and `hash` last; see [`record`] for the exact hash definition. Every segment starts with a
 //! `segment_start` record naming the previous record's seq and hash, so the chain runs across
 //! rotation, compression and restarts.
@@ -34,10 +37,13 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
-pub use config::{AuditArgs, AuditConfig, FsyncPolicy};
+pub use config::{AuditArgs, AuditConfig, DiskFullAction, FsyncPolicy};
 pub use export::{ExportStats, Filter, Format, export};
 pub use recovery::Recovery;
-pub use verify::{Failure, Problem, VerifyReport, verify};
+pub use verify::{
+    ANCHOR_TAG, Anchor, AnchorCheck, Failure, Problem, VerifyReport, anchors_in, newest_anchor,
+    verify,
+};
 pub use writer::{AuditLog, AuditStats, OpenReport};
 
 /// Audit-log errors (I/O on a named file, or the log's state).
@@ -57,6 +63,8 @@ pub enum AuditError {
     Locked(PathBuf),
     #[error("the audit writer has stopped (see earlier errors)")]
     WriterGone,
+    #[error("audit log settings: {0}")]
+    Config(String),
     #[error(
         "{} holds no audit log segments (audit-*.jsonl); give the directory passed to `kmodmon run --audit-dir`",
         .0.display()

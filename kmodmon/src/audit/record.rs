@@ -131,6 +131,9 @@ pub struct Envelope {
     pub kept_from_seq: Option<u64>,
     #[serde(default)]
     pub count: Option<u64>,
+    /// kmodmon's own records lost (`lost` records).
+    #[serde(default)]
+    pub notes: Option<u64>,
 }
 
 /// A line that parsed: its canonical bytes, stored hash and envelope.
@@ -175,12 +178,18 @@ pub enum Meta {
         /// Hash of the previous record (64 zeros at the start of a log).
         prev_hash: String,
     },
-    /// Events that were not written: the queue was full or the disk failed.
+    /// Events that were not written: the queue was full, the disk failed or was full, or
+    /// writing was suspended (`disk_full_action = "suspend"`). `count` is the sum of the three;
+    /// `notes` counts kmodmon's own records lost (they are not events).
     Lost {
         time: String,
         count: u64,
         queue_full: u64,
         write_error: u64,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        suspended: u64,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        notes: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
@@ -191,14 +200,44 @@ pub enum Meta {
         cut_bytes: u64,
         cut_lines: u64,
     },
-    /// Old segments about to be deleted by retention; records before `kept_from_seq` go.
+    /// Old segments deleted by retention; records before `kept_from_seq` go. Written before
+    /// the deletion (with the space kept in reserve for it when the disk is full); only when
+    /// even that is impossible, right after it, with `after_removal` set.
     Retention {
         time: String,
         removed: Vec<String>,
         kept_from_seq: u64,
+        /// First seq of the removed range (`removed_from_seq..kept_from_seq`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        removed_from_seq: Option<u64>,
+        /// "age", "count", "size" or "disk_full".
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        freed_bytes: Option<u64>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        after_removal: bool,
     },
+    /// An fsync failed: records `from_seq..=to_seq` of `segment` may not be on disk. The
+    /// segment was closed without another fsync (a later success would not bring them back)
+    /// and writing continued in a new one.
+    SyncFailed {
+        time: String,
+        segment: String,
+        from_seq: u64,
+        to_seq: u64,
+        count: u64,
+        error: String,
+    },
+    /// Events aggregated by the per-cgroup rate limit instead of being recorded one by one
+    /// (see [`crate::ratelimit`]); `count` says how many.
+    RateLimited(crate::ratelimit::Summary),
     /// A free-form note from the daemon (start, stop, policy reload).
     Note { time: String, message: String },
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Now, as the RFC 3339 UTC text used in records.
@@ -277,6 +316,8 @@ mod tests {
             count: 3,
             queue_full: 2,
             write_error: 1,
+            suspended: 0,
+            notes: 0,
             error: None,
         };
         let body = serde_json::to_vec(&m).unwrap();

@@ -3,21 +3,53 @@ use std::time::{Duration, SystemTime};
 
 use super::segment::{self, Segment};
 
-/// Segments to delete, oldest first, and the first seq kept.
+/// Segments to delete, oldest first, the first seq kept, and which rule asked for the most.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Plan {
     pub remove: Vec<Segment>,
     pub kept_from_seq: u64,
+    /// "count", "age" or "size".
+    pub reason: &'static str,
+}
+
+/// The size rule: keep all segments together (the active one's `active_len` included) at or
+/// below `max_bytes`, sizes given by `size`.
+pub(crate) struct SizeRule<F: Fn(&Segment) -> u64> {
+    pub max_bytes: u64,
+    pub active_len: u64,
+    pub size: F,
 }
 
 /// Decides what to delete so that at most `keep` segments remain (the active one counts) and
 /// no closed segment last written before `now - max_age` remains. Closed segments are those
 /// whose first seq is below `active_first_seq`.
+#[cfg(test)]
 pub(crate) fn plan(
     segments: &[Segment],
     active_first_seq: u64,
     keep: Option<usize>,
     max_age: Option<Duration>,
+    now: SystemTime,
+    mtime: impl Fn(&Segment) -> Option<SystemTime>,
+) -> Plan {
+    plan_sized(
+        segments,
+        active_first_seq,
+        keep,
+        max_age,
+        None::<SizeRule<fn(&Segment) -> u64>>,
+        now,
+        mtime,
+    )
+}
+
+/// [`plan`], and also so that all segments together stay within the size rule.
+pub(crate) fn plan_sized<F: Fn(&Segment) -> u64>(
+    segments: &[Segment],
+    active_first_seq: u64,
+    keep: Option<usize>,
+    max_age: Option<Duration>,
+    size_rule: Option<SizeRule<F>>,
     now: SystemTime,
     mtime: impl Fn(&Segment) -> Option<SystemTime>,
 ) -> Plan {
@@ -39,10 +71,28 @@ pub(crate) fn plan(
             })
             .count()
     });
-    let n = by_count.max(by_age).min(closed);
+    let by_size = size_rule.map_or(0, |r| {
+        let sizes: Vec<u64> = segments[..closed].iter().map(&r.size).collect();
+        let mut total: u64 = sizes.iter().sum::<u64>() + r.active_len;
+        let mut n = 0;
+        while total > r.max_bytes && n < closed {
+            total -= sizes[n];
+            n += 1;
+        }
+        n
+    });
+    let n = by_count.max(by_age).max(by_size).min(closed);
+    let reason = if by_size >= by_count.max(by_age) {
+        "size"
+    } else if by_count >= by_age {
+        "count"
+    } else {
+        "age"
+    };
     Plan {
         remove: segments[..n].to_vec(),
         kept_from_seq: segments.get(n).map_or(active_first_seq, |s| s.first_seq),
+        reason,
     }
 }
 
@@ -112,6 +162,33 @@ mod tests {
             3,
             "the active segment is never removed by age"
         );
+    }
+
+    #[test]
+    fn size_keeps_the_newest_within_the_cap_and_never_the_active_one() {
+        let s = segs(&[1, 10, 20, 30]);
+        let now = SystemTime::now();
+        let rule = |max| {
+            Some(SizeRule {
+                max_bytes: max,
+                active_len: 100,
+                size: |_: &Segment| 100u64,
+            })
+        };
+        // 400 bytes in all.
+        let p = plan_sized(&s, 30, None, None, rule(400), now, |_| Some(now));
+        assert!(p.remove.is_empty());
+        let p = plan_sized(&s, 30, None, None, rule(250), now, |_| Some(now));
+        assert_eq!(p.remove, s[..2].to_vec());
+        assert_eq!((p.kept_from_seq, p.reason), (20, "size"));
+        let p = plan_sized(&s, 30, None, None, rule(10), now, |_| Some(now));
+        assert_eq!(
+            p.remove.len(),
+            3,
+            "the active segment stays, whatever its size"
+        );
+        let p = plan_sized(&s, 30, Some(1), None, rule(350), now, |_| Some(now));
+        assert_eq!((p.remove.len(), p.reason), (3, "count"));
     }
 
     #[test]

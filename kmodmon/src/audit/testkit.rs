@@ -13,17 +13,18 @@ use super::writer::AuditLog;
 use crate::event::{Clock, Container, Event, Kind, Syscall};
 use crate::metrics::Metrics;
 
-const MODULES: [&str; 5] = [
+const MODULES: [&str; 6] = [
     "ip_vs",
     "nf-conntrack",
     "evil,\"mod\"",
     "overlay",
     "ip_vs_wrr",
+    "=HYPERLINK(\"http://x\",\"y\")",
 ];
 const VERDICTS: [Option<&str>; 4] = [Some("host"), Some("expected"), Some("unexpected"), None];
 
 /// Event `i` of run `run`, at `time`. Its `detail` is `run=<run> i=<i>`; kinds, modules
-/// (including CSV-hostile names), containers and verdicts cycle with `i`.
+/// (including CSV-hostile names: a comma and quotes, a formula), containers and verdicts cycle with `i`.
 pub fn synthetic_event(run: &str, i: u64, time: SystemTime) -> Event {
     let mut e = Event::synthetic(
         Kind::ALL[(i % Kind::ALL.len() as u64) as usize],
@@ -80,6 +81,10 @@ pub struct WriteTestArgs {
     pub segment_size: Option<u64>,
     #[arg(long)]
     pub retain_segments: Option<usize>,
+    #[arg(long, value_parser = super::config::parse_opt_size)]
+    pub retain_size: Option<Option<u64>>,
+    #[arg(long)]
+    pub disk_full_action: Option<super::config::DiskFullAction>,
     #[arg(long)]
     pub compress: bool,
     #[arg(long)]
@@ -102,6 +107,12 @@ pub fn run(args: WriteTestArgs) -> anyhow::Result<std::process::ExitCode> {
         cfg.segment_size = s;
     }
     cfg.retain_segments = args.retain_segments;
+    if let Some(s) = args.retain_size {
+        cfg.retain_size = s;
+    }
+    if let Some(a) = args.disk_full_action {
+        cfg.disk_full_action = a;
+    }
     cfg.compress = args.compress;
     if let Some(q) = args.queue {
         cfg.queue = q;
@@ -147,11 +158,13 @@ pub fn run(args: WriteTestArgs) -> anyhow::Result<std::process::ExitCode> {
             let s = log.stats();
             writeln!(
                 out,
-                "stats events={} lost={} lost_queue_full={} lost_write_error={} last_seq={} durable_seq={}",
+                "stats events={} lost={} lost_queue_full={} lost_write_error={} lost_suspended={} lost_notes={} last_seq={} durable_seq={}",
                 s.events,
                 s.lost(),
                 s.lost_queue_full,
                 s.lost_write_error,
+                s.lost_suspended,
+                s.lost_notes,
                 s.last_seq,
                 s.durable_seq
             )?;

@@ -402,7 +402,10 @@ fn verify_tells_a_swap_from_a_removal_inside_a_segment() {
     write_lines(&seg, &orig[..orig.len() - 2]);
     intact(dir.path());
     match verify(dir.path(), Some(anchor)).unwrap() {
-        Outcome::Broken(f, _) => assert_eq!(f.problem, Problem::AnchorMissing { seq: anchor.seq }),
+        Outcome::Broken(f, _) => assert!(
+            matches!(f.problem, Problem::AnchorMissing { seq, .. } if seq == anchor.seq),
+            "{f}"
+        ),
         Outcome::Intact(_) => panic!("anchor not checked"),
     }
 }
@@ -494,4 +497,196 @@ fn sinks_can_be_shared_between_threads() {
     shared::<AuditLog>();
     shared::<Metrics>();
     shared::<crate::sinks::syslog::Syslog>();
+}
+
+#[test]
+fn the_size_cap_deletes_the_oldest_segments_and_says_so() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path());
+    c.segment_size = 3000;
+    c.retain_size = Some(12_000);
+    let metrics = Arc::new(Metrics::new());
+    let (log, _) = AuditLog::open(c, metrics.clone()).unwrap();
+    for i in 0..200 {
+        log.submit_blocking(synthetic_event("s", i, SystemTime::now()))
+            .unwrap();
+    }
+    log.close();
+    let (bytes, _) = segment::usage(dir.path()).unwrap();
+    // The cap, give or take the active segment's last record.
+    assert!(bytes <= 12_000 + 3000, "{bytes}");
+    let report = intact(dir.path());
+    assert!(!report.from_genesis, "{report:?}");
+    assert!(metrics.audit.removed_segments.get(["size"]) > 0);
+    let mut meta = Vec::new();
+    export(
+        dir.path(),
+        &Filter::default(),
+        Format::Jsonl,
+        true,
+        &mut meta,
+    )
+    .unwrap();
+    let retention: Vec<serde_json::Value> = meta
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["record"] == "retention")
+        .collect();
+    let last = retention.last().expect("a retention record");
+    assert_eq!(last["reason"], "size");
+    assert!(last["removed_from_seq"].as_u64().unwrap() < last["kept_from_seq"].as_u64().unwrap());
+    assert!(last["freed_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(report.first_seq, last["kept_from_seq"].as_u64());
+    assert!(
+        metrics
+            .render()
+            .contains("kmodmon_audit_removed_segments_total{reason=\"size\"}")
+    );
+    // The reserve is there, and is not a segment.
+    let reserve = std::fs::metadata(dir.path().join(writer::RESERVE_FILE)).unwrap();
+    assert_eq!(reserve.len(), writer::RESERVE);
+    assert_eq!(metrics.audit.bytes.load(Relaxed), bytes);
+}
+
+#[test]
+fn a_failed_fsync_is_not_retried_and_its_records_are_counted_unsure() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path());
+    // Only the explicit syncs below fsync.
+    c.fsync = FsyncPolicy::Interval(std::time::Duration::from_secs(3600));
+    let metrics = Arc::new(Metrics::new());
+    let (log, _) = AuditLog::open(c, metrics.clone()).unwrap();
+    for i in 0..5 {
+        log.submit_blocking(synthetic_event("f", i, SystemTime::now()))
+            .unwrap();
+    }
+    let before = log.sync().unwrap();
+    let head = log.head().expect("a head after a sync");
+    assert_eq!(head.seq, before);
+    log.fail_next_fsyncs(1);
+    for i in 5..8 {
+        log.submit_blocking(synthetic_event("f", i, SystemTime::now()))
+            .unwrap();
+    }
+    log.sync().unwrap();
+    let s = log.stats();
+    assert_eq!(s.unsure, 3, "{s:?}");
+    assert_eq!(
+        log.head(),
+        Some(head),
+        "the head does not move past an unsure record"
+    );
+    for i in 8..10 {
+        log.submit_blocking(synthetic_event("f", i, SystemTime::now()))
+            .unwrap();
+    }
+    let after = log.sync().unwrap();
+    // A second failure counts only its own records.
+    log.fail_next_fsyncs(1);
+    log.submit_blocking(synthetic_event("f", 10, SystemTime::now()))
+        .unwrap();
+    log.sync().unwrap();
+    assert_eq!(
+        log.stats().unsure,
+        3 + 1,
+        "only the record since the last good fsync"
+    );
+    let s = log.close();
+    assert!(s.durable_seq >= after);
+    assert_eq!(s.events, 11);
+    // A new segment began after each failure, and says what is unsure.
+    let segs = segment::list(dir.path()).unwrap();
+    assert_eq!(segs.len(), 3, "{segs:?}");
+    let first_of_new = lines_of(&segs[1]);
+    let rec: serde_json::Value = serde_json::from_slice(&first_of_new[1]).unwrap();
+    assert_eq!(rec["record"], "sync_failed", "{rec}");
+    assert_eq!(rec["from_seq"].as_u64(), Some(before + 1));
+    assert_eq!(rec["count"], 3);
+    let report = intact(dir.path());
+    assert_eq!(report.unsure, 3 + 1);
+    assert_eq!(report.events, 11);
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(metrics.audit.unsure.load(Relaxed), 3 + 1);
+    assert_eq!(metrics.audit.fsync_errors.load(Relaxed), 2);
+}
+
+#[test]
+fn notes_and_summaries_are_never_dropped_uncounted() {
+    use crate::ratelimit::{Admit, RateLimitConfig, RateLimiter};
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let (log, _) = AuditLog::open(cfg(dir.path()), metrics.clone()).unwrap();
+    let mut rl = RateLimiter::new(RateLimitConfig {
+        rate: 1,
+        burst: 3,
+        ..Default::default()
+    });
+    let now = std::time::Instant::now();
+    let mut recorded = 0;
+    for i in 0..50 {
+        let ev = synthetic_event("r", i, SystemTime::now());
+        let mut ev = ev;
+        ev.kind = crate::event::Kind::UnloadAttempt;
+        if rl.admit_at(&ev, now) == Admit::Record {
+            log.submit_blocking(ev).unwrap();
+            recorded += 1;
+        }
+    }
+    for s in rl.flush() {
+        assert!(log.submit_summary(s));
+    }
+    assert!(log.note("a note"));
+    log.sync().unwrap();
+    let s = log.close();
+    assert_eq!(recorded, 3);
+    assert_eq!(s.events, 3);
+    let report = intact(dir.path());
+    assert_eq!(report.rate_limited, 47);
+    assert_eq!(report.events + report.rate_limited, 50);
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(metrics.audit.rate_limited.load(Relaxed), 47);
+    // After close, nothing can be queued: counted, not dropped.
+    assert!(!log.note("too late"));
+    assert!(!log.submit_summary(crate::ratelimit::Summary {
+        count: 4,
+        ..Default::default()
+    }));
+    let s = log.stats();
+    assert_eq!((s.lost_notes, s.lost_queue_full), (1, 4));
+    assert_eq!(metrics.audit.lost_notes.load(Relaxed), 1);
+}
+
+#[test]
+fn the_head_is_the_last_durable_record_and_verifies_as_an_anchor() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = AuditLog::open(cfg(dir.path()), Arc::new(Metrics::new())).unwrap();
+    for i in 0..7 {
+        log.submit_blocking(synthetic_event("h", i, SystemTime::now()))
+            .unwrap();
+    }
+    log.sync().unwrap();
+    let head = log.head().unwrap();
+    log.close();
+    let report = intact(dir.path());
+    assert_eq!(Some(head.seq), report.last_seq);
+    assert_eq!(Some(record::to_hex(&head.hash)), report.head);
+    match verify(dir.path(), Some(head)).unwrap() {
+        Outcome::Intact(r) => assert_eq!(r.anchor, Some(verify::AnchorCheck::Matched)),
+        Outcome::Broken(f, _) => panic!("{f}"),
+    }
+    // Cut the last two records: the anchor names the truncation.
+    let segs = segment::list(dir.path()).unwrap();
+    let seg = segs.last().unwrap();
+    let lines = lines_of(seg);
+    write_lines(seg, &lines[..lines.len() - 2]);
+    match verify(dir.path(), Some(head)).unwrap() {
+        Outcome::Broken(f, _) => {
+            let msg = f.problem.to_string();
+            assert!(msg.starts_with("truncated: the log ends at seq"), "{msg}");
+            assert!(msg.contains(&format!("seq {}", head.seq)), "{msg}");
+        }
+        Outcome::Intact(r) => panic!("the truncation was not caught: {r:?}"),
+    }
 }

@@ -20,6 +20,8 @@ pub struct VerifyReport {
     pub events: u64,
     /// Events the log itself says were lost (sum of `lost` records).
     pub lost: u64,
+    /// kmodmon's own records the log says were lost (notes about drops, reloads...).
+    pub lost_notes: u64,
     /// Torn tails cut at start-up (`recovered` records).
     pub recoveries: u64,
     pub first_seq: Option<u64>,
@@ -28,6 +30,22 @@ pub struct VerifyReport {
     pub head: Option<String>,
     /// The log starts at seq 1; otherwise retention removed its beginning.
     pub from_genesis: bool,
+    /// Events the log says were aggregated by the rate limit (sum of `rate_limited` records).
+    pub rate_limited: u64,
+    /// Records whose durability the log says is unknown (sum of `sync_failed` records).
+    pub unsure: u64,
+    /// What became of the anchor given, if any.
+    pub anchor: Option<AnchorCheck>,
+}
+
+/// What verification did with an anchor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnchorCheck {
+    /// The anchored record is in the log, unchanged.
+    Matched,
+    /// The anchored record is older than the oldest record kept, and a retention record
+    /// accounts for its removal: nothing to compare.
+    RemovedByRetention,
 }
 
 /// What is wrong at the failing record.
@@ -66,8 +84,12 @@ pub enum Problem {
     },
     /// The anchored record has another hash.
     AnchorMismatch,
-    /// The anchored record is not in the log.
-    AnchorMissing { seq: u64 },
+    /// The anchored record is not in the log (and retention did not remove it).
+    AnchorMissing {
+        seq: u64,
+        /// The last seq the log holds.
+        last_seq: Option<u64>,
+    },
 }
 
 impl std::fmt::Display for Problem {
@@ -140,7 +162,15 @@ impl std::fmt::Display for Problem {
             Problem::AnchorMismatch => {
                 f.write_str("edited: the record's hash differs from the anchor given")
             }
-            Problem::AnchorMissing { seq } => write!(
+            Problem::AnchorMissing {
+                seq,
+                last_seq: Some(last),
+            } if last < seq => write!(
+                f,
+                "truncated: the log ends at seq {last}, but the anchored record seq {seq} existed: records {}..={seq} at least were cut from its end",
+                last + 1
+            ),
+            Problem::AnchorMissing { seq, .. } => write!(
                 f,
                 "truncated: the anchored record seq {seq} is not in the log (records were cut from its end?)"
             ),
@@ -179,11 +209,86 @@ pub enum Outcome {
     Broken(Failure, VerifyReport),
 }
 
-/// Optional external knowledge: record `seq` must have hash `hash`.
+/// Optional external knowledge: record `seq` must have hash `hash`. The daemon emits the chain
+/// head as an anchor line ([`Anchor::line`]) to places an attacker who rewrites the log does
+/// not also control (syslog, the journal, a log shipper); `kmodmon log verify --anchor-from`
+/// reads them back ([`anchors_in`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Anchor {
     pub seq: u64,
     pub hash: Hash,
+}
+
+/// The word that starts an anchor line: `kmodmon-anchor seq=N hash=H`.
+pub const ANCHOR_TAG: &str = "kmodmon-anchor";
+
+impl Anchor {
+    /// The anchor as one greppable line: `kmodmon-anchor seq=N hash=<64 hex>`.
+    pub fn line(&self) -> String {
+        format!(
+            "{ANCHOR_TAG} seq={} hash={}",
+            self.seq,
+            record::to_hex(&self.hash)
+        )
+    }
+
+    /// The anchor as one JSON object, for JSON-lines outputs (stdout forwarding):
+    /// `{"record":"anchor","seq":N,"hash":"H","anchor":"kmodmon-anchor seq=N hash=H"}`.
+    pub fn json(&self) -> String {
+        serde_json::json!({
+            "record": "anchor",
+            "seq": self.seq,
+            "hash": record::to_hex(&self.hash),
+            "anchor": self.line(),
+        })
+        .to_string()
+    }
+}
+
+/// Every anchor line in `text` (a file, a syslog or journal export, JSON or plain): each
+/// occurrence of `kmodmon-anchor` followed by `seq=N` and `hash=H` (in that order, separated by
+/// spaces), wherever it stands in its line. Lines without one are ignored.
+pub fn anchors_in(text: impl std::io::BufRead) -> std::io::Result<Vec<Anchor>> {
+    let mut out = Vec::new();
+    for line in text.split(b'\n') {
+        let line = line?;
+        let line = String::from_utf8_lossy(&line);
+        let mut rest: &str = &line;
+        while let Some(at) = rest.find(ANCHOR_TAG) {
+            rest = &rest[at + ANCHOR_TAG.len()..];
+            let mut words = rest
+                .split(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | ',' | '\\'))
+                .filter(|w| !w.is_empty());
+            let seq = words.next().and_then(|w| w.strip_prefix("seq="));
+            let hash = words.next().and_then(|w| w.strip_prefix("hash="));
+            if let (Some(seq), Some(hash)) = (seq, hash)
+                && let (Ok(seq), Some(hash)) = (seq.parse(), record::from_hex(hash))
+            {
+                out.push(Anchor { seq, hash });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The newest anchor (highest seq) of `anchors`; an error when two anchors give the same seq
+/// different hashes (two logs' anchors mixed, or one of them forged).
+pub fn newest_anchor(anchors: &[Anchor]) -> Result<Option<Anchor>, String> {
+    let Some(newest) = anchors.iter().max_by_key(|a| a.seq) else {
+        return Ok(None);
+    };
+    if let Some(other) = anchors
+        .iter()
+        .find(|a| a.seq == newest.seq && a.hash != newest.hash)
+    {
+        return Err(format!(
+            "two anchors for seq {} disagree ({} and {}): anchors of two logs mixed, or one forged",
+            newest.seq,
+            record::to_hex(&newest.hash),
+            record::to_hex(&other.hash)
+        ));
+    }
+    Ok(Some(*newest))
 }
 
 impl std::str::FromStr for Anchor {
@@ -246,16 +351,24 @@ pub fn verify(dir: &Path, anchor: Option<Anchor>) -> Result<Outcome, AuditError>
             return Ok(Outcome::Broken(f, w.report));
         }
     }
-    if let Some(a) = w.anchor
-        && !w.anchor_seen
-    {
-        let f = Failure {
-            segment: segments.last().map(Segment::name).unwrap_or_default(),
-            line: 0,
-            seq: None,
-            problem: Problem::AnchorMissing { seq: a.seq },
-        };
-        return Ok(Outcome::Broken(f, w.report));
+    if let Some(a) = w.anchor {
+        if w.anchor_seen {
+            w.report.anchor = Some(AnchorCheck::Matched);
+        } else if w.report.first_seq.is_some_and(|f| a.seq < f) && !w.report.from_genesis {
+            // Older than everything kept, and retention accounted for the start (checked above).
+            w.report.anchor = Some(AnchorCheck::RemovedByRetention);
+        } else {
+            let f = Failure {
+                segment: segments.last().map(Segment::name).unwrap_or_default(),
+                line: 0,
+                seq: None,
+                problem: Problem::AnchorMissing {
+                    seq: a.seq,
+                    last_seq: w.report.last_seq,
+                },
+            };
+            return Ok(Outcome::Broken(f, w.report));
+        }
     }
     Ok(Outcome::Intact(w.report))
 }
@@ -380,8 +493,13 @@ impl Walk {
         self.report.records += 1;
         match env.record.as_deref() {
             None => self.report.events += 1,
-            Some("lost") => self.report.lost += env.count.unwrap_or(0),
+            Some("lost") => {
+                self.report.lost += env.count.unwrap_or(0);
+                self.report.lost_notes += env.notes.unwrap_or(0);
+            }
             Some("recovered") => self.report.recoveries += 1,
+            Some("rate_limited") => self.report.rate_limited += env.count.unwrap_or(0),
+            Some("sync_failed") => self.report.unsure += env.count.unwrap_or(0),
             Some("retention") => {
                 self.max_kept_from = self.max_kept_from.max(env.kept_from_seq);
             }
@@ -429,4 +547,48 @@ fn look_ahead(seg: &Segment, next: Option<&Segment>, after: u64, expected: u64) 
         out.next_seq = seq_of(l.bytes);
     }
     out
+}
+
+#[cfg(test)]
+mod anchor_tests {
+    use super::*;
+
+    #[test]
+    fn anchor_lines_are_found_in_plain_syslog_and_journal_json() {
+        let h = record::chain_hash(&GENESIS, b"x");
+        let a = Anchor { seq: 42, hash: h };
+        let line = a.line();
+        assert_eq!(
+            line,
+            format!("kmodmon-anchor seq=42 hash={}", record::to_hex(&h))
+        );
+        let b = Anchor {
+            seq: 7,
+            hash: GENESIS,
+        };
+        let text = format!(
+            "Nov 22 13:00:00 node kmodmon[12]: {line}\n\
+             <29>1 2026-11-22T13:00:01Z node kmodmon 12 anchor - {}\n\
+             {{\"MESSAGE\":\"{}\",\"_PID\":\"12\"}}\n\
+             {}\n\
+             kmodmon-anchor seq=x hash=y\nunrelated\n\
+             kmodmon-anchor seq=9 hash={}\n",
+            b.line(),
+            a.line(),
+            a.json().replace('"', "\\\""),
+            "z".repeat(64),
+        );
+        let found = anchors_in(text.as_bytes()).unwrap();
+        assert_eq!(found, vec![a, b, a, a]);
+        assert_eq!(newest_anchor(&found), Ok(Some(a)));
+        let forged = Anchor {
+            seq: 42,
+            hash: GENESIS,
+        };
+        assert!(newest_anchor(&[a, forged]).is_err());
+        assert_eq!(newest_anchor(&[]), Ok(None));
+        let json: serde_json::Value = serde_json::from_str(&a.json()).unwrap();
+        assert_eq!(json["seq"], 42);
+        assert_eq!(json["anchor"], line);
+    }
 }

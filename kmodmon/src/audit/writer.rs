@@ -3,6 +3,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write as _};
 use std::os::unix::fs::OpenOptionsExt as _;
+#[cfg(test)]
+use std::sync::atomic::AtomicU32;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -11,13 +13,34 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nix::fcntl::{Flock, FlockArg};
 
-use super::config::{AuditConfig, FsyncPolicy};
+use super::config::{AuditConfig, DiskFullAction, FsyncPolicy};
 use super::record::{self, Hash, Meta};
 use super::recovery::{self, Recovery};
 use super::segment::{self, Segment};
+use super::verify::Anchor;
 use super::{AuditError, compress, io_err, prepare_dir, retention};
 use crate::event::Event;
 use crate::metrics::Metrics;
+use crate::ratelimit::Summary;
+
+/// Bytes kept free in the log directory (the file `.reserve`) so that, on a full disk,
+/// retention can still write the record of what it deletes before deleting it.
+pub const RESERVE: u64 = 16 << 10;
+/// The reserve file's name.
+pub const RESERVE_FILE: &str = ".reserve";
+/// Free bytes after which suspended writing resumes (`disk_full_action = "suspend"`).
+pub const RESUME_FREE: u64 = 64 << 10;
+
+fn is_no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        || e.kind() == io::ErrorKind::StorageFull
+}
+
+/// Bytes available to unprivileged writers on the file system holding `dir`.
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
+}
 
 /// How often the writer looks at retention and unreported losses when idle.
 const TICK: Duration = Duration::from_millis(500);
@@ -30,8 +53,17 @@ pub(crate) struct Shared {
     pub metrics: Arc<Metrics>,
     pub records: AtomicU64,
     pub events: AtomicU64,
+    /// Events represented by `rate_limited` summary records written.
+    pub aggregated: AtomicU64,
     pub lost_queue_full: AtomicU64,
     pub lost_write_error: AtomicU64,
+    pub lost_suspended: AtomicU64,
+    pub lost_notes: AtomicU64,
+    pub unsure: AtomicU64,
+    /// Seq and hash of the last record an fsync covered.
+    pub head: Mutex<Option<Anchor>>,
+    #[cfg(test)]
+    pub fail_fsyncs: AtomicU32,
     pub last_seq: AtomicU64,
     pub durable_seq: AtomicU64,
     /// First seq of the segment being written (closed segments are all below it).
@@ -46,6 +78,16 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    fn count_lost_note(&self) {
+        self.lost_notes.fetch_add(1, Relaxed);
+        self.metrics.audit.lost_notes.fetch_add(1, Relaxed);
+    }
+
+    fn count_lost_suspended(&self, n: u64) {
+        self.lost_suspended.fetch_add(n, Relaxed);
+        self.metrics.audit.lost_suspended.fetch_add(n, Relaxed);
+    }
+
     pub fn update_usage(&self, dir: &std::path::Path) {
         let active = self.active_first_seq.load(Relaxed);
         if let Ok(segs) = segment::list(dir) {
@@ -95,25 +137,36 @@ pub struct AuditStats {
     /// Records written (events and kmodmon's own records).
     pub records: u64,
     pub events: u64,
+    /// Events represented by `rate_limited` summary records written (not written one by one).
+    pub aggregated: u64,
     /// Events dropped because the queue was full.
     pub lost_queue_full: u64,
     /// Events dropped because writing failed (disk full, I/O error).
     pub lost_write_error: u64,
+    /// Events not written while writing was suspended for a full disk.
+    pub lost_suspended: u64,
+    /// kmodmon's own records (notes) not written.
+    pub lost_notes: u64,
+    /// Records written before an fsync that failed: they may not be on disk (each range is
+    /// named in a `sync_failed` record).
+    pub unsure: u64,
     /// Seq of the last record written.
     pub last_seq: u64,
-    /// Seq up to which records are fsynced.
+    /// Seq up to which records are covered by a successful fsync (the `unsure` ones excepted).
     pub durable_seq: u64,
 }
 
 impl AuditStats {
+    /// Events lost, all reasons.
     pub fn lost(&self) -> u64 {
-        self.lost_queue_full + self.lost_write_error
+        self.lost_queue_full + self.lost_write_error + self.lost_suspended
     }
 }
 
 enum Msg {
     Event(Box<Event>),
     Note(String),
+    Summary(Box<Summary>),
     Sync(mpsc::Sender<u64>),
     Close,
 }
@@ -133,6 +186,7 @@ impl AuditLog {
         cfg: AuditConfig,
         metrics: Arc<Metrics>,
     ) -> Result<(AuditLog, OpenReport), AuditError> {
+        cfg.validate().map_err(AuditError::Config)?;
         prepare_dir(&cfg.dir)?;
         let lock = lock_dir(&cfg.dir)?;
         let state = recovery::recover(&cfg.dir)?;
@@ -141,8 +195,15 @@ impl AuditLog {
             metrics,
             records: AtomicU64::new(0),
             events: AtomicU64::new(0),
+            aggregated: AtomicU64::new(0),
             lost_queue_full: AtomicU64::new(0),
             lost_write_error: AtomicU64::new(0),
+            lost_suspended: AtomicU64::new(0),
+            lost_notes: AtomicU64::new(0),
+            unsure: AtomicU64::new(0),
+            head: Mutex::new(None),
+            #[cfg(test)]
+            fail_fsyncs: AtomicU32::new(0),
             last_seq: AtomicU64::new(last),
             durable_seq: AtomicU64::new(last),
             active_first_seq: AtomicU64::new(
@@ -199,6 +260,12 @@ impl AuditLog {
             last_hash: state.last_hash,
             reported_queue_full: 0,
             reported_write_error: 0,
+            reported_suspended: 0,
+            reported_notes: 0,
+            suspended_since: None,
+            room_exhausted: false,
+            in_removal: false,
+            unsure_to: 0,
             last_error: None,
             failing: false,
             dirty_since: None,
@@ -216,6 +283,7 @@ impl AuditLog {
                 })
                 .collect(),
         };
+        w.ensure_reserve();
         // Recorded now if the disk allows, else before the first record that can be written.
         w.report_lost();
         w.sync();
@@ -261,9 +329,47 @@ impl AuditLog {
             .map_err(|_| AuditError::WriterGone)
     }
 
-    /// Queues a `note` record (daemon start/stop, policy reload), without blocking.
+    /// Queues a `note` record (daemon start/stop, drops, policy reload), without blocking.
+    /// A note that cannot be queued is counted (`lost_notes`, reported in the next `lost`
+    /// record and in `kmodmon_audit_lost_records_total{reason="note"}`), never dropped silently.
     pub fn note(&self, message: impl Into<String>) -> bool {
-        self.tx.try_send(Msg::Note(message.into())).is_ok()
+        let ok = self.tx.try_send(Msg::Note(message.into())).is_ok();
+        if !ok {
+            self.shared.count_lost_note();
+        }
+        ok
+    }
+
+    /// Queues a rate-limit summary (see [`crate::ratelimit`]) as a `rate_limited` record,
+    /// without blocking. When it cannot be queued, the events it stands for are counted lost
+    /// (queue full), like events.
+    pub fn submit_summary(&self, summary: Summary) -> bool {
+        let count = summary.count;
+        match self.tx.try_send(Msg::Summary(Box::new(summary))) {
+            Ok(()) => true,
+            Err(_) => {
+                self.shared.lost_queue_full.fetch_add(count, Relaxed);
+                self.shared
+                    .metrics
+                    .audit
+                    .lost_queue_full
+                    .fetch_add(count, Relaxed);
+                false
+            }
+        }
+    }
+
+    /// The chain head: seq and hash of the last record an fsync covered (`None` before the
+    /// first). Emit it as an anchor ([`Anchor::line`]) to syslog, the journal or stdout, so
+    /// that `kmodmon log verify --anchor-from` can later catch records cut from the log's end.
+    pub fn head(&self) -> Option<Anchor> {
+        self.shared.head.lock().ok().and_then(|h| *h)
+    }
+
+    /// Test hook: the next `n` fsyncs fail with EIO.
+    #[cfg(test)]
+    pub(crate) fn fail_next_fsyncs(&self, n: u32) {
+        self.shared.fail_fsyncs.store(n, Relaxed);
     }
 
     /// Waits until everything queued before this call is written and fsynced; returns the
@@ -281,8 +387,12 @@ impl AuditLog {
         AuditStats {
             records: s.records.load(Relaxed),
             events: s.events.load(Relaxed),
+            aggregated: s.aggregated.load(Relaxed),
             lost_queue_full: s.lost_queue_full.load(Relaxed),
             lost_write_error: s.lost_write_error.load(Relaxed),
+            lost_suspended: s.lost_suspended.load(Relaxed),
+            lost_notes: s.lost_notes.load(Relaxed),
+            unsure: s.unsure.load(Relaxed),
             last_seq: s.last_seq.load(Relaxed),
             durable_seq: s.durable_seq.load(Relaxed),
         }
@@ -351,6 +461,17 @@ struct Writer {
     last_hash: Hash,
     reported_queue_full: u64,
     reported_write_error: u64,
+    reported_suspended: u64,
+    reported_notes: u64,
+    /// Writing is suspended for a full disk (`disk_full_action = "suspend"`) since then.
+    suspended_since: Option<Instant>,
+    /// A full disk found no closed segment to delete; set back when a record fits again.
+    room_exhausted: bool,
+    /// Segments are being removed (no nested retention from a rotation meanwhile).
+    in_removal: bool,
+    /// The last seq of a range whose fsync failed: the head never points at or before it
+    /// until a later record is fsynced.
+    unsure_to: u64,
     last_error: Option<String>,
     failing: bool,
     dirty_since: Option<Instant>,
@@ -399,12 +520,46 @@ impl Writer {
         match msg {
             Msg::Event(ev) => self.write_event(&ev),
             Msg::Note(message) => {
+                if self.suspended_since.is_some() {
+                    self.shared.count_lost_note();
+                    return true;
+                }
                 let meta = Meta::Note {
                     time: record::now_rfc3339(),
                     message,
                 };
                 if let Err(e) = self.write_meta(&meta) {
+                    self.shared.count_lost_note();
                     self.write_failed(&e, false);
+                }
+            }
+            Msg::Summary(summary) => {
+                let count = summary.count;
+                if self.suspended_since.is_some() {
+                    self.shared.count_lost_suspended(count);
+                    return true;
+                }
+                match self.write_meta(&Meta::RateLimited(*summary)) {
+                    Ok(()) => {
+                        self.shared.aggregated.fetch_add(count, Relaxed);
+                        self.shared
+                            .metrics
+                            .audit
+                            .rate_limited
+                            .fetch_add(count, Relaxed);
+                    }
+                    Err(e) => {
+                        // The events it stands for are lost; count them as such.
+                        self.write_failed(&e, true);
+                        if count > 1 {
+                            self.shared.lost_write_error.fetch_add(count - 1, Relaxed);
+                            self.shared
+                                .metrics
+                                .audit
+                                .lost_write_error
+                                .fetch_add(count - 1, Relaxed);
+                        }
+                    }
                 }
             }
             Msg::Sync(reply) => {
@@ -430,6 +585,7 @@ impl Writer {
         {
             self.sync();
         }
+        self.try_resume();
         self.report_lost();
         if self.last_retention.elapsed() >= RETENTION_EVERY {
             self.retention();
@@ -443,10 +599,18 @@ impl Writer {
         self.shared.lost_queue_full.load(Relaxed) - self.reported_queue_full
             + self.shared.lost_write_error.load(Relaxed)
             - self.reported_write_error
+            + self.shared.lost_suspended.load(Relaxed)
+            - self.reported_suspended
+            + self.shared.lost_notes.load(Relaxed)
+            - self.reported_notes
     }
 
     fn write_event(&mut self, ev: &Event) {
-        let body = match serde_json::to_vec(ev) {
+        if self.suspended_since.is_some() {
+            self.shared.count_lost_suspended(1);
+            return;
+        }
+        let body = match serde_json::to_vec(&*crate::escape::sanitize_event(ev)) {
             Ok(b) => b,
             Err(e) => {
                 self.write_failed(&io::Error::other(e), true);
@@ -487,12 +651,271 @@ impl Writer {
         self.write_body(&body)
     }
 
-    /// Rotates if due, reports earlier losses, then appends `body`.
+    /// Rotates if due, reports earlier losses, then appends `body`. On a full disk, applies
+    /// the disk-full action and tries again while it made room.
     fn write_body(&mut self, body: &[u8]) -> io::Result<()> {
+        loop {
+            match self.append_after_reports(body) {
+                Err(e) if is_no_space(&e) => {
+                    if !self.disk_full(&e) {
+                        return Err(e);
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn append_after_reports(&mut self, body: &[u8]) -> io::Result<()> {
         self.ensure_segment()?;
         self.write_pending()?;
         self.write_lost_record()?;
         self.append(body)
+    }
+
+    /// The disk is full: applies `disk_full_action`. True when room was made (try again).
+    fn disk_full(&mut self, e: &io::Error) -> bool {
+        let action = self.cfg.disk_full_action;
+        match action {
+            DiskFullAction::KeepNewest => {
+                if self.room_exhausted || self.in_removal {
+                    return false;
+                }
+                if self.remove_oldest_for_room() {
+                    return true;
+                }
+                self.room_exhausted = true;
+                self.shared
+                    .metrics
+                    .audit
+                    .disk_full
+                    .add([action.as_str()], 1);
+                log::error!(
+                    "audit log {}: disk full ({e}) and no closed segment left to delete \
+                     (disk_full_action = keep_newest): records are counted lost until space returns",
+                    self.cfg.dir.display()
+                );
+                false
+            }
+            DiskFullAction::KeepOldest => {
+                if !self.failing {
+                    self.shared
+                        .metrics
+                        .audit
+                        .disk_full
+                        .add([action.as_str()], 1);
+                    log::error!(
+                        "audit log {}: disk full ({e}); nothing is deleted (disk_full_action = \
+                         keep_oldest): records that do not fit are counted lost",
+                        self.cfg.dir.display()
+                    );
+                }
+                false
+            }
+            DiskFullAction::Suspend => {
+                if self.suspended_since.is_none() {
+                    self.suspended_since = Some(Instant::now());
+                    let m = &self.shared.metrics.audit;
+                    m.suspended.store(1, Relaxed);
+                    m.disk_full.add([action.as_str()], 1);
+                    log::error!(
+                        "audit log {}: disk full ({e}); writing suspended (disk_full_action = \
+                         suspend): every record is counted lost until {} KiB are free again",
+                        self.cfg.dir.display(),
+                        RESUME_FREE >> 10
+                    );
+                }
+                false
+            }
+        }
+    }
+
+    /// Resumes suspended writing once enough space is free again.
+    fn try_resume(&mut self) {
+        let Some(since) = self.suspended_since else {
+            return;
+        };
+        if free_bytes(&self.cfg.dir).is_none_or(|f| f < RESUME_FREE) {
+            return;
+        }
+        self.suspended_since = None;
+        self.shared.metrics.audit.suspended.store(0, Relaxed);
+        let lost = self.shared.lost_suspended.load(Relaxed) - self.reported_suspended;
+        log::warn!(
+            "audit log {}: space is free again; writing resumed after {:.1} s suspended, \
+             {lost} event(s) lost meanwhile (a `lost` record follows)",
+            self.cfg.dir.display(),
+            since.elapsed().as_secs_f64()
+        );
+        self.ensure_reserve();
+    }
+
+    /// keep_newest: deletes the oldest closed segments, at least `segment_size` (and four
+    /// reserves) bytes of them, one segment at least. False when there is none.
+    fn remove_oldest_for_room(&mut self) -> bool {
+        let Ok(segs) = segment::list(&self.cfg.dir) else {
+            return false;
+        };
+        let active = self.shared.active_first_seq.load(Relaxed);
+        let closed: Vec<Segment> = segs.into_iter().filter(|s| s.first_seq < active).collect();
+        let mut freed = 0;
+        let mut n = 0;
+        // Enough that the reserve, taken back after the deletion, leaves room behind.
+        let want = self.cfg.segment_size.max(4 * RESERVE);
+        while n < closed.len() && (n == 0 || freed < want) {
+            freed += std::fs::metadata(&closed[n].path).map_or(0, |m| m.len());
+            n += 1;
+        }
+        if n == 0 {
+            return false;
+        }
+        let kept_from = closed.get(n).map_or(active, |s| s.first_seq);
+        self.shared
+            .metrics
+            .audit
+            .disk_full
+            .add([DiskFullAction::KeepNewest.as_str()], 1);
+        log::warn!(
+            "audit log {}: disk full; deleting the {n} oldest segment(s) (records before seq \
+             {kept_from}, {freed} bytes) to make room (disk_full_action = keep_newest)",
+            self.cfg.dir.display()
+        );
+        self.remove_segments(&closed[..n], kept_from, "disk_full")
+    }
+
+    /// Writes one of kmodmon's own records now (after pending ones and the loss report).
+    fn append_own(&mut self, meta: &Meta) -> io::Result<()> {
+        let body = serde_json::to_vec(meta).map_err(io::Error::other)?;
+        self.append_after_reports(&body)
+    }
+
+    /// Deletes `remove` (a prefix of the log) with a `retention` record naming it: first the
+    /// record, fsynced, then the files. On a full disk the reserve is given up for the record;
+    /// if even that fails (reason `disk_full` only), the files go first and the record, marked
+    /// `after_removal`, right after. True when the files were deleted.
+    fn remove_segments(&mut self, remove: &[Segment], kept_from_seq: u64, reason: &str) -> bool {
+        let Some(first) = remove.first() else {
+            return false;
+        };
+        let freed: u64 = remove
+            .iter()
+            .map(|s| std::fs::metadata(&s.path).map_or(0, |m| m.len()))
+            .sum();
+        let mut meta = Meta::Retention {
+            time: record::now_rfc3339(),
+            removed: remove.iter().map(Segment::name).collect(),
+            kept_from_seq,
+            removed_from_seq: Some(first.first_seq),
+            reason: Some(reason.to_string()),
+            freed_bytes: Some(freed),
+            after_removal: false,
+        };
+        self.in_removal = true;
+        let mut written = self.append_own(&meta);
+        if written.as_ref().is_err_and(is_no_space) && self.release_reserve() {
+            written = self.append_own(&meta);
+        }
+        let record_after = match written {
+            Ok(()) => {
+                self.sync();
+                if self.shared.durable_seq.load(Relaxed) < self.shared.last_seq.load(Relaxed) {
+                    log::error!(
+                        "audit log {}: the retention record could not be fsynced; old segments are kept",
+                        self.cfg.dir.display()
+                    );
+                    self.in_removal = false;
+                    return false;
+                }
+                false
+            }
+            Err(e) if is_no_space(&e) && reason == "disk_full" => true,
+            Err(e) => {
+                log::error!(
+                    "audit log {}: cannot record retention ({e}); old segments are kept",
+                    self.cfg.dir.display()
+                );
+                self.in_removal = false;
+                return false;
+            }
+        };
+        {
+            let _guard = self.shared.dir_lock.lock();
+            for s in remove {
+                retention::remove_segment(s);
+            }
+            let _ = segment::sync_dir(&self.cfg.dir);
+        }
+        if record_after {
+            if let Meta::Retention {
+                after_removal,
+                time,
+                ..
+            } = &mut meta
+            {
+                *after_removal = true;
+                *time = record::now_rfc3339();
+            }
+            match self.append_own(&meta) {
+                Ok(()) => self.sync(),
+                // Written before anything else once a record fits.
+                Err(_) => self.pending.insert(0, meta),
+            }
+            log::warn!(
+                "audit log {}: the disk was too full to record the deletion first; recorded after it",
+                self.cfg.dir.display()
+            );
+        }
+        self.in_removal = false;
+        self.room_exhausted = false;
+        self.shared
+            .metrics
+            .audit
+            .removed_segments
+            .add([reason], remove.len() as u64);
+        self.shared.update_usage(&self.cfg.dir);
+        self.publish_bytes();
+        self.ensure_reserve();
+        true
+    }
+
+    /// Gives up the reserve file; true when there was one.
+    fn release_reserve(&mut self) -> bool {
+        let path = self.cfg.dir.join(RESERVE_FILE);
+        let released = std::fs::remove_file(&path).is_ok();
+        if released {
+            log::warn!(
+                "audit log {}: disk full; using the {} KiB reserve to record a deletion",
+                self.cfg.dir.display(),
+                RESERVE >> 10
+            );
+        }
+        released
+    }
+
+    /// Makes sure the reserve file exists and holds [`RESERVE`] real (not sparse) bytes.
+    fn ensure_reserve(&mut self) {
+        let path = self.cfg.dir.join(RESERVE_FILE);
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == RESERVE) {
+            return;
+        }
+        let made = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| {
+                f.write_all(&vec![0u8; RESERVE as usize])?;
+                f.sync_data()
+            });
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&path);
+            log::warn!(
+                "audit log {}: cannot keep the {} KiB reserve ({e}); retried after the next deletion",
+                self.cfg.dir.display(),
+                RESERVE >> 10
+            );
+        }
     }
 
     fn write_pending(&mut self) -> io::Result<()> {
@@ -508,25 +931,32 @@ impl Writer {
     fn write_lost_record(&mut self) -> io::Result<()> {
         let qf = self.shared.lost_queue_full.load(Relaxed) - self.reported_queue_full;
         let we = self.shared.lost_write_error.load(Relaxed) - self.reported_write_error;
-        if qf + we == 0 {
+        let su = self.shared.lost_suspended.load(Relaxed) - self.reported_suspended;
+        let notes = self.shared.lost_notes.load(Relaxed) - self.reported_notes;
+        if qf + we + su + notes == 0 {
             return Ok(());
         }
         let meta = Meta::Lost {
             time: record::now_rfc3339(),
-            count: qf + we,
+            count: qf + we + su,
             queue_full: qf,
             write_error: we,
+            suspended: su,
+            notes,
             error: self.last_error.clone(),
         };
         let body = serde_json::to_vec(&meta).map_err(io::Error::other)?;
         self.append(&body)?;
         self.reported_queue_full += qf;
         self.reported_write_error += we;
+        self.reported_suspended += su;
+        self.reported_notes += notes;
         if self.failing {
             log::warn!(
-                "audit log {}: writing again; {} event(s) were lost ({qf} queue full, {we} write errors)",
+                "audit log {}: writing again; {} event(s) were lost ({qf} queue full, {we} write \
+                 errors, {su} while suspended) and {notes} of kmodmon's own record(s)",
                 self.cfg.dir.display(),
-                qf + we
+                qf + we + su
             );
         }
         self.failing = false;
@@ -536,7 +966,7 @@ impl Writer {
 
     /// Writes pending records and the report of losses, if any.
     fn report_lost(&mut self) {
-        if self.pending_lost() == 0 && self.pending.is_empty() {
+        if self.suspended_since.is_some() || (self.pending_lost() == 0 && self.pending.is_empty()) {
             return;
         }
         let r = self
@@ -618,7 +1048,9 @@ impl Writer {
             return Err(e);
         }
         self.shared.update_usage(&self.cfg.dir);
-        self.retention();
+        if !self.in_removal {
+            self.retention();
+        }
         Ok(())
     }
 
@@ -649,6 +1081,7 @@ impl Writer {
         seg.len += enc.line.len() as u64;
         seg.records += 1;
         seg.dirty = true;
+        self.room_exhausted = false;
         self.shared.last_seq.store(self.next_seq, Relaxed);
         self.next_seq += 1;
         self.last_hash = enc.hash;
@@ -666,42 +1099,95 @@ impl Writer {
         self.shared.publish();
     }
 
+    /// The chain head is durable up to the last record written.
+    fn mark_durable(&self) {
+        let last = self.shared.last_seq.load(Relaxed);
+        self.shared.durable_seq.store(last, Relaxed);
+        if last > self.unsure_to
+            && let Ok(mut h) = self.shared.head.lock()
+        {
+            *h = Some(Anchor {
+                seq: last,
+                hash: self.last_hash,
+            });
+        }
+    }
+
     /// fdatasync the active segment; advances the durable seq on success.
+    ///
+    /// A failed fsync is never retried (fsyncgate: after a failure the kernel may have dropped
+    /// the dirty pages and marked them clean, so a later fsync can succeed without the data
+    /// being on disk). Instead the records since the last good fsync are counted `unsure`, the
+    /// segment is closed as it is, writing continues in a new segment, and a `sync_failed`
+    /// record names the range.
     fn sync(&mut self) {
         self.dirty_since = None;
         let Some(seg) = &mut self.seg else {
-            self.shared
-                .durable_seq
-                .store(self.shared.last_seq.load(Relaxed), Relaxed);
+            self.mark_durable();
             return;
         };
         if !seg.dirty {
-            self.shared
-                .durable_seq
-                .store(self.shared.last_seq.load(Relaxed), Relaxed);
+            self.mark_durable();
             return;
         }
-        match seg.file.sync_data() {
+        #[cfg(test)]
+        let injected = self
+            .shared
+            .fail_fsyncs
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        #[cfg(not(test))]
+        let injected = false;
+        let result = if injected {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            seg.file.sync_data()
+        };
+        match result {
             Ok(()) => {
                 seg.dirty = false;
-                self.shared
-                    .durable_seq
-                    .store(self.shared.last_seq.load(Relaxed), Relaxed);
+                self.mark_durable();
             }
             Err(e) => {
-                self.shared.metrics.audit.fsync_errors.fetch_add(1, Relaxed);
+                let from = self.shared.durable_seq.load(Relaxed).max(self.unsure_to) + 1;
+                let to = self.shared.last_seq.load(Relaxed);
+                let count = (to + 1).saturating_sub(from);
+                let name = seg.segment.name();
+                self.shared.unsure.fetch_add(count, Relaxed);
+                self.unsure_to = to;
+                let m = &self.shared.metrics.audit;
+                m.fsync_errors.fetch_add(1, Relaxed);
+                m.unsure.fetch_add(count, Relaxed);
                 log::error!(
-                    "audit log {}: fsync failed: {e}",
+                    "audit log {}: fsync failed: {e}; records seq {from}..={to} ({count}) may not \
+                     be on disk. Not retried (a later success would not bring them back); \
+                     continuing in a new segment",
                     seg.segment.path.display()
                 );
+                self.seg = None;
+                self.publish_bytes();
+                if let Some(tx) = &self.hk_tx {
+                    let _ = tx.send(());
+                }
+                self.pending.push(Meta::SyncFailed {
+                    time: record::now_rfc3339(),
+                    segment: name,
+                    from_seq: from,
+                    to_seq: to,
+                    count,
+                    error: e.to_string(),
+                });
             }
         }
     }
 
-    /// Deletes old segments per the retention settings, after durably recording which.
+    /// Deletes old segments per the retention settings (count, age, size), recording which.
     fn retention(&mut self) {
         self.last_retention = Instant::now();
-        if self.cfg.retain_segments.is_none() && self.cfg.retain_age.is_none() {
+        if self.cfg.retain_segments.is_none()
+            && self.cfg.retain_age.is_none()
+            && self.cfg.retain_size.is_none()
+        {
             return;
         }
         let segs = match segment::list(&self.cfg.dir) {
@@ -711,51 +1197,23 @@ impl Writer {
                 return;
             }
         };
-        let plan = retention::plan(
+        let size_rule = self.cfg.retain_size.map(|max_bytes| retention::SizeRule {
+            max_bytes,
+            active_len: self.seg.as_ref().map_or(0, |s| s.len),
+            size: |s: &Segment| std::fs::metadata(&s.path).map_or(0, |m| m.len()),
+        });
+        let plan = retention::plan_sized(
             &segs,
             self.shared.active_first_seq.load(Relaxed),
             self.cfg.retain_segments,
             self.cfg.retain_age,
+            size_rule,
             SystemTime::now(),
             |s| std::fs::metadata(&s.path).and_then(|m| m.modified()).ok(),
         );
         if plan.remove.is_empty() {
             return;
         }
-        let meta = Meta::Retention {
-            time: record::now_rfc3339(),
-            removed: plan.remove.iter().map(Segment::name).collect(),
-            kept_from_seq: plan.kept_from_seq,
-        };
-        // The record goes first: `log verify` accepts a log that starts later only if a
-        // retention record says so.
-        let written = self
-            .ensure_segment()
-            .and_then(|()| self.write_pending())
-            .and_then(|()| self.write_lost_record())
-            .and_then(|()| {
-                let body = serde_json::to_vec(&meta).map_err(io::Error::other)?;
-                self.append(&body)
-            });
-        if let Err(e) = written {
-            log::error!(
-                "audit log {}: cannot record retention ({e}); old segments are kept",
-                self.cfg.dir.display()
-            );
-            return;
-        }
-        self.sync();
-        if self.shared.durable_seq.load(Relaxed) < self.shared.last_seq.load(Relaxed) {
-            return;
-        }
-        {
-            let _guard = self.shared.dir_lock.lock();
-            for s in &plan.remove {
-                retention::remove_segment(s);
-            }
-            let _ = segment::sync_dir(&self.cfg.dir);
-        }
-        self.shared.update_usage(&self.cfg.dir);
-        self.publish_bytes();
+        self.remove_segments(&plan.remove, plan.kept_from_seq, plan.reason);
     }
 }

@@ -30,6 +30,11 @@ pub const DEFAULT_CONFIG: &str = "/etc/kmodmon/kmodmon.toml";
 ///
 /// [policy]
 /// file = "/etc/kmodmon/policy.toml"
+///
+/// [rate_limit]          # audit records of attempts, per cgroup (0 = off)
+/// rate = 20
+/// burst = 200
+/// summary_every = "10s"
 /// ```
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -39,6 +44,9 @@ pub struct FileConfig {
     pub forward: ForwardConfig,
     pub probe: ProbeConfig,
     pub policy: PolicyConfig,
+    /// `[rate_limit]`: audit records of attempts per cgroup; beyond it they are aggregated
+    /// into counted `rate_limited` records.
+    pub rate_limit: crate::ratelimit::RateLimitConfig,
 }
 
 /// `[policy]`: enforcement (see README "Enforcement").
@@ -121,6 +129,7 @@ pub struct Effective {
     pub forward: ForwardConfig,
     pub probe: ProbeConfig,
     pub policy: Option<PathBuf>,
+    pub rate_limit: crate::ratelimit::RateLimitConfig,
     pub source: Option<PathBuf>,
 }
 
@@ -134,7 +143,17 @@ pub fn load(args: &RunArgs) -> anyhow::Result<Effective> {
         ),
         None => (FileConfig::default(), None),
     };
-    Ok(apply(file, args, source))
+    let eff = apply(file, args, source);
+    if let Some(audit) = &eff.audit {
+        audit.validate().map_err(|e| {
+            let at = eff
+                .source
+                .as_ref()
+                .map_or("flags".to_string(), |p| p.display().to_string());
+            anyhow::anyhow!("{at}: [audit]: {e}")
+        })?;
+    }
+    Ok(eff)
 }
 
 fn read(path: &Path) -> anyhow::Result<FileConfig> {
@@ -172,6 +191,7 @@ fn apply(file: FileConfig, args: &RunArgs, source: Option<PathBuf>) -> Effective
         forward,
         probe,
         policy: args.policy.clone().or(file.policy.file),
+        rate_limit: file.rate_limit,
         source,
     }
 }
@@ -218,6 +238,45 @@ mod tests {
         assert_eq!(eff.metrics.as_deref(), Some(":2"));
         assert_eq!(eff.audit.unwrap().dir, PathBuf::from("/b"));
         assert!(eff.forward.stdout);
+    }
+
+    #[test]
+    fn audit_settings_that_cannot_work_are_refused_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(
+            &path,
+            "[audit]\ndir = \"/a\"\nsegment_size = \"64MiB\"\nretain_size = \"100MiB\"\n",
+        )
+        .unwrap();
+        let args = RunArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        let err = load(&args).unwrap_err().to_string();
+        assert!(err.contains("twice segment_size"), "{err}");
+        std::fs::write(
+            &path,
+            "[audit]\ndir = \"/a\"\nretain_size = \"none\"\ndisk_full_action = \"suspend\"\n",
+        )
+        .unwrap();
+        let eff = load(&args).unwrap();
+        let a = eff.audit.unwrap();
+        assert_eq!(a.retain_size, None);
+        assert_eq!(a.disk_full_action, crate::audit::DiskFullAction::Suspend);
+    }
+
+    #[test]
+    fn the_rate_limit_table_parses_and_defaults() {
+        let cfg = parse("[rate_limit]\nrate = 5\nburst = 10\nsummary_every = \"2s\"\n").unwrap();
+        assert_eq!((cfg.rate_limit.rate, cfg.rate_limit.burst), (5, 10));
+        assert_eq!(
+            cfg.rate_limit.summary_every,
+            std::time::Duration::from_secs(2)
+        );
+        let d = parse("").unwrap().rate_limit;
+        assert_eq!(d, crate::ratelimit::RateLimitConfig::default());
+        assert!(parse("[rate_limit]\nrat = 5\n").is_err());
     }
 
     #[test]

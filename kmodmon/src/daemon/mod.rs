@@ -13,6 +13,7 @@ use crate::{
     enforce::{Enforcer, StartOptions},
     metrics::{Metrics, MetricsServer},
     probe::Options,
+    ratelimit::RateLimiter,
     session::{Session, SessionOptions, Sig, Signals},
     sinks::{
         Fanout, Output,
@@ -23,6 +24,9 @@ use crate::{
         syslog::{Syslog, SyslogSink},
     },
 };
+
+/// How often the daemon publishes the audit chain's head.
+const ANCHOR_EVERY: Duration = Duration::from_secs(60);
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let cfg = config::load(&args)?;
@@ -77,6 +81,17 @@ fn check_config(cfg: &config::Effective) -> anyhow::Result<ExitCode> {
 async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
     // Handlers first, so a signal during start-up is not lost.
     let mut signals = Signals::install()?;
+    // Every connection, state file and segment needs a descriptor: take what the hard limit
+    // allows, so a crowd on the metrics port cannot starve the rest.
+    match crate::limits::raise_nofile_limit() {
+        Ok(l) => log::info!(
+            "RLIMIT_NOFILE {} -> {} (hard {})",
+            l.soft_before,
+            l.soft,
+            l.hard
+        ),
+        Err(e) => log::warn!("cannot raise RLIMIT_NOFILE: {e}"),
+    }
     let metrics = Arc::new(Metrics::new());
     let audit = match cfg.audit.clone() {
         Some(a) => {
@@ -139,12 +154,16 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
         Box::new(MetricsSink(metrics.clone())),
     )];
     if let Some(log) = &audit {
-        outputs.push(Output::new("audit", Box::new(AuditSink::new(log.clone()))));
+        let limiter = (cfg.rate_limit.rate > 0).then(|| RateLimiter::new(cfg.rate_limit.clone()));
+        outputs.push(Output::new(
+            "audit",
+            Box::new(AuditSink::new(log.clone(), limiter)),
+        ));
     }
     if cfg.forward.stdout {
         outputs.push(Output::new(
             "stdout",
-            Box::new(LineSink::new(std::io::stdout(), json::line)),
+            Box::new(LineSink::new(std::io::stdout(), json::line).with_anchors()),
         ));
     }
     if let Some(s) = &syslog {
@@ -194,8 +213,21 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
     metrics.health.set_attached();
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut anchor_tick = tokio::time::interval(ANCHOR_EVERY);
+    let mut last_anchor = None;
     loop {
         tokio::select! {
+            _ = anchor_tick.tick() => {
+                // The chain head, where someone else keeps it: the journal (stderr), syslog,
+                // stdout. `kmodmon log verify --anchor-from` checks the log against it.
+                if let Some(a) = audit.as_ref().and_then(|l| l.head())
+                    && last_anchor != Some(a)
+                {
+                    eprintln!("kmodmon: {}", a.line());
+                    session.pipeline.anchor(a).await;
+                    last_anchor = Some(a);
+                }
+            }
             _ = tick.tick() => {
                 if session.pipeline.has_failed() {
                     break;
@@ -245,6 +277,17 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
         log.note(text);
         let stats = log.close();
         eprintln!("kmodmon: audit log closed: {stats:?}");
+        if let Some(a) = log.head() {
+            eprintln!("kmodmon: {}", a.line());
+            if let Some(s) = &syslog
+                && let Err(e) = s.send_anchor(&a)
+            {
+                log::warn!("syslog: cannot send the audit anchor: {e}");
+            }
+            if cfg.forward.stdout {
+                println!("{}", a.json());
+            }
+        }
     }
     if let Some(why) = finished.failure {
         anyhow::bail!("{why}; kmodmon stopped (a supervisor should restart it)");

@@ -2,7 +2,7 @@
 //! made itself. For each sink, exactly:
 //!
 //! `delivered + delivered_policy + synthesized = undecodable + queue_full + in_pipeline
-//!  + filtered + skipped + emitted + lost + pending`
+//!  + filtered + skipped + emitted + aggregated + lost + pending`
 //!
 //! where `in_pipeline` is zero once the pipeline has finished (a forced exit reports it as
 //! not written), and `pending` is zero once the sinks are closed.

@@ -73,8 +73,10 @@ pub enum Control {
 
 enum Out {
     Event(Box<Event>),
-    /// The enrich task is alive.
+    /// The enrich task is alive (about once a second): periodic work in the sinks.
     Tick,
+    /// The audit chain's head, for the sinks that publish it.
+    Anchor(crate::audit::Anchor),
 }
 
 /// What the pipeline ended with.
@@ -92,6 +94,9 @@ pub struct Pipeline {
     stop: watch::Sender<bool>,
     control: mpsc::Sender<Control>,
     pub accounting: Arc<Accounting>,
+    /// For messages to the sink thread besides events (dropped at finish, so the sink
+    /// thread ends once the enrich task has).
+    to_sinks: Option<mpsc::Sender<Out>>,
     reader: tokio::task::JoinHandle<()>,
     enrich: tokio::task::JoinHandle<Option<Enforcer>>,
     sinks: std::thread::JoinHandle<Vec<SinkReport>>,
@@ -129,6 +134,7 @@ impl Pipeline {
             .spawn(move || sink_thread(fanout, out_rx, &acc))
             .map_err(PipelineError::Thread)?;
         let reader = tokio::spawn(reader::run(rings, raw_tx, accounting.clone(), stop_rx));
+        let to_sinks = Some(out_tx.clone());
         let enrich = tokio::spawn(enrich_task(
             raw_rx,
             ctl_rx,
@@ -141,6 +147,7 @@ impl Pipeline {
             stop: stop_tx,
             control: ctl_tx,
             accounting,
+            to_sinks,
             reader,
             enrich,
             sinks,
@@ -167,6 +174,14 @@ impl Pipeline {
             .unwrap_or_else(|_| Err("the pipeline has stopped".into()))
     }
 
+    /// Publishes the audit chain's head through the sinks that publish it (in order with
+    /// the events, so a line is never split).
+    pub async fn anchor(&self, a: crate::audit::Anchor) {
+        if let Some(tx) = &self.to_sinks {
+            let _ = tx.send(Out::Anchor(a)).await;
+        }
+    }
+
     /// Whether a task ended on its own (a failure: they run until stopped).
     pub fn has_failed(&self) -> bool {
         self.reader.is_finished() || self.enrich.is_finished() || self.sinks.is_finished()
@@ -174,8 +189,9 @@ impl Pipeline {
 
     /// Stops (if not yet) and waits until everything delivered is written and the sinks are
     /// closed.
-    pub async fn finish(self) -> Finished {
+    pub async fn finish(mut self) -> Finished {
         self.stop();
+        self.to_sinks = None;
         let mut failure = None;
         if let Err(e) = self.reader.await {
             failure = Some(format!("the ring-buffer reader failed: {e}"));
@@ -379,8 +395,10 @@ fn sink_thread(
     acc.sink_turned();
     while let Some(m) = rx.blocking_recv() {
         acc.sink_turned();
-        if let Out::Event(ev) = m {
-            fanout.deliver(&ev);
+        match m {
+            Out::Event(ev) => fanout.deliver(&ev),
+            Out::Tick => fanout.tick(),
+            Out::Anchor(a) => fanout.anchor(&a),
         }
         if rx.is_empty() {
             fanout.flush();

@@ -1,5 +1,6 @@
-//! Aligned, human-readable lines. Every field is already escaped (see `escape`); colour is
-//! added only when asked to.
+//! Aligned, human-readable lines. Every field passes the sink guard
+//! ([`crate::escape::sanitize_event`]), and `"` is written `\x22`, so the only quotes of a
+//! line are the two around `params`; colour is added only when asked to.
 use std::fmt::Write as _;
 
 use crate::event::{Event, Kind};
@@ -93,7 +94,8 @@ fn module_text(ev: &Event) -> String {
 const MODULE_DISPLAY_MAX: usize = 48;
 
 fn container_text(ev: &Event) -> String {
-    let mut s = match &ev.container {
+    let mut s = String::new();
+    let mut text = match &ev.container {
         None => "host".to_string(),
         Some(c) => {
             let short = c.id.get(..12).unwrap_or(&c.id);
@@ -105,20 +107,27 @@ fn container_text(ev: &Event) -> String {
         }
     };
     if let Some(v) = &ev.verdict {
-        let _ = write!(s, " [{v}]");
+        let _ = write!(text, " [{v}]");
     }
     if let Some(r) = &ev.requested_by {
-        let _ = write!(s, " requested by {}[{}] as {}", r.comm, r.pid, r.requested);
+        let _ = write!(
+            text,
+            " requested by {}[{}] as {}",
+            r.comm, r.pid, r.requested
+        );
     }
+    s.push_str(&unquote(&text));
     if let Some(p) = ev.params.as_deref().filter(|p| !p.trim().is_empty()) {
-        let _ = write!(s, " params=\"{p}\"");
+        let _ = write!(s, " params=\"{}\"", unquote(p));
     }
+    let mut rest = String::new();
     if !ev.modules.is_empty() {
-        let _ = write!(s, " modules={}", ev.modules.join(","));
+        let _ = write!(rest, " modules={}", ev.modules.join(","));
     }
     if let Some(d) = &ev.detail {
-        let _ = write!(s, " {d}");
+        let _ = write!(rest, " {d}");
     }
+    s.push_str(&unquote(&rest));
     s
 }
 
@@ -141,14 +150,25 @@ fn kind_color(ev: &Event) -> &'static str {
     }
 }
 
+/// `"` as `\x22` (the notation of [`crate::escape`]), so that the only quotes of a line are
+/// the two around `params`.
+fn unquote(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('"') {
+        std::borrow::Cow::Owned(s.replace('"', "\\x22"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
 /// One line for an event.
 pub fn line(ev: &Event, style: Style) -> String {
+    let ev = &*crate::escape::sanitize_event(ev);
     let cols = [
         time_of_day(&ev.time).to_string(),
         ev.kind.as_str().to_string(),
-        module_text(ev),
-        result_text(ev),
-        format!("{}/{}", ev.pid, ev.comm),
+        unquote(&module_text(ev)).into_owned(),
+        unquote(&result_text(ev)).into_owned(),
+        format!("{}/{}", ev.pid, unquote(&ev.comm)),
     ];
     let mut s = String::new();
     for (i, c) in cols.iter().enumerate() {
@@ -228,5 +248,25 @@ mod tests {
         let l = line(&e, Style { color: false });
         assert!(l.contains("ip_vs…"));
         assert!(l.contains("docker:0123456789ab [unexpected]"));
+    }
+
+    #[test]
+    fn hostile_fields_are_escaped_and_quotes_cannot_end_params() {
+        let mut e = attempt();
+        e.module = Some("\u{202e}evil\x1b[2J".into());
+        e.params = Some("a\" fake=\"b".into());
+        e.detail = Some("x\"y\u{61c}".into());
+        e.comm = "c\"\u{e0041}".into();
+        let l = line(&e, Style { color: false });
+        assert!(!l.contains(crate::escape::is_unsafe), "{l}");
+        assert!(l.contains("\\u{202e}evil\\x1b[2J"), "{l}");
+        assert!(l.contains(" params=\"a\\x22 fake=\\x22b\""), "{l}");
+        assert!(l.contains("c\\x22\\u{e0041}"), "{l}");
+        assert!(l.contains("x\\x22y\\u{061c}"), "{l}");
+        assert_eq!(
+            l.matches('"').count(),
+            2,
+            "only the quotes around params: {l}"
+        );
     }
 }

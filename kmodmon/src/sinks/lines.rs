@@ -18,6 +18,8 @@ pub struct LineSink<W: Write + Send> {
     /// Lines in the buffer, not yet flushed.
     unflushed: u64,
     gone: bool,
+    /// Whether audit anchors are written too (as JSON lines: `kmodmon run --stdout`).
+    anchors: bool,
 }
 
 impl<W: Write + Send> LineSink<W> {
@@ -27,7 +29,14 @@ impl<W: Write + Send> LineSink<W> {
             format: Box::new(format),
             unflushed: 0,
             gone: false,
+            anchors: false,
         }
+    }
+
+    /// Also writes the audit chain's head as a JSON line when the daemon publishes it.
+    pub fn with_anchors(mut self) -> LineSink<W> {
+        self.anchors = true;
+        self
     }
 
     /// Writes a line that is not an event (a header) and flushes it.
@@ -88,6 +97,17 @@ impl<W: Write + Send> Sink for LineSink<W> {
 
     fn gone(&self) -> bool {
         self.gone
+    }
+
+    fn anchor(&mut self, a: &crate::audit::Anchor, c: &SinkCounters) {
+        if !self.anchors || self.gone {
+            return;
+        }
+        // Flushed with the events around it, in order.
+        if let Err(e) = writeln!(self.out, "{}", a.json()) {
+            let n = std::mem::take(&mut self.unflushed);
+            self.failed(&e, c, n);
+        }
     }
 }
 

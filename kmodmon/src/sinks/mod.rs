@@ -33,6 +33,10 @@ pub trait Sink: Send {
     fn gone(&self) -> bool {
         false
     }
+    /// Called about once a second (periodic work: rate-limit summaries).
+    fn tick(&mut self, _c: &SinkCounters) {}
+    /// The audit chain's head, to be published where this sink publishes (stdout, syslog).
+    fn anchor(&mut self, _a: &crate::audit::Anchor, _c: &SinkCounters) {}
 }
 
 /// What happened to the events offered to one sink. Live (shared with whoever reports).
@@ -47,6 +51,8 @@ pub struct SinkCounters {
     pub accepted: AtomicU64,
     /// Events the sink wrote.
     pub emitted: AtomicU64,
+    /// Events the sink represents by a summary instead (the audit log's rate limit).
+    pub aggregated: AtomicU64,
     /// Events the sink accepted but could not write, by reason.
     lost: Mutex<BTreeMap<String, u64>>,
     /// Accepted events whose fate the sink does not know yet (queued in the audit writer).
@@ -86,6 +92,7 @@ impl SinkCounters {
         SinkReport {
             name: self.name.clone(),
             emitted: self.emitted.load(Relaxed),
+            aggregated: self.aggregated.load(Relaxed),
             filtered: self.filtered.load(Relaxed),
             skipped: self.skipped.load(Relaxed),
             lost_total: lost.values().sum(),
@@ -101,6 +108,8 @@ impl SinkCounters {
 pub struct SinkReport {
     pub name: String,
     pub emitted: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub aggregated: u64,
     pub filtered: u64,
     pub skipped: u64,
     pub lost_total: u64,
@@ -122,9 +131,15 @@ impl SinkReport {
         self.accepted + self.filtered + self.skipped
     }
 
-    /// Whether every accepted event is accounted for (emitted, lost or still pending).
+    /// Whether every accepted event is accounted for (emitted, aggregated, lost or still
+    /// pending).
     pub fn balanced(&self) -> bool {
-        self.accepted == self.emitted + self.lost_total + self.pending
+        self.accepted == self.emitted + self.aggregated + self.lost_total + self.pending
+    }
+
+    /// Every outcome of an accepted event.
+    pub fn settled(&self) -> u64 {
+        self.emitted + self.aggregated + self.lost_total
     }
 }
 
@@ -226,6 +241,20 @@ impl Fanout {
     pub fn flush(&mut self) {
         for o in &mut self.outputs {
             o.sink.flush(&o.counters);
+        }
+    }
+
+    /// About once a second.
+    pub fn tick(&mut self) {
+        for o in &mut self.outputs {
+            o.sink.tick(&o.counters);
+        }
+    }
+
+    /// Publishes the audit chain's head through every sink that publishes anchors.
+    pub fn anchor(&mut self, a: &crate::audit::Anchor) {
+        for o in &mut self.outputs {
+            o.sink.anchor(a, &o.counters);
         }
     }
 

@@ -91,6 +91,11 @@ fn header_field(s: &str, max: usize) -> String {
     if out.is_empty() { "-".into() } else { out }
 }
 
+/// The MSG of an event: its JSON object, every string through the sink guard.
+pub fn event_message(ev: &Event) -> String {
+    super::json::line(ev)
+}
+
 /// One RFC 5424 message (no structured data).
 #[allow(clippy::too_many_arguments)]
 pub fn format_message(
@@ -159,14 +164,23 @@ impl Syslog {
         })
     }
 
-    /// Sends one event: MSGID is its kind, MSG its JSON object.
+    /// Sends one event: MSGID is its kind, MSG its JSON object (every string through the sink
+    /// guard, [`crate::escape::sanitize_event`]).
     pub fn send_event(&self, ev: &Event) -> io::Result<()> {
-        let json = serde_json::to_string(ev).map_err(io::Error::other)?;
-        self.send(severity_for(ev), ev.kind.as_str(), &json)
+        self.send(severity_for(ev), ev.kind.as_str(), &event_message(ev))
     }
 
-    /// Sends one message.
+    /// Sends the audit log's chain head as an anchor line (`kmodmon-anchor seq=N hash=H`),
+    /// MSGID `anchor`, for `kmodmon log verify --anchor-from` to find in a syslog or journal
+    /// export later.
+    pub fn send_anchor(&self, anchor: &crate::audit::Anchor) -> io::Result<()> {
+        self.send(Severity::Notice, "anchor", &anchor.line())
+    }
+
+    /// Sends one message. `msg` passes the sink guard ([`crate::escape::sanitize`]): no
+    /// control character (a newline would split the message in some daemons), no bidi control.
     pub fn send(&self, severity: Severity, msgid: &str, msg: &str) -> io::Result<()> {
+        let msg = crate::escape::sanitize(msg);
         let line = format_message(
             self.facility,
             severity,
@@ -175,7 +189,7 @@ impl Syslog {
             &self.app_name,
             &self.procid,
             msgid,
-            msg,
+            &msg,
         );
         let mut guard = self
             .sock
@@ -222,6 +236,11 @@ impl super::Sink for SyslogSink {
     }
     fn flush(&mut self, _c: &super::SinkCounters) {}
     fn close(self: Box<Self>, _c: &super::SinkCounters) {}
+    fn anchor(&mut self, a: &crate::audit::Anchor, _c: &super::SinkCounters) {
+        if let Err(e) = self.0.send_anchor(a) {
+            log::warn!("syslog: cannot send the audit anchor: {e}");
+        }
+    }
 }
 
 #[cfg(test)]
