@@ -103,6 +103,10 @@ impl Daemon {
         if !args.contains(&"--config") {
             cmd.args(["--metrics", &addr]);
         }
+        // These tests count every record: no aggregation of attempts.
+        if !args.contains(&"--audit-rate-limit") {
+            cmd.args(["--audit-rate-limit", "0"]);
+        }
         Self::spawn(cmd, addr, capture_stdout)
     }
 
@@ -110,6 +114,7 @@ impl Daemon {
     fn with_config(config: &Path, addr: &str, capture_stdout: bool) -> Daemon {
         let mut cmd = Command::new(kmodmon_bin());
         cmd.arg("run").arg("--config").arg(config);
+        cmd.args(["--audit-rate-limit", "0"]);
         Self::spawn(cmd, addr.to_string(), capture_stdout)
     }
 
@@ -334,20 +339,23 @@ fn audit_lost(metrics: &str) -> u64 {
         .sum()
 }
 
-/// `stopping: kernel saw S = delivered D + dropped X + in flight F + unread U` → (X+F+U).
+/// The daemon's JSON summary at exit → dropped + in flight + unread (events the kernel saw
+/// that never reached the sinks).
 fn not_delivered(log: &[String]) -> u64 {
-    let line = log
+    let summary = log
         .iter()
-        .find(|l| l.contains("stopping: kernel saw"))
+        .find_map(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .filter(|v| v.get("summary").is_some())
+        })
         .unwrap_or_else(|| panic!("no final accounting: {log:#?}"));
-    let num = |word: &str| -> u64 {
-        line.split(word)
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("{word} in {line}"))
+    let n = |k: &str| {
+        summary["summary"][k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k} in {summary}"))
     };
-    num("dropped ") + num("in flight ") + num("unread ")
+    n("dropped") + n("in_flight") + n("unread")
 }
 
 /// A small tmpfs, unmounted on drop.

@@ -112,6 +112,10 @@ pub struct RunArgs {
     /// Force the raw_syscalls fallback for attempts.
     #[arg(long)]
     pub force_raw_syscalls: bool,
+    /// Audit records of attempts per second and cgroup before they are aggregated into
+    /// `rate_limited` records; 0 turns the limit off [default: 20, or `[rate_limit] rate`].
+    #[arg(long, value_name = "RATE")]
+    pub audit_rate_limit: Option<u32>,
     /// Enforce this policy (BPF LSM); its `mode` decides enforce or audit.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
@@ -191,7 +195,10 @@ fn apply(file: FileConfig, args: &RunArgs, source: Option<PathBuf>) -> Effective
         forward,
         probe,
         policy: args.policy.clone().or(file.policy.file),
-        rate_limit: file.rate_limit,
+        rate_limit: crate::ratelimit::RateLimitConfig {
+            rate: args.audit_rate_limit.unwrap_or(file.rate_limit.rate),
+            ..file.rate_limit
+        },
         source,
     }
 }
