@@ -18,51 +18,39 @@ pub const PATH_MAX_STEPS: usize = 16;
 /// `comm` length (TASK_COMM_LEN).
 pub const COMM_LEN: usize = 16;
 
-/// What happened.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EventKind {
-    /// The kernel finished loading a module (module:module_load).
-    Load = 1,
-    /// The kernel freed a module (module:module_free).
-    Unload = 2,
-    /// The kernel was asked to autoload a module (module:module_request).
-    Request = 3,
-    /// A task called init_module or finit_module (with its result).
-    LoadAttempt = 4,
-    /// A task called delete_module (with its result).
-    UnloadAttempt = 5,
-    /// The BPF LSM denied a load or autoload request (enforce mode). `taints` holds the
-    /// policy rule id that decided.
-    Denied = 6,
-    /// The BPF LSM would have denied it (audit mode); `taints` holds the rule id.
-    WouldDeny = 7,
+/// The kinds of event the kernel side records, one row each (`Variant = value => "name";`).
+/// Calls `$callback! { HEAD ROWS }`: [`EventKind`] is built from it here, and kmodmon's output
+/// `Kind` from the same rows (see [`crate::macros`]).
+#[macro_export]
+macro_rules! event_kinds {
+    ($callback:ident! { $($head:tt)* }) => {
+        $callback! {
+            $($head)*
+            /// The kernel finished loading a module (module:module_load).
+            Load = 1 => "load";
+            /// The kernel freed a module (module:module_free).
+            Unload = 2 => "unload";
+            /// The kernel was asked to autoload a module (module:module_request).
+            Request = 3 => "request";
+            /// A task called init_module or finit_module (with its result).
+            LoadAttempt = 4 => "load_attempt";
+            /// A task called delete_module (with its result).
+            UnloadAttempt = 5 => "unload_attempt";
+            /// The BPF LSM denied a load or autoload request (enforce mode). `taints` holds the
+            /// policy rule id that decided.
+            Denied = 6 => "denied";
+            /// The BPF LSM would have denied it (audit mode); `taints` holds the rule id.
+            WouldDeny = 7 => "would_deny";
+        }
+    };
 }
 
+event_kinds!(contract_enum! {
+    /// What happened.
+    pub enum EventKind;
+});
+
 impl EventKind {
-    pub const ALL: [EventKind; 7] = [
-        EventKind::Load,
-        EventKind::Unload,
-        EventKind::Request,
-        EventKind::LoadAttempt,
-        EventKind::UnloadAttempt,
-        EventKind::Denied,
-        EventKind::WouldDeny,
-    ];
-
-    pub fn from_u32(v: u32) -> Option<Self> {
-        match v {
-            1 => Some(Self::Load),
-            2 => Some(Self::Unload),
-            3 => Some(Self::Request),
-            4 => Some(Self::LoadAttempt),
-            5 => Some(Self::UnloadAttempt),
-            6 => Some(Self::Denied),
-            7 => Some(Self::WouldDeny),
-            _ => None,
-        }
-    }
-
     /// Index of this kind's "seen" counter in [`Counter`].
     pub const fn seen_counter(self) -> Counter {
         match self {
@@ -76,56 +64,51 @@ impl EventKind {
     }
 }
 
-/// Which kernel hook produced an event.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Source {
-    /// module:module_load / module_free / module_request tracepoints.
-    ModuleTracepoint = 1,
-    /// fexit on the syscall's own kernel function (no cost to other syscalls).
-    Fexit = 2,
-    /// syscalls:sys_enter_* / sys_exit_* tracepoints.
-    SyscallTracepoint = 3,
-    /// raw_syscalls:sys_enter / sys_exit, filtered in the kernel by syscall number.
-    RawSyscalls = 4,
-    /// BPF LSM hooks (policy enforcement).
-    Lsm = 5,
-}
-
-impl Source {
-    pub fn from_u32(v: u32) -> Option<Self> {
-        match v {
-            1 => Some(Self::ModuleTracepoint),
-            2 => Some(Self::Fexit),
-            3 => Some(Self::SyscallTracepoint),
-            4 => Some(Self::RawSyscalls),
-            5 => Some(Self::Lsm),
-            _ => None,
+/// The kernel hooks that produce events, one row each (see [`event_kinds!`](crate::event_kinds)).
+#[macro_export]
+macro_rules! sources {
+    ($callback:ident! { $($head:tt)* }) => {
+        $callback! {
+            $($head)*
+            /// module:module_load / module_free / module_request tracepoints.
+            ModuleTracepoint = 1 => "module_tracepoint";
+            /// fexit on the syscall's own kernel function (no cost to other syscalls).
+            Fexit = 2 => "fexit";
+            /// syscalls:sys_enter_* / sys_exit_* tracepoints.
+            SyscallTracepoint = 3 => "syscall_tracepoint";
+            /// raw_syscalls:sys_enter / sys_exit, filtered in the kernel by syscall number.
+            RawSyscalls = 4 => "raw_syscalls";
+            /// BPF LSM hooks (policy enforcement).
+            Lsm = 5 => "lsm";
         }
-    }
+    };
 }
 
-/// Which module syscall an attempt used.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Op {
-    None = 0,
-    InitModule = 1,
-    FinitModule = 2,
-    DeleteModule = 3,
-}
+sources!(contract_enum! {
+    /// Which kernel hook produced an event.
+    pub enum Source;
+});
 
-impl Op {
-    pub fn from_u32(v: u32) -> Option<Self> {
-        match v {
-            0 => Some(Self::None),
-            1 => Some(Self::InitModule),
-            2 => Some(Self::FinitModule),
-            3 => Some(Self::DeleteModule),
-            _ => None,
+/// The module syscalls, one row each (see [`event_kinds!`](crate::event_kinds)); [`Op`] adds
+/// `None` for records that are not attempts.
+#[macro_export]
+macro_rules! syscall_ops {
+    ($callback:ident! { $($head:tt)* }) => {
+        $callback! {
+            $($head)*
+            InitModule = 1 => "init_module";
+            FinitModule = 2 => "finit_module";
+            DeleteModule = 3 => "delete_module";
         }
-    }
+    };
 }
+
+syscall_ops!(contract_enum! {
+    /// Which module syscall an attempt used.
+    pub enum Op;
+    /// Not an attempt (a kernel record, or an LSM decision on an autoload request).
+    None = 0 => "none";
+});
 
 /// Bits of [`RawEvent::truncated`] and friends.
 pub mod trunc {

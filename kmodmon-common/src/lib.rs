@@ -6,6 +6,10 @@
 //! programs in [`Config`].
 #![no_std]
 
+// First: the macros are used by the modules below.
+#[macro_use]
+pub mod macros;
+
 pub mod cgroup;
 pub mod config;
 pub mod counter;
@@ -14,7 +18,7 @@ pub mod policy;
 
 pub use cgroup::{CGROUP_MKDIR, CGROUP_PATH_LEN, CGROUP_RMDIR, RawCgroupEvent};
 pub use config::{Config, Field, OFFSET_UNKNOWN};
-pub use counter::{COUNTER_SLOTS, Counter};
+pub use counter::{COUNTER_SLOTS, Counter, CounterCategory};
 pub use event::{
     COMM_LEN, EventKind, NAME_LEN, Op, PARAMS_LEN, PATH_COMPONENT_LEN, PATH_LEN, PATH_MAX_STEPS,
     PATH_SLOTS, RawEvent, Source, missing, trunc,

@@ -109,12 +109,7 @@ impl Event {
         let mut missing_fields = Vec::new();
         let name_bytes = until_nul(&raw.name);
         let mut module = (!name_bytes.is_empty()).then(|| escape_bytes(name_bytes));
-        let syscall = match op {
-            Op::None => None,
-            Op::InitModule => Some(Syscall::InitModule),
-            Op::FinitModule => Some(Syscall::FinitModule),
-            Op::DeleteModule => Some(Syscall::DeleteModule),
-        };
+        let syscall = Syscall::from_kernel(op);
         let attempt = syscall.is_some();
         let path = if op == Op::FinitModule && raw.path_len > 0 {
             let p = path_from_components(&raw.path, raw.path_len as usize);
@@ -163,14 +158,8 @@ impl Event {
         Ok(Event {
             time: clock.rfc3339(raw.ktime_ns),
             ktime_ns: raw.ktime_ns,
-            kind: Kind::from_raw(kind),
-            source: match source {
-                Source::ModuleTracepoint => SourceName::ModuleTracepoint,
-                Source::Fexit => SourceName::Fexit,
-                Source::SyscallTracepoint => SourceName::SyscallTracepoint,
-                Source::RawSyscalls => SourceName::RawSyscalls,
-                Source::Lsm => SourceName::Lsm,
-            },
+            kind: Kind::from(kind),
+            source: SourceName::from(source),
             module,
             syscall,
             path,

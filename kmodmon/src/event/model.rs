@@ -1,112 +1,149 @@
 //! The one event model: what the kernel side sent, decoded, then enriched. Serialised as one JSON
 //! object per line by `tail --json`, the audit log and exports (see README "JSON schema").
-use kmodmon_common::EventKind;
+use kmodmon_common::{EventKind, Op, Source};
 use serde::{Deserialize, Serialize};
 
 use super::clock::{Clock, monotonic_ns};
 
-/// Event kinds, as they appear in output.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
-#[serde(rename_all = "snake_case")]
-pub enum Kind {
-    Load,
-    Unload,
-    Request,
-    LoadAttempt,
-    UnloadAttempt,
-    /// A container appeared whose declared modules are not all loaded (see enrich).
-    Expectation,
-    /// kmodmon itself loaded a module (`--load-expected`).
-    SelfLoad,
-    /// The policy denied a load (enforcement mode).
-    Denied,
-    /// The policy would have denied a load (audit mode).
-    WouldDeny,
-}
-
-impl Kind {
-    pub const ALL: [Kind; 9] = [
-        Kind::Load,
-        Kind::Unload,
-        Kind::Request,
-        Kind::LoadAttempt,
-        Kind::UnloadAttempt,
-        Kind::Expectation,
-        Kind::SelfLoad,
-        Kind::Denied,
-        Kind::WouldDeny,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Load => "load",
-            Kind::Unload => "unload",
-            Kind::Request => "request",
-            Kind::LoadAttempt => "load_attempt",
-            Kind::UnloadAttempt => "unload_attempt",
-            Kind::Expectation => "expectation",
-            Kind::SelfLoad => "self_load",
-            Kind::Denied => "denied",
-            Kind::WouldDeny => "would_deny",
+/// Builds an output enum from one of kmodmon-common's tables (`kmodmon_common::event_kinds!`
+/// and friends call it with their rows): the same variants with the same names, then `extra`
+/// variants only userspace makes. Serialised (and parsed) as the table's names; `Display` too.
+/// With `mirrors K (all)` every row of K's table is here, so `From<K>` exists; with
+/// `mirrors K` only `from_kernel` (K has values this enum leaves out).
+macro_rules! mirror_enum {
+    (@common
+        [$(#[$meta:meta])*] $name:ident, $kernel:ident;
+        [$( $(#[$xmeta:meta])* $extra:ident => $xname:literal; )*]
+        $( [$(#[$vmeta:meta])*] $variant:ident => $sname:literal; )+
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name {
+            $( $(#[$vmeta])* $variant, )+
+            $( $(#[$xmeta])* $extra, )*
         }
-    }
 
-    pub fn parse(s: &str) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| k.as_str() == s)
-    }
+        impl $name {
+            /// Every value: the kernel table's, then kmodmon's own.
+            pub const ALL: [$name; kmodmon_common::__count!($($variant)+ $($extra)*)] =
+                [$($name::$variant,)+ $($name::$extra,)*];
 
-    pub(super) fn from_raw(kind: EventKind) -> Kind {
-        match kind {
-            EventKind::Load => Kind::Load,
-            EventKind::Unload => Kind::Unload,
-            EventKind::Request => Kind::Request,
-            EventKind::LoadAttempt => Kind::LoadAttempt,
-            EventKind::UnloadAttempt => Kind::UnloadAttempt,
-            EventKind::Denied => Kind::Denied,
-            EventKind::WouldDeny => Kind::WouldDeny,
+            /// The stable name output shows (the kernel table's name for kernel values).
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $( $name::$variant => $sname, )+
+                    $( $name::$extra => $xname, )*
+                }
+            }
+
+            /// The value with this name.
+            pub fn parse(s: &str) -> Option<$name> {
+                $name::ALL.into_iter().find(|v| v.as_str() == s)
+            }
+
+            /// The kernel's value; `None` for values only kmodmon makes.
+            pub const fn kernel(self) -> Option<$kernel> {
+                match self {
+                    $( $name::$variant => Some($kernel::$variant), )+
+                    $( $name::$extra => None, )*
+                }
+            }
+
+            /// This enum's value for a kernel value; `None` for kernel values it leaves out.
+            #[allow(unreachable_patterns)]
+            pub const fn from_kernel(k: $kernel) -> Option<$name> {
+                match k {
+                    $( $kernel::$variant => Some($name::$variant), )+
+                    _ => None,
+                }
+            }
         }
-    }
-}
 
-impl std::fmt::Display for Kind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Which kernel hook saw the event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SourceName {
-    ModuleTracepoint,
-    Fexit,
-    SyscallTracepoint,
-    RawSyscalls,
-    Lsm,
-    Kmodmon,
-}
-
-impl SourceName {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SourceName::ModuleTracepoint => "module_tracepoint",
-            SourceName::Fexit => "fexit",
-            SourceName::SyscallTracepoint => "syscall_tracepoint",
-            SourceName::RawSyscalls => "raw_syscalls",
-            SourceName::Lsm => "lsm",
-            SourceName::Kmodmon => "kmodmon",
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
         }
-    }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<$name, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                $name::parse(&s).ok_or_else(|| {
+                    let names: Vec<&str> = $name::ALL.iter().map(|v| v.as_str()).collect();
+                    serde::de::Error::custom(format!(
+                        "unknown {} {s:?}; one of: {}",
+                        stringify!($name),
+                        names.join(", ")
+                    ))
+                })
+            }
+        }
+    };
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident mirrors $kernel:ident (all);
+        extra { $( $(#[$xmeta:meta])* $extra:ident => $xname:literal; )* }
+        $( $(#[$vmeta:meta])* $variant:ident = $value:literal => $sname:literal; )+
+    ) => {
+        mirror_enum! {
+            @common [$(#[$meta])*] $name, $kernel;
+            [$( $(#[$xmeta])* $extra => $xname; )*]
+            $( [$(#[$vmeta])*] $variant => $sname; )+
+        }
+
+        impl From<$kernel> for $name {
+            fn from(k: $kernel) -> $name {
+                match k {
+                    $( $kernel::$variant => $name::$variant, )+
+                }
+            }
+        }
+    };
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident mirrors $kernel:ident;
+        extra { $( $(#[$xmeta:meta])* $extra:ident => $xname:literal; )* }
+        $( $(#[$vmeta:meta])* $variant:ident = $value:literal => $sname:literal; )+
+    ) => {
+        mirror_enum! {
+            @common [$(#[$meta])*] $name, $kernel;
+            [$( $(#[$xmeta])* $extra => $xname; )*]
+            $( [$(#[$vmeta])*] $variant => $sname; )+
+        }
+    };
 }
 
-/// The module syscall an attempt used.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Syscall {
-    InitModule,
-    FinitModule,
-    DeleteModule,
-}
+kmodmon_common::event_kinds!(mirror_enum! {
+    /// Event kinds, as they appear in output: the kernel's, then kmodmon's own.
+    pub enum Kind mirrors EventKind (all);
+    extra {
+        /// A container appeared whose declared modules are not all loaded (see enrich).
+        Expectation => "expectation";
+        /// kmodmon itself loaded a module (`--load-expected`).
+        SelfLoad => "self_load";
+    }
+});
+
+kmodmon_common::sources!(mirror_enum! {
+    /// Which kernel hook saw the event (`kmodmon` for events kmodmon made itself).
+    pub enum SourceName mirrors Source (all);
+    extra {
+        /// kmodmon's own events (expectation, self_load).
+        Kmodmon => "kmodmon";
+    }
+});
+
+kmodmon_common::syscall_ops!(mirror_enum! {
+    /// The module syscall an attempt used.
+    pub enum Syscall mirrors Op;
+    extra {}
+});
 
 /// A container, as far as kmodmon could tell.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -255,5 +292,81 @@ impl Event {
     /// The errno of a failed attempt, positive.
     pub fn errno_value(&self) -> Option<i64> {
         self.result.filter(|r| *r < 0).map(|r| -r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kmodmon_common::{EventKind, Op, Source};
+
+    use super::*;
+
+    fn json_names<T: Serialize>(all: &[T]) -> Vec<String> {
+        all.iter()
+            .map(|v| {
+                serde_json::to_value(v)
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn output_names_are_the_stable_schema() {
+        assert_eq!(
+            json_names(&Kind::ALL),
+            [
+                "load",
+                "unload",
+                "request",
+                "load_attempt",
+                "unload_attempt",
+                "denied",
+                "would_deny",
+                "expectation",
+                "self_load"
+            ]
+        );
+        assert_eq!(
+            json_names(&SourceName::ALL),
+            [
+                "module_tracepoint",
+                "fexit",
+                "syscall_tracepoint",
+                "raw_syscalls",
+                "lsm",
+                "kmodmon"
+            ]
+        );
+        assert_eq!(
+            json_names(&Syscall::ALL),
+            ["init_module", "finit_module", "delete_module"]
+        );
+    }
+
+    #[test]
+    fn output_enums_follow_the_kernel_tables() {
+        for k in EventKind::ALL {
+            assert_eq!(Kind::from(k).as_str(), k.name());
+            assert_eq!(Kind::from(k).kernel(), Some(k));
+        }
+        assert_eq!(Kind::Expectation.kernel(), None);
+        for s in Source::ALL {
+            assert_eq!(SourceName::from(s).as_str(), s.name());
+        }
+        assert_eq!(Syscall::from_kernel(Op::None), None);
+        assert_eq!(
+            Syscall::from_kernel(Op::FinitModule),
+            Some(Syscall::FinitModule)
+        );
+        for v in Kind::ALL {
+            let json = serde_json::to_string(&v).unwrap();
+            assert_eq!(serde_json::from_str::<Kind>(&json).unwrap(), v);
+            assert_eq!(Kind::parse(v.as_str()), Some(v));
+        }
+        let err = serde_json::from_str::<Kind>("\"loaded\"").unwrap_err();
+        assert!(err.to_string().contains("load_attempt"), "{err}");
     }
 }
