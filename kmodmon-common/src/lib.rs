@@ -14,6 +14,7 @@ pub mod cgroup;
 pub mod config;
 pub mod counter;
 pub mod event;
+pub mod names;
 pub mod policy;
 
 pub use cgroup::{CGROUP_MKDIR, CGROUP_PATH_LEN, CGROUP_RMDIR, RawCgroupEvent};

@@ -64,11 +64,12 @@ fn policy_check_locates_errors() {
 }
 
 fn pinned_links() -> usize {
+    use kmodmon_common::names::program;
     [
-        "kernel_module_request",
-        "kernel_read_file",
-        "kernel_post_load_data",
-        "kernel_load_data",
+        program::KERNEL_MODULE_REQUEST,
+        program::KERNEL_READ_FILE,
+        program::KERNEL_POST_LOAD_DATA,
+        program::KERNEL_LOAD_DATA,
     ]
     .iter()
     .filter(|p| Path::new(PINS).join("links").join(p).exists())

@@ -20,7 +20,10 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, RingBuf},
     programs::{Lsm, links::FdLink},
 };
-use kmodmon_common::policy::{AllowKey, Decision, LsmConfig, Settings};
+use kmodmon_common::{
+    names::{self, program},
+    policy::{AllowKey, Decision, LsmConfig, Settings},
+};
 
 use super::{EnforceError, host::BPFFS};
 use crate::probe::{EBPF_OBJECT, btf::KernelBtf};
@@ -31,19 +34,22 @@ use crate::probe::{EBPF_OBJECT, btf::KernelBtf};
 /// while an older kernel_load_data (which denies every unnamed load) is being replaced, the
 /// two together are stricter, never looser.
 pub const PROGRAMS: [(&str, &str); 4] = [
-    ("kernel_module_request", "kernel_module_request"),
-    ("kernel_read_file", "kernel_read_file"),
-    (IMAGE_PROGRAM, IMAGE_PROGRAM),
-    ("kernel_load_data", "kernel_load_data"),
+    (program::KERNEL_MODULE_REQUEST, "kernel_module_request"),
+    (program::KERNEL_READ_FILE, "kernel_read_file"),
+    (IMAGE_PROGRAM, "kernel_post_load_data"),
+    (program::KERNEL_LOAD_DATA, "kernel_load_data"),
 ];
 
 /// The program that reads init_module images for the module's name.
-pub const IMAGE_PROGRAM: &str = "kernel_post_load_data";
+pub const IMAGE_PROGRAM: &str = program::KERNEL_POST_LOAD_DATA;
 
 /// The LSM settings for this kernel: whether init_module images can be named here.
 pub fn lsm_config(kbtf: &KernelBtf) -> LsmConfig {
     let name = kbtf.member_offset("module", "name");
-    let hook = kbtf.has_func(&format!("bpf_lsm_{IMAGE_PROGRAM}"));
+    let hook = PROGRAMS
+        .iter()
+        .find(|(p, _)| *p == IMAGE_PROGRAM)
+        .is_some_and(|(_, hook)| kbtf.has_func(&format!("bpf_lsm_{hook}")));
     LsmConfig {
         name_images: u32::from(hook && name.is_some()),
         module_name: name.unwrap_or(kmodmon_common::OFFSET_UNKNOWN),
@@ -68,12 +74,20 @@ pub fn expected_links() -> usize {
     }
 }
 
+/// Pin names of the maps (under `maps/`; bpffs refuses names with a '.').
+pub mod pin {
+    pub const POLICY_CGROUPS: &str = "policy_cgroups";
+    pub const POLICY_ALLOW: &str = "policy_allow";
+    pub const POLICY_SETTINGS: &str = "policy_settings";
+    pub const EVENTS: &str = "events";
+}
+
 /// (map in the object, pin name).
 pub const MAPS: [(&str, &str); 4] = [
-    ("POLICY_CGROUPS", "policy_cgroups"),
-    ("POLICY_ALLOW", "policy_allow"),
-    ("POLICY_SETTINGS", "policy_settings"),
-    ("EVENTS", "events"),
+    (names::map::POLICY_CGROUPS, pin::POLICY_CGROUPS),
+    (names::map::POLICY_ALLOW, pin::POLICY_ALLOW),
+    (names::map::POLICY_SETTINGS, pin::POLICY_SETTINGS),
+    (names::map::EVENTS, pin::EVENTS),
 ];
 
 /// Where kmodmon pins its enforcement objects.
@@ -141,13 +155,13 @@ impl PolicyMaps {
             EnforceError::Pin(format!("pinned map {what} has the wrong type: {e}"))
         };
         Ok(PolicyMaps {
-            cgroups: HashMap::try_from(open_map(dir, "policy_cgroups")?)
-                .map_err(|e| bad("policy_cgroups", e))?,
-            allow: HashMap::try_from(open_map(dir, "policy_allow")?)
-                .map_err(|e| bad("policy_allow", e))?,
-            settings: Array::try_from(open_map(dir, "policy_settings")?)
-                .map_err(|e| bad("policy_settings", e))?,
-            events: open_map(dir, "events")
+            cgroups: HashMap::try_from(open_map(dir, pin::POLICY_CGROUPS)?)
+                .map_err(|e| bad(pin::POLICY_CGROUPS, e))?,
+            allow: HashMap::try_from(open_map(dir, pin::POLICY_ALLOW)?)
+                .map_err(|e| bad(pin::POLICY_ALLOW, e))?,
+            settings: Array::try_from(open_map(dir, pin::POLICY_SETTINGS)?)
+                .map_err(|e| bad(pin::POLICY_SETTINGS, e))?,
+            events: open_map(dir, pin::EVENTS)
                 .ok()
                 .and_then(|m| RingBuf::try_from(m).ok()),
         })
@@ -212,10 +226,10 @@ fn load_and_pin(dir: &PinDir) -> Result<(), EnforceError> {
     let mut loader = EbpfLoader::new();
     loader
         .btf(Some(&btf))
-        .override_global("KMODMON_CONFIG", &config, true)
-        .override_global("KMODMON_LSM_CONFIG", &lsm_cfg, true)
+        .override_global(names::global::CONFIG, &config, true)
+        .override_global(names::global::LSM_CONFIG, &lsm_cfg, true)
         // Unused by the LSM programs: keep them small.
-        .map_max_entries("PENDING", 1);
+        .map_max_entries(names::map::PENDING, 1);
     for (name, path) in &map_paths {
         loader.map_pin_path(name, path.as_path());
     }

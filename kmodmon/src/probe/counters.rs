@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
-use kmodmon_common::{Counter, CounterCategory, RawEvent};
+use kmodmon_common::{Counter, CounterCategory, RawEvent, names};
 
 use super::ProbeError;
 
@@ -81,8 +81,10 @@ impl Snapshot {
 impl Counters {
     pub(super) fn new(counters: Map, pending: Map) -> Result<Counters, ProbeError> {
         Ok(Counters {
-            counters: PerCpuArray::try_from(counters).map_err(|_| ProbeError::Map("COUNTERS"))?,
-            pending: HashMap::try_from(pending).map_err(|_| ProbeError::Map("PENDING"))?,
+            counters: PerCpuArray::try_from(counters)
+                .map_err(|_| ProbeError::Map(names::map::COUNTERS))?,
+            pending: HashMap::try_from(pending)
+                .map_err(|_| ProbeError::Map(names::map::PENDING))?,
         })
     }
 
