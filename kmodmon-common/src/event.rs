@@ -36,10 +36,10 @@ macro_rules! event_kinds {
             LoadAttempt = 4 => "load_attempt";
             /// A task called delete_module (with its result).
             UnloadAttempt = 5 => "unload_attempt";
-            /// The BPF LSM denied a load or autoload request (enforce mode). `taints` holds the
-            /// policy rule id that decided.
+            /// The BPF LSM denied a load or autoload request (enforce mode), with the rule
+            /// that decided and the policy generation.
             Denied = 6 => "denied";
-            /// The BPF LSM would have denied it (audit mode); `taints` holds the rule id.
+            /// The BPF LSM would have denied it (audit mode); with rule and generation too.
             WouldDeny = 7 => "would_deny";
         }
     };
@@ -140,12 +140,22 @@ pub struct RawEvent {
     pub truncated: u32,
     /// Bitmask of [`missing`] flags.
     pub missing: u32,
-    /// module_load taints; module_request `wait`; denied / would_deny: the policy rule id.
+    /// module_load: the kernel's taint mask for the module.
     pub taints: u32,
+    /// module_request: 1 when the requester waits for modprobe, else 0.
+    pub wait: u32,
+    /// denied / would_deny: the id of the policy rule that decided
+    /// ([`crate::policy::Decision::rule`]).
+    pub rule_id: u32,
+    /// denied / would_deny: the generation of the policy in force
+    /// ([`crate::policy::Settings::generation`]).
+    pub policy_generation: u32,
     /// finit_module / delete_module flags.
     pub flags: u32,
     /// finit_module fd (-1 when not applicable).
     pub fd: i32,
+    /// Always 0: keeps the u64 fields that follow aligned with no implicit padding.
+    pub _reserved: u32,
     /// bpf_ktime_get_ns() when the event started (syscall entry for attempts).
     pub ktime_ns: u64,
     /// bpf_ktime_get_ns() when the syscall returned (attempts), else equal to `ktime_ns`.
@@ -177,8 +187,12 @@ impl RawEvent {
             truncated: 0,
             missing: 0,
             taints: 0,
+            wait: 0,
+            rule_id: 0,
+            policy_generation: 0,
             flags: 0,
             fd: -1,
+            _reserved: 0,
             ktime_ns: 0,
             end_ktime_ns: 0,
             len: 0,
@@ -197,3 +211,13 @@ impl RawEvent {
         }
     }
 }
+
+/// The record carries no implicit padding: every byte is a field the programs set (the kernel
+/// must not leak uninitialised memory into a record, and userspace reads it field by field).
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    let fields_end = offset_of!(RawEvent, path) + PATH_LEN;
+    assert!(fields_end == size_of::<RawEvent>());
+    assert!(offset_of!(RawEvent, ktime_ns) == 12 * 4);
+    assert!(offset_of!(RawEvent, comm) == 12 * 4 + 5 * 8 + 6 * 4);
+};

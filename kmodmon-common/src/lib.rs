@@ -10,6 +10,12 @@
 #[macro_use]
 pub mod macros;
 
+/// Version of the layouts shared with programs that outlive kmodmon: [`RawEvent`] and the
+/// policy maps ([`policy`]), which the pinned LSM programs write and read. Bump it with every
+/// change to them. kmodmon stores it beside its pins and replaces (never adopts) pinned
+/// programs of another version; version 1 was the layout before versions were stored.
+pub const CONTRACT_VERSION: u32 = 2;
+
 pub mod cgroup;
 pub mod config;
 pub mod counter;

@@ -79,11 +79,13 @@ pub mod map {
     pub const POLICY_ALLOW: &str = "POLICY_ALLOW";
     /// Policy: [`crate::policy::Settings`] in slot 0.
     pub const POLICY_SETTINGS: &str = "POLICY_SETTINGS";
+    /// Slot 0: the [`crate::CONTRACT_VERSION`] of the pinned LSM programs.
+    pub const CONTRACT: &str = "CONTRACT";
     /// aya-log's ring buffer (aya-log-ebpf defines it; `aya_log::EbpfLogger` finds it).
     pub const AYA_LOGS: &str = "AYA_LOGS";
 
     /// Every map in the object (not counting the sections of global data).
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         EVENTS,
         CGROUPS,
         COUNTERS,
@@ -92,6 +94,7 @@ pub mod map {
         POLICY_CGROUPS,
         POLICY_ALLOW,
         POLICY_SETTINGS,
+        CONTRACT,
         AYA_LOGS,
     ];
 }

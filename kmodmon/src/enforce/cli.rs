@@ -156,6 +156,20 @@ fn status(dir: &PinDir) -> anyhow::Result<ExitCode> {
         pins::expected_links(),
         dir.root.display()
     );
+    if links > 0 {
+        let this = kmodmon_common::CONTRACT_VERSION;
+        match pins::pinned_contract(dir) {
+            Some(v) if v == this => println!("contract version of the pins: {v} (this kmodmon's)"),
+            Some(v) => println!(
+                "contract version of the pins: {v}, this kmodmon's is {this}: `kmodmon enforce on` \
+                 replaces them"
+            ),
+            None => println!(
+                "contract version of the pins: none stored (1), this kmodmon's is {this}: \
+                 `kmodmon enforce on` replaces them"
+            ),
+        }
+    }
     println!(
         "kmodmon LSM programs loaded in the kernel: {}",
         pins::loaded_program_count()

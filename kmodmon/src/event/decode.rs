@@ -124,6 +124,7 @@ impl Event {
         };
         // LSM hooks see neither parameters, flags nor the fd.
         let lsm = source == Source::Lsm;
+        let decision = matches!(kind, EventKind::Denied | EventKind::WouldDeny);
         let params = match op {
             Op::InitModule | Op::FinitModule if !lsm => Some(escape_bytes(until_nul(&raw.params))),
             _ => None,
@@ -169,7 +170,7 @@ impl Event {
             fd: (!lsm && op == Op::FinitModule).then_some(raw.fd),
             taints: (kind == EventKind::Load).then_some(raw.taints),
             taint_flags: (kind == EventKind::Load).then(|| taint_letters(raw.taints)),
-            wait: (kind == EventKind::Request).then_some(raw.taints != 0),
+            wait: (kind == EventKind::Request).then_some(raw.wait != 0),
             result,
             errno,
             duration_ns,
@@ -183,13 +184,14 @@ impl Event {
             cgroup_path: None,
             container: None,
             verdict: None,
+            rule_id: decision.then_some(raw.rule_id),
+            policy_generation: decision.then_some(raw.policy_generation),
             requested_by: None,
             modules: Vec::new(),
             truncated,
             missing: missing_fields,
-            // The enforcer replaces this with the rule's name (enforce::describe_decision).
-            detail: matches!(kind, EventKind::Denied | EventKind::WouldDeny)
-                .then(|| format!("policy rule #{}", raw.taints)),
+            // Enforcer::describe replaces this with the rule's name (from `rule_id`).
+            detail: decision.then(|| format!("policy rule #{}", raw.rule_id)),
         })
     }
 }
@@ -261,6 +263,38 @@ mod tests {
         assert_eq!(json["kind"], "load");
         assert_eq!(json["source"], "module_tracepoint");
         assert!(json.get("result").is_none());
+    }
+
+    #[test]
+    fn each_scalar_has_its_own_field() {
+        let mut r = raw(EventKind::Request, Op::None);
+        r.source = Source::ModuleTracepoint as u32;
+        r.wait = 1;
+        r.taints = 7;
+        r.rule_id = 9;
+        let e = Event::from_raw(&r, &Clock::new()).unwrap();
+        assert_eq!(e.wait, Some(true));
+        assert_eq!(
+            (e.taints, e.rule_id, e.policy_generation),
+            (None, None, None)
+        );
+
+        let mut r = raw(EventKind::Denied, Op::FinitModule);
+        r.source = Source::Lsm as u32;
+        r.rule_id = 3;
+        r.policy_generation = 12;
+        r.taints = 1;
+        r.wait = 1;
+        let e = Event::from_raw(&r, &Clock::new()).unwrap();
+        assert_eq!((e.rule_id, e.policy_generation), (Some(3), Some(12)));
+        assert_eq!((e.taints, e.wait), (None, None));
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["rule_id"], 3);
+        assert_eq!(json["policy_generation"], 12);
+
+        let e = Event::from_raw(&raw(EventKind::Load, Op::None), &Clock::new()).unwrap();
+        let json = serde_json::to_value(&e).unwrap();
+        assert!(json.get("rule_id").is_none() && json.get("policy_generation").is_none());
     }
 
     #[test]

@@ -233,6 +233,13 @@ pub struct Event {
     /// host, expected, unexpected (see README "Verdicts").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict: Option<String>,
+    /// denied / would_deny: the id of the policy rule that decided (0 the host entry, 1
+    /// unselected containers, 2.. the `[[rule]]`s in order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule_id: Option<u32>,
+    /// denied / would_deny: the generation of the policy in force (bumped by every load).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_generation: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_by: Option<RequestedBy>,
     /// Modules named by an `expectation` event, or loaded by `self_load`.
@@ -281,6 +288,8 @@ impl Event {
             cgroup_path: None,
             container: None,
             verdict: None,
+            rule_id: None,
+            policy_generation: None,
             requested_by: None,
             modules: Vec::new(),
             truncated: Vec::new(),
