@@ -13,4 +13,4 @@ pub use decode::{
     DecodeError, errno_name, module_name_from_file, path_from_components, raw_from_bytes,
     taint_letters,
 };
-pub use model::{Container, Event, Kind, RequestedBy, SourceName, Syscall};
+pub use model::{Container, Event, Kind, RequestedBy, SourceName, Syscall, Verdict};

@@ -145,6 +145,42 @@ kmodmon_common::syscall_ops!(mirror_enum! {
     extra {}
 });
 
+/// The verdict on a module event (see README "Containers, expectations and verdicts").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Not in a container.
+    Host,
+    /// Declared by the container, or a dependency of a declared module.
+    Expected,
+    /// Neither.
+    Unexpected,
+}
+
+impl Verdict {
+    pub const ALL: [Verdict; 3] = [Verdict::Host, Verdict::Expected, Verdict::Unexpected];
+
+    /// The name output shows (the JSON value).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Host => "host",
+            Verdict::Expected => "expected",
+            Verdict::Unexpected => "unexpected",
+        }
+    }
+
+    /// The verdict with this name.
+    pub fn parse(s: &str) -> Option<Verdict> {
+        Verdict::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A container, as far as kmodmon could tell.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Container {
@@ -232,7 +268,7 @@ pub struct Event {
     pub container: Option<Container>,
     /// host, expected, unexpected (see README "Verdicts").
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verdict: Option<String>,
+    pub verdict: Option<Verdict>,
     /// denied / would_deny: the id of the policy rule that decided (0 the host entry, 1
     /// unselected containers, 2.. the `[[rule]]`s in order).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -353,6 +389,14 @@ mod tests {
             json_names(&Syscall::ALL),
             ["init_module", "finit_module", "delete_module"]
         );
+        assert_eq!(
+            json_names(&Verdict::ALL),
+            ["host", "expected", "unexpected"]
+        );
+        for v in Verdict::ALL {
+            assert_eq!(json_names(&[v]), [v.as_str()]);
+            assert_eq!(Verdict::parse(v.as_str()), Some(v));
+        }
     }
 
     #[test]

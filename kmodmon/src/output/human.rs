@@ -162,7 +162,7 @@ mod tests {
     use super::*;
     use crate::{
         cli::ColorChoice,
-        event::{Clock, Container},
+        event::{Clock, Container, Verdict},
     };
 
     fn attempt() -> Event {
@@ -218,7 +218,7 @@ mod tests {
             runtime: "docker".into(),
             ..Default::default()
         });
-        e.verdict = Some("unexpected".into());
+        e.verdict = Some(Verdict::Unexpected);
         let l = line(&e, Style { color: false });
         assert!(l.contains("ip_vs…"));
         assert!(l.contains("docker:0123456789ab [unexpected]"));
