@@ -23,6 +23,7 @@ pub mod record;
 mod recovery;
 mod retention;
 pub mod segment;
+mod shared;
 pub mod testkit;
 #[cfg(test)]
 mod tests;
