@@ -6,6 +6,9 @@
 //! programs in [`Config`].
 #![no_std]
 
+#[cfg(feature = "alloc")]
+extern crate alloc;
+
 // First: the macros are used by the modules below.
 #[macro_use]
 pub mod macros;
@@ -20,6 +23,7 @@ pub mod cgroup;
 pub mod config;
 pub mod counter;
 pub mod event;
+pub mod modname;
 pub mod names;
 pub mod policy;
 

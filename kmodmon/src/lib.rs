@@ -16,6 +16,7 @@ pub mod health;
 pub mod metrics;
 pub mod moddb;
 pub mod modname;
+pub mod mounts;
 pub mod output;
 pub mod pipeline;
 pub mod policy;

@@ -105,7 +105,7 @@ fn enforce_on_status_adopt_off() {
     let policy = policy.to_str().unwrap();
     let _ = run(&["enforce", "off"]);
 
-    let modules = Path::new("/proc/modules").exists();
+    let modules = kmodmon::moddb::live::module_support();
     if !modules {
         // Honest refusal: the hooks exist but can never fire for a module here.
         let (rc, out, err) = run(&["enforce", "on", "--policy", policy]);

@@ -12,6 +12,7 @@ use super::{
 };
 use crate::{
     event::{Clock, Event, raw_from_bytes},
+    moddb::live::module_support,
     policy::{DEFAULT_PATH, Mode},
 };
 
@@ -86,7 +87,7 @@ pub fn run(args: EnforceArgs) -> anyhow::Result<ExitCode> {
                 enforcer.mode(),
                 enforcer.container_count()
             );
-            if !host::module_support() {
+            if !module_support() {
                 println!("warning: {}", host::NO_MODULES_EXPLANATION);
             }
             if foreground {
@@ -145,7 +146,7 @@ fn status(dir: &PinDir) -> anyhow::Result<ExitCode> {
         ),
         Err(e) => println!("BPF LSM: unknown ({e})"),
     }
-    if host::module_support() {
+    if module_support() {
         println!("module support: yes");
     } else {
         println!("module support: no — {}", host::NO_MODULES_EXPLANATION);

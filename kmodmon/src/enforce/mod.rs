@@ -39,7 +39,7 @@ use crate::{
         runtime_state::{StateConfig, running_containers},
     },
     event::{Container, Event, Kind},
-    moddb::{ModDb, RootFs, running_kernel},
+    moddb::{ModDb, RootFs, live::module_support, running_kernel},
     policy::{Effective, LoadError, Mode, Policy, Subject},
 };
 
@@ -131,7 +131,7 @@ pub fn preflight(force: bool) -> Result<Vec<String>, EnforceError> {
         return Err(EnforceError::NotRoot);
     }
     let lsms = host::require_bpf_lsm()?;
-    if !host::module_support() && !force {
+    if !module_support() && !force {
         return Err(EnforceError::NoModuleSupport);
     }
     host::ensure_bpffs()?;
@@ -145,7 +145,7 @@ impl Enforcer {
     pub fn start(opts: StartOptions) -> Result<Enforcer, EnforceError> {
         let policy = Policy::load(&opts.policy_path)?;
         preflight(opts.force)?;
-        if !host::module_support() {
+        if !module_support() {
             log::warn!("{}", host::NO_MODULES_EXPLANATION);
         }
         let installed = pins::install(&opts.pins, opts.replace)?;

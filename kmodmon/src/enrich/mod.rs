@@ -60,7 +60,7 @@ pub struct EnrichOptions {
     pub load_expected: bool,
     /// Runtime state roots (default [`StateConfig::detect`]).
     pub state: Option<StateConfig>,
-    /// The cgroup2 mount (default: from /proc/self/mountinfo).
+    /// The cgroup2 mount (default: from /proc/self/mounts).
     pub cgroup_root: Option<PathBuf>,
     /// Root of /proc/modules and /sys/module (default `/`).
     pub live_root: Option<PathBuf>,

@@ -7,6 +7,7 @@ use kmodmon_common::{
 use super::clock::Clock;
 use super::model::{Event, Kind, SourceName, Syscall};
 use crate::escape::{escape_bytes, until_nul};
+use crate::modname;
 
 /// Letters for taint bits, in the kernel's order (kernel/panic.c taint_flags).
 const TAINT_LETTERS: [(u32, char); 20] = [
@@ -48,16 +49,6 @@ pub fn errno_name(errno: i32) -> String {
     } else {
         format!("{e:?}")
     }
-}
-
-/// Module name implied by a module file name: "ip_vs.ko.xz" → "ip_vs"; dashes become
-/// underscores, as the kernel does.
-pub fn module_name_from_file(file: &str) -> Option<String> {
-    let stem = file.split(".ko").next()?;
-    if stem.is_empty() || stem.len() == file.len() {
-        return None;
-    }
-    Some(stem.replace('-', "_"))
 }
 
 /// Rebuilds a path from the kernel's leaf-first component slots (`slots` of them used).
@@ -116,7 +107,7 @@ impl Event {
             let escaped = escape_bytes(&p);
             if module.is_none() {
                 let leaf = p.rsplit(|&b| b == b'/').next().unwrap_or(&[]);
-                module = module_name_from_file(&escape_bytes(leaf));
+                module = modname::from_file(&escape_bytes(leaf));
             }
             Some(escaped)
         } else {
@@ -322,16 +313,6 @@ mod tests {
         assert_eq!(back, e);
         assert_eq!(back.params.as_deref(), Some("a=1\\xff"));
         let _ = (COMM_LEN, NAME_LEN);
-    }
-
-    #[test]
-    fn module_name_from_file_handles_compression_and_dashes() {
-        assert_eq!(module_name_from_file("ip_vs.ko").as_deref(), Some("ip_vs"));
-        assert_eq!(
-            module_name_from_file("nf-nat.ko.zst").as_deref(),
-            Some("nf_nat")
-        );
-        assert_eq!(module_name_from_file("README"), None);
     }
 
     #[test]

@@ -9,8 +9,5 @@ mod decode;
 mod model;
 
 pub use clock::{Clock, monotonic_ns};
-pub use decode::{
-    DecodeError, errno_name, module_name_from_file, path_from_components, raw_from_bytes,
-    taint_letters,
-};
+pub use decode::{DecodeError, errno_name, path_from_components, raw_from_bytes, taint_letters};
 pub use model::{Container, Event, Kind, RequestedBy, SourceName, Syscall, Verdict};

@@ -123,7 +123,7 @@ impl Plan {
 
         // Without module support (no /proc/modules) the syscalls' kernel functions are stubs
         // returning ENOSYS that cannot be traced; only the raw syscall path sees attempts.
-        let modules_supported = std::path::Path::new("/proc/modules").exists();
+        let modules_supported = crate::moddb::live::module_support();
         if !modules_supported {
             notes.push(
                 "this kernel has no module support (no /proc/modules): module syscalls fail with \
