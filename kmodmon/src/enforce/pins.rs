@@ -470,9 +470,10 @@ pub fn loaded_program_count() -> usize {
 
 #[cfg(test)]
 mod tests {
-    use kmodmon_common::CONTRACT_VERSION;
+    use aya::EbpfLoader;
+    use kmodmon_common::{CONTRACT_VERSION, names};
 
-    use super::{Action, decide, pin};
+    use super::*;
 
     #[test]
     fn pins_of_another_layout_are_replaced_not_adopted() {
@@ -510,5 +511,35 @@ mod tests {
     fn the_ring_pin_name_carries_the_contract_version() {
         assert_eq!(pin::EVENTS, format!("events_v{CONTRACT_VERSION}"));
         assert!(pin::EVENTS.starts_with(pin::EVENTS_PREFIX));
+    }
+
+    /// On a real bpffs (a directory of its own, not kmodmon's pins): the ring a version-1
+    /// kmodmon pinned as `events` is found, drained and unpinned; this version's stays.
+    #[test]
+    fn stale_rings_are_drained_and_unpinned() {
+        if !nix::unistd::geteuid().is_root() {
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+            assert!(!ci, "needs root (BPF maps, bpffs), and CI runs as root");
+            eprintln!("!!! SKIPPED stale_rings_are_drained_and_unpinned: needs root");
+            return;
+        }
+        super::super::host::ensure_bpffs().unwrap();
+        let dir = PinDir {
+            root: Path::new(BPFFS).join(format!("kmodmon-unit-{}", std::process::id())),
+        };
+        dir.mkdirs().unwrap();
+        for name in ["events", pin::EVENTS] {
+            let mut loader = EbpfLoader::new();
+            loader.map_pin_path(names::map::EVENTS, dir.map(name));
+            // Creates the maps (pinning EVENTS) without loading any program.
+            drop(loader.load(EBPF_OBJECT).unwrap());
+            assert!(dir.map(name).exists(), "{name} pinned");
+        }
+        assert_eq!(stale_rings(&dir), vec![dir.map("events")]);
+        discard_stale_rings(&dir);
+        assert!(!dir.map("events").exists(), "the stale ring is unpinned");
+        assert!(dir.map(pin::EVENTS).exists(), "this version's ring stays");
+        assert_eq!(remove(&dir).unwrap(), 1);
+        assert!(!dir.root.exists());
     }
 }
