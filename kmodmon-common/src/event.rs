@@ -218,6 +218,8 @@ const _: () = {
     use core::mem::{offset_of, size_of};
     let fields_end = offset_of!(RawEvent, path) + PATH_LEN;
     assert!(fields_end == size_of::<RawEvent>());
+    // The size the ring buffer's sizing comment (kmodmon-ebpf maps.rs) assumes.
+    assert!(size_of::<RawEvent>() == 992);
     assert!(offset_of!(RawEvent, ktime_ns) == 12 * 4);
     assert!(offset_of!(RawEvent, comm) == 12 * 4 + 5 * 8 + 6 * 4);
 };

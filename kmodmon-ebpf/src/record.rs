@@ -206,7 +206,7 @@ pub fn attempt_kind(op: Op) -> EventKind {
 #[inline(always)]
 #[expect(
     clippy::needless_borrows_for_generic_args,
-    reason = "`&*ev` keeps the 984-byte event in map memory; by value it would be copied onto the 512-byte BPF stack"
+    reason = "`&*ev` keeps the 992-byte event in map memory; by value it would be copied onto the 512-byte BPF stack"
 )]
 pub fn syscall_enter(source: Source, op: Op, a0: u64, a1: u64, a2: u64) {
     let Some(ev) = begin(attempt_kind(op), source) else {
