@@ -17,7 +17,9 @@
 //! version of the pinned programs, written once all their links are in place, and the events
 //! ring is pinned under a name carrying it. Pins of another version (or of no stored version)
 //! are replaced, never adopted ([`decide`]); the old ring, whose records this binary cannot
-//! read, is drained, counted and unpinned once the new programs are in place.
+//! read, is drained, counted and unpinned once the new programs are in place. The policy maps
+//! are reused across a replace (they are what keeps enforcing during the swap): a change to
+//! their layout needs new pin names for them too, as the ring has, not only a version bump.
 use std::{
     io::ErrorKind,
     path::{Path, PathBuf},
