@@ -55,15 +55,31 @@ pub static POLICY_ALLOW: HashMap<AllowKey, u32> = HashMap::with_max_entries(1638
 #[map]
 pub static POLICY_SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
-/// The decision for the current task: (decision, enforce?) or None when nothing applies.
+/// Slot 0: the [`kmodmon_common::CONTRACT_VERSION`] of the programs pinned with these maps,
+/// written by userspace once they are in place (the programs do not read it).
+#[map]
+pub static CONTRACT: Array<u32> = Array::with_max_entries(1, 0);
+
+/// What applies to the current task.
+#[derive(Clone, Copy)]
+struct Applies {
+    decision: Decision,
+    enforce: bool,
+    /// [`Settings::generation`] when the decision was read.
+    generation: u32,
+}
+
+/// The decision for the current task, or None when nothing applies.
 #[inline(always)]
-fn current_decision() -> Option<(Decision, bool)> {
+fn current_decision() -> Option<Applies> {
     let settings = POLICY_SETTINGS.get(0)?;
     // SAFETY: the map value is valid for the program's run.
     let mode = unsafe { core::ptr::read_volatile(&settings.mode) };
     if mode == MODE_OFF {
         return None;
     }
+    // SAFETY: as above.
+    let generation = unsafe { core::ptr::read_volatile(&settings.generation) };
     let mut found: Option<Decision> = None;
     for level in 0..MAX_CGROUP_DEPTH {
         // SAFETY: plain helper call; 0 means "no ancestor at this level".
@@ -81,7 +97,11 @@ fn current_decision() -> Option<(Decision, bool)> {
         // SAFETY: as above.
         None => *unsafe { POLICY_CGROUPS.get(HOST_KEY) }?,
     };
-    Some((decision, mode == MODE_ENFORCE))
+    Some(Applies {
+        decision,
+        enforce: mode == MODE_ENFORCE,
+        generation,
+    })
 }
 
 /// Whether `name` (normalized, NUL-padded) may load under `d`.
@@ -117,7 +137,8 @@ fn add_offsets(a: u32, b: u32) -> Option<u32> {
 
 /// Sends the denied / would_deny event and returns the hook's verdict.
 #[inline(always)]
-fn report(d: &Decision, enforce: bool, op: Op, key: &AllowKey, cut: bool, file: u64) -> i32 {
+fn report(a: &Applies, op: Op, key: &AllowKey, cut: bool, file: u64) -> i32 {
+    let enforce = a.enforce;
     let kind = if enforce {
         EventKind::Denied
     } else {
@@ -126,7 +147,8 @@ fn report(d: &Decision, enforce: bool, op: Op, key: &AllowKey, cut: bool, file: 
     let ret = if enforce { -EPERM } else { 0 };
     if let Some(ev) = begin(kind, Source::Lsm) {
         ev.op = op as u32;
-        ev.taints = d.rule;
+        ev.rule_id = a.decision.rule;
+        ev.policy_generation = a.generation;
         ev.ret = ret as i64;
         let n = if NAME_KEY_LEN < NAME_LEN {
             NAME_KEY_LEN
@@ -158,7 +180,7 @@ pub fn kernel_module_request(ctx: LsmContext) -> i32 {
     if prior != 0 {
         return prior;
     }
-    let Some((d, enforce)) = current_decision() else {
+    let Some(a) = current_decision() else {
         return 0;
     };
     let mut key = AllowKey {
@@ -171,10 +193,10 @@ pub fn kernel_module_request(ctx: LsmContext) -> i32 {
         None => (false, false),
     };
     normalize(&mut key.name);
-    if allowed(&d, &mut key, named && !cut) {
+    if allowed(&a.decision, &mut key, named && !cut) {
         return 0;
     }
-    report(&d, enforce, Op::None, &key, cut, 0)
+    report(&a, Op::None, &key, cut, 0)
 }
 
 #[lsm(hook = "kernel_read_file")]
@@ -189,7 +211,7 @@ pub fn kernel_read_file(ctx: LsmContext) -> i32 {
     if id != reading_module {
         return 0;
     }
-    let Some((d, enforce)) = current_decision() else {
+    let Some(a) = current_decision() else {
         return 0;
     };
     let file: u64 = ctx.arg(0);
@@ -208,10 +230,10 @@ pub fn kernel_read_file(ctx: LsmContext) -> i32 {
     // The file name is looked up as it is ("ip_vs.ko.xz"): userspace stores each allowed name
     // with the module file suffixes, which keeps this program free of loops.
     normalize(&mut key.name);
-    if allowed(&d, &mut key, named && !cut) {
+    if allowed(&a.decision, &mut key, named && !cut) {
         return 0;
     }
-    report(&d, enforce, Op::FinitModule, &key, cut, file)
+    report(&a, Op::FinitModule, &key, cut, file)
 }
 
 #[lsm(hook = "kernel_load_data")]
@@ -233,17 +255,17 @@ pub fn kernel_load_data(ctx: LsmContext) -> i32 {
         // kernel_post_load_data decides, with the module's name from the image.
         return 0;
     }
-    let Some((d, enforce)) = current_decision() else {
+    let Some(a) = current_decision() else {
         return 0;
     };
     let mut key = AllowKey {
         set: 0,
         name: [0; NAME_KEY_LEN],
     };
-    if allowed(&d, &mut key, false) {
+    if allowed(&a.decision, &mut key, false) {
         return 0;
     }
-    report(&d, enforce, Op::InitModule, &key, false, 0)
+    report(&a, Op::InitModule, &key, false, 0)
 }
 
 #[lsm(hook = "kernel_post_load_data")]
@@ -258,10 +280,10 @@ pub fn kernel_post_load_data(ctx: LsmContext) -> i32 {
     if id != loading_module {
         return 0;
     }
-    let Some((d, enforce)) = current_decision() else {
+    let Some(a) = current_decision() else {
         return 0;
     };
-    if d.flags & RESTRICTED == 0 {
+    if a.decision.flags & RESTRICTED == 0 {
         return 0;
     }
     let buf: u64 = ctx.arg(0);
@@ -274,10 +296,10 @@ pub fn kernel_post_load_data(ctx: LsmContext) -> i32 {
     };
     let named = image_module_name(buf, size, name_off, &mut key.name);
     normalize(&mut key.name);
-    if allowed(&d, &mut key, named) {
+    if allowed(&a.decision, &mut key, named) {
         return 0;
     }
-    report(&d, enforce, Op::InitModule, &key, false, 0)
+    report(&a, Op::InitModule, &key, false, 0)
 }
 
 /// Elf64_Ehdr and Elf64_Shdr field offsets.

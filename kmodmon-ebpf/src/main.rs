@@ -29,7 +29,7 @@ use crate::{
     kernel::{read_kernel_str, read_ptr},
     maps::{CGROUPS, count},
     record::{
-        attempt_kind, begin, emit, fill_attempt, module_record, read_field, syscall_enter,
+        Extra, attempt_kind, begin, emit, fill_attempt, module_record, read_field, syscall_enter,
         syscall_exit,
     },
 };
@@ -42,14 +42,14 @@ pub fn module_load(ctx: TracePointContext) -> u32 {
         &ctx,
         EventKind::Load,
         conf!(load_name),
-        Some(conf!(load_taints)),
+        Extra::Taints(conf!(load_taints)),
     );
     0
 }
 
 #[tracepoint]
 pub fn module_free(ctx: TracePointContext) -> u32 {
-    module_record(&ctx, EventKind::Unload, conf!(free_name), None);
+    module_record(&ctx, EventKind::Unload, conf!(free_name), Extra::None);
     0
 }
 
@@ -59,7 +59,7 @@ pub fn module_request(ctx: TracePointContext) -> u32 {
         &ctx,
         EventKind::Request,
         conf!(request_name),
-        Some(conf!(request_wait)),
+        Extra::Wait(conf!(request_wait)),
     );
     0
 }

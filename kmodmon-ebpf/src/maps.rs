@@ -1,11 +1,12 @@
-//! Maps shared by all programs. Userspace finds them by these names.
+//! Maps shared by all programs. Userspace finds them by their names, which it takes from
+//! `kmodmon_common::names` (a kmodmon unit test checks the two agree).
 use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray, RingBuf},
 };
 use kmodmon_common::{COUNTER_SLOTS, Counter, RawEvent};
 
-/// Module events: 4 MiB holds about 4,200 events (984 bytes each with the record header).
+/// Module events: 4 MiB holds about 4,190 events (1,000 bytes each with the record header).
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 

@@ -36,8 +36,12 @@ pub fn begin(kind: EventKind, source: Source) -> Option<&'static mut RawEvent> {
     ev.truncated = 0;
     ev.missing = 0;
     ev.taints = 0;
+    ev.wait = 0;
+    ev.rule_id = 0;
+    ev.policy_generation = 0;
     ev.flags = 0;
     ev.fd = -1;
+    ev._reserved = 0;
     ev.ktime_ns = now;
     ev.end_ktime_ns = now;
     ev.len = 0;
@@ -103,15 +107,27 @@ pub fn read_field(ctx: &TracePointContext, field: Field) -> Option<u64> {
     }
 }
 
+/// The scalar a module tracepoint carries besides the name.
+#[derive(Clone, Copy)]
+pub enum Extra {
+    None,
+    /// module_load's taint mask.
+    Taints(Field),
+    /// module_request's `wait`.
+    Wait(Field),
+}
+
 /// Records a kernel-side module event (load / unload / request).
 #[inline(always)]
-pub fn module_record(ctx: &TracePointContext, kind: EventKind, name: Field, extra: Option<Field>) {
+pub fn module_record(ctx: &TracePointContext, kind: EventKind, name: Field, extra: Extra) {
     debug!(ctx, "module event kind={}", kind as u32);
     let Some(ev) = begin(kind, Source::ModuleTracepoint) else {
         return;
     };
-    if let Some(extra) = extra {
-        ev.taints = read_field(ctx, extra).unwrap_or(0) as u32;
+    match extra {
+        Extra::None => {}
+        Extra::Taints(f) => ev.taints = read_field(ctx, f).unwrap_or(0) as u32,
+        Extra::Wait(f) => ev.wait = u32::from(read_field(ctx, f).unwrap_or(0) != 0),
     }
     let name_buf: &mut [u8; NAME_LEN] = &mut ev.name;
     match read_data_loc_str(ctx, name, name_buf) {
@@ -190,7 +206,7 @@ pub fn attempt_kind(op: Op) -> EventKind {
 #[inline(always)]
 #[expect(
     clippy::needless_borrows_for_generic_args,
-    reason = "`&*ev` keeps the 984-byte event in map memory; by value it would be copied onto the 512-byte BPF stack"
+    reason = "`&*ev` keeps the 992-byte event in map memory; by value it would be copied onto the 512-byte BPF stack"
 )]
 pub fn syscall_enter(source: Source, op: Op, a0: u64, a1: u64, a2: u64) {
     let Some(ev) = begin(attempt_kind(op), source) else {

@@ -19,6 +19,7 @@ pub mod host;
 pub mod limits;
 pub mod metrics;
 pub mod modname;
+pub mod mounts;
 pub mod pipeline;
 pub mod policy;
 pub mod probe;

@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpListener;
 
-use crate::event::Event;
+use crate::event::{Event, Kind, Verdict};
 use crate::health::Health;
 use crate::sinks::{SinkCounters, SinkReport};
 
@@ -176,9 +176,9 @@ impl Metrics {
 
     /// Counts an event that went through the pipeline (after enrichment and policy).
     pub fn event(&self, ev: &Event) {
-        let verdict = ev.verdict.as_deref().unwrap_or("none");
+        let verdict = ev.verdict.map_or("none", Verdict::as_str);
         self.events.add([ev.kind.as_str(), verdict], 1);
-        if ev.kind == crate::event::Kind::Denied {
+        if ev.kind == Kind::Denied {
             self.denials.fetch_add(1, Relaxed);
         }
     }
@@ -673,7 +673,7 @@ mod tests {
     fn counters_render_as_prometheus_text() {
         let m = Metrics::new();
         let mut e = Event::synthetic(Kind::Load, &Clock::new());
-        e.verdict = Some("unexpected".into());
+        e.verdict = Some(Verdict::Unexpected);
         m.event(&e);
         m.event(&e);
         m.event(&Event::synthetic(Kind::Denied, &Clock::new()));

@@ -1,6 +1,11 @@
 //! Module names as the kernel treats them: '-' and '_' are the same character, and a name is
-//! at most 55 bytes (MODULE_NAME_LEN - 1) of printable, non-space, non-slash characters.
+//! at most 55 bytes (MODULE_NAME_LEN - 1) of printable, non-space, non-slash characters. A
+//! module file (`ip_vs.ko.xz`) names its module: [`from_file`] is the one place that reads a
+//! name out of a file name (kmodmon_common::modname, shared with the eBPF policy's file-name
+//! keys, the tests and xtask).
 use thiserror::Error;
+
+pub use kmodmon_common::modname::{FILE_SUFFIXES, file_stem, from_file, normalize};
 
 /// Longest module name the kernel accepts (MODULE_NAME_LEN - 1 on 64-bit).
 pub const MAX_NAME_LEN: usize = 55;
@@ -13,11 +18,6 @@ pub enum NameError {
     TooLong(String),
     #[error("module name {0:?} contains {1:?}, which no module name can contain")]
     BadChar(String, char),
-}
-
-/// The canonical form of a module name: dashes become underscores.
-pub fn normalize(name: &str) -> String {
-    name.replace('-', "_")
 }
 
 /// Checks a module name the way the kernel and kmod would, and returns its canonical form.

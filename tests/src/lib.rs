@@ -52,12 +52,7 @@ pub fn have(cmd: &str) -> bool {
 /// Where the cgroup2 hierarchy is mounted (pure v2: /sys/fs/cgroup; hybrid:
 /// /sys/fs/cgroup/unified), from /proc/self/mounts.
 pub fn cgroup2_root() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let (_, mnt, fs) = (f.next()?, f.next()?, f.next()?);
-        (fs == "cgroup2").then(|| PathBuf::from(mnt))
-    })
+    kmodmon::mounts::first_of_type("cgroup2")
 }
 
 /// The cgroup2 id of the calling process: the inode of its cgroup directory.

@@ -7,6 +7,7 @@
 //! really has loaded.
 use std::{collections::BTreeSet, path::Path, time::Duration};
 
+use kmodmon::modname;
 use kmodmon_tests::{
     container::{Bundle, random_id},
     have, require_root,
@@ -44,7 +45,7 @@ fn present_modules() -> BTreeSet<String> {
         out.extend(
             text.lines()
                 .filter_map(|l| l.split_whitespace().next())
-                .map(|n| n.replace('-', "_")),
+                .map(modname::normalize),
         );
     }
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -52,10 +53,7 @@ fn present_modules() -> BTreeSet<String> {
         .join(release.trim())
         .join("modules.builtin");
     if let Ok(text) = std::fs::read_to_string(builtin) {
-        out.extend(text.lines().filter_map(|l| {
-            let file = l.rsplit('/').next()?;
-            Some(file.split(".ko").next()?.replace('-', "_"))
-        }));
+        out.extend(text.lines().filter_map(modname::from_file));
     }
     out
 }
@@ -64,7 +62,7 @@ fn missing_of(declared: &[&str]) -> Vec<String> {
     let present = present_modules();
     declared
         .iter()
-        .map(|m| m.replace('-', "_"))
+        .map(|m| modname::normalize(m))
         .filter(|m| !present.contains(m))
         .collect()
 }

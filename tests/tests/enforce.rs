@@ -64,11 +64,12 @@ fn policy_check_locates_errors() {
 }
 
 fn pinned_links() -> usize {
+    use kmodmon_common::names::program;
     [
-        "kernel_module_request",
-        "kernel_read_file",
-        "kernel_post_load_data",
-        "kernel_load_data",
+        program::KERNEL_MODULE_REQUEST,
+        program::KERNEL_READ_FILE,
+        program::KERNEL_POST_LOAD_DATA,
+        program::KERNEL_LOAD_DATA,
     ]
     .iter()
     .filter(|p| Path::new(PINS).join("links").join(p).exists())
@@ -104,7 +105,7 @@ fn enforce_on_status_adopt_off() {
     let policy = policy.to_str().unwrap();
     let _ = run(&["enforce", "off"]);
 
-    let modules = Path::new("/proc/modules").exists();
+    let modules = kmodmon::host::moddb::live::module_support();
     if !modules {
         // Honest refusal: the hooks exist but can never fire for a module here.
         let (rc, out, err) = run(&["enforce", "on", "--policy", policy]);

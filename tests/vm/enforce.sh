@@ -191,6 +191,26 @@ want rc.ctr_after_off 0
 want loaded.dummy.after_off 1
 want_line enforce.jsonl '"kind":"denied".*"module":"dummy"' "a denied event names dummy"
 want_line enforce.jsonl '"kind":"would_deny".*"module":"dummy"' "audit mode reports would_deny for dummy"
+# The record carries the deciding rule (rule "lb" is id 2) and the policy generation; the
+# event names the rule from that id.
+want_line enforce.jsonl '"kind":"denied".*"module":"dummy".*"rule_id":2,"policy_generation":[0-9]' \
+    "the denied record carries rule_id 2 and the policy generation"
+want_line enforce.jsonl '"kind":"denied".*"module":"dummy".*"detail":"policy: rule \\"lb\\"' \
+    "the denied event names rule \"lb\""
+gen_of() { # KIND -> policy_generation of the first KIND event for dummy
+    grep "\"kind\":\"$1\".*\"module\":\"dummy\"" "$OUT/enforce.jsonl" | head -1 |
+        sed -n 's/.*"policy_generation":\([0-9]*\).*/\1/p'
+}
+g_denied=$(gen_of denied)
+g_audit=$(gen_of would_deny)
+if [ -n "$g_denied" ] && [ -n "$g_audit" ] && [ "$g_audit" -gt "$g_denied" ]; then
+    echo "enforce: ok: policy generation $g_denied, then $g_audit after the SIGHUP reload"
+else
+    echo "enforce: FAIL: policy generations '$g_denied' (denied), '$g_audit' (would_deny after reload)"
+    FAILS=$((FAILS + 1))
+fi
+want_line status.1.txt "contract version of the pins: [0-9]* (this kmodmon's)" \
+    "the pins are of this kmodmon's contract version"
 want_line enforce.err "rejected" "the malformed policy was rejected on SIGHUP"
 # Adoption loads nothing twice: as many programs in the kernel as links pinned.
 links=$(sed -n 's/^pinned links: \([0-9]*\)\/.*/\1/p' "$OUT/status.adopted.txt")

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-use crate::util::{cargo, is_root, run as run_cmd, workspace_root};
+use crate::util::{is_root, run as run_cmd, workspace_root};
 
 struct Bins {
     kmodmon: PathBuf,
@@ -22,22 +22,14 @@ pub fn bench(rounds: usize) -> Result<()> {
     if !is_root() {
         bail!("the benchmarks load eBPF programs: run as root");
     }
+    // The release kmodmon (the one binary run, the .deb and the VM use), and the load
+    // generator built the same way, so they share what they have in common.
     let root = workspace_root();
-    run_cmd(cargo().current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "kmodmon",
-        "-p",
-        "kmodmon-tests",
-        "--bin",
-        "kmodmon",
-        "--bin",
-        "kmodmon-load",
-    ]))?;
+    let kmodmon = crate::build::release_kmodmon()?;
+    run_cmd(crate::build::release_build().args(["-p", "kmodmon-tests", "--bin", "kmodmon-load"]))?;
     let bins = Bins {
-        kmodmon: root.join("target/release/kmodmon"),
-        load: root.join("target/release/kmodmon-load"),
+        kmodmon,
+        load: crate::build::release_dir()?.join("kmodmon-load"),
     };
     let mut report = String::new();
     let mut say = |line: String| {

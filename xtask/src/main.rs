@@ -1,5 +1,6 @@
 //! `cargo xtask <task>`: everything the project needs besides cargo itself.
 mod bench;
+mod build;
 mod setup;
 mod ship;
 mod tasks;

@@ -4,6 +4,7 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::Command,
+    sync::OnceLock,
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -30,7 +31,16 @@ pub const APT_PACKAGES: &[&str] = &[
     "systemd",
 ];
 
+/// Runs the setup once per xtask invocation: every task calls it first, and `test` (lint,
+/// package, VM) reaches it several times. A failure is returned to every caller.
 pub fn setup() -> Result<()> {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    DONE.get_or_init(|| setup_once().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+fn setup_once() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
     apt_packages()?;

@@ -6,7 +6,10 @@ use std::{fs, path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::util::{cargo, is_root, output, run, target_dir, workspace_root};
+use crate::{
+    build::{TARGET, release_kmodmon},
+    util::{cargo, is_root, output, root_needed, run, target_dir, workspace_root},
+};
 
 const CARGO_DEB_VERSION: &str = "3.8.0";
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
@@ -16,19 +19,22 @@ const HADOLINT_VERSION: &str = "2.15.1";
 /// supports (securityContext.appArmorProfile is GA in 1.30) and the newest the validator knows.
 const KUBERNETES_VERSIONS: &[&str] = &["1.30", "1.37"];
 
-/// `cargo xtask package`: the release binary, its man pages and completions (generated from
-/// the clap definitions by the binary itself), then `cargo deb --no-build`. Returns the .deb.
+/// `cargo xtask package`: the release binary (the static one the VM runs too), its man pages
+/// and completions (generated from the clap definitions by the binary itself), then
+/// `cargo deb --no-build` for that target. Returns the .deb.
 pub fn package() -> Result<PathBuf> {
     crate::setup::setup()?;
     cargo_deb()?;
     let root = workspace_root();
-    run(cargo()
-        .current_dir(&root)
-        .args(["build", "--release", "--locked", "-p", "kmodmon"]))?;
-    let release = target_dir(&root)?.join("release");
+    let bin = release_kmodmon()?;
+    // cargo-deb maps the assets' target/release/ to this directory when given the same --target.
+    let release = bin
+        .parent()
+        .context("the release binary has no directory")?
+        .to_path_buf();
     let docs = release.join("kmodmon-docs");
     let _ = fs::remove_dir_all(&docs);
-    run(Command::new(release.join("kmodmon"))
+    run(Command::new(&bin)
         .arg("generate-docs")
         .arg("--out")
         .arg(&docs))?;
@@ -43,7 +49,8 @@ pub fn package() -> Result<PathBuf> {
     fs::create_dir_all(&out_dir)?;
     run(cargo()
         .current_dir(&root)
-        .args(["deb", "-p", "kmodmon", "--no-build", "--locked", "--output"])
+        .args(["deb", "-p", "kmodmon", "--no-build", "--locked"])
+        .args(["--target", TARGET, "--output"])
         .arg(&out_dir))?;
     let deb = fs::read_dir(&out_dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -57,7 +64,7 @@ pub fn package() -> Result<PathBuf> {
 /// namespace whose /etc, /usr and /var are throw-away overlays (tests/package/deb-install.sh).
 pub fn test_deb() -> Result<()> {
     if !is_root() {
-        return crate::tasks::root_needed("the .deb install test (dpkg, overlay mounts)");
+        return root_needed("the .deb install test (dpkg, overlay mounts)");
     }
     let deb = package()?;
     let version = env!("CARGO_PKG_VERSION");

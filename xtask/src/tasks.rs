@@ -11,13 +11,7 @@ use crate::{
 /// Builds kmodmon in release mode and replaces this process with it (via sudo when not root).
 pub fn run(args: &[String]) -> Result<()> {
     setup()?;
-    let root = workspace_root();
-    run_cmd(
-        cargo()
-            .current_dir(&root)
-            .args(["build", "--release", "-p", "kmodmon"]),
-    )?;
-    let bin = root.join("target/release/kmodmon");
+    let bin = crate::build::release_kmodmon()?;
     let mut cmd = if is_root() {
         Command::new(&bin)
     } else {
@@ -103,13 +97,4 @@ pub fn test(no_vm: bool) -> Result<()> {
         return Ok(());
     }
     crate::vm::vm_test(None, None)
-}
-
-/// A step that needs root: skipped loudly outside CI, an error in CI (`CI=true`).
-pub fn root_needed(what: &str) -> Result<()> {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        bail!("{what} needs root, and CI must run it");
-    }
-    eprintln!("\n!!! xtask: NOT ROOT — {what} SKIPPED\n");
-    Ok(())
 }

@@ -44,6 +44,15 @@ pub fn output(cmd: &mut Command) -> Result<String> {
     String::from_utf8(out.stdout).with_context(|| format!("{cmd:?} printed non-UTF-8"))
 }
 
+/// A step that needs root: skipped loudly outside CI, an error in CI (`CI=true`).
+pub fn root_needed(what: &str) -> Result<()> {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        bail!("{what} needs root, and CI must run it");
+    }
+    eprintln!("\n!!! xtask: NOT ROOT — {what} SKIPPED\n");
+    Ok(())
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc_geteuid() == 0 }

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::segment::{self, Segment};
-use super::writer::Shared;
+use super::shared::Shared;
 
 /// How often closed segments are looked for without being told.
 const PERIOD: Duration = Duration::from_secs(60);

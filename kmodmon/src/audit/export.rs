@@ -11,7 +11,7 @@ use super::record;
 use super::segment;
 use super::timespec::parse_record_time;
 use super::{AuditError, io_err};
-use crate::event::{Event, Kind};
+use crate::event::{Event, Kind, Verdict};
 use crate::modname;
 
 /// Output format.
@@ -37,8 +37,8 @@ pub struct Filter {
     /// Module names ('-' and '_' equivalent); also matches the modules an event lists.
     pub modules: Vec<String>,
     pub kinds: Vec<Kind>,
-    /// Verdicts ("none" matches events without one).
-    pub verdicts: Vec<String>,
+    /// Verdicts (`None` matches events without one).
+    pub verdicts: Vec<Option<Verdict>>,
 }
 
 impl Filter {
@@ -54,12 +54,7 @@ impl Filter {
         if !self.kinds.is_empty() && !self.kinds.contains(&ev.kind) {
             return false;
         }
-        if !self.verdicts.is_empty()
-            && !self.verdicts.iter().any(|v| match &ev.verdict {
-                Some(ev_v) => ev_v == v,
-                None => v == "none",
-            })
-        {
+        if !self.verdicts.is_empty() && !self.verdicts.contains(&ev.verdict) {
             return false;
         }
         if !self.modules.is_empty()
@@ -199,7 +194,7 @@ fn csv_cells(seq: u64, hash: &str, ev: &Event) -> Vec<String> {
         seq.to_string(),
         ev.time.clone(),
         ev.kind.to_string(),
-        opt(&ev.verdict),
+        ev.verdict.map(|v| v.to_string()).unwrap_or_default(),
         opt(&ev.module),
         ev.modules.join(" "),
         json_str(&ev.source),
@@ -335,7 +330,7 @@ mod tests {
     fn filters_combine_and_match_like_tail() {
         let mut e = ev(Kind::Load, "ip-vs");
         e.time = "2026-11-22T13:00:00Z".into();
-        e.verdict = Some("unexpected".into());
+        e.verdict = Some(Verdict::Unexpected);
         e.container = Some(Container {
             id: "abcdef0123".into(),
             runtime: "docker".into(),
@@ -357,19 +352,19 @@ mod tests {
         assert!(!f(&|f| f.containers = vec!["host".into()]));
         assert!(f(&|f| f.kinds = vec![Kind::Unload, Kind::Load]));
         assert!(!f(&|f| f.kinds = vec![Kind::Unload]));
-        assert!(f(&|f| f.verdicts = vec!["unexpected".into()]));
-        assert!(!f(&|f| f.verdicts = vec!["none".into()]));
+        assert!(f(&|f| f.verdicts = vec![Some(Verdict::Unexpected)]));
+        assert!(!f(&|f| f.verdicts = vec![None]));
         assert!(f(&|f| f.since = Some(t("2026-11-22T13:00:00Z"))));
         assert!(!f(&|f| f.until = Some(t("2026-11-22T13:00:00Z"))));
         assert!(f(&|f| f.until = Some(t("2026-11-22T13:00:01Z"))));
         assert!(!f(&|f| {
             f.modules = vec!["ip_vs".into()];
-            f.verdicts = vec!["host".into()];
+            f.verdicts = vec![Some(Verdict::Host)];
         }));
         e.container = None;
         e.verdict = None;
         assert!(check(&e, &|f| f.containers = vec!["host".into()]));
-        assert!(check(&e, &|f| f.verdicts = vec!["none".into()]));
+        assert!(check(&e, &|f| f.verdicts = vec![None]));
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod record;
 mod recovery;
 mod retention;
 pub mod segment;
+mod shared;
 pub mod testkit;
 #[cfg(test)]
 mod tests;

@@ -10,7 +10,7 @@ use clap::Args;
 
 use super::config::{AuditConfig, FsyncPolicy, parse_size};
 use super::writer::AuditLog;
-use crate::event::{Clock, Container, Event, Kind, Syscall};
+use crate::event::{Clock, Container, Event, Kind, Syscall, Verdict};
 use crate::metrics::Metrics;
 
 const MODULES: [&str; 6] = [
@@ -21,7 +21,12 @@ const MODULES: [&str; 6] = [
     "ip_vs_wrr",
     "=HYPERLINK(\"http://x\",\"y\")",
 ];
-const VERDICTS: [Option<&str>; 4] = [Some("host"), Some("expected"), Some("unexpected"), None];
+const VERDICTS: [Option<Verdict>; 4] = [
+    Some(Verdict::Host),
+    Some(Verdict::Expected),
+    Some(Verdict::Unexpected),
+    None,
+];
 
 /// Event `i` of run `run`, at `time`. Its `detail` is `run=<run> i=<i>`; kinds, modules
 /// (including CSV-hostile names: a comma and quotes, a formula), containers and verdicts cycle with `i`.
@@ -32,7 +37,7 @@ pub fn synthetic_event(run: &str, i: u64, time: SystemTime) -> Event {
     );
     e.time = humantime::format_rfc3339_nanos(time).to_string();
     e.module = Some(MODULES[(i % MODULES.len() as u64) as usize].to_string());
-    e.verdict = VERDICTS[(i % VERDICTS.len() as u64) as usize].map(str::to_string);
+    e.verdict = VERDICTS[(i % VERDICTS.len() as u64) as usize];
     e.pid = 1000 + (i % 97) as u32;
     e.tid = e.pid;
     e.comm = "insmod".into();

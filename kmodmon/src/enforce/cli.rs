@@ -14,7 +14,7 @@ use super::{
     pins::{self, PolicyMaps},
 };
 use crate::{
-    host::{Registry, RegistryOptions},
+    host::{Registry, RegistryOptions, moddb::live::module_support},
     policy::{DEFAULT_PATH, Mode},
     session::{Session, SessionOptions, Sig, Signals},
     sinks::{Fanout, Output, json, lines::LineSink},
@@ -140,7 +140,7 @@ fn status(dir: &PinDir) -> anyhow::Result<ExitCode> {
         ),
         Err(e) => println!("BPF LSM: unknown ({e})"),
     }
-    if host::module_support() {
+    if module_support() {
         println!("module support: yes");
     } else {
         println!("module support: no — {}", host::NO_MODULES_EXPLANATION);
@@ -151,6 +151,20 @@ fn status(dir: &PinDir) -> anyhow::Result<ExitCode> {
         pins::expected_links(),
         dir.root.display()
     );
+    if links > 0 {
+        let this = kmodmon_common::CONTRACT_VERSION;
+        match pins::pinned_contract(dir) {
+            Some(v) if v == this => println!("contract version of the pins: {v} (this kmodmon's)"),
+            Some(v) => println!(
+                "contract version of the pins: {v}, this kmodmon's is {this}: `kmodmon enforce on` \
+                 replaces them"
+            ),
+            None => println!(
+                "contract version of the pins: none stored (1), this kmodmon's is {this}: \
+                 `kmodmon enforce on` replaces them"
+            ),
+        }
+    }
     println!(
         "kmodmon LSM programs loaded in the kernel: {}",
         pins::loaded_program_count()
@@ -192,7 +206,7 @@ fn announce(enforcer: &Enforcer) {
         enforcer.mode(),
         enforcer.container_count()
     );
-    if !host::module_support() {
+    if !module_support() {
         println!("warning: {}", host::NO_MODULES_EXPLANATION);
     }
 }

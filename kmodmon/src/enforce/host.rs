@@ -50,11 +50,6 @@ pub fn suggested_lsm_param(active: &str) -> String {
     }
 }
 
-/// Whether this kernel can load modules at all (CONFIG_MODULES): /proc/modules exists.
-pub fn module_support() -> bool {
-    Path::new("/proc/modules").exists()
-}
-
 /// Why enforcement has nothing to hook on a kernel without module support.
 pub const NO_MODULES_EXPLANATION: &str = "this kernel has no module support (CONFIG_MODULES is \
     unset: there is no /proc/modules). init_module and finit_module fail with ENOSYS before any \
@@ -72,13 +67,7 @@ pub fn ensure_bpffs() -> Result<(), EnforceError> {
 }
 
 fn is_fs(dir: &str, fstype: &str) -> bool {
-    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
-        m.lines().any(|l| {
-            let mut f = l.split_whitespace();
-            let _src = f.next();
-            f.next() == Some(dir) && f.next() == Some(fstype)
-        })
-    })
+    crate::mounts::is_mounted(Path::new(dir), fstype)
 }
 
 fn mount_if_missing(dir: &str, fstype: &str) -> Result<(), EnforceError> {

@@ -36,7 +36,7 @@ use crate::{
     event::{Container, Event, Kind},
     host::{
         Change, Registry,
-        moddb::{ModDb, RootFs, running_kernel},
+        moddb::{ModDb, RootFs, live::module_support, running_kernel},
         tracking::Tracked,
     },
     policy::{Effective, LoadError, Mode, Policy, Subject},
@@ -158,7 +158,7 @@ pub fn preflight(force: bool) -> Result<Vec<String>, EnforceError> {
         return Err(EnforceError::NotRoot);
     }
     let lsms = host::require_bpf_lsm()?;
-    if !host::module_support() && !force {
+    if !module_support() && !force {
         return Err(EnforceError::NoModuleSupport);
     }
     host::ensure_bpffs()?;
@@ -172,7 +172,7 @@ impl Enforcer {
     pub fn start(opts: StartOptions, registry: &Registry) -> Result<Enforcer, EnforceError> {
         let policy = Policy::load(&opts.policy_path)?;
         preflight(opts.force)?;
-        if !host::module_support() {
+        if !module_support() {
             log::warn!("{}", host::NO_MODULES_EXPLANATION);
         }
         let installed = pins::install(&opts.pins, opts.replace)?;
@@ -304,14 +304,7 @@ impl Enforcer {
         if !matches!(ev.kind, Kind::Denied | Kind::WouldDeny) {
             return;
         }
-        let id = ev
-            .detail
-            .as_deref()
-            .and_then(|d| d.strip_prefix("policy rule #"))
-            .and_then(|n| n.parse::<u32>().ok());
-        if let Some(id) = id {
-            ev.detail = Some(format!("policy: {}", self.policy.describe_rule(id)));
-        }
+        name_rule(&self.policy, ev);
         if ev.container.is_none()
             && let Some(info) = self.subjects.get(&ev.cgroup_id)
         {
@@ -327,6 +320,13 @@ impl Enforcer {
             pins::remove(&self.opts.pins)?;
         }
         Ok(())
+    }
+}
+
+/// Names the rule of a denied / would_deny event (its `rule_id`) in its `detail`.
+fn name_rule(policy: &Policy, ev: &mut Event) {
+    if let Some(id) = ev.rule_id {
+        ev.detail = Some(format!("policy: {}", policy.describe_rule(id)));
     }
 }
 
@@ -380,7 +380,8 @@ mod tests {
         r.kind = kind as u32;
         r.source = Source::Lsm as u32;
         r.op = op as u32;
-        r.taints = rule;
+        r.rule_id = rule;
+        r.policy_generation = 5;
         r.ret = if kind == EventKind::Denied { -1 } else { 0 };
         r.name[..5].copy_from_slice(b"dummy");
         Event::from_raw(&r, &Clock::new()).unwrap()
@@ -395,6 +396,7 @@ mod tests {
         assert_eq!(ev.errno.as_deref(), Some("EPERM"));
         assert_eq!((ev.params.as_deref(), ev.fd, ev.flags), (None, None, None));
         assert_eq!(ev.detail.as_deref(), Some("policy rule #2"));
+        assert_eq!((ev.rule_id, ev.policy_generation), (Some(2), Some(5)));
 
         let ev = decision(EventKind::WouldDeny, Op::None, 1);
         assert_eq!(ev.kind, Kind::WouldDeny);
@@ -408,5 +410,14 @@ mod tests {
         .unwrap();
         assert_eq!(p.describe_rule(2), "rule \"lb\" (line 2)");
         assert_eq!(p.describe_rule(1), "unselected containers");
+
+        // The rule comes from rule_id, never from parsing the text of `detail`.
+        let mut ev = decision(EventKind::Denied, Op::FinitModule, 2);
+        super::name_rule(&p, &mut ev);
+        assert_eq!(ev.detail.as_deref(), Some("policy: rule \"lb\" (line 2)"));
+        let mut ev = decision(EventKind::Denied, Op::FinitModule, 2);
+        ev.rule_id = Some(1);
+        super::name_rule(&p, &mut ev);
+        assert_eq!(ev.detail.as_deref(), Some("policy: unselected containers"));
     }
 }

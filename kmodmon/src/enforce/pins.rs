@@ -4,12 +4,22 @@
 //! ```text
 //! /sys/fs/bpf/kmodmon/links/<program>   the attachments (a pinned link keeps its program attached)
 //! /sys/fs/bpf/kmodmon/progs/<program>   the programs (for bpftool and inspection)
-//! /sys/fs/bpf/kmodmon/maps/<map>        policy_cgroups, policy_allow, policy_settings, events
+//! /sys/fs/bpf/kmodmon/maps/<map>        policy_cgroups, policy_allow, policy_settings,
+//!                                       contract, events_v<N>
 //! ```
 //!
 //! Installing when the links are already pinned adopts them (nothing is loaded twice);
-//! `replace` loads the programs of this binary, reusing the pinned maps, and swaps each link
-//! atomically (rename over the old pin), so an upgrade never leaves a gap.
+//! `replace` loads the programs of this binary, reusing the pinned policy maps, and swaps each
+//! link atomically (rename over the old pin), so an upgrade never leaves a gap.
+//!
+//! Pinned programs outlive the binary that loaded them, so the layouts they share with
+//! userspace are versioned ([`kmodmon_common::CONTRACT_VERSION`]): `maps/contract` holds the
+//! version of the pinned programs, written once all their links are in place, and the events
+//! ring is pinned under a name carrying it. Pins of another version (or of no stored version)
+//! are replaced, never adopted ([`decide`]); the old ring, whose records this binary cannot
+//! read, is drained, counted and unpinned once the new programs are in place. The policy maps
+//! are reused across a replace (they are what keeps enforcing during the swap): a change to
+//! their layout needs new pin names for them too, as the ring has, not only a version bump.
 use std::{
     io::ErrorKind,
     path::{Path, PathBuf},
@@ -20,7 +30,11 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, RingBuf},
     programs::{Lsm, links::FdLink},
 };
-use kmodmon_common::policy::{AllowKey, Decision, LsmConfig, Settings};
+use kmodmon_common::{
+    CONTRACT_VERSION,
+    names::{self, program},
+    policy::{AllowKey, Decision, LsmConfig, Settings},
+};
 
 use super::{EnforceError, host::BPFFS};
 use crate::probe::{EBPF_OBJECT, btf::KernelBtf};
@@ -31,19 +45,22 @@ use crate::probe::{EBPF_OBJECT, btf::KernelBtf};
 /// while an older kernel_load_data (which denies every unnamed load) is being replaced, the
 /// two together are stricter, never looser.
 pub const PROGRAMS: [(&str, &str); 4] = [
-    ("kernel_module_request", "kernel_module_request"),
-    ("kernel_read_file", "kernel_read_file"),
-    (IMAGE_PROGRAM, IMAGE_PROGRAM),
-    ("kernel_load_data", "kernel_load_data"),
+    (program::KERNEL_MODULE_REQUEST, "kernel_module_request"),
+    (program::KERNEL_READ_FILE, "kernel_read_file"),
+    (IMAGE_PROGRAM, "kernel_post_load_data"),
+    (program::KERNEL_LOAD_DATA, "kernel_load_data"),
 ];
 
 /// The program that reads init_module images for the module's name.
-pub const IMAGE_PROGRAM: &str = "kernel_post_load_data";
+pub const IMAGE_PROGRAM: &str = program::KERNEL_POST_LOAD_DATA;
 
 /// The LSM settings for this kernel: whether init_module images can be named here.
 pub fn lsm_config(kbtf: &KernelBtf) -> LsmConfig {
     let name = kbtf.member_offset("module", "name");
-    let hook = kbtf.has_func(&format!("bpf_lsm_{IMAGE_PROGRAM}"));
+    let hook = PROGRAMS
+        .iter()
+        .find(|(p, _)| *p == IMAGE_PROGRAM)
+        .is_some_and(|(_, hook)| kbtf.has_func(&format!("bpf_lsm_{hook}")));
     LsmConfig {
         name_images: u32::from(hook && name.is_some()),
         module_name: name.unwrap_or(kmodmon_common::OFFSET_UNKNOWN),
@@ -68,12 +85,27 @@ pub fn expected_links() -> usize {
     }
 }
 
+/// Pin names of the maps (under `maps/`; bpffs refuses names with a '.').
+pub mod pin {
+    pub const POLICY_CGROUPS: &str = "policy_cgroups";
+    pub const POLICY_ALLOW: &str = "policy_allow";
+    pub const POLICY_SETTINGS: &str = "policy_settings";
+    /// The contract version of the pinned programs.
+    pub const CONTRACT: &str = "contract";
+    /// The denied / would_deny ring: `events_v<CONTRACT_VERSION>`, so a daemon never reads a
+    /// ring that programs of another record layout write.
+    pub const EVENTS: &str = "events_v2";
+    /// Every events ring pin name starts so (version 1 pinned it as plain `events`).
+    pub const EVENTS_PREFIX: &str = "events";
+}
+
 /// (map in the object, pin name).
-pub const MAPS: [(&str, &str); 4] = [
-    ("POLICY_CGROUPS", "policy_cgroups"),
-    ("POLICY_ALLOW", "policy_allow"),
-    ("POLICY_SETTINGS", "policy_settings"),
-    ("EVENTS", "events"),
+pub const MAPS: [(&str, &str); 5] = [
+    (names::map::POLICY_CGROUPS, pin::POLICY_CGROUPS),
+    (names::map::POLICY_ALLOW, pin::POLICY_ALLOW),
+    (names::map::POLICY_SETTINGS, pin::POLICY_SETTINGS),
+    (names::map::CONTRACT, pin::CONTRACT),
+    (names::map::EVENTS, pin::EVENTS),
 ];
 
 /// Where kmodmon pins its enforcement objects.
@@ -141,13 +173,13 @@ impl PolicyMaps {
             EnforceError::Pin(format!("pinned map {what} has the wrong type: {e}"))
         };
         Ok(PolicyMaps {
-            cgroups: HashMap::try_from(open_map(dir, "policy_cgroups")?)
-                .map_err(|e| bad("policy_cgroups", e))?,
-            allow: HashMap::try_from(open_map(dir, "policy_allow")?)
-                .map_err(|e| bad("policy_allow", e))?,
-            settings: Array::try_from(open_map(dir, "policy_settings")?)
-                .map_err(|e| bad("policy_settings", e))?,
-            events: open_map(dir, "events")
+            cgroups: HashMap::try_from(open_map(dir, pin::POLICY_CGROUPS)?)
+                .map_err(|e| bad(pin::POLICY_CGROUPS, e))?,
+            allow: HashMap::try_from(open_map(dir, pin::POLICY_ALLOW)?)
+                .map_err(|e| bad(pin::POLICY_ALLOW, e))?,
+            settings: Array::try_from(open_map(dir, pin::POLICY_SETTINGS)?)
+                .map_err(|e| bad(pin::POLICY_SETTINGS, e))?,
+            events: open_map(dir, pin::EVENTS)
                 .ok()
                 .and_then(|m| RingBuf::try_from(m).ok()),
         })
@@ -165,24 +197,133 @@ pub enum Installed {
     Replaced,
 }
 
-/// Loads, attaches and pins the LSM programs unless they are pinned already (or `replace`).
-/// A fresh install that fails leaves no pins behind.
+/// The contract version stored beside the pins: `None` when there is none (nothing pinned, or
+/// pins of version 1, which stored none); `Some(0)` when programs were pinned but never
+/// completed.
+pub fn pinned_contract(dir: &PinDir) -> Option<u32> {
+    let map = open_map(dir, pin::CONTRACT).ok()?;
+    let slot: Array<MapData, u32> = Array::try_from(map).ok()?;
+    slot.get(&0, 0).ok()
+}
+
+fn write_contract(dir: &PinDir) -> Result<(), EnforceError> {
+    let mut slot: Array<MapData, u32> =
+        Array::try_from(open_map(dir, pin::CONTRACT)?).map_err(|e| {
+            EnforceError::Pin(format!(
+                "pinned map {} has the wrong type: {e}",
+                pin::CONTRACT
+            ))
+        })?;
+    slot.set(0, CONTRACT_VERSION, 0)
+        .map_err(|e| EnforceError::Pin(format!("writing the contract version: {e}")))
+}
+
+/// What [`install`] does, decided from what is pinned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Use the pinned programs: all there, of this contract version, no replace asked.
+    Adopt,
+    /// Load this binary's programs and pin them (over any pinned ones). `stale`: the pins are
+    /// of another contract version (or none stored), so their events ring is drained and
+    /// unpinned after the swap.
+    Load { stale: bool },
+}
+
+/// The install decision. Pins of an older kmodmon may lack a program this one has, or be of
+/// another layout: then it replaces them.
+pub fn decide(
+    pinned_links: usize,
+    expected_links: usize,
+    pinned_contract: Option<u32>,
+    replace: bool,
+) -> Action {
+    let same_layout = pinned_contract == Some(CONTRACT_VERSION);
+    if pinned_links == expected_links && same_layout && !replace {
+        Action::Adopt
+    } else {
+        Action::Load {
+            stale: !same_layout,
+        }
+    }
+}
+
+/// Loads, attaches and pins the LSM programs unless they are pinned already, of this contract
+/// version (else, or with `replace`, this binary's replace them). A fresh install that fails
+/// leaves no pins behind.
 pub fn install(dir: &PinDir, replace: bool) -> Result<Installed, EnforceError> {
     let pinned = dir.pinned_links();
-    // Pins of an older kmodmon may lack a program this one has: then it replaces them.
-    if pinned == expected_links() && !replace {
-        return Ok(Installed::Adopted);
+    let contract = pinned_contract(dir);
+    let stale = match decide(pinned, expected_links(), contract, replace) {
+        Action::Adopt => return Ok(Installed::Adopted),
+        Action::Load { stale } => stale,
+    };
+    if stale && pinned > 0 {
+        log::warn!(
+            "the pinned LSM programs are of contract version {} and this kmodmon's is \
+             {CONTRACT_VERSION}: replacing them instead of adopting them",
+            contract.map_or_else(|| "1".to_string(), |v| v.to_string())
+        );
     }
-    let r = load_and_pin(dir);
+    let r = load_and_pin(dir).and_then(|()| write_contract(dir));
     if r.is_err() && pinned == 0 {
         let _ = remove(dir);
     }
     r?;
+    if stale {
+        discard_stale_rings(dir);
+    }
     Ok(if pinned == 0 {
         Installed::Fresh
     } else {
         Installed::Replaced
     })
+}
+
+/// Events ring pins other than this version's, in `maps/`.
+fn stale_rings(dir: &PinDir) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir.root.join("maps")) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(pin::EVENTS_PREFIX) && n != pin::EVENTS)
+        .map(|n| dir.map(&n))
+        .collect()
+}
+
+/// Drains and unpins the rings of programs of another layout (their links are gone by now, so
+/// nothing writes them any more): their records cannot be decoded here, but every one is
+/// counted in the log.
+fn discard_stale_rings(dir: &PinDir) {
+    for path in stale_rings(dir) {
+        let drained = MapData::from_pin(&path)
+            .ok()
+            .and_then(|m| Map::from_map_data(m).ok())
+            .and_then(|m| RingBuf::try_from(m).ok())
+            .map(|mut ring| {
+                let mut n = 0u64;
+                while ring.next().is_some() {
+                    n += 1;
+                }
+                n
+            });
+        match drained {
+            Some(0) => {}
+            Some(n) => log::warn!(
+                "discarded {n} denied/would_deny record(s) left in {} by LSM programs of another \
+                 contract version (this kmodmon cannot read their layout)",
+                path.display()
+            ),
+            None => log::warn!(
+                "{} is not a ring buffer kmodmon can read; unpinning it",
+                path.display()
+            ),
+        }
+        if let Err(e) = remove_if_present(&path) {
+            log::warn!("{e}");
+        }
+    }
 }
 
 fn load_and_pin(dir: &PinDir) -> Result<(), EnforceError> {
@@ -212,10 +353,10 @@ fn load_and_pin(dir: &PinDir) -> Result<(), EnforceError> {
     let mut loader = EbpfLoader::new();
     loader
         .btf(Some(&btf))
-        .override_global("KMODMON_CONFIG", &config, true)
-        .override_global("KMODMON_LSM_CONFIG", &lsm_cfg, true)
+        .override_global(names::global::CONFIG, &config, true)
+        .override_global(names::global::LSM_CONFIG, &lsm_cfg, true)
         // Unused by the LSM programs: keep them small.
-        .map_max_entries("PENDING", 1);
+        .map_max_entries(names::map::PENDING, 1);
     for (name, path) in &map_paths {
         loader.map_pin_path(name, path.as_path());
     }
@@ -298,6 +439,7 @@ pub fn remove(dir: &PinDir) -> Result<usize, EnforceError> {
     for (_, m) in MAPS {
         paths.push(dir.map(m));
     }
+    paths.extend(stale_rings(dir));
     for p in &paths {
         if p.exists() {
             remove_if_present(p)?;
@@ -326,4 +468,80 @@ pub fn loaded_program_count() -> usize {
         // BPF_PROG_TYPE_LSM (include/uapi/linux/bpf.h).
         .filter(|p| p.program_type() as u32 == 29)
         .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use aya::EbpfLoader;
+    use kmodmon_common::{CONTRACT_VERSION, names};
+
+    use super::*;
+
+    #[test]
+    fn pins_of_another_layout_are_replaced_not_adopted() {
+        let v = Some(CONTRACT_VERSION);
+        // All pinned, this version: adopted (unless a replace is asked for).
+        assert_eq!(decide(4, 4, v, false), Action::Adopt);
+        assert_eq!(decide(4, 4, v, true), Action::Load { stale: false });
+        // Another version, or pins of version 1 (no version stored), or a version never
+        // written (an install that did not complete): replaced, their ring discarded.
+        for other in [
+            Some(CONTRACT_VERSION + 1),
+            Some(CONTRACT_VERSION - 1),
+            None,
+            Some(0),
+        ] {
+            assert_eq!(
+                decide(4, 4, other, false),
+                Action::Load { stale: true },
+                "{other:?}"
+            );
+            assert_eq!(
+                decide(4, 4, other, true),
+                Action::Load { stale: true },
+                "{other:?}"
+            );
+        }
+        // Missing a program this kmodmon has: replaced; the layout decides about the ring.
+        assert_eq!(decide(3, 4, v, false), Action::Load { stale: false });
+        assert_eq!(decide(3, 4, None, false), Action::Load { stale: true });
+        // Nothing pinned: a fresh install.
+        assert_eq!(decide(0, 4, None, false), Action::Load { stale: true });
+    }
+
+    #[test]
+    fn the_ring_pin_name_carries_the_contract_version() {
+        assert_eq!(pin::EVENTS, format!("events_v{CONTRACT_VERSION}"));
+        assert!(pin::EVENTS.starts_with(pin::EVENTS_PREFIX));
+    }
+
+    /// On a real bpffs (a directory of its own, not kmodmon's pins): the ring a version-1
+    /// kmodmon pinned as `events` is found, drained and unpinned; this version's stays.
+    #[test]
+    fn stale_rings_are_drained_and_unpinned() {
+        if !nix::unistd::geteuid().is_root() {
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+            assert!(!ci, "needs root (BPF maps, bpffs), and CI runs as root");
+            eprintln!("!!! SKIPPED stale_rings_are_drained_and_unpinned: needs root");
+            return;
+        }
+        super::super::host::ensure_bpffs().unwrap();
+        let dir = PinDir {
+            root: Path::new(BPFFS).join(format!("kmodmon-unit-{}", std::process::id())),
+        };
+        dir.mkdirs().unwrap();
+        for name in ["events", pin::EVENTS] {
+            let mut loader = EbpfLoader::new();
+            loader.map_pin_path(names::map::EVENTS, dir.map(name));
+            // Creates the maps (pinning EVENTS) without loading any program.
+            drop(loader.load(EBPF_OBJECT).unwrap());
+            assert!(dir.map(name).exists(), "{name} pinned");
+        }
+        assert_eq!(stale_rings(&dir), vec![dir.map("events")]);
+        discard_stale_rings(&dir);
+        assert!(!dir.map("events").exists(), "the stale ring is unpinned");
+        assert!(dir.map(pin::EVENTS).exists(), "this version's ring stays");
+        assert_eq!(remove(&dir).unwrap(), 1);
+        assert!(!dir.root.exists());
+    }
 }

@@ -11,16 +11,14 @@ use kmodmon_common::policy::{
 };
 
 use super::{EnforceError, pins::PolicyMaps};
+use crate::modname;
 use crate::policy::{Effective, Mode, Policy};
 
-/// What finit_module's file may be called for a module name (the LSM program compares the
-/// file's name as it is).
-const FILE_SUFFIXES: [&str; 5] = ["", ".ko", ".ko.xz", ".ko.gz", ".ko.zst"];
-
-/// Every allow-set key of a normalized name: the name (autoload requests) and its file names.
+/// Every allow-set key of a normalized name: the name (autoload requests) and the names its
+/// module file may have (the LSM program compares finit_module's file name as it is).
 pub fn allow_keys(set: u32, name: &str) -> Vec<AllowKey> {
-    FILE_SUFFIXES
-        .iter()
+    std::iter::once("")
+        .chain(modname::FILE_SUFFIXES)
         .filter_map(|s| allow_key(set, &format!("{name}{s}")))
         .collect()
 }
@@ -72,7 +70,7 @@ impl KernelState {
                 .unwrap_or(NAME_KEY_LEN);
             let name = String::from_utf8_lossy(&key.name[..end]).into_owned();
             // File-name variants belong to the plain name (see allow_keys).
-            let name = name.split(".ko").next().unwrap_or_default().to_string();
+            let name = modname::file_stem(&name).unwrap_or(&name).to_string();
             by_id.entry(key.set).or_default().insert(name);
         }
         let mut state = KernelState {

@@ -4,7 +4,7 @@ use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
 use super::*;
-use crate::event::SourceName;
+use crate::event::{SourceName, Verdict};
 use crate::host::moddb::DepmodFiles;
 use crate::host::runtime_state::StateConfig;
 use crate::host::{Registry, RegistryOptions};
@@ -155,10 +155,14 @@ fn a_starting_container_is_captured_and_its_events_judged() {
     assert_eq!(x.container.as_ref().unwrap().id, HEX);
     let d = x.detail.as_deref().unwrap();
     assert!(d.contains("bad name"), "{d}");
-    let verdicts: Vec<_> = out[1..].iter().map(|e| e.verdict.as_deref()).collect();
+    let verdicts: Vec<_> = out[1..].iter().map(|e| e.verdict).collect();
     assert_eq!(
         verdicts,
-        vec![Some("expected"), Some("expected"), Some("unexpected")]
+        vec![
+            Some(Verdict::Expected),
+            Some(Verdict::Expected),
+            Some(Verdict::Unexpected)
+        ]
     );
     assert!(out[2].detail.as_deref().unwrap().contains("dependency of"));
     assert_eq!(out[1].container.as_ref().unwrap().runtime, "docker");
@@ -166,7 +170,7 @@ fn a_starting_container_is_captured_and_its_events_judged() {
     e.handle(event(Kind::UnloadAttempt, "ip_vs", id, 102, 4));
     let now = e.take_ready();
     assert_eq!(now.len(), 1);
-    assert_eq!(now[0].verdict.as_deref(), Some("expected"));
+    assert_eq!(now[0].verdict, Some(Verdict::Expected));
 }
 
 #[test]
@@ -189,8 +193,8 @@ fn a_100ms_container_is_judged_after_its_cgroup_is_gone() {
     assert_eq!(out[0].modules, vec!["ip_vs"]);
     assert_eq!(out[1].cgroup_path.as_deref(), Some(path.as_str()));
     assert_eq!(out[1].container.as_ref().unwrap().runtime, "isulad");
-    assert_eq!(out[1].verdict.as_deref(), Some("expected"));
-    assert_eq!(out[2].verdict.as_deref(), Some("unexpected"));
+    assert_eq!(out[1].verdict, Some(Verdict::Expected));
+    assert_eq!(out[2].verdict, Some(Verdict::Unexpected));
 }
 
 #[test]
@@ -204,7 +208,7 @@ fn an_unreadable_declaration_is_reported_not_waited_for_forever() {
     e.flush();
     let out = e.take_ready();
     assert_eq!(out.len(), 1);
-    assert_eq!(out[0].verdict.as_deref(), Some("unexpected"));
+    assert_eq!(out[0].verdict, Some(Verdict::Unexpected));
     assert!(
         out[0]
             .detail
@@ -242,7 +246,7 @@ fn host_events_pass_straight_through() {
     e.handle(event(Kind::LoadAttempt, "ip_vs", id, 1, 1));
     let out = e.take_ready();
     assert_eq!(out.len(), 1);
-    assert_eq!(out[0].verdict.as_deref(), Some("host"));
+    assert_eq!(out[0].verdict, Some(Verdict::Host));
     assert_eq!(
         out[0].cgroup_path.as_deref(),
         Some("/system.slice/cron.service")
@@ -280,7 +284,7 @@ fn autoloads_are_joined_to_the_requesting_container() {
     assert_eq!(out[0].kind, Kind::Expectation);
     assert_eq!(out[0].modules, vec!["iptable_nat"]);
     assert_eq!(out[1].kind, Kind::Request);
-    assert_eq!(out[1].verdict.as_deref(), Some("expected"));
+    assert_eq!(out[1].verdict, Some(Verdict::Expected));
     assert_eq!(out[1].container.as_ref().unwrap().runtime, "cri");
     for ld in &out[2..5] {
         let r = ld.requested_by.as_ref().expect("requested_by");
@@ -289,12 +293,12 @@ fn autoloads_are_joined_to_the_requesting_container() {
         assert_eq!(r.comm, "iptables");
         assert_eq!(r.container.as_ref().unwrap().id, HEX);
         assert!(ld.container.is_none(), "the load itself ran on the host");
-        assert_eq!(ld.verdict.as_deref(), Some("expected"), "{ld:?}");
+        assert_eq!(ld.verdict, Some(Verdict::Expected), "{ld:?}");
     }
     let stray = &out[5];
     assert_eq!(stray.module.as_deref(), Some("ip_vs"));
     assert!(stray.requested_by.is_none());
-    assert_eq!(stray.verdict.as_deref(), Some("host"));
+    assert_eq!(stray.verdict, Some(Verdict::Host));
 }
 
 #[test]
@@ -317,9 +321,9 @@ fn an_autoload_for_an_undeclared_module_is_unexpected() {
         2,
         "no expectation event: nothing declared; {out:#?}"
     );
-    assert_eq!(out[0].verdict.as_deref(), Some("unexpected"));
+    assert_eq!(out[0].verdict, Some(Verdict::Unexpected));
     assert_eq!(out[1].requested_by.as_ref().unwrap().requested, "fs-xfs");
-    assert_eq!(out[1].verdict.as_deref(), Some("unexpected"));
+    assert_eq!(out[1].verdict, Some(Verdict::Unexpected));
     assert!(
         out[1]
             .detail
@@ -376,5 +380,5 @@ fn load_expected_reports_and_joins_its_own_modprobe() {
     let r = got[0].requested_by.as_ref().expect("joined");
     assert_eq!(r.comm, "kmodmon");
     assert_eq!(r.container.as_ref().unwrap().id, HEX);
-    assert_eq!(got[0].verdict.as_deref(), Some("expected"));
+    assert_eq!(got[0].verdict, Some(Verdict::Expected));
 }

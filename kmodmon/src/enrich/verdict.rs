@@ -27,7 +27,7 @@ pub fn judge_event(
         return;
     }
     let Some(state) = state else {
-        ev.verdict = Some(Verdict::Host.as_str().to_string());
+        ev.verdict = Some(Verdict::Host);
         return;
     };
     let empty = Expected::default();
@@ -72,7 +72,7 @@ pub fn judge_event(
             }
         }
     }
-    ev.verdict = Some(j.verdict.as_str().to_string());
+    ev.verdict = Some(j.verdict);
     let useful = j.verdict == Verdict::Unexpected || !j.reason.starts_with("declared in");
     if useful && note.is_none() {
         add_detail(ev, &j.reason);
@@ -123,18 +123,18 @@ mod tests {
         let s = known(b"ip_vs_wrr,ipv6");
         let mut e = ev(Kind::LoadAttempt, Some("ip_vs_wrr"));
         judge_event(&mut e, Some(Some(&s)), &R);
-        assert_eq!(e.verdict.as_deref(), Some("expected"));
+        assert_eq!(e.verdict, Some(Verdict::Expected));
         assert_eq!(e.detail, None, "declared: nothing to add");
         let mut e = ev(Kind::Load, Some("nf_conntrack"));
         judge_event(&mut e, Some(Some(&s)), &R);
-        assert_eq!(e.verdict.as_deref(), Some("expected"));
+        assert_eq!(e.verdict, Some(Verdict::Expected));
         assert_eq!(
             e.detail.as_deref(),
             Some("dependency of ip_vs_wrr, declared in KERNEL_MODULES")
         );
         let mut e = ev(Kind::LoadAttempt, Some("other"));
         judge_event(&mut e, Some(Some(&s)), &R);
-        assert_eq!(e.verdict.as_deref(), Some("unexpected"));
+        assert_eq!(e.verdict, Some(Verdict::Unexpected));
         assert!(
             e.detail
                 .unwrap()
@@ -142,11 +142,11 @@ mod tests {
         );
         let mut e = ev(Kind::Request, Some("net-pf-10"));
         judge_event(&mut e, Some(Some(&s)), &R);
-        assert_eq!(e.verdict.as_deref(), Some("expected"));
+        assert_eq!(e.verdict, Some(Verdict::Expected));
         assert!(e.detail.unwrap().contains("resolves to ipv6"));
         let mut e = ev(Kind::Load, Some("anything"));
         judge_event(&mut e, None, &R);
-        assert_eq!(e.verdict.as_deref(), Some("host"));
+        assert_eq!(e.verdict, Some(Verdict::Host));
         assert_eq!(e.detail, None);
     }
 
@@ -155,7 +155,7 @@ mod tests {
         let f = DeclState::Failed("no process".into());
         let mut e = ev(Kind::LoadAttempt, Some("ip_vs"));
         judge_event(&mut e, Some(Some(&f)), &R);
-        assert_eq!(e.verdict.as_deref(), Some("unexpected"));
+        assert_eq!(e.verdict, Some(Verdict::Unexpected));
         assert_eq!(
             e.detail.as_deref(),
             Some("KERNEL_MODULES unknown: no process")

@@ -52,18 +52,7 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
     if let Some(root) = cgroup_root_override() {
         return Some(root);
     }
-    std::fs::read_to_string("/proc/self/mounts")
-        .ok()
-        .and_then(|m| cgroup2_mount_in(&m))
-}
-
-/// The first cgroup2 mount point in the text of /proc/self/mounts.
-fn cgroup2_mount_in(mounts: &str) -> Option<PathBuf> {
-    mounts.lines().find_map(|l| {
-        let mut f = l.split_ascii_whitespace();
-        let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(dir.replace("\\040", " ")))
-    })
+    crate::mounts::first_of_type("cgroup2")
 }
 
 /// [`cgroup2_mount`], with a warning that says what to do when kmodmon runs in a cgroup
@@ -228,13 +217,6 @@ impl Default for CgroupCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_first_cgroup2_mount_is_found() {
-        let m = "cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
-        assert_eq!(cgroup2_mount_in(m), Some("/sys/fs/cgroup/unified".into()));
-        assert_eq!(cgroup2_mount_in("proc /proc proc rw 0 0\n"), None);
-    }
 
     #[test]
     fn scan_maps_inodes_to_relative_paths() {

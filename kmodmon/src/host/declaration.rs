@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::escape::escape_bytes;
+pub use crate::event::Verdict;
 use crate::modname;
 
 /// The environment variable a container declares its modules in.
@@ -207,33 +208,6 @@ pub fn declaration(
         expected: value.map(Expected::parse).unwrap_or_default(),
         source: Source::Environ(pid),
     })
-}
-
-/// The verdict on a module event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Verdict {
-    /// Not in a container.
-    Host,
-    /// Declared by the container, or a dependency of a declared module.
-    Expected,
-    Unexpected,
-}
-
-impl Verdict {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Verdict::Host => "host",
-            Verdict::Expected => "expected",
-            Verdict::Unexpected => "unexpected",
-        }
-    }
-}
-
-impl std::fmt::Display for Verdict {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// A verdict and a one-line reason for the event's `detail`.

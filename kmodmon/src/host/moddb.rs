@@ -167,11 +167,14 @@ impl ModDb {
                 db.skipped_lines += usize::from(!line.trim().is_empty());
                 continue;
             };
-            let Some(name) = name_from_path(path) else {
+            let Some(name) = modname::from_file(path.trim()) else {
                 db.skipped_lines += 1;
                 continue;
             };
-            let deps = deps.split_whitespace().filter_map(name_from_path).collect();
+            let deps = deps
+                .split_whitespace()
+                .filter_map(modname::from_file)
+                .collect();
             db.modules.insert(
                 name.clone(),
                 Module {
@@ -182,7 +185,8 @@ impl ModDb {
             );
         }
         if let Some(text) = &files.builtin {
-            db.builtin.extend(text.lines().filter_map(name_from_path));
+            db.builtin
+                .extend(text.lines().map(str::trim).filter_map(modname::from_file));
         }
         if let Some(text) = &files.alias {
             db.skipped_lines += db.aliases.parse_into(text);
@@ -317,15 +321,6 @@ impl ModDb {
     pub fn skipped_lines(&self) -> usize {
         self.skipped_lines
     }
-}
-
-/// `kernel/net/ipv4/netfilter/iptable_nat.ko.xz` → `iptable_nat`.
-pub fn name_from_path(path: &str) -> Option<String> {
-    let base = path.trim().rsplit('/').next()?;
-    let stem = [".ko", ".ko.xz", ".ko.zst", ".ko.gz"]
-        .iter()
-        .find_map(|suffix| base.strip_suffix(suffix))?;
-    (!stem.is_empty()).then(|| modname::normalize(stem))
 }
 
 /// `softdep NAME pre: a b post: c` → (NAME, SoftDep). Words before any `pre:`/`post:` are
@@ -539,17 +534,6 @@ not a dep line\n"
             2,
             "\"not a dep line\" and \"softdep\" with no module"
         );
-    }
-
-    #[test]
-    fn names_from_paths() {
-        assert_eq!(
-            name_from_path("kernel/a/b-c.ko.zst").as_deref(),
-            Some("b_c")
-        );
-        assert_eq!(name_from_path("x.ko").as_deref(), Some("x"));
-        assert_eq!(name_from_path("x.o"), None);
-        assert_eq!(name_from_path(".ko"), None);
     }
 
     #[test]

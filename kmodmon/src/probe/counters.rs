@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
-use kmodmon_common::{Counter, RawEvent};
+use kmodmon_common::{Counter, CounterCategory, RawEvent, names};
 
 use super::ProbeError;
 
@@ -41,22 +41,20 @@ impl Snapshot {
             .sum()
     }
 
-    /// Drop counters that are not zero, by reason.
+    /// Drop counters (module events and cgroup records) that are not zero, by reason.
     pub fn drops(&self) -> Vec<(&'static str, u64)> {
-        Counter::ALL
-            .iter()
-            .filter(|c| c.is_event_drop() || **c == Counter::DropCgroupRingbufFull)
-            .map(|c| (c.name(), self.get(*c)))
-            .filter(|(_, v)| *v > 0)
-            .collect()
+        self.nonzero(|c| matches!(c, CounterCategory::EventDrop | CounterCategory::CgroupDrop))
     }
 
     /// Error counters that are not zero (events still delivered, a field marked missing).
     pub fn errors(&self) -> Vec<(&'static str, u64)> {
+        self.nonzero(|c| c == CounterCategory::Error)
+    }
+
+    fn nonzero(&self, category: impl Fn(CounterCategory) -> bool) -> Vec<(&'static str, u64)> {
         Counter::ALL
             .iter()
-            .filter(|c| !c.is_event_drop() && !c.is_seen())
-            .filter(|c| !matches!(c, Counter::SeenCgroup | Counter::DropCgroupRingbufFull))
+            .filter(|c| category(c.category()))
             .map(|c| (c.name(), self.get(*c)))
             .filter(|(_, v)| *v > 0)
             .collect()
@@ -83,8 +81,10 @@ impl Snapshot {
 impl Counters {
     pub(super) fn new(counters: Map, pending: Map) -> Result<Counters, ProbeError> {
         Ok(Counters {
-            counters: PerCpuArray::try_from(counters).map_err(|_| ProbeError::Map("COUNTERS"))?,
-            pending: HashMap::try_from(pending).map_err(|_| ProbeError::Map("PENDING"))?,
+            counters: PerCpuArray::try_from(counters)
+                .map_err(|_| ProbeError::Map(names::map::COUNTERS))?,
+            pending: HashMap::try_from(pending)
+                .map_err(|_| ProbeError::Map(names::map::PENDING))?,
         })
     }
 
@@ -123,12 +123,18 @@ mod tests {
             (Counter::DropPendingFull, 2),
             (Counter::ErrReadUser, 7),
             (Counter::SeenCgroup, 100),
+            (Counter::DropCgroupRingbufFull, 4),
+            (Counter::PolicyDecision, 9),
         ]);
         assert_eq!(s.seen(), 7);
         assert_eq!(s.dropped(), 3);
         assert_eq!(
             s.drops(),
-            vec![("ringbuf_full", 1), ("pending_map_full", 2)]
+            vec![
+                ("ringbuf_full", 1),
+                ("pending_map_full", 2),
+                ("cgroup_ringbuf_full", 4)
+            ]
         );
         assert_eq!(s.errors(), vec![("read_user_failed", 7)]);
     }

@@ -20,6 +20,7 @@ use aya::{
     maps::{MapData, RingBuf},
     programs::{FExit, RawTracePoint, TracePoint},
 };
+use kmodmon_common::names;
 pub use plan::{AttemptSource, Plan};
 use thiserror::Error;
 
@@ -138,7 +139,7 @@ impl Probe {
         };
         let mut ebpf = EbpfLoader::new()
             .btf(aya_btf.as_ref())
-            .override_global("KMODMON_CONFIG", &plan.config, true)
+            .override_global(names::global::CONFIG, &plan.config, true)
             .load(EBPF_OBJECT)
             .map_err(|e| ProbeError::Load(format!("{e:#}")))?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -168,24 +169,24 @@ impl Probe {
 
     /// The module-event ring buffer.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
-        take_ringbuf(&mut self.ebpf, "EVENTS")
+        take_ringbuf(&mut self.ebpf, names::map::EVENTS)
     }
 
     /// The cgroup mkdir/rmdir ring buffer.
     pub fn take_cgroups(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
-        take_ringbuf(&mut self.ebpf, "CGROUPS")
+        take_ringbuf(&mut self.ebpf, names::map::CGROUPS)
     }
 
     /// The kernel-side counters.
     pub fn take_counters(&mut self) -> Result<Counters, ProbeError> {
         let counters = self
             .ebpf
-            .take_map("COUNTERS")
-            .ok_or(ProbeError::Map("COUNTERS"))?;
+            .take_map(names::map::COUNTERS)
+            .ok_or(ProbeError::Map(names::map::COUNTERS))?;
         let pending = self
             .ebpf
-            .take_map("PENDING")
-            .ok_or(ProbeError::Map("PENDING"))?;
+            .take_map(names::map::PENDING)
+            .ok_or(ProbeError::Map(names::map::PENDING))?;
         Counters::new(counters, pending)
     }
 
@@ -309,4 +310,53 @@ pub fn explain() -> anyhow::Result<ExitCode> {
         println!("note: {n}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use kmodmon_common::names;
+    use object::{Object as _, ObjectSymbol as _};
+
+    use super::EBPF_OBJECT;
+
+    /// Every program, map and global userspace names (kmodmon_common::names) is in the compiled
+    /// object, and every program and map of the object is named there: a rename on either side
+    /// fails here, not at attach time on some kernel.
+    #[test]
+    fn names_match_the_object() {
+        let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("the embedded eBPF object parses");
+        let programs: BTreeSet<&str> = obj.programs.keys().map(String::as_str).collect();
+        let named: BTreeSet<&str> = names::program::ALL.into_iter().collect();
+        assert_eq!(
+            programs, named,
+            "programs in the object vs names::program::ALL"
+        );
+        assert_eq!(
+            named.len(),
+            names::program::ALL.len(),
+            "a program is named twice"
+        );
+
+        // Global data sections (.rodata, .bss, ...) are maps to aya too; they are not named.
+        let maps: BTreeSet<&str> = obj
+            .maps
+            .keys()
+            .map(String::as_str)
+            .filter(|m| !m.starts_with('.'))
+            .collect();
+        let named: BTreeSet<&str> = names::map::ALL.into_iter().collect();
+        assert_eq!(maps, named, "maps in the object vs names::map::ALL");
+        assert_eq!(named.len(), names::map::ALL.len(), "a map is named twice");
+
+        let elf = object::File::parse(EBPF_OBJECT).expect("the embedded object is ELF");
+        for global in names::global::ALL {
+            let sym = elf.symbol_by_name(global);
+            assert!(
+                sym.is_some_and(|s| s.is_global() && s.is_definition()),
+                "global {global} is not defined in the eBPF object"
+            );
+        }
+    }
 }

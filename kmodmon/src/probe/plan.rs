@@ -1,6 +1,6 @@
 //! Which source serves each kind of event on this kernel, and the configuration the programs
 //! get: decided from what tracefs and BTF say exists.
-use kmodmon_common::{Config, OFFSET_UNKNOWN};
+use kmodmon_common::{Config, OFFSET_UNKNOWN, names::program};
 
 use super::{
     Options, ProbeError,
@@ -40,7 +40,12 @@ impl AttemptSource {
     }
 }
 
-const MODULE_EVENTS: [&str; 3] = ["module_load", "module_free", "module_request"];
+/// module:* tracepoints (event names, the kernel's) and the program attached to each.
+const MODULE_EVENTS: [(&str, &str); 3] = [
+    ("module_load", program::MODULE_LOAD),
+    ("module_free", program::MODULE_FREE),
+    ("module_request", program::MODULE_REQUEST),
+];
 const SYSCALLS: [&str; 3] = ["init_module", "finit_module", "delete_module"];
 
 /// The decision, with the configuration it implies.
@@ -66,7 +71,7 @@ impl Plan {
         set_syscall_numbers(&mut config);
 
         let mut module_events = Vec::new();
-        for ev in MODULE_EVENTS {
+        for (ev, _) in MODULE_EVENTS {
             if !tracefs.has_event("module", ev) {
                 continue;
             }
@@ -118,7 +123,7 @@ impl Plan {
 
         // Without module support (no /proc/modules) the syscalls' kernel functions are stubs
         // returning ENOSYS that cannot be traced; only the raw syscall path sees attempts.
-        let modules_supported = std::path::Path::new("/proc/modules").exists();
+        let modules_supported = crate::host::moddb::live::module_support();
         if !modules_supported {
             notes.push(
                 "this kernel has no module support (no /proc/modules): module syscalls fail with \
@@ -207,37 +212,51 @@ impl Plan {
 
     /// (program, category, event) for every tracepoint this plan attaches.
     pub fn tracepoints(&self) -> Vec<(&'static str, &'static str, &'static str)> {
-        let mut v: Vec<(&'static str, &'static str, &'static str)> = self
-            .module_events
+        let mut v: Vec<(&'static str, &'static str, &'static str)> = MODULE_EVENTS
             .iter()
-            .map(|ev| (*ev, "module", *ev))
+            .filter(|(ev, _)| self.module_events.contains(ev))
+            .map(|(ev, prog)| (*prog, "module", *ev))
             .collect();
         match self.attempts {
             AttemptSource::SyscallTracepoint => {
-                v.push(("sys_enter_init_module", "syscalls", "sys_enter_init_module"));
-                v.push((
-                    "sys_enter_finit_module",
-                    "syscalls",
-                    "sys_enter_finit_module",
-                ));
-                v.push((
-                    "sys_enter_delete_module",
-                    "syscalls",
-                    "sys_enter_delete_module",
-                ));
-                v.push(("sys_exit_module", "syscalls", "sys_exit_init_module"));
-                v.push(("sys_exit_module", "syscalls", "sys_exit_finit_module"));
-                v.push(("sys_exit_module", "syscalls", "sys_exit_delete_module"));
+                v.extend([
+                    (
+                        program::SYS_ENTER_INIT_MODULE,
+                        "syscalls",
+                        "sys_enter_init_module",
+                    ),
+                    (
+                        program::SYS_ENTER_FINIT_MODULE,
+                        "syscalls",
+                        "sys_enter_finit_module",
+                    ),
+                    (
+                        program::SYS_ENTER_DELETE_MODULE,
+                        "syscalls",
+                        "sys_enter_delete_module",
+                    ),
+                    (program::SYS_EXIT_MODULE, "syscalls", "sys_exit_init_module"),
+                    (
+                        program::SYS_EXIT_MODULE,
+                        "syscalls",
+                        "sys_exit_finit_module",
+                    ),
+                    (
+                        program::SYS_EXIT_MODULE,
+                        "syscalls",
+                        "sys_exit_delete_module",
+                    ),
+                ]);
             }
             AttemptSource::RawSyscalls => {
-                v.push(("raw_sys_enter", "raw_syscalls", "sys_enter"));
-                v.push(("raw_sys_exit", "raw_syscalls", "sys_exit"));
+                v.push((program::RAW_SYS_ENTER, "raw_syscalls", "sys_enter"));
+                v.push((program::RAW_SYS_EXIT, "raw_syscalls", "sys_exit"));
             }
             AttemptSource::Fexit | AttemptSource::RawTracepoint | AttemptSource::None => {}
         }
         if self.cgroups {
-            v.push(("cgroup_mkdir", "cgroup", "cgroup_mkdir"));
-            v.push(("cgroup_rmdir", "cgroup", "cgroup_rmdir"));
+            v.push((program::CGROUP_MKDIR, "cgroup", "cgroup_mkdir"));
+            v.push((program::CGROUP_RMDIR, "cgroup", "cgroup_rmdir"));
         }
         v
     }
@@ -248,8 +267,8 @@ impl Plan {
             return Vec::new();
         }
         vec![
-            ("raw_tp_sys_enter", "sys_enter"),
-            ("raw_tp_sys_exit", "sys_exit"),
+            (program::RAW_TP_SYS_ENTER, "sys_enter"),
+            (program::RAW_TP_SYS_EXIT, "sys_exit"),
         ]
     }
 
@@ -259,9 +278,9 @@ impl Plan {
             return Vec::new();
         }
         vec![
-            ("fexit_init_module", syscall_func("init_module")),
-            ("fexit_finit_module", syscall_func("finit_module")),
-            ("fexit_delete_module", syscall_func("delete_module")),
+            (program::FEXIT_INIT_MODULE, syscall_func("init_module")),
+            (program::FEXIT_FINIT_MODULE, syscall_func("finit_module")),
+            (program::FEXIT_DELETE_MODULE, syscall_func("delete_module")),
         ]
     }
 

@@ -189,7 +189,7 @@ pub fn line(ev: &Event, style: Style) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Clock, Container};
+    use crate::event::{Clock, Container, Verdict};
 
     fn attempt() -> Event {
         let mut e = Event::synthetic(Kind::LoadAttempt, &Clock::new());
@@ -244,7 +244,7 @@ mod tests {
             runtime: "docker".into(),
             ..Default::default()
         });
-        e.verdict = Some("unexpected".into());
+        e.verdict = Some(Verdict::Unexpected);
         let l = line(&e, Style { color: false });
         assert!(l.contains("ip_vs…"));
         assert!(l.contains("docker:0123456789ab [unexpected]"));

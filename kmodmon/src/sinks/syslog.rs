@@ -10,7 +10,7 @@ use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use crate::event::{Event, Kind};
+use crate::event::{Event, Kind, Verdict};
 
 /// The local syslog socket.
 pub const DEFAULT_SOCKET: &str = "/dev/log";
@@ -75,7 +75,7 @@ pub enum Severity {
 pub fn severity_for(ev: &Event) -> Severity {
     match ev.kind {
         Kind::Denied | Kind::WouldDeny => Severity::Warning,
-        _ if ev.verdict.as_deref() == Some("unexpected") => Severity::Notice,
+        _ if ev.verdict == Some(Verdict::Unexpected) => Severity::Notice,
         _ => Severity::Informational,
     }
 }
@@ -289,7 +289,7 @@ mod tests {
         );
         let mut e = Event::synthetic(Kind::Load, &c);
         assert_eq!(severity_for(&e), Severity::Informational);
-        e.verdict = Some("unexpected".into());
+        e.verdict = Some(Verdict::Unexpected);
         assert_eq!(severity_for(&e), Severity::Notice);
         assert_eq!("LOCAL3".parse(), Ok(Facility::Local3));
         assert!("kern".parse::<Facility>().is_err());

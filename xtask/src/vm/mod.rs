@@ -35,12 +35,13 @@ use anyhow::{Context as _, Result, bail};
 pub use bench::vm_bench;
 pub use runner::vm_test;
 
-use crate::util::{cargo, run, workspace_root};
+use crate::{
+    build::{TARGET, release_kmodmon},
+    util::{run, workspace_root},
+};
 use kernels::{Cache, Kernel, KernelSpec, MATRIX};
 use qemu::{VmConfig, VmRun};
 
-/// The static target kmodmon is built for, to run in the VM without the host's libraries.
-const TARGET: &str = "x86_64-unknown-linux-gnu";
 /// Where the scenario scripts and their library live, relative to the workspace root.
 const SCENARIO_DIR: &str = "tests/vm";
 /// The default kernel of `vm-run`: the newest of the matrix.
@@ -79,7 +80,7 @@ pub fn prepare(kernel: Option<&str>, all: bool) -> Result<Prepared> {
     let kernels = Cache::new(vm_dir.clone()).fetch_all(&specs(kernel, all)?, false)?;
     let root = workspace_root();
     let mut files = BTreeMap::new();
-    files.insert("usr/bin/kmodmon".to_string(), build_kmodmon(&root)?);
+    files.insert("usr/bin/kmodmon".to_string(), release_kmodmon()?);
     files.insert(
         "usr/bin/kmodmon-vm-bench".to_string(),
         build_bench(&root, &vm_dir)?,
@@ -221,29 +222,6 @@ pub fn vm_fetch(kernel: Option<&str>, refresh: bool) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// kmodmon, statically linked (glibc, crt-static), so it runs on the VM's bare root.
-fn build_kmodmon(root: &Path) -> Result<PathBuf> {
-    run(cargo()
-        .current_dir(root)
-        .args(["build", "--release", "-p", "kmodmon", "--target", TARGET])
-        .env(
-            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
-            "-C target-feature=+crt-static",
-        ))
-    .context("building kmodmon for the VM failed")?;
-    let bin = crate::util::target_dir(root)?
-        .join(TARGET)
-        .join("release/kmodmon");
-    let ldd = Command::new("ldd").arg(&bin).output()?;
-    if ldd.status.success() && !String::from_utf8_lossy(&ldd.stdout).contains("statically linked") {
-        bail!(
-            "{} is not statically linked; the VM has no matching libraries",
-            bin.display()
-        );
-    }
-    Ok(bin)
 }
 
 /// The getppid benchmark (tests/vm/bench/getppid.rs, std only), compiled with rustc.

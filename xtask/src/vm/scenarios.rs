@@ -3,6 +3,8 @@
 //! kernel's modules.dep), and checked exactly against kmodmon's events.
 use std::collections::{BTreeMap, BTreeSet};
 
+use kmodmon_common::modname;
+
 use super::{
     check::{self, Container, Event, Expect, OracleEvent},
     kernels::Kernel,
@@ -21,12 +23,6 @@ pub struct Ctx<'a> {
 #[derive(Default)]
 pub struct ModDeps(BTreeMap<String, (String, Vec<String>)>);
 
-/// "kernel/net/ipvs/ip_vs-wrr.ko.xz" → "ip_vs_wrr".
-fn module_of(path: &str) -> String {
-    let file = path.rsplit('/').next().unwrap_or(path);
-    file.split(".ko").next().unwrap_or(file).replace('-', "_")
-}
-
 impl ModDeps {
     pub fn parse(text: &str) -> ModDeps {
         let mut map = BTreeMap::new();
@@ -34,8 +30,14 @@ impl ModDeps {
             let Some((path, deps)) = line.split_once(':') else {
                 continue;
             };
-            let deps = deps.split_whitespace().map(module_of).collect();
-            map.insert(module_of(path), (path.to_string(), deps));
+            let Some(module) = modname::from_file(path) else {
+                continue;
+            };
+            let deps = deps
+                .split_whitespace()
+                .filter_map(modname::from_file)
+                .collect();
+            map.insert(module, (path.to_string(), deps));
         }
         ModDeps(map)
     }

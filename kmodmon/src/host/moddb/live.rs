@@ -6,6 +6,12 @@ use std::path::PathBuf;
 use super::{ModDbError, RootFs};
 use crate::modname;
 
+/// Whether the running kernel can load modules at all (CONFIG_MODULES): its /proc/modules
+/// exists. Without it init_module and friends fail with ENOSYS and no module hook fires.
+pub fn module_support() -> bool {
+    std::path::Path::new("/proc/modules").exists()
+}
+
 /// One line of /proc/modules.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoadedModule {

@@ -1,0 +1,141 @@
+//! What userspace resolved about this kernel (tracepoint layouts, BTF offsets), handed to the
+//! programs before load.
+
+/// A field inside a tracepoint record: where it starts and how wide it is. For `__data_loc`
+/// fields `offset` locates the u32 descriptor (low 16 bits: offset, high 16: length).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Field {
+    pub offset: u32,
+    pub size: u32,
+}
+
+/// Everything the programs need to know about this kernel, resolved by userspace at start-up
+/// and written into the programs' read-only data before load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    /// Syscall numbers on this architecture.
+    pub nr_init_module: u32,
+    pub nr_finit_module: u32,
+    pub nr_delete_module: u32,
+    /// 1 = the module:* tracepoints are attached, so attempt programs need not
+    /// duplicate anything (reserved; attempts are always reported).
+    pub have_module_tracepoints: u32,
+
+    // raw_syscalls:sys_enter / sys_exit
+    pub raw_enter_id: Field,
+    pub raw_enter_args: Field,
+    pub raw_exit_id: Field,
+    pub raw_exit_ret: Field,
+
+    // syscalls:sys_enter_init_module (umod, len, uargs)
+    pub init_umod: Field,
+    pub init_len: Field,
+    pub init_uargs: Field,
+    // syscalls:sys_enter_finit_module (fd, uargs, flags)
+    pub finit_fd: Field,
+    pub finit_uargs: Field,
+    pub finit_flags: Field,
+    // syscalls:sys_enter_delete_module (name_user, flags)
+    pub delete_name: Field,
+    pub delete_flags: Field,
+    // syscalls:sys_exit_* (ret)
+    pub sys_exit_ret: Field,
+
+    // module:module_load (taints, name), module_free (name), module_request (wait, name)
+    pub load_taints: Field,
+    pub load_name: Field,
+    pub free_name: Field,
+    pub request_wait: Field,
+    pub request_name: Field,
+
+    // cgroup:cgroup_mkdir / cgroup_rmdir (root, id, path)
+    pub cgroup_root: Field,
+    pub cgroup_id: Field,
+    pub cgroup_path: Field,
+    /// Hierarchy id of the cgroup2 (default) hierarchy.
+    pub cgroup_dfl_hierarchy: u32,
+
+    /// Kernel structure member offsets from BTF; 0xffff_ffff when unknown.
+    pub pt_regs_arg: [u32; 3],
+    pub task_real_parent: u32,
+    pub task_tgid: u32,
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_f_path: u32,
+    pub path_dentry: u32,
+    pub dentry_d_name: u32,
+    pub dentry_d_parent: u32,
+    pub qstr_name: u32,
+    pub path_mnt: u32,
+    pub vfsmount_mnt_root: u32,
+    /// Offset of `struct vfsmount mnt` inside `struct mount` (container_of).
+    pub mount_mnt: u32,
+    pub mount_parent: u32,
+    pub mount_mountpoint: u32,
+    /// `struct pt_regs` member holding the syscall number (x86_64 `orig_ax`, arm64
+    /// `syscallno`), for the raw tracepoint on sys_exit.
+    pub pt_regs_syscall_nr: u32,
+}
+
+/// Marks an offset BTF did not provide.
+pub const OFFSET_UNKNOWN: u32 = u32::MAX;
+
+impl Field {
+    pub const UNSET: Field = Field { offset: 0, size: 0 };
+}
+
+impl Config {
+    /// A configuration with nothing resolved: every program that needs a value returns early.
+    pub const fn unset() -> Self {
+        Self {
+            nr_init_module: u32::MAX,
+            nr_finit_module: u32::MAX,
+            nr_delete_module: u32::MAX,
+            have_module_tracepoints: 0,
+            raw_enter_id: Field::UNSET,
+            raw_enter_args: Field::UNSET,
+            raw_exit_id: Field::UNSET,
+            raw_exit_ret: Field::UNSET,
+            init_umod: Field::UNSET,
+            init_len: Field::UNSET,
+            init_uargs: Field::UNSET,
+            finit_fd: Field::UNSET,
+            finit_uargs: Field::UNSET,
+            finit_flags: Field::UNSET,
+            delete_name: Field::UNSET,
+            delete_flags: Field::UNSET,
+            sys_exit_ret: Field::UNSET,
+            load_taints: Field::UNSET,
+            load_name: Field::UNSET,
+            free_name: Field::UNSET,
+            request_wait: Field::UNSET,
+            request_name: Field::UNSET,
+            cgroup_root: Field::UNSET,
+            cgroup_id: Field::UNSET,
+            cgroup_path: Field::UNSET,
+            cgroup_dfl_hierarchy: 0,
+            pt_regs_arg: [OFFSET_UNKNOWN; 3],
+            task_real_parent: OFFSET_UNKNOWN,
+            task_tgid: OFFSET_UNKNOWN,
+            task_files: OFFSET_UNKNOWN,
+            files_fdt: OFFSET_UNKNOWN,
+            fdtable_max_fds: OFFSET_UNKNOWN,
+            fdtable_fd: OFFSET_UNKNOWN,
+            file_f_path: OFFSET_UNKNOWN,
+            path_dentry: OFFSET_UNKNOWN,
+            dentry_d_name: OFFSET_UNKNOWN,
+            dentry_d_parent: OFFSET_UNKNOWN,
+            qstr_name: OFFSET_UNKNOWN,
+            path_mnt: OFFSET_UNKNOWN,
+            vfsmount_mnt_root: OFFSET_UNKNOWN,
+            mount_mnt: OFFSET_UNKNOWN,
+            mount_parent: OFFSET_UNKNOWN,
+            mount_mountpoint: OFFSET_UNKNOWN,
+            pt_regs_syscall_nr: OFFSET_UNKNOWN,
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! The kernel side's per-CPU counters.
+
+/// What a counter counts, for the accounting `seen == delivered + dropped + in_flight` and for
+/// what the exit summary and metrics list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CounterCategory {
+    /// One module event a program saw (each event increments exactly one).
+    Seen,
+    /// One module event lost (each loss increments exactly one).
+    EventDrop,
+    /// One cgroup mkdir/rmdir record lost (not a module event).
+    CgroupDrop,
+    /// A failed read or helper call: the event still went out, with the field marked missing.
+    Error,
+    /// Anything else: cgroup records seen, LSM decisions taken.
+    Other,
+}
+
+contract_enum! {
+    /// Per-CPU counters (one `u64` slot each in the `COUNTERS` map, indexed by value). Every
+    /// path that sees an event increments exactly one [`CounterCategory::Seen`] counter; every
+    /// path that loses one increments exactly one [`CounterCategory::EventDrop`]; every failed
+    /// helper call increments a [`CounterCategory::Error`] (the event still goes out, with the
+    /// field marked missing).
+    pub enum Counter: category CounterCategory;
+    SeenLoad = 0 => "seen_load", CounterCategory::Seen;
+    SeenUnload = 1 => "seen_unload", CounterCategory::Seen;
+    SeenRequest = 2 => "seen_request", CounterCategory::Seen;
+    SeenLoadAttempt = 3 => "seen_load_attempt", CounterCategory::Seen;
+    SeenUnloadAttempt = 4 => "seen_unload_attempt", CounterCategory::Seen;
+    /// bpf_ringbuf_reserve/output failed: ring buffer full.
+    DropRingbufFull = 5 => "ringbuf_full", CounterCategory::EventDrop;
+    /// The enter→exit join map was full, the attempt could not be tracked.
+    DropPendingFull = 6 => "pending_map_full", CounterCategory::EventDrop;
+    /// The per-CPU scratch buffer was unavailable.
+    DropNoScratch = 7 => "no_scratch", CounterCategory::EventDrop;
+    /// A parked attempt was replaced before its exit was seen (its task died inside the
+    /// syscall and the pid was reused).
+    DropPendingLost = 8 => "pending_lost", CounterCategory::EventDrop;
+    /// Reading a user string failed.
+    ErrReadUser = 9 => "read_user_failed", CounterCategory::Error;
+    /// Reading kernel memory failed.
+    ErrReadKernel = 10 => "read_kernel_failed", CounterCategory::Error;
+    /// A syscall exit with no recorded entry (the call began before kmodmon attached).
+    ExitWithoutEnter = 11 => "exit_without_enter", CounterCategory::Error;
+    /// cgroup mkdir/rmdir records seen.
+    SeenCgroup = 12 => "seen_cgroup", CounterCategory::Other;
+    /// cgroup mkdir/rmdir records lost to a full ring buffer.
+    DropCgroupRingbufFull = 13 => "cgroup_ringbuf_full", CounterCategory::CgroupDrop;
+    /// fexit could not read the syscall's return value.
+    ErrFuncRet = 14 => "func_ret_failed", CounterCategory::Error;
+    /// Removing a completed attempt from the join map failed.
+    ErrPendingRemove = 15 => "pending_remove_failed", CounterCategory::Error;
+    /// denied / would_deny decisions taken by the LSM programs.
+    PolicyDecision = 16 => "policy_decision", CounterCategory::Other;
+}
+
+/// Slots of the `COUNTERS` map.
+pub const COUNTER_SLOTS: u32 = Counter::ALL.len() as u32;
+
+impl Counter {
+    /// Counters that each stand for one lost module event.
+    pub const fn is_event_drop(self) -> bool {
+        matches!(self.category(), CounterCategory::EventDrop)
+    }
+
+    /// Counters that each stand for one module event seen.
+    pub const fn is_seen(self) -> bool {
+        matches!(self.category(), CounterCategory::Seen)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_index_their_slots() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(
+                *c as usize, i,
+                "{c:?} must be slot {i}: COUNTERS is indexed by value"
+            );
+        }
+        assert_eq!(COUNTER_SLOTS as usize, Counter::ALL.len());
+    }
+}

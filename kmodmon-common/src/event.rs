@@ -1,0 +1,225 @@
+//! Module event records: what the kernel side sends for each load, unload, request and
+//! attempt ([`RawEvent`]), and the enums and bit sets its fields carry.
+use crate::counter::Counter;
+
+/// Longest module / request name kept. Module names are at most 55 bytes (MODULE_NAME_LEN - 1);
+/// autoload requests can be aliases (`pci:v00008086d...`) and are longer.
+pub const NAME_LEN: usize = 128;
+/// Longest module parameter string kept (init_module / finit_module `uargs`).
+pub const PARAMS_LEN: usize = 256;
+/// The file path of finit_module is stored as fixed slots of NUL-terminated components, leaf
+/// first (slot i at byte i * PATH_COMPONENT_LEN). Fixed slots keep the verifier's work small.
+pub const PATH_SLOTS: usize = 10;
+/// Bytes per path component slot (a component of PATH_COMPONENT_LEN - 1 bytes may be cut).
+pub const PATH_COMPONENT_LEN: usize = 48;
+pub const PATH_LEN: usize = PATH_SLOTS * PATH_COMPONENT_LEN;
+/// How many steps (a dentry up, or a mount crossed) the path walk takes at most.
+pub const PATH_MAX_STEPS: usize = 16;
+/// `comm` length (TASK_COMM_LEN).
+pub const COMM_LEN: usize = 16;
+
+/// The kinds of event the kernel side records, one row each (`Variant = value => "name";`).
+/// Calls `$callback! { HEAD ROWS }`: [`EventKind`] is built from it here, and kmodmon's output
+/// `Kind` from the same rows (see [`crate::macros`]).
+#[macro_export]
+macro_rules! event_kinds {
+    ($callback:ident! { $($head:tt)* }) => {
+        $callback! {
+            $($head)*
+            /// The kernel finished loading a module (module:module_load).
+            Load = 1 => "load";
+            /// The kernel freed a module (module:module_free).
+            Unload = 2 => "unload";
+            /// The kernel was asked to autoload a module (module:module_request).
+            Request = 3 => "request";
+            /// A task called init_module or finit_module (with its result).
+            LoadAttempt = 4 => "load_attempt";
+            /// A task called delete_module (with its result).
+            UnloadAttempt = 5 => "unload_attempt";
+            /// The BPF LSM denied a load or autoload request (enforce mode), with the rule
+            /// that decided and the policy generation.
+            Denied = 6 => "denied";
+            /// The BPF LSM would have denied it (audit mode); with rule and generation too.
+            WouldDeny = 7 => "would_deny";
+        }
+    };
+}
+
+event_kinds!(contract_enum! {
+    /// What happened.
+    pub enum EventKind;
+});
+
+impl EventKind {
+    /// Index of this kind's "seen" counter in [`Counter`].
+    pub const fn seen_counter(self) -> Counter {
+        match self {
+            Self::Load => Counter::SeenLoad,
+            Self::Unload => Counter::SeenUnload,
+            Self::Request => Counter::SeenRequest,
+            Self::LoadAttempt => Counter::SeenLoadAttempt,
+            Self::UnloadAttempt => Counter::SeenUnloadAttempt,
+            Self::Denied | Self::WouldDeny => Counter::PolicyDecision,
+        }
+    }
+}
+
+/// The kernel hooks that produce events, one row each (see [`event_kinds!`](crate::event_kinds)).
+#[macro_export]
+macro_rules! sources {
+    ($callback:ident! { $($head:tt)* }) => {
+        $callback! {
+            $($head)*
+            /// module:module_load / module_free / module_request tracepoints.
+            ModuleTracepoint = 1 => "module_tracepoint";
+            /// fexit on the syscall's own kernel function (no cost to other syscalls).
+            Fexit = 2 => "fexit";
+            /// syscalls:sys_enter_* / sys_exit_* tracepoints.
+            SyscallTracepoint = 3 => "syscall_tracepoint";
+            /// raw_syscalls:sys_enter / sys_exit, filtered in the kernel by syscall number.
+            RawSyscalls = 4 => "raw_syscalls";
+            /// BPF LSM hooks (policy enforcement).
+            Lsm = 5 => "lsm";
+        }
+    };
+}
+
+sources!(contract_enum! {
+    /// Which kernel hook produced an event.
+    pub enum Source;
+});
+
+/// The module syscalls, one row each (see [`event_kinds!`](crate::event_kinds)); [`Op`] adds
+/// `None` for records that are not attempts.
+#[macro_export]
+macro_rules! syscall_ops {
+    ($callback:ident! { $($head:tt)* }) => {
+        $callback! {
+            $($head)*
+            InitModule = 1 => "init_module";
+            FinitModule = 2 => "finit_module";
+            DeleteModule = 3 => "delete_module";
+        }
+    };
+}
+
+syscall_ops!(contract_enum! {
+    /// Which module syscall an attempt used.
+    pub enum Op;
+    /// Not an attempt (a kernel record, or an LSM decision on an autoload request).
+    None = 0 => "none";
+});
+
+/// Bits of [`RawEvent::truncated`] and friends.
+pub mod trunc {
+    pub const NAME: u32 = 1 << 0;
+    pub const PARAMS: u32 = 1 << 1;
+    pub const PATH: u32 = 1 << 2;
+}
+
+/// Bits of [`RawEvent::missing`]: a field the kernel side tried and failed to read.
+pub mod missing {
+    pub const NAME: u32 = 1 << 0;
+    pub const PARAMS: u32 = 1 << 1;
+    pub const PATH: u32 = 1 << 2;
+    pub const PPID: u32 = 1 << 3;
+    pub const RESULT: u32 = 1 << 4;
+}
+
+/// One module event, as the kernel side records it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RawEvent {
+    /// [`EventKind`] as u32.
+    pub kind: u32,
+    /// [`Source`] as u32.
+    pub source: u32,
+    /// [`Op`] as u32 (attempts only).
+    pub op: u32,
+    /// Bitmask of [`trunc`] flags.
+    pub truncated: u32,
+    /// Bitmask of [`missing`] flags.
+    pub missing: u32,
+    /// module_load: the kernel's taint mask for the module.
+    pub taints: u32,
+    /// module_request: 1 when the requester waits for modprobe, else 0.
+    pub wait: u32,
+    /// denied / would_deny: the id of the policy rule that decided
+    /// ([`crate::policy::Decision::rule`]).
+    pub rule_id: u32,
+    /// denied / would_deny: the generation of the policy in force
+    /// ([`crate::policy::Settings::generation`]).
+    pub policy_generation: u32,
+    /// finit_module / delete_module flags.
+    pub flags: u32,
+    /// finit_module fd (-1 when not applicable).
+    pub fd: i32,
+    /// Always 0: keeps the u64 fields that follow aligned with no implicit padding.
+    pub _reserved: u32,
+    /// bpf_ktime_get_ns() when the event started (syscall entry for attempts).
+    pub ktime_ns: u64,
+    /// bpf_ktime_get_ns() when the syscall returned (attempts), else equal to `ktime_ns`.
+    pub end_ktime_ns: u64,
+    /// init_module image length.
+    pub len: u64,
+    /// Syscall return value (0 or -errno); 0 for kernel-record events.
+    pub ret: i64,
+    pub cgroup_id: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub ppid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Slots used in `path` (components, leaf first).
+    pub path_len: u32,
+    pub comm: [u8; COMM_LEN],
+    pub name: [u8; NAME_LEN],
+    pub params: [u8; PARAMS_LEN],
+    pub path: [u8; PATH_LEN],
+}
+
+impl RawEvent {
+    pub const fn zeroed() -> Self {
+        Self {
+            kind: 0,
+            source: 0,
+            op: 0,
+            truncated: 0,
+            missing: 0,
+            taints: 0,
+            wait: 0,
+            rule_id: 0,
+            policy_generation: 0,
+            flags: 0,
+            fd: -1,
+            _reserved: 0,
+            ktime_ns: 0,
+            end_ktime_ns: 0,
+            len: 0,
+            ret: 0,
+            cgroup_id: 0,
+            pid: 0,
+            tid: 0,
+            ppid: 0,
+            uid: 0,
+            gid: 0,
+            path_len: 0,
+            comm: [0; COMM_LEN],
+            name: [0; NAME_LEN],
+            params: [0; PARAMS_LEN],
+            path: [0; PATH_LEN],
+        }
+    }
+}
+
+/// The record carries no implicit padding: every byte is a field the programs set (the kernel
+/// must not leak uninitialised memory into a record, and userspace reads it field by field).
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    let fields_end = offset_of!(RawEvent, path) + PATH_LEN;
+    assert!(fields_end == size_of::<RawEvent>());
+    // The size the ring buffer's sizing comment (kmodmon-ebpf maps.rs) assumes.
+    assert!(size_of::<RawEvent>() == 992);
+    assert!(offset_of!(RawEvent, ktime_ns) == 12 * 4);
+    assert!(offset_of!(RawEvent, comm) == 12 * 4 + 5 * 8 + 6 * 4);
+};

@@ -1,0 +1,111 @@
+//! The name of every program, map and global in the eBPF object: userspace looks them up by
+//! these constants only. The eBPF side names them by its functions and statics (the attribute
+//! macros take no constants), so kmodmon's `probe::tests::names_match_the_object` opens the
+//! compiled object and checks that both sides list the same names: a rename on one side fails
+//! that test.
+
+/// Programs (function names in kmodmon-ebpf).
+pub mod program {
+    /// module:module_load.
+    pub const MODULE_LOAD: &str = "module_load";
+    /// module:module_free.
+    pub const MODULE_FREE: &str = "module_free";
+    /// module:module_request.
+    pub const MODULE_REQUEST: &str = "module_request";
+    /// fexit on the syscalls' kernel functions.
+    pub const FEXIT_INIT_MODULE: &str = "fexit_init_module";
+    pub const FEXIT_FINIT_MODULE: &str = "fexit_finit_module";
+    pub const FEXIT_DELETE_MODULE: &str = "fexit_delete_module";
+    /// syscalls:sys_enter_* and (one program for all three) sys_exit_*.
+    pub const SYS_ENTER_INIT_MODULE: &str = "sys_enter_init_module";
+    pub const SYS_ENTER_FINIT_MODULE: &str = "sys_enter_finit_module";
+    pub const SYS_ENTER_DELETE_MODULE: &str = "sys_enter_delete_module";
+    pub const SYS_EXIT_MODULE: &str = "sys_exit_module";
+    /// raw_syscalls:sys_enter / sys_exit tracepoints.
+    pub const RAW_SYS_ENTER: &str = "raw_sys_enter";
+    pub const RAW_SYS_EXIT: &str = "raw_sys_exit";
+    /// Raw tracepoints on sys_enter / sys_exit.
+    pub const RAW_TP_SYS_ENTER: &str = "raw_tp_sys_enter";
+    pub const RAW_TP_SYS_EXIT: &str = "raw_tp_sys_exit";
+    /// cgroup:cgroup_mkdir / cgroup_rmdir.
+    pub const CGROUP_MKDIR: &str = "cgroup_mkdir";
+    pub const CGROUP_RMDIR: &str = "cgroup_rmdir";
+    /// BPF LSM programs (policy enforcement), named after their hooks.
+    pub const KERNEL_MODULE_REQUEST: &str = "kernel_module_request";
+    pub const KERNEL_READ_FILE: &str = "kernel_read_file";
+    pub const KERNEL_LOAD_DATA: &str = "kernel_load_data";
+    pub const KERNEL_POST_LOAD_DATA: &str = "kernel_post_load_data";
+
+    /// Every program in the object.
+    pub const ALL: [&str; 20] = [
+        MODULE_LOAD,
+        MODULE_FREE,
+        MODULE_REQUEST,
+        FEXIT_INIT_MODULE,
+        FEXIT_FINIT_MODULE,
+        FEXIT_DELETE_MODULE,
+        SYS_ENTER_INIT_MODULE,
+        SYS_ENTER_FINIT_MODULE,
+        SYS_ENTER_DELETE_MODULE,
+        SYS_EXIT_MODULE,
+        RAW_SYS_ENTER,
+        RAW_SYS_EXIT,
+        RAW_TP_SYS_ENTER,
+        RAW_TP_SYS_EXIT,
+        CGROUP_MKDIR,
+        CGROUP_RMDIR,
+        KERNEL_MODULE_REQUEST,
+        KERNEL_READ_FILE,
+        KERNEL_LOAD_DATA,
+        KERNEL_POST_LOAD_DATA,
+    ];
+}
+
+/// Maps (static names in kmodmon-ebpf).
+pub mod map {
+    /// Module events ([`crate::RawEvent`] records); the LSM programs' denied / would_deny too.
+    pub const EVENTS: &str = "EVENTS";
+    /// cgroup mkdir/rmdir records ([`crate::RawCgroupEvent`]).
+    pub const CGROUPS: &str = "CGROUPS";
+    /// Per-CPU counters, indexed by [`crate::Counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+    /// Attempts between syscall entry and exit.
+    pub const PENDING: &str = "PENDING";
+    /// Per-CPU working space (kernel side only; listed so the object check is complete).
+    pub const SCRATCH: &str = "SCRATCH";
+    /// Policy: cgroup id → [`crate::policy::Decision`].
+    pub const POLICY_CGROUPS: &str = "POLICY_CGROUPS";
+    /// Policy: [`crate::policy::AllowKey`] → 1.
+    pub const POLICY_ALLOW: &str = "POLICY_ALLOW";
+    /// Policy: [`crate::policy::Settings`] in slot 0.
+    pub const POLICY_SETTINGS: &str = "POLICY_SETTINGS";
+    /// Slot 0: the [`crate::CONTRACT_VERSION`] of the pinned LSM programs.
+    pub const CONTRACT: &str = "CONTRACT";
+    /// aya-log's ring buffer (aya-log-ebpf defines it; `aya_log::EbpfLogger` finds it).
+    pub const AYA_LOGS: &str = "AYA_LOGS";
+
+    /// Every map in the object (not counting the sections of global data).
+    pub const ALL: [&str; 10] = [
+        EVENTS,
+        CGROUPS,
+        COUNTERS,
+        PENDING,
+        SCRATCH,
+        POLICY_CGROUPS,
+        POLICY_ALLOW,
+        POLICY_SETTINGS,
+        CONTRACT,
+        AYA_LOGS,
+    ];
+}
+
+/// Globals userspace writes before load (`EbpfLoader::override_global`).
+pub mod global {
+    /// [`crate::Config`].
+    pub const CONFIG: &str = "KMODMON_CONFIG";
+    /// [`crate::policy::LsmConfig`].
+    pub const LSM_CONFIG: &str = "KMODMON_LSM_CONFIG";
+
+    /// Every global userspace writes.
+    pub const ALL: [&str; 2] = [CONFIG, LSM_CONFIG];
+}

@@ -1,0 +1,323 @@
+//! Kernel records → [`Event`]: the RawEvent layout read out of a ring-buffer record, then
+//! decoded field by field. Enrichment (cgroup path, container, verdict) comes later.
+use kmodmon_common::{
+    EventKind, Op, PATH_COMPONENT_LEN, PATH_SLOTS, RawEvent, Source, missing, trunc,
+};
+
+use super::clock::Clock;
+use super::model::{Event, Kind, SourceName, Syscall};
+use crate::escape::{escape_bytes, until_nul};
+use crate::modname;
+
+/// Letters for taint bits, in the kernel's order (kernel/panic.c taint_flags).
+const TAINT_LETTERS: [(u32, char); 20] = [
+    (0, 'P'),
+    (1, 'F'),
+    (2, 'S'),
+    (3, 'R'),
+    (4, 'M'),
+    (5, 'B'),
+    (6, 'U'),
+    (7, 'D'),
+    (8, 'A'),
+    (9, 'W'),
+    (10, 'C'),
+    (11, 'I'),
+    (12, 'O'),
+    (13, 'E'),
+    (14, 'L'),
+    (15, 'K'),
+    (16, 'X'),
+    (17, 'T'),
+    (18, 'N'),
+    (19, 'J'),
+];
+
+pub fn taint_letters(mask: u32) -> String {
+    TAINT_LETTERS
+        .iter()
+        .filter(|(bit, _)| mask & (1 << bit) != 0)
+        .map(|(_, c)| *c)
+        .collect()
+}
+
+/// Symbolic name of an errno value ("ENOSYS"), or "E<n>" when unknown.
+pub fn errno_name(errno: i32) -> String {
+    let e = nix::errno::Errno::from_raw(errno);
+    if e == nix::errno::Errno::UnknownErrno {
+        format!("E{errno}")
+    } else {
+        format!("{e:?}")
+    }
+}
+
+/// Rebuilds a path from the kernel's leaf-first component slots (`slots` of them used).
+pub fn path_from_components(raw: &[u8], slots: usize) -> Vec<u8> {
+    let mut parts: Vec<&[u8]> = raw
+        .chunks(PATH_COMPONENT_LEN)
+        .take(slots.min(PATH_SLOTS))
+        .map(until_nul)
+        .collect();
+    parts.reverse();
+    let mut out = Vec::with_capacity(raw.len() + 1);
+    for p in parts {
+        out.push(b'/');
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+/// Why a raw record could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than an event ({1} bytes)")]
+    Short(usize, usize),
+    #[error("unknown event kind {0}")]
+    Kind(u32),
+    #[error("unknown event source {0}")]
+    Source(u32),
+    #[error("unknown syscall op {0}")]
+    Op(u32),
+}
+
+/// Reads a RawEvent out of a ring-buffer record without assuming alignment.
+pub fn raw_from_bytes(bytes: &[u8]) -> Result<RawEvent, DecodeError> {
+    let size = std::mem::size_of::<RawEvent>();
+    if bytes.len() < size {
+        return Err(DecodeError::Short(bytes.len(), size));
+    }
+    // SAFETY: RawEvent is repr(C) plain data (every bit pattern valid) and the length was checked.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RawEvent>()) })
+}
+
+impl Event {
+    /// Decodes a kernel record. Enrichment (cgroup path, container, verdict) comes later.
+    pub fn from_raw(raw: &RawEvent, clock: &Clock) -> Result<Event, DecodeError> {
+        let kind = EventKind::from_u32(raw.kind).ok_or(DecodeError::Kind(raw.kind))?;
+        let source = Source::from_u32(raw.source).ok_or(DecodeError::Source(raw.source))?;
+        let op = Op::from_u32(raw.op).ok_or(DecodeError::Op(raw.op))?;
+        let mut truncated = Vec::new();
+        let mut missing_fields = Vec::new();
+        let name_bytes = until_nul(&raw.name);
+        let mut module = (!name_bytes.is_empty()).then(|| escape_bytes(name_bytes));
+        let syscall = Syscall::from_kernel(op);
+        let attempt = syscall.is_some();
+        let path = if op == Op::FinitModule && raw.path_len > 0 {
+            let p = path_from_components(&raw.path, raw.path_len as usize);
+            let escaped = escape_bytes(&p);
+            if module.is_none() {
+                let leaf = p.rsplit(|&b| b == b'/').next().unwrap_or(&[]);
+                module = modname::from_file(&escape_bytes(leaf));
+            }
+            Some(escaped)
+        } else {
+            None
+        };
+        // LSM hooks see neither parameters, flags nor the fd.
+        let lsm = source == Source::Lsm;
+        let decision = matches!(kind, EventKind::Denied | EventKind::WouldDeny);
+        let params = match op {
+            Op::InitModule | Op::FinitModule if !lsm => Some(escape_bytes(until_nul(&raw.params))),
+            _ => None,
+        };
+        for (bit, field) in [
+            (trunc::NAME, "module"),
+            (trunc::PARAMS, "params"),
+            (trunc::PATH, "path"),
+        ] {
+            if raw.truncated & bit != 0 {
+                truncated.push(field.to_string());
+            }
+        }
+        for (bit, field) in [
+            (missing::NAME, "module"),
+            (missing::PARAMS, "params"),
+            (missing::PATH, "path"),
+            (missing::PPID, "ppid"),
+            (missing::RESULT, "result"),
+        ] {
+            if raw.missing & bit != 0 {
+                missing_fields.push(field.to_string());
+            }
+        }
+        let result = attempt.then_some(raw.ret);
+        let errno = match result {
+            Some(r) if r < 0 => Some(errno_name((-r) as i32)),
+            _ => None,
+        };
+        let duration_ns =
+            (attempt && raw.end_ktime_ns > raw.ktime_ns).then(|| raw.end_ktime_ns - raw.ktime_ns);
+        Ok(Event {
+            time: clock.rfc3339(raw.ktime_ns),
+            ktime_ns: raw.ktime_ns,
+            kind: Kind::from(kind),
+            source: SourceName::from(source),
+            module,
+            syscall,
+            path,
+            params,
+            flags: (!lsm && matches!(op, Op::FinitModule | Op::DeleteModule)).then_some(raw.flags),
+            len: (!lsm && op == Op::InitModule).then_some(raw.len),
+            fd: (!lsm && op == Op::FinitModule).then_some(raw.fd),
+            taints: (kind == EventKind::Load).then_some(raw.taints),
+            taint_flags: (kind == EventKind::Load).then(|| taint_letters(raw.taints)),
+            wait: (kind == EventKind::Request).then_some(raw.wait != 0),
+            result,
+            errno,
+            duration_ns,
+            pid: raw.pid,
+            tid: raw.tid,
+            ppid: (raw.missing & missing::PPID == 0).then_some(raw.ppid),
+            uid: raw.uid,
+            gid: raw.gid,
+            comm: escape_bytes(until_nul(&raw.comm)),
+            cgroup_id: raw.cgroup_id,
+            cgroup_path: None,
+            container: None,
+            verdict: None,
+            rule_id: decision.then_some(raw.rule_id),
+            policy_generation: decision.then_some(raw.policy_generation),
+            requested_by: None,
+            modules: Vec::new(),
+            truncated,
+            missing: missing_fields,
+            // Enforcer::describe replaces this with the rule's name (from `rule_id`).
+            detail: decision.then(|| format!("policy rule #{}", raw.rule_id)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kmodmon_common::{COMM_LEN, NAME_LEN};
+
+    fn raw(kind: EventKind, op: Op) -> RawEvent {
+        let mut r = RawEvent::zeroed();
+        r.kind = kind as u32;
+        r.source = Source::RawSyscalls as u32;
+        r.op = op as u32;
+        r.pid = 42;
+        r.tid = 43;
+        r.ppid = 1;
+        r.comm[..6].copy_from_slice(b"insmod");
+        r.ktime_ns = 1_000;
+        r.end_ktime_ns = 1_500;
+        r
+    }
+
+    #[test]
+    fn finit_attempt_decodes_path_and_module() {
+        let mut r = raw(EventKind::LoadAttempt, Op::FinitModule);
+        for (i, c) in ["ip_vs.ko", "ipvs", "netfilter", "lib"].iter().enumerate() {
+            let at = i * PATH_COMPONENT_LEN;
+            r.path[at..at + c.len()].copy_from_slice(c.as_bytes());
+        }
+        r.path_len = 4;
+        r.ret = -38;
+        r.fd = 3;
+        let e = Event::from_raw(&r, &Clock::new()).unwrap();
+        assert_eq!(e.kind, Kind::LoadAttempt);
+        assert_eq!(e.path.as_deref(), Some("/lib/netfilter/ipvs/ip_vs.ko"));
+        assert_eq!(e.module.as_deref(), Some("ip_vs"));
+        assert_eq!(e.errno.as_deref(), Some("ENOSYS"));
+        assert_eq!(e.result, Some(-38));
+        assert_eq!(e.fd, Some(3));
+        assert_eq!(e.duration_ns, Some(500));
+        assert_eq!(e.comm, "insmod");
+        assert_eq!(e.params.as_deref(), Some(""));
+    }
+
+    #[test]
+    fn delete_attempt_uses_name_and_escapes_it() {
+        let mut r = raw(EventKind::UnloadAttempt, Op::DeleteModule);
+        r.name[..7].copy_from_slice(b"bad\x1b[1m");
+        r.truncated = trunc::NAME;
+        let e = Event::from_raw(&r, &Clock::new()).unwrap();
+        assert_eq!(e.module.as_deref(), Some("bad\\x1b[1m"));
+        assert_eq!(e.truncated, vec!["module".to_string()]);
+        assert_eq!(e.result, Some(0));
+        assert_eq!(e.errno, None);
+    }
+
+    #[test]
+    fn load_has_taints_and_no_result() {
+        let mut r = raw(EventKind::Load, Op::None);
+        r.source = Source::ModuleTracepoint as u32;
+        r.taints = (1 << 12) | (1 << 13);
+        r.name[..5].copy_from_slice(b"ip_vs");
+        let e = Event::from_raw(&r, &Clock::new()).unwrap();
+        assert_eq!(e.taint_flags.as_deref(), Some("OE"));
+        assert_eq!(e.result, None);
+        assert_eq!(e.syscall, None);
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["kind"], "load");
+        assert_eq!(json["source"], "module_tracepoint");
+        assert!(json.get("result").is_none());
+    }
+
+    #[test]
+    fn each_scalar_has_its_own_field() {
+        let mut r = raw(EventKind::Request, Op::None);
+        r.source = Source::ModuleTracepoint as u32;
+        r.wait = 1;
+        r.taints = 7;
+        r.rule_id = 9;
+        let e = Event::from_raw(&r, &Clock::new()).unwrap();
+        assert_eq!(e.wait, Some(true));
+        assert_eq!(
+            (e.taints, e.rule_id, e.policy_generation),
+            (None, None, None)
+        );
+
+        let mut r = raw(EventKind::Denied, Op::FinitModule);
+        r.source = Source::Lsm as u32;
+        r.rule_id = 3;
+        r.policy_generation = 12;
+        r.taints = 1;
+        r.wait = 1;
+        let e = Event::from_raw(&r, &Clock::new()).unwrap();
+        assert_eq!((e.rule_id, e.policy_generation), (Some(3), Some(12)));
+        assert_eq!((e.taints, e.wait), (None, None));
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["rule_id"], 3);
+        assert_eq!(json["policy_generation"], 12);
+
+        let e = Event::from_raw(&raw(EventKind::Load, Op::None), &Clock::new()).unwrap();
+        let json = serde_json::to_value(&e).unwrap();
+        assert!(json.get("rule_id").is_none() && json.get("policy_generation").is_none());
+    }
+
+    #[test]
+    fn bad_kind_is_an_error_not_a_panic() {
+        let mut r = raw(EventKind::Load, Op::None);
+        r.kind = 99;
+        assert_eq!(
+            Event::from_raw(&r, &Clock::new()),
+            Err(DecodeError::Kind(99))
+        );
+        assert!(matches!(
+            raw_from_bytes(&[0u8; 10]),
+            Err(DecodeError::Short(10, _))
+        ));
+    }
+
+    #[test]
+    fn json_round_trips() {
+        let mut r = raw(EventKind::LoadAttempt, Op::InitModule);
+        r.params[..4].copy_from_slice(b"a=1\xff");
+        r.len = 4096;
+        let e = Event::from_raw(&r, &Clock::new()).unwrap();
+        let s = serde_json::to_string(&e).unwrap();
+        let back: Event = serde_json::from_str(&s).unwrap();
+        assert_eq!(back, e);
+        assert_eq!(back.params.as_deref(), Some("a=1\\xff"));
+        let _ = (COMM_LEN, NAME_LEN);
+    }
+
+    #[test]
+    fn taint_letters_in_kernel_order() {
+        assert_eq!(taint_letters(0), "");
+        assert_eq!(taint_letters(1 | (1 << 12)), "PO");
+    }
+}

@@ -1,0 +1,425 @@
+//! The one event model: what the kernel side sent, decoded, then enriched. Serialised as one JSON
+//! object per line by `tail --json`, the audit log and exports (see README "JSON schema").
+use kmodmon_common::{EventKind, Op, Source};
+use serde::{Deserialize, Serialize};
+
+use super::clock::{Clock, monotonic_ns};
+
+/// Builds an output enum from one of kmodmon-common's tables (`kmodmon_common::event_kinds!`
+/// and friends call it with their rows): the same variants with the same names, then `extra`
+/// variants only userspace makes. Serialised (and parsed) as the table's names; `Display` too.
+/// With `mirrors K (all)` every row of K's table is here, so `From<K>` exists; with
+/// `mirrors K` only `from_kernel` (K has values this enum leaves out).
+macro_rules! mirror_enum {
+    (@common
+        [$(#[$meta:meta])*] $name:ident, $kernel:ident;
+        [$( $(#[$xmeta:meta])* $extra:ident => $xname:literal; )*]
+        $( [$(#[$vmeta:meta])*] $variant:ident => $sname:literal; )+
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name {
+            $( $(#[$vmeta])* $variant, )+
+            $( $(#[$xmeta])* $extra, )*
+        }
+
+        impl $name {
+            /// Every value: the kernel table's, then kmodmon's own.
+            pub const ALL: [$name; kmodmon_common::__count!($($variant)+ $($extra)*)] =
+                [$($name::$variant,)+ $($name::$extra,)*];
+
+            /// The stable name output shows (the kernel table's name for kernel values).
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $( $name::$variant => $sname, )+
+                    $( $name::$extra => $xname, )*
+                }
+            }
+
+            /// The value with this name.
+            pub fn parse(s: &str) -> Option<$name> {
+                $name::ALL.into_iter().find(|v| v.as_str() == s)
+            }
+
+            /// The kernel's value; `None` for values only kmodmon makes.
+            pub const fn kernel(self) -> Option<$kernel> {
+                match self {
+                    $( $name::$variant => Some($kernel::$variant), )+
+                    $( $name::$extra => None, )*
+                }
+            }
+
+            /// This enum's value for a kernel value; `None` for kernel values it leaves out.
+            #[allow(unreachable_patterns)]
+            pub const fn from_kernel(k: $kernel) -> Option<$name> {
+                match k {
+                    $( $kernel::$variant => Some($name::$variant), )+
+                    _ => None,
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<$name, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                $name::parse(&s).ok_or_else(|| {
+                    let names: Vec<&str> = $name::ALL.iter().map(|v| v.as_str()).collect();
+                    serde::de::Error::custom(format!(
+                        "unknown {} {s:?}; one of: {}",
+                        stringify!($name),
+                        names.join(", ")
+                    ))
+                })
+            }
+        }
+    };
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident mirrors $kernel:ident (all);
+        extra { $( $(#[$xmeta:meta])* $extra:ident => $xname:literal; )* }
+        $( $(#[$vmeta:meta])* $variant:ident = $value:literal => $sname:literal; )+
+    ) => {
+        mirror_enum! {
+            @common [$(#[$meta])*] $name, $kernel;
+            [$( $(#[$xmeta])* $extra => $xname; )*]
+            $( [$(#[$vmeta])*] $variant => $sname; )+
+        }
+
+        impl From<$kernel> for $name {
+            fn from(k: $kernel) -> $name {
+                match k {
+                    $( $kernel::$variant => $name::$variant, )+
+                }
+            }
+        }
+    };
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident mirrors $kernel:ident;
+        extra { $( $(#[$xmeta:meta])* $extra:ident => $xname:literal; )* }
+        $( $(#[$vmeta:meta])* $variant:ident = $value:literal => $sname:literal; )+
+    ) => {
+        mirror_enum! {
+            @common [$(#[$meta])*] $name, $kernel;
+            [$( $(#[$xmeta])* $extra => $xname; )*]
+            $( [$(#[$vmeta])*] $variant => $sname; )+
+        }
+    };
+}
+
+kmodmon_common::event_kinds!(mirror_enum! {
+    /// Event kinds, as they appear in output: the kernel's, then kmodmon's own.
+    pub enum Kind mirrors EventKind (all);
+    extra {
+        /// A container appeared whose declared modules are not all loaded (see enrich).
+        Expectation => "expectation";
+        /// kmodmon itself loaded a module (`--load-expected`).
+        SelfLoad => "self_load";
+    }
+});
+
+kmodmon_common::sources!(mirror_enum! {
+    /// Which kernel hook saw the event (`kmodmon` for events kmodmon made itself).
+    pub enum SourceName mirrors Source (all);
+    extra {
+        /// kmodmon's own events (expectation, self_load).
+        Kmodmon => "kmodmon";
+    }
+});
+
+kmodmon_common::syscall_ops!(mirror_enum! {
+    /// The module syscall an attempt used.
+    pub enum Syscall mirrors Op;
+    extra {}
+});
+
+/// The verdict on a module event (see README "Containers, expectations and verdicts").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Not in a container.
+    Host,
+    /// Declared by the container, or a dependency of a declared module.
+    Expected,
+    /// Neither.
+    Unexpected,
+}
+
+impl Verdict {
+    pub const ALL: [Verdict; 3] = [Verdict::Host, Verdict::Expected, Verdict::Unexpected];
+
+    /// The name output shows (the JSON value).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Host => "host",
+            Verdict::Expected => "expected",
+            Verdict::Unexpected => "unexpected",
+        }
+    }
+
+    /// The verdict with this name.
+    pub fn parse(s: &str) -> Option<Verdict> {
+        Verdict::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A container, as far as kmodmon could tell.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Container {
+    /// Full container ID (64 hex for most runtimes; the runtime's own name otherwise).
+    pub id: String,
+    /// docker, containerd, cri-o, podman, isulad, lxc, systemd-nspawn, runc, ...
+    pub runtime: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos_class: Option<String>,
+}
+
+/// Who made an autoload request that led to a load (filled by enrichment).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestedBy {
+    pub requested: String,
+    pub pid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<Container>,
+}
+
+/// One module event. Field names are the stable JSON schema.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Wall-clock time, RFC 3339 with nanoseconds, UTC.
+    pub time: String,
+    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) when the event started.
+    pub ktime_ns: u64,
+    pub kind: Kind,
+    pub source: SourceName,
+    /// Module name: from the kernel record, delete_module's argument, or the file name of
+    /// finit_module's file. Escaped (see README); null when unknown.
+    pub module: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syscall: Option<Syscall>,
+    /// finit_module's file path (best effort, relative to its mount). Escaped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Module parameters of init_module / finit_module. Escaped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<String>,
+    /// finit_module / delete_module flags.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flags: Option<u32>,
+    /// init_module image length in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub len: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd: Option<i32>,
+    /// module_load taint mask.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taints: Option<u32>,
+    /// Taint letters as in /proc/modules (e.g. "OE").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taint_flags: Option<String>,
+    /// module_request: whether the requester waits for modprobe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<bool>,
+    /// Syscall result: 0 or a negative errno (attempts only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<i64>,
+    /// Symbolic errno of a failed attempt ("ENOSYS").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errno: Option<String>,
+    /// Syscall duration (attempts seen at entry and exit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ns: Option<u64>,
+    pub pid: u32,
+    pub tid: u32,
+    pub ppid: Option<u32>,
+    pub uid: u32,
+    pub gid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    pub cgroup_path: Option<String>,
+    pub container: Option<Container>,
+    /// host, expected, unexpected (see README "Verdicts").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<Verdict>,
+    /// denied / would_deny: the id of the policy rule that decided (0 the host entry, 1
+    /// unselected containers, 2.. the `[[rule]]`s in order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule_id: Option<u32>,
+    /// denied / would_deny: the generation of the policy in force (bumped by every load).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_generation: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<RequestedBy>,
+    /// Modules named by an `expectation` event, or loaded by `self_load`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules: Vec<String>,
+    /// Fields cut to fit the kernel's buffers ("module", "params", "path").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub truncated: Vec<String>,
+    /// Fields the kernel side failed to read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<String>,
+    /// Free-form explanation (policy rule, enrichment notes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl Event {
+    /// A bare event of kmodmon's own making (expectation, self_load).
+    pub fn synthetic(kind: Kind, clock: &Clock) -> Event {
+        let now = monotonic_ns();
+        Event {
+            time: clock.rfc3339(now),
+            ktime_ns: now,
+            kind,
+            source: SourceName::Kmodmon,
+            module: None,
+            syscall: None,
+            path: None,
+            params: None,
+            flags: None,
+            len: None,
+            fd: None,
+            taints: None,
+            taint_flags: None,
+            wait: None,
+            result: None,
+            errno: None,
+            duration_ns: None,
+            pid: std::process::id(),
+            tid: std::process::id(),
+            ppid: None,
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+            comm: "kmodmon".to_string(),
+            cgroup_id: 0,
+            cgroup_path: None,
+            container: None,
+            verdict: None,
+            rule_id: None,
+            policy_generation: None,
+            requested_by: None,
+            modules: Vec::new(),
+            truncated: Vec::new(),
+            missing: Vec::new(),
+            detail: None,
+        }
+    }
+
+    /// The errno of a failed attempt, positive.
+    pub fn errno_value(&self) -> Option<i64> {
+        self.result.filter(|r| *r < 0).map(|r| -r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kmodmon_common::{EventKind, Op, Source};
+
+    use super::*;
+
+    fn json_names<T: Serialize>(all: &[T]) -> Vec<String> {
+        all.iter()
+            .map(|v| {
+                serde_json::to_value(v)
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn output_names_are_the_stable_schema() {
+        assert_eq!(
+            json_names(&Kind::ALL),
+            [
+                "load",
+                "unload",
+                "request",
+                "load_attempt",
+                "unload_attempt",
+                "denied",
+                "would_deny",
+                "expectation",
+                "self_load"
+            ]
+        );
+        assert_eq!(
+            json_names(&SourceName::ALL),
+            [
+                "module_tracepoint",
+                "fexit",
+                "syscall_tracepoint",
+                "raw_syscalls",
+                "lsm",
+                "kmodmon"
+            ]
+        );
+        assert_eq!(
+            json_names(&Syscall::ALL),
+            ["init_module", "finit_module", "delete_module"]
+        );
+        assert_eq!(
+            json_names(&Verdict::ALL),
+            ["host", "expected", "unexpected"]
+        );
+        for v in Verdict::ALL {
+            assert_eq!(json_names(&[v]), [v.as_str()]);
+            assert_eq!(Verdict::parse(v.as_str()), Some(v));
+        }
+    }
+
+    #[test]
+    fn output_enums_follow_the_kernel_tables() {
+        for k in EventKind::ALL {
+            assert_eq!(Kind::from(k).as_str(), k.name());
+            assert_eq!(Kind::from(k).kernel(), Some(k));
+        }
+        assert_eq!(Kind::Expectation.kernel(), None);
+        for s in Source::ALL {
+            assert_eq!(SourceName::from(s).as_str(), s.name());
+        }
+        assert_eq!(Syscall::from_kernel(Op::None), None);
+        assert_eq!(
+            Syscall::from_kernel(Op::FinitModule),
+            Some(Syscall::FinitModule)
+        );
+        for v in Kind::ALL {
+            let json = serde_json::to_string(&v).unwrap();
+            assert_eq!(serde_json::from_str::<Kind>(&json).unwrap(), v);
+            assert_eq!(Kind::parse(v.as_str()), Some(v));
+        }
+        let err = serde_json::from_str::<Kind>("\"loaded\"").unwrap_err();
+        assert!(err.to_string().contains("load_attempt"), "{err}");
+    }
+}
