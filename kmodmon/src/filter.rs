@@ -1,8 +1,11 @@
-//! `tail` filters: --module, --kind, --container, --pid.
+//! One filter for every front end that selects events: `tail` (--module, --kind,
+//! --container, --pid, --verdict) and `export` (the same, and a time window).
+use std::time::SystemTime;
+
 use thiserror::Error;
 
 use crate::{
-    event::{Event, Kind},
+    event::{Event, Kind, Verdict, parse_event_time},
     modname,
 };
 
@@ -14,6 +17,23 @@ pub enum FilterError {
     Module(String, modname::NameError),
 }
 
+/// `--verdict V`: a verdict, or `none` for events without one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerdictArg(pub Option<Verdict>);
+
+/// The `--verdict` value parser (clap).
+pub fn parse_verdict(s: &str) -> Result<VerdictArg, String> {
+    if s == "none" {
+        return Ok(VerdictArg(None));
+    }
+    Verdict::parse(s)
+        .map(|v| VerdictArg(Some(v)))
+        .ok_or_else(|| {
+            let all: Vec<&str> = Verdict::ALL.iter().map(|v| v.as_str()).collect();
+            format!("unknown verdict {s:?}; one of: {}, none", all.join(", "))
+        })
+}
+
 /// A conjunction of the given filters; each list is a disjunction.
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
@@ -21,6 +41,12 @@ pub struct Filter {
     kinds: Vec<Kind>,
     containers: Vec<String>,
     pids: Vec<u32>,
+    /// `None` matches events without a verdict.
+    verdicts: Vec<Option<Verdict>>,
+    /// Inclusive.
+    since: Option<SystemTime>,
+    /// Exclusive.
+    until: Option<SystemTime>,
 }
 
 impl Filter {
@@ -55,14 +81,40 @@ impl Filter {
             kinds,
             containers: containers.iter().map(|c| c.to_ascii_lowercase()).collect(),
             pids: pids.to_vec(),
+            ..Filter::default()
         })
+    }
+
+    /// Only these verdicts (`None`: events without one).
+    pub fn verdicts(mut self, verdicts: Vec<Option<Verdict>>) -> Filter {
+        self.verdicts = verdicts;
+        self
+    }
+
+    /// Only events whose time is in `[since, until)`.
+    pub fn window(mut self, since: Option<SystemTime>, until: Option<SystemTime>) -> Filter {
+        self.since = since;
+        self.until = until;
+        self
     }
 
     pub fn matches(&self, ev: &Event) -> bool {
         (self.kinds.is_empty() || self.kinds.contains(&ev.kind))
             && (self.pids.is_empty() || self.pids.contains(&ev.pid))
+            && (self.verdicts.is_empty() || self.verdicts.contains(&ev.verdict))
             && (self.modules.is_empty() || self.module_matches(ev))
             && (self.containers.is_empty() || self.container_matches(ev))
+            && self.in_window(ev)
+    }
+
+    fn in_window(&self, ev: &Event) -> bool {
+        if self.since.is_none() && self.until.is_none() {
+            return true;
+        }
+        let Some(t) = parse_event_time(&ev.time) else {
+            return false;
+        };
+        self.since.is_none_or(|s| t >= s) && self.until.is_none_or(|u| t < u)
     }
 
     fn module_matches(&self, ev: &Event) -> bool {
@@ -150,6 +202,22 @@ mod tests {
         assert!(!f.matches(&ev(Kind::Load, "x", None)));
         let f = Filter::new(&[], &[], &[], &[10]).unwrap();
         assert!(f.matches(&ev(Kind::Load, "x", None)));
+    }
+
+    #[test]
+    fn verdicts_and_time_window() {
+        let mut e = ev(Kind::Load, "x", None);
+        e.verdict = Some(Verdict::Unexpected);
+        e.time = "2026-11-22T13:25:55.123456789Z".into();
+        let f = Filter::default().verdicts(vec![Some(Verdict::Unexpected)]);
+        assert!(f.matches(&e));
+        let f = Filter::default().verdicts(vec![None]);
+        assert!(!f.matches(&e));
+        let t = parse_event_time("2026-11-22T13:25:55Z").unwrap();
+        assert!(Filter::default().window(Some(t), None).matches(&e));
+        assert!(!Filter::default().window(None, Some(t)).matches(&e));
+        e.time = "not a time".into();
+        assert!(!Filter::default().window(Some(t), None).matches(&e));
     }
 
     #[test]

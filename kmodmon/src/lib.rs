@@ -1,6 +1,6 @@
 //! kmodmon: a kernel-module event monitor.
 //!
-//! The data flows one way: [`probe`] loads and attaches the eBPF programs → [`pipeline`] reads
+//! The data flows one way: [`sensor`] loads and attaches the eBPF programs (the monitor's and the enforcer's) → [`pipeline`] reads
 //! their ring buffers and decodes each record into the one event model ([`event`]) →
 //! [`enrich`] ties it to a cgroup, a container and that container's declared modules, all
 //! known from the [`host`] registry (which the [`enforce`]r follows too) → [`sinks`].
@@ -22,8 +22,8 @@ pub mod modname;
 pub mod mounts;
 pub mod pipeline;
 pub mod policy;
-pub mod probe;
 pub mod ratelimit;
+pub mod sensor;
 pub mod session;
 pub mod sinks;
 pub mod tail;

@@ -10,7 +10,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Tail(args) => kmodmon::tail::run(args),
-        Command::Sources => kmodmon::probe::explain(),
+        Command::Sources => kmodmon::sensor::explain(),
         Command::Run(args) => kmodmon::daemon::run(args),
         Command::Policy(args) => kmodmon::policy::run(args),
         Command::Enforce(args) => kmodmon::enforce::cli::run(args),

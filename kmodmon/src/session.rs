@@ -14,8 +14,8 @@ use crate::{
     enrich::{EnrichOptions, Enricher},
     host::{Registry, RegistryOptions},
     pipeline::{Finished, Flow, Inputs, Pipeline},
-    probe::{
-        Options, Probe,
+    sensor::{
+        Options, Sensor,
         counters::{Counters, Snapshot},
         plan::Plan,
     },
@@ -25,7 +25,7 @@ use crate::{
 /// What a session attaches and reads.
 #[derive(Clone, Debug, Default)]
 pub struct SessionOptions {
-    pub probe: Options,
+    pub sensor: Options,
     pub registry: RegistryOptions,
     pub enrich: EnrichOptions,
 }
@@ -37,7 +37,7 @@ pub struct Session {
     /// Time from start to all programs attached.
     pub attach_ms: u128,
     /// Owns the loaded programs and their links: dropping it detaches everything.
-    _probe: Probe,
+    _sensor: Sensor,
     /// Losses already reported by [`Session::new_losses`].
     reported: BTreeMap<String, u64>,
 }
@@ -86,31 +86,31 @@ impl Session {
         fanout: Fanout,
     ) -> anyhow::Result<Session> {
         let started = Instant::now();
-        let mut probe = Probe::attach(opts.probe)?;
+        let mut sensor = Sensor::attach(opts.sensor)?;
         let attach_ms = started.elapsed().as_millis();
         let registry = Registry::open(opts.registry);
         let mut enforcer = enforcer(&registry)?;
         let inputs = Inputs {
-            events: (!opts.probe.cgroups_only)
-                .then(|| probe.take_events())
+            events: (!opts.sensor.cgroups_only)
+                .then(|| sensor.take_events())
                 .transpose()?,
-            cgroups: probe
+            cgroups: sensor
                 .plan
                 .cgroups
-                .then(|| probe.take_cgroups())
+                .then(|| sensor.take_cgroups())
                 .transpose()?,
             policy: enforcer.as_mut().and_then(Enforcer::take_events),
         };
-        let counters = probe.take_counters()?;
-        spawn_logger(probe.take_logger());
+        let counters = sensor.take_counters()?;
+        spawn_logger(sensor.take_logger());
         let enricher = Enricher::new(registry, opts.enrich);
         let pipeline = Pipeline::start(inputs, enricher, enforcer, fanout)?;
         Ok(Session {
-            plan: probe.plan.clone(),
+            plan: sensor.plan.clone(),
             counters,
             pipeline,
             attach_ms,
-            _probe: probe,
+            _sensor: sensor,
             reported: BTreeMap::new(),
         })
     }
@@ -142,7 +142,7 @@ impl Session {
         let counters = self.counters;
         // The programs stay attached until everything is written (their rings are read no
         // more, but the counters must stay exact).
-        let _probe = self._probe;
+        let _sensor = self._sensor;
         let finishing = self.pipeline.finish();
         tokio::pin!(finishing);
         loop {

@@ -12,7 +12,7 @@ use crate::{
     enrich::EnrichOptions,
     filter::Filter,
     host::RegistryOptions,
-    probe::Options,
+    sensor::Options,
     session::{Session, SessionOptions, Sig, Signals, Summary},
     sinks::{
         Fanout, Output,
@@ -37,6 +37,9 @@ pub struct TailArgs {
     /// Only events from this container: a full ID, an ID prefix, a name, or "host".
     #[arg(long = "container", value_name = "ID")]
     pub containers: Vec<String>,
+    /// Only events with this verdict: host, expected, unexpected, none (repeatable).
+    #[arg(long = "verdict", value_name = "V", value_parser = crate::filter::parse_verdict)]
+    pub verdicts: Vec<crate::filter::VerdictArg>,
     /// Only events from this process ID (repeatable).
     #[arg(long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
@@ -62,7 +65,8 @@ pub struct TailArgs {
 }
 
 pub fn run(args: TailArgs) -> anyhow::Result<ExitCode> {
-    let filter = Filter::new(&args.modules, &args.kinds, &args.containers, &args.pids)?;
+    let filter = Filter::new(&args.modules, &args.kinds, &args.containers, &args.pids)?
+        .verdicts(args.verdicts.iter().map(|v| v.0).collect());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -92,7 +96,7 @@ async fn tail(args: TailArgs, filter: Filter) -> anyhow::Result<ExitCode> {
         let _ = done_tx.send(true);
     });
     let opts = SessionOptions {
-        probe: Options {
+        sensor: Options {
             no_fexit: args.no_fexit,
             force_raw_syscalls: args.force_raw_syscalls,
             cgroups_only: false,

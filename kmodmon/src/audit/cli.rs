@@ -13,7 +13,7 @@ use super::verify::{
     ANCHOR_TAG, Anchor, AnchorCheck, Outcome, VerifyReport, anchors_in, newest_anchor, verify,
 };
 use super::{AuditError, bench, testkit};
-use crate::event::{Kind, Verdict};
+use crate::event::Kind;
 
 #[derive(Args, Debug)]
 pub struct LogArgs {
@@ -50,22 +50,6 @@ pub struct VerifyArgs {
     pub json: bool,
 }
 
-/// `--verdict V`: a verdict, or `none` for events without one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct VerdictArg(pub Option<Verdict>);
-
-fn parse_verdict(s: &str) -> Result<VerdictArg, String> {
-    if s == "none" {
-        return Ok(VerdictArg(None));
-    }
-    Verdict::parse(s)
-        .map(|v| VerdictArg(Some(v)))
-        .ok_or_else(|| {
-            let all: Vec<&str> = Verdict::ALL.iter().map(|v| v.as_str()).collect();
-            format!("unknown verdict {s:?}; one of: {}, none", all.join(", "))
-        })
-}
-
 fn parse_kind(s: &str) -> Result<Kind, String> {
     Kind::parse(s).ok_or_else(|| {
         let all: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
@@ -95,8 +79,8 @@ pub struct ExportArgs {
     #[arg(long = "kind", value_name = "K", value_parser = parse_kind)]
     pub kinds: Vec<Kind>,
     /// Only events with this verdict: host, expected, unexpected, none (repeatable).
-    #[arg(long = "verdict", value_name = "V", value_parser = parse_verdict)]
-    pub verdicts: Vec<VerdictArg>,
+    #[arg(long = "verdict", value_name = "V", value_parser = crate::filter::parse_verdict)]
+    pub verdicts: Vec<crate::filter::VerdictArg>,
     #[arg(long, value_enum, default_value_t = Format::Jsonl)]
     pub format: Format,
     /// Also output kmodmon's own records (segment starts, losses, recoveries); jsonl only.
@@ -252,14 +236,10 @@ pub fn run_export(args: ExportArgs) -> anyhow::Result<ExitCode> {
             .map(|s| parse_bound(s, now).with_context(|| format!("--{flag}")))
             .transpose()
     };
-    let filter = Filter {
-        since: bound("since", &args.since)?,
-        until: bound("until", &args.until)?,
-        containers: args.containers,
-        modules: args.modules,
-        kinds: args.kinds,
-        verdicts: args.verdicts.into_iter().map(|v| v.0).collect(),
-    };
+    let kinds: Vec<String> = args.kinds.iter().map(|k| k.to_string()).collect();
+    let filter = Filter::new(&args.modules, &kinds, &args.containers, &[])?
+        .verdicts(args.verdicts.into_iter().map(|v| v.0).collect())
+        .window(bound("since", &args.since)?, bound("until", &args.until)?);
     let stdout = io::stdout();
     let result = export(
         &args.dir,

@@ -3,16 +3,14 @@
 use std::borrow::Cow;
 use std::io::{self, Write};
 use std::path::Path;
-use std::time::SystemTime;
 
 use clap::ValueEnum;
 
 use super::record;
 use super::segment;
-use super::timespec::parse_record_time;
 use super::{AuditError, io_err};
-use crate::event::{Event, Kind, Verdict};
-use crate::modname;
+use crate::event::Event;
+pub use crate::filter::Filter;
 
 /// Output format.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Default)]
@@ -23,61 +21,6 @@ pub enum Format {
     /// A header row, then one row per event (RFC 4180 quoting; cells that a spreadsheet would
     /// take for a formula get a leading `'`, see [`neutralize_cell`]).
     Csv,
-}
-
-/// Which events to export. Each list is "any of"; all conditions must hold.
-#[derive(Clone, Debug, Default)]
-pub struct Filter {
-    /// Inclusive.
-    pub since: Option<SystemTime>,
-    /// Exclusive.
-    pub until: Option<SystemTime>,
-    /// Full container ID, ID prefix, container name, or "host" (no container).
-    pub containers: Vec<String>,
-    /// Module names ('-' and '_' equivalent); also matches the modules an event lists.
-    pub modules: Vec<String>,
-    pub kinds: Vec<Kind>,
-    /// Verdicts (`None` matches events without one).
-    pub verdicts: Vec<Option<Verdict>>,
-}
-
-impl Filter {
-    pub fn matches(&self, ev: &Event) -> bool {
-        if self.since.is_some() || self.until.is_some() {
-            let Some(t) = parse_record_time(&ev.time) else {
-                return false;
-            };
-            if self.since.is_some_and(|s| t < s) || self.until.is_some_and(|u| t >= u) {
-                return false;
-            }
-        }
-        if !self.kinds.is_empty() && !self.kinds.contains(&ev.kind) {
-            return false;
-        }
-        if !self.verdicts.is_empty() && !self.verdicts.contains(&ev.verdict) {
-            return false;
-        }
-        if !self.modules.is_empty()
-            && !self.modules.iter().any(|m| {
-                ev.module.as_deref().is_some_and(|em| modname::same(em, m))
-                    || ev.modules.iter().any(|em| modname::same(em, m))
-            })
-        {
-            return false;
-        }
-        if !self.containers.is_empty()
-            && !self.containers.iter().any(|c| match &ev.container {
-                None => c == "host",
-                Some(ct) => {
-                    (!c.is_empty() && ct.id.starts_with(c.as_str()))
-                        || ct.name.as_deref() == Some(c.as_str())
-                }
-            })
-        {
-            return false;
-        }
-        true
-    }
 }
 
 /// What an export read and wrote.
@@ -318,7 +261,7 @@ fn write_line(w: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Clock, Container};
+    use crate::event::{Clock, Container, Kind, Verdict};
 
     fn ev(kind: Kind, module: &str) -> Event {
         let mut e = Event::synthetic(kind, &Clock::new());
@@ -327,7 +270,7 @@ mod tests {
     }
 
     #[test]
-    fn filters_combine_and_match_like_tail() {
+    fn export_uses_the_one_filter_of_tail() {
         let mut e = ev(Kind::Load, "ip-vs");
         e.time = "2026-11-22T13:00:00Z".into();
         e.verdict = Some(Verdict::Unexpected);
@@ -337,34 +280,35 @@ mod tests {
             name: Some("web".into()),
             ..Default::default()
         });
-        let t = |s| humantime::parse_rfc3339(s).unwrap();
-        let check = |e: &Event, edit: &dyn Fn(&mut Filter)| {
-            let mut f = Filter::default();
-            edit(&mut f);
-            f.matches(e)
+        let t = |s: &str| humantime::parse_rfc3339(s).unwrap();
+        let by = |m: &[&str], k: &[&str], c: &[&str]| {
+            let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+            Filter::new(&s(m), &s(k), &s(c), &[]).unwrap()
         };
-        let f = |edit: &dyn Fn(&mut Filter)| check(&e, edit);
-        assert!(f(&|_| {}));
-        assert!(f(&|f| f.modules = vec!["ip_vs".into()]));
-        assert!(!f(&|f| f.modules = vec!["ip_vs_wrr".into()]));
-        assert!(f(&|f| f.containers = vec!["abcd".into()]));
-        assert!(f(&|f| f.containers = vec!["web".into()]));
-        assert!(!f(&|f| f.containers = vec!["host".into()]));
-        assert!(f(&|f| f.kinds = vec![Kind::Unload, Kind::Load]));
-        assert!(!f(&|f| f.kinds = vec![Kind::Unload]));
-        assert!(f(&|f| f.verdicts = vec![Some(Verdict::Unexpected)]));
-        assert!(!f(&|f| f.verdicts = vec![None]));
-        assert!(f(&|f| f.since = Some(t("2026-11-22T13:00:00Z"))));
-        assert!(!f(&|f| f.until = Some(t("2026-11-22T13:00:00Z"))));
-        assert!(f(&|f| f.until = Some(t("2026-11-22T13:00:01Z"))));
-        assert!(!f(&|f| {
-            f.modules = vec!["ip_vs".into()];
-            f.verdicts = vec![Some(Verdict::Host)];
-        }));
+        assert!(Filter::default().matches(&e));
+        assert!(by(&["ip_vs"], &[], &[]).matches(&e));
+        assert!(!by(&["ip_vs_wrr"], &[], &[]).matches(&e));
+        assert!(by(&[], &[], &["abcd"]).matches(&e));
+        assert!(by(&[], &[], &["web"]).matches(&e));
+        assert!(!by(&[], &[], &["host"]).matches(&e));
+        assert!(by(&[], &["unload", "load"], &[]).matches(&e));
+        assert!(!by(&[], &["unload"], &[]).matches(&e));
+        let v = |v| Filter::default().verdicts(vec![v]);
+        assert!(v(Some(Verdict::Unexpected)).matches(&e));
+        assert!(!v(None).matches(&e));
+        let w = |a: Option<&str>, b: Option<&str>| Filter::default().window(a.map(t), b.map(t));
+        assert!(w(Some("2026-11-22T13:00:00Z"), None).matches(&e));
+        assert!(!w(None, Some("2026-11-22T13:00:00Z")).matches(&e));
+        assert!(w(None, Some("2026-11-22T13:00:01Z")).matches(&e));
+        assert!(
+            !by(&["ip_vs"], &[], &[])
+                .verdicts(vec![Some(Verdict::Host)])
+                .matches(&e)
+        );
         e.container = None;
         e.verdict = None;
-        assert!(check(&e, &|f| f.containers = vec!["host".into()]));
-        assert!(check(&e, &|f| f.verdicts = vec![None]));
+        assert!(by(&[], &[], &["host"]).matches(&e));
+        assert!(v(None).matches(&e));
     }
 
     #[test]

@@ -42,9 +42,7 @@ pub fn parse_bound(text: &str, now: SystemTime) -> Result<SystemTime, TimeError>
 
 /// The time of a record (`"time"`, RFC 3339 as kmodmon writes it).
 pub fn parse_record_time(s: &str) -> Option<SystemTime> {
-    humantime::parse_rfc3339(s)
-        .ok()
-        .or_else(|| s.parse::<jiff::Timestamp>().ok().map(SystemTime::from))
+    crate::event::parse_event_time(s)
 }
 
 /// `SystemTime` as RFC 3339 UTC with seconds (for messages).

@@ -12,8 +12,8 @@ use crate::{
     audit::AuditLog,
     enforce::{Enforcer, StartOptions},
     metrics::{Metrics, MetricsServer},
-    probe::Options,
     ratelimit::RateLimiter,
+    sensor::Options,
     session::{Session, SessionOptions, Sig, Signals},
     sinks::{
         Fanout, Output,
@@ -172,7 +172,7 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
     let fanout = Fanout::new(outputs);
     metrics.watch_sinks(fanout.counters());
     let opts = SessionOptions {
-        probe: Options {
+        sensor: Options {
             no_fexit: cfg.probe.no_fexit,
             force_raw_syscalls: cfg.probe.force_raw_syscalls,
             cgroups_only: false,

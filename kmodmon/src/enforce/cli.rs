@@ -148,7 +148,7 @@ fn status(dir: &PinDir) -> anyhow::Result<ExitCode> {
     let links = dir.pinned_links();
     println!(
         "pinned links: {links}/{} under {}",
-        pins::expected_links(),
+        crate::sensor::lsm::expected_links(),
         dir.root.display()
     );
     if links > 0 {
@@ -226,9 +226,9 @@ fn foreground_run(opts: StartOptions, off_on_exit: bool) -> anyhow::Result<ExitC
             Box::new(LineSink::new(std::io::stdout(), json::line)),
         )]);
         let session_opts = SessionOptions {
-            probe: crate::probe::Options {
+            sensor: crate::sensor::Options {
                 cgroups_only: true,
-                ..crate::probe::Options::default()
+                ..crate::sensor::Options::default()
             },
             ..SessionOptions::default()
         };

@@ -42,3 +42,12 @@ pub fn monotonic_ns() -> u64 {
         Err(_) => 0,
     }
 }
+
+/// An event's `time` (RFC 3339, as written) back as a point in time.
+pub fn parse_event_time(s: &str) -> Option<std::time::SystemTime> {
+    humantime::parse_rfc3339(s).ok().or_else(|| {
+        s.parse::<jiff::Timestamp>()
+            .ok()
+            .map(std::time::SystemTime::from)
+    })
+}

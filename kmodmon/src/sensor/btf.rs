@@ -3,7 +3,7 @@
 //! arguments out of `struct pt_regs`. Nothing is assumed about a kernel's layout.
 use kmodmon_common::{Config, OFFSET_UNKNOWN};
 
-use super::ProbeError;
+use super::SensorError;
 
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
@@ -41,15 +41,15 @@ struct TypeHeader {
 }
 
 impl KernelBtf {
-    pub fn load() -> Result<KernelBtf, ProbeError> {
+    pub fn load() -> Result<KernelBtf, SensorError> {
         let started = std::time::Instant::now();
         let data = std::fs::read(VMLINUX).map_err(|e| {
-            ProbeError::Btf(format!(
+            SensorError::Btf(format!(
                 "cannot read {VMLINUX}: {e}; this kernel lacks BTF (CONFIG_DEBUG_INFO_BTF), so \
                  fexit, raw tracepoints and file paths are unavailable"
             ))
         })?;
-        let btf = Self::parse(data).map_err(|e| ProbeError::Btf(format!("{VMLINUX}: {e}")))?;
+        let btf = Self::parse(data).map_err(|e| SensorError::Btf(format!("{VMLINUX}: {e}")))?;
         log::debug!(
             "indexed {VMLINUX} ({} types) in {:?}",
             btf.type_pos.len() - 1,

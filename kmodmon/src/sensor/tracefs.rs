@@ -8,7 +8,7 @@ use std::{
 
 use kmodmon_common::Field;
 
-use super::ProbeError;
+use super::SensorError;
 
 const CANDIDATES: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
@@ -20,7 +20,7 @@ pub struct Tracefs {
 
 impl Tracefs {
     /// Finds tracefs, mounting it at /sys/kernel/tracing when it is not mounted anywhere.
-    pub fn find_or_mount() -> Result<Tracefs, ProbeError> {
+    pub fn find_or_mount() -> Result<Tracefs, SensorError> {
         if let Some(t) = Self::find() {
             return Ok(t);
         }
@@ -35,14 +35,14 @@ impl Tracefs {
             None::<&str>,
         )
         .map_err(|e| {
-            ProbeError::Tracefs(format!(
+            SensorError::Tracefs(format!(
                 "tracefs is not mounted and mounting it at {} failed: {e}; mount it yourself with \
              `mount -t tracefs tracefs /sys/kernel/tracing` (needs root)",
                 target.display()
             ))
         })?;
         Self::find().ok_or_else(|| {
-            ProbeError::Tracefs(format!(
+            SensorError::Tracefs(format!(
                 "mounted tracefs at {} but it has no events/ directory",
                 target.display()
             ))
@@ -78,7 +78,7 @@ impl Tracefs {
     }
 
     /// Reads and parses `events/<category>/<name>/format`.
-    pub fn format(&self, category: &str, name: &str) -> Result<Format, ProbeError> {
+    pub fn format(&self, category: &str, name: &str) -> Result<Format, SensorError> {
         let path = self
             .root
             .join("events")
@@ -86,8 +86,8 @@ impl Tracefs {
             .join(name)
             .join("format");
         let text = fs::read_to_string(&path)
-            .map_err(|e| ProbeError::Tracefs(format!("reading {}: {e}", path.display())))?;
-        Format::parse(&text).map_err(|e| ProbeError::Format(format!("{}: {e}", path.display())))
+            .map_err(|e| SensorError::Tracefs(format!("reading {}: {e}", path.display())))?;
+        Format::parse(&text).map_err(|e| SensorError::Format(format!("{}: {e}", path.display())))
     }
 }
 

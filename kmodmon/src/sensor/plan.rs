@@ -3,7 +3,7 @@
 use kmodmon_common::{Config, OFFSET_UNKNOWN, names::program};
 
 use super::{
-    Options, ProbeError,
+    Options, SensorError,
     btf::{KernelBtf, syscall_func},
     tracefs::{Format, Tracefs},
 };
@@ -65,7 +65,7 @@ impl Plan {
         tracefs: &Tracefs,
         btf: Option<&KernelBtf>,
         opts: Options,
-    ) -> Result<Plan, ProbeError> {
+    ) -> Result<Plan, SensorError> {
         let mut config = Config::unset();
         let mut notes = Vec::new();
         set_syscall_numbers(&mut config);
@@ -165,16 +165,16 @@ impl Plan {
             plan.module_events.clear();
             plan.attempts = AttemptSource::None;
             if !plan.cgroups {
-                return Err(ProbeError::NothingAttachable(plan.notes.join("; ")));
+                return Err(SensorError::NothingAttachable(plan.notes.join("; ")));
             }
         } else if plan.attempts == AttemptSource::None && plan.module_events.is_empty() {
-            return Err(ProbeError::NothingAttachable(plan.notes.join("; ")));
+            return Err(SensorError::NothingAttachable(plan.notes.join("; ")));
         }
         Ok(plan)
     }
 
     /// The next plan after `err` made this one fail, or None when nothing is left to try.
-    pub fn fallback(&self, tracefs: &Tracefs, err: &ProbeError) -> Option<Plan> {
+    pub fn fallback(&self, tracefs: &Tracefs, err: &SensorError) -> Option<Plan> {
         let mut next = self.clone();
         // The note keeps the first line; the whole verifier log goes to the debug log.
         log::debug!("{} failed: {err}", self.attempts.as_str());
@@ -314,14 +314,14 @@ fn set_syscall_numbers(config: &mut Config) {
     config.nr_delete_module = libc::SYS_delete_module as u32;
 }
 
-fn fmt_err(e: String) -> ProbeError {
-    ProbeError::Format(e)
+fn fmt_err(e: String) -> SensorError {
+    SensorError::Format(e)
 }
 
-fn cgroup_fields(tracefs: &Tracefs, config: &mut Config) -> Result<(), ProbeError> {
+fn cgroup_fields(tracefs: &Tracefs, config: &mut Config) -> Result<(), SensorError> {
     for ev in ["cgroup_mkdir", "cgroup_rmdir"] {
         if !tracefs.has_event("cgroup", ev) {
-            return Err(ProbeError::Format(format!("no cgroup:{ev}")));
+            return Err(SensorError::Format(format!("no cgroup:{ev}")));
         }
     }
     let mkdir = tracefs.format("cgroup", "cgroup_mkdir")?;
@@ -332,7 +332,7 @@ fn cgroup_fields(tracefs: &Tracefs, config: &mut Config) -> Result<(), ProbeErro
     let a = fields(&mkdir).map_err(fmt_err)?;
     let b = fields(&rmdir).map_err(fmt_err)?;
     if a != b {
-        return Err(ProbeError::Format(
+        return Err(SensorError::Format(
             "cgroup_mkdir and cgroup_rmdir records differ in layout".into(),
         ));
     }
@@ -344,12 +344,12 @@ fn cgroup_fields(tracefs: &Tracefs, config: &mut Config) -> Result<(), ProbeErro
     Ok(())
 }
 
-fn syscall_fields(tracefs: &Tracefs, config: &mut Config) -> Result<(), ProbeError> {
+fn syscall_fields(tracefs: &Tracefs, config: &mut Config) -> Result<(), SensorError> {
     for s in SYSCALLS {
         for dir in ["sys_enter_", "sys_exit_"] {
             let ev = format!("{dir}{s}");
             if !tracefs.has_event("syscalls", &ev) {
-                return Err(ProbeError::Format(format!("no syscalls:{ev}")));
+                return Err(SensorError::Format(format!("no syscalls:{ev}")));
             }
         }
     }
@@ -372,11 +372,11 @@ fn syscall_fields(tracefs: &Tracefs, config: &mut Config) -> Result<(), ProbeErr
     .map_err(fmt_err)
 }
 
-fn raw_fields(tracefs: &Tracefs, config: &mut Config) -> Result<(), ProbeError> {
+fn raw_fields(tracefs: &Tracefs, config: &mut Config) -> Result<(), SensorError> {
     if !tracefs.has_event("raw_syscalls", "sys_enter")
         || !tracefs.has_event("raw_syscalls", "sys_exit")
     {
-        return Err(ProbeError::Format("no raw_syscalls tracepoints".into()));
+        return Err(SensorError::Format("no raw_syscalls tracepoints".into()));
     }
     let enter = tracefs.format("raw_syscalls", "sys_enter")?;
     let exit = tracefs.format("raw_syscalls", "sys_exit")?;

@@ -1,5 +1,7 @@
-//! Probe: choose, per kernel, the best source of each kind of event, load and attach the eBPF
-//! programs, and hand out their ring buffers and counters.
+//! The sensor: choose, per kernel, the best source of each kind of event, load and attach the
+//! monitor's eBPF programs, and hand out their ring buffers and counters; and load the
+//! enforcement (BPF LSM) programs for [`crate::enforce`] ([`lsm`]). Programs and maps are
+//! found by the names in `kmodmon_common::names`.
 //!
 //! Sources, best first:
 //! - module records: `module:module_{load,free,request}` tracepoints (absent without
@@ -10,6 +12,7 @@
 pub mod btf;
 pub mod counters;
 pub mod lockdown;
+pub mod lsm;
 pub mod plan;
 pub mod tracefs;
 
@@ -27,7 +30,7 @@ use thiserror::Error;
 use self::{btf::KernelBtf, counters::Counters, tracefs::Tracefs};
 
 #[derive(Debug, Error)]
-pub enum ProbeError {
+pub enum SensorError {
     #[error(
         "kmodmon must run as root (or with CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN); try `sudo kmodmon ...`"
     )]
@@ -55,7 +58,7 @@ pub enum ProbeError {
     Map(&'static str),
     #[error("{error}; {note}")]
     LockedDown {
-        error: Box<ProbeError>,
+        error: Box<SensorError>,
         note: String,
     },
 }
@@ -74,18 +77,18 @@ pub struct Options {
 }
 
 /// Loaded and attached programs.
-pub struct Probe {
+pub struct Sensor {
     ebpf: Ebpf,
     pub plan: Plan,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
-impl Probe {
+impl Sensor {
     /// Plans, loads and attaches. On failure of a preferred attempt source, falls back to the
     /// next one and records why in the plan's notes.
-    pub fn attach(opts: Options) -> Result<Probe, ProbeError> {
+    pub fn attach(opts: Options) -> Result<Sensor, SensorError> {
         if !nix::unistd::geteuid().is_root() {
-            return Err(ProbeError::NotRoot);
+            return Err(SensorError::NotRoot);
         }
         let _ = raise_memlock();
         let t0 = std::time::Instant::now();
@@ -109,15 +112,15 @@ impl Probe {
                 t1.elapsed()
             );
             match attempt {
-                Ok(mut probe) => {
-                    probe.plan = plan;
-                    return Ok(probe);
+                Ok(mut sensor) => {
+                    sensor.plan = plan;
+                    return Ok(sensor);
                 }
                 Err(e) => match plan.fallback(&tracefs, &e) {
                     Some(next) => plan = next,
                     None => {
                         return Err(match locked_down {
-                            Some(note) => ProbeError::LockedDown {
+                            Some(note) => SensorError::LockedDown {
                                 error: Box::new(e),
                                 note,
                             },
@@ -129,11 +132,11 @@ impl Probe {
         }
     }
 
-    fn try_attach(plan: &Plan) -> Result<Probe, ProbeError> {
+    fn try_attach(plan: &Plan) -> Result<Sensor, SensorError> {
         // aya parses the kernel's BTF itself when asked; only fexit needs it (the programs carry
         // no CO-RE relocations), so skip that cost otherwise.
         let aya_btf = if plan.attempts == AttemptSource::Fexit {
-            Some(aya::Btf::from_sys_fs().map_err(|e| ProbeError::Btf(e.to_string()))?)
+            Some(aya::Btf::from_sys_fs().map_err(|e| SensorError::Btf(e.to_string()))?)
         } else {
             None
         };
@@ -141,7 +144,7 @@ impl Probe {
             .btf(aya_btf.as_ref())
             .override_global(names::global::CONFIG, &plan.config, true)
             .load(EBPF_OBJECT)
-            .map_err(|e| ProbeError::Load(format!("{e:#}")))?;
+            .map_err(|e| SensorError::Load(format!("{e:#}")))?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
             Err(e) => {
@@ -160,7 +163,7 @@ impl Probe {
                 attach_fexit(&mut ebpf, program, &func, aya_btf)?;
             }
         }
-        Ok(Probe {
+        Ok(Sensor {
             ebpf,
             plan: plan.clone(),
             logger,
@@ -168,25 +171,25 @@ impl Probe {
     }
 
     /// The module-event ring buffer.
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, SensorError> {
         take_ringbuf(&mut self.ebpf, names::map::EVENTS)
     }
 
     /// The cgroup mkdir/rmdir ring buffer.
-    pub fn take_cgroups(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+    pub fn take_cgroups(&mut self) -> Result<RingBuf<MapData>, SensorError> {
         take_ringbuf(&mut self.ebpf, names::map::CGROUPS)
     }
 
     /// The kernel-side counters.
-    pub fn take_counters(&mut self) -> Result<Counters, ProbeError> {
+    pub fn take_counters(&mut self) -> Result<Counters, SensorError> {
         let counters = self
             .ebpf
             .take_map(names::map::COUNTERS)
-            .ok_or(ProbeError::Map(names::map::COUNTERS))?;
+            .ok_or(SensorError::Map(names::map::COUNTERS))?;
         let pending = self
             .ebpf
             .take_map(names::map::PENDING)
-            .ok_or(ProbeError::Map(names::map::PENDING))?;
+            .ok_or(SensorError::Map(names::map::PENDING))?;
         Counters::new(counters, pending)
     }
 
@@ -196,9 +199,9 @@ impl Probe {
     }
 }
 
-fn take_ringbuf(ebpf: &mut Ebpf, name: &'static str) -> Result<RingBuf<MapData>, ProbeError> {
-    let map = ebpf.take_map(name).ok_or(ProbeError::Map(name))?;
-    RingBuf::try_from(map).map_err(|_| ProbeError::Map(name))
+fn take_ringbuf(ebpf: &mut Ebpf, name: &'static str) -> Result<RingBuf<MapData>, SensorError> {
+    let map = ebpf.take_map(name).ok_or(SensorError::Map(name))?;
+    RingBuf::try_from(map).map_err(|_| SensorError::Map(name))
 }
 
 /// Runs `f` on program `name` of type `P`, turning every failure into an attach error naming
@@ -208,11 +211,11 @@ fn with_program<P>(
     program: &str,
     target: String,
     f: impl FnOnce(&mut P) -> Result<(), aya::programs::ProgramError>,
-) -> Result<(), ProbeError>
+) -> Result<(), SensorError>
 where
     for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let err = |reason: String| ProbeError::Attach {
+    let err = |reason: String| SensorError::Attach {
         program: program.to_string(),
         target: target.clone(),
         reason,
@@ -230,7 +233,7 @@ fn attach_tracepoint(
     program: &str,
     category: &str,
     name: &str,
-) -> Result<(), ProbeError> {
+) -> Result<(), SensorError> {
     let target = format!("tracepoint {category}:{name}");
     with_program(ebpf, program, target, |prog: &mut TracePoint| {
         // A program attached to several tracepoints is loaded once.
@@ -241,7 +244,7 @@ fn attach_tracepoint(
     })
 }
 
-fn attach_raw_tracepoint(ebpf: &mut Ebpf, program: &str, tp: &str) -> Result<(), ProbeError> {
+fn attach_raw_tracepoint(ebpf: &mut Ebpf, program: &str, tp: &str) -> Result<(), SensorError> {
     with_program(
         ebpf,
         program,
@@ -258,7 +261,7 @@ fn attach_fexit(
     program: &str,
     func: &str,
     btf: &aya::Btf,
-) -> Result<(), ProbeError> {
+) -> Result<(), SensorError> {
     with_program(
         ebpf,
         program,
@@ -285,9 +288,9 @@ fn raise_memlock() -> nix::Result<()> {
 /// (e.g. a verifier that rejects fexit); otherwise it is the plan from tracefs and BTF alone.
 pub fn explain() -> anyhow::Result<ExitCode> {
     if nix::unistd::geteuid().is_root() {
-        let probe = Probe::attach(Options::default())?;
-        println!("{}", probe.plan.describe());
-        for n in &probe.plan.notes {
+        let sensor = Sensor::attach(Options::default())?;
+        println!("{}", sensor.plan.describe());
+        for n in &sensor.plan.notes {
             println!("note: {n}");
         }
         return Ok(ExitCode::SUCCESS);

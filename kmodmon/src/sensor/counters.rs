@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use kmodmon_common::{Counter, CounterCategory, RawEvent, names};
 
-use super::ProbeError;
+use super::SensorError;
 
 pub struct Counters {
     counters: PerCpuArray<MapData, u64>,
@@ -79,12 +79,12 @@ impl Snapshot {
 }
 
 impl Counters {
-    pub(super) fn new(counters: Map, pending: Map) -> Result<Counters, ProbeError> {
+    pub(super) fn new(counters: Map, pending: Map) -> Result<Counters, SensorError> {
         Ok(Counters {
             counters: PerCpuArray::try_from(counters)
-                .map_err(|_| ProbeError::Map(names::map::COUNTERS))?,
+                .map_err(|_| SensorError::Map(names::map::COUNTERS))?,
             pending: HashMap::try_from(pending)
-                .map_err(|_| ProbeError::Map(names::map::PENDING))?,
+                .map_err(|_| SensorError::Map(names::map::PENDING))?,
         })
     }
 
