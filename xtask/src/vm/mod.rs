@@ -145,7 +145,20 @@ pub fn run_script_env(
         &run_part,
         &initrd,
     )?;
-    let result = qemu::boot(kernel, &initrd, &run_dir, cfg);
+    let mut result = qemu::boot(kernel, &initrd, &run_dir, cfg);
+    // A VM that died before the script started (a boot-time panic under a starved emulator)
+    // says nothing about kmodmon: boot it once more, and say so.
+    if let Ok(vm) = &result
+        && vm.transcript.booted.is_none()
+        && let Some(why) = vm.failure()
+    {
+        eprintln!(
+            "xtask vm: {name} on {}: the VM never reached the script ({}); booting once more",
+            kernel.label(),
+            why.lines().next().unwrap_or_default()
+        );
+        result = qemu::boot(kernel, &initrd, &run_dir, cfg);
+    }
     let _ = fs::remove_file(&initrd);
     let vm = result?;
     fs::write(run_dir.join("output.txt"), vm.transcript.output.join("\n"))?;
