@@ -53,6 +53,20 @@ contract_enum! {
     ErrPendingRemove = 15 => "pending_remove_failed", CounterCategory::Error;
     /// denied / would_deny decisions taken by the LSM programs.
     PolicyDecision = 16 => "policy_decision", CounterCategory::Other;
+    /// LSM: a restricted decision that an unmapped container cgroup got from its name or its
+    /// parent's (`[unselected]` before kmodmon mapped it).
+    LsmNameRule = 17 => "lsm_name_rule", CounterCategory::Other;
+    /// LSM: a crypto manager thread judged by the decision of the task that asked for the
+    /// algorithm.
+    LsmCryptoInherited = 18 => "lsm_crypto_inherited", CounterCategory::Other;
+    /// LSM: recording a task's `crypto-*` request for the crypto manager's threads failed.
+    LsmCryptoRecordFailed = 19 => "lsm_crypto_record_failed", CounterCategory::Error;
+    /// LSM: stashing a load's decision and file for its later hooks failed.
+    LsmStashFailed = 20 => "lsm_stash_failed", CounterCategory::Error;
+    /// LSM: the task's cgroup could not be read: the `[unselected]` decision applied.
+    LsmCgroupUnreadable = 21 => "lsm_cgroup_unreadable", CounterCategory::Error;
+    /// LSM: a load's later hook found no decision from its first hook: `[unselected]` applied.
+    LsmStashMissed = 22 => "lsm_stash_missed", CounterCategory::Error;
 }
 
 /// Slots of the `COUNTERS` map.

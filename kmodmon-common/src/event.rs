@@ -126,6 +126,79 @@ pub mod missing {
     pub const RESULT: u32 = 1 << 4;
 }
 
+/// What decided a denied / would_deny (see [`crate::policy`]), one row each (see
+/// [`event_kinds!`](crate::event_kinds)).
+#[macro_export]
+macro_rules! decided_by {
+    ($callback:ident! { $($head:tt)* }) => {
+        $callback! {
+            $($head)*
+            /// The cgroup's own entry: a container kmodmon mapped.
+            OwnEntry = 1 => "own_entry";
+            /// The entry of an enclosing cgroup (a container's sub-cgroup).
+            EnclosingEntry = 2 => "enclosing_entry";
+            /// A cgroup below a container parent (`/docker`, ...) kmodmon has not mapped:
+            /// `[unselected]`.
+            ContainerParent = 3 => "container_parent";
+            /// A cgroup named like a container (`docker-<id>.scope`, ...) kmodmon has not
+            /// mapped: `[unselected]`.
+            ContainerName = 4 => "container_name";
+            /// The host entry.
+            Host = 5 => "host";
+            /// A crypto manager thread instantiating an algorithm a task asked for: that
+            /// task's decision.
+            CryptoRequester = 6 => "crypto_requester";
+        }
+    };
+}
+
+decided_by!(contract_enum! {
+    /// What decided a denied / would_deny.
+    pub enum DecidedBy;
+});
+
+/// Where the name a load was judged by came from, one row each.
+#[macro_export]
+macro_rules! named_by {
+    ($callback:ident! { $($head:tt)* }) => {
+        $callback! {
+            $($head)*
+            /// The autoload request's string (a module name or an alias).
+            Request = 1 => "request";
+            /// The module file's name (only where nothing better exists on this kernel).
+            File = 2 => "file";
+            /// The `struct module` in the bytes the kernel read (`.gnu.linkonce.this_module`).
+            Image = 3 => "image";
+            /// The kernel's own name of the module, as it makes /sys/module/<name>, after
+            /// decompressing it (the loader then sees ENOMEM).
+            Kernel = 4 => "kernel";
+            /// No name could be read (an image that does not parse): denied wherever loads
+            /// are restricted.
+            Unnamed = 5 => "unnamed";
+        }
+    };
+}
+
+named_by!(contract_enum! {
+    /// Where the judged name came from.
+    pub enum NamedBy;
+});
+
+/// Bits of [`RawEvent::lsm_flags`].
+pub mod lsm {
+    /// The file's name (up to its first '.') is not the module's name: a restricted cgroup
+    /// may not load it, whatever the names.
+    pub const NAME_MISMATCH: u32 = 1 << 0;
+    /// The image's `.modinfo` `name=` is not its `struct module` name (the other name is in
+    /// `params`).
+    pub const MODINFO_MISMATCH: u32 = 1 << 1;
+    /// A compressed module file with a parameter string: the kernel would run the module's
+    /// parameter handlers before it can be named, so a restricted cgroup may not.
+    pub const COMPRESSED_WITH_PARAMS: u32 = 1 << 2;
+    /// The decision was capped by an enclosing container's entry.
+    pub const CAPPED: u32 = 1 << 3;
+}
+
 /// One module event, as the kernel side records it.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -154,8 +227,12 @@ pub struct RawEvent {
     pub flags: u32,
     /// finit_module fd (-1 when not applicable).
     pub fd: i32,
-    /// Always 0: keeps the u64 fields that follow aligned with no implicit padding.
-    pub _reserved: u32,
+    /// denied / would_deny: what decided ([`DecidedBy`] as u32).
+    pub decided_by: u32,
+    /// denied / would_deny: where the judged name came from ([`NamedBy`] as u32).
+    pub named_by: u32,
+    /// denied / would_deny: bits of [`lsm`].
+    pub lsm_flags: u32,
     /// bpf_ktime_get_ns() when the event started (syscall entry for attempts).
     pub ktime_ns: u64,
     /// bpf_ktime_get_ns() when the syscall returned (attempts), else equal to `ktime_ns`.
@@ -165,6 +242,9 @@ pub struct RawEvent {
     /// Syscall return value (0 or -errno); 0 for kernel-record events.
     pub ret: i64,
     pub cgroup_id: u64,
+    /// denied / would_deny: the cgroup whose entry or name decided (0: the host entry); for
+    /// the crypto manager's threads, the cgroup of the task that asked for the algorithm.
+    pub decided_at: u64,
     pub pid: u32,
     pub tid: u32,
     pub ppid: u32,
@@ -174,6 +254,8 @@ pub struct RawEvent {
     pub path_len: u32,
     pub comm: [u8; COMM_LEN],
     pub name: [u8; NAME_LEN],
+    /// init_module / finit_module parameters; for denied / would_deny, the name the image's
+    /// `.modinfo` gives when it differs from its `struct module` ([`lsm::MODINFO_MISMATCH`]).
     pub params: [u8; PARAMS_LEN],
     pub path: [u8; PATH_LEN],
 }
@@ -192,12 +274,15 @@ impl RawEvent {
             policy_generation: 0,
             flags: 0,
             fd: -1,
-            _reserved: 0,
+            decided_by: 0,
+            named_by: 0,
+            lsm_flags: 0,
             ktime_ns: 0,
             end_ktime_ns: 0,
             len: 0,
             ret: 0,
             cgroup_id: 0,
+            decided_at: 0,
             pid: 0,
             tid: 0,
             ppid: 0,
@@ -219,7 +304,7 @@ const _: () = {
     let fields_end = offset_of!(RawEvent, path) + PATH_LEN;
     assert!(fields_end == size_of::<RawEvent>());
     // The size the ring buffer's sizing comment (kmodmon-ebpf maps.rs) assumes.
-    assert!(size_of::<RawEvent>() == 992);
-    assert!(offset_of!(RawEvent, ktime_ns) == 12 * 4);
-    assert!(offset_of!(RawEvent, comm) == 12 * 4 + 5 * 8 + 6 * 4);
+    assert!(size_of::<RawEvent>() == 1008);
+    assert!(offset_of!(RawEvent, ktime_ns) == 14 * 4);
+    assert!(offset_of!(RawEvent, comm) == 14 * 4 + 6 * 8 + 6 * 4);
 };

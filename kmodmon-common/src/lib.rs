@@ -17,7 +17,10 @@ pub mod macros;
 /// policy maps ([`policy`]), which the pinned LSM programs write and read. Bump it with every
 /// change to them. kmodmon stores it beside its pins and replaces (never adopts) pinned
 /// programs of another version; version 1 was the layout before versions were stored.
-pub const CONTRACT_VERSION: u32 = 2;
+/// Version 3: RawEvent grew `decided_by`, `named_by`, `lsm_flags`, `decided_at`; the policy maps
+/// gained container parents, prefix rules, the crypto-requester and file stash maps, the
+/// acknowledgement array and the pinned counters.
+pub const CONTRACT_VERSION: u32 = 3;
 
 pub mod cgroup;
 pub mod config;
@@ -31,8 +34,8 @@ pub use cgroup::{CGROUP_MKDIR, CGROUP_PATH_LEN, CGROUP_RMDIR, RawCgroupEvent};
 pub use config::{Config, Field, OFFSET_UNKNOWN};
 pub use counter::{COUNTER_SLOTS, Counter, CounterCategory};
 pub use event::{
-    COMM_LEN, EventKind, NAME_LEN, Op, PARAMS_LEN, PATH_COMPONENT_LEN, PATH_LEN, PATH_MAX_STEPS,
-    PATH_SLOTS, RawEvent, Source, missing, trunc,
+    COMM_LEN, DecidedBy, EventKind, NAME_LEN, NamedBy, Op, PARAMS_LEN, PATH_COMPONENT_LEN,
+    PATH_LEN, PATH_MAX_STEPS, PATH_SLOTS, RawEvent, Source, lsm, missing, trunc,
 };
 
 #[cfg(feature = "user")]
@@ -47,4 +50,8 @@ mod pod {
     unsafe impl aya::Pod for super::policy::AllowKey {}
     unsafe impl aya::Pod for super::policy::Settings {}
     unsafe impl aya::Pod for super::policy::LsmConfig {}
+    unsafe impl aya::Pod for super::policy::ParentKey {}
+    unsafe impl aya::Pod for super::policy::PrefixRule {}
+    unsafe impl aya::Pod for super::policy::CryptoOrigin {}
+    unsafe impl aya::Pod for super::policy::LoadStash {}
 }

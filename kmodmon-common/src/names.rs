@@ -35,9 +35,11 @@ pub mod program {
     pub const KERNEL_READ_FILE: &str = "kernel_read_file";
     pub const KERNEL_LOAD_DATA: &str = "kernel_load_data";
     pub const KERNEL_POST_LOAD_DATA: &str = "kernel_post_load_data";
+    pub const KERNEL_POST_READ_FILE: &str = "kernel_post_read_file";
+    pub const KERNFS_INIT_SECURITY: &str = "kernfs_init_security";
 
     /// Every program in the object.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 22] = [
         MODULE_LOAD,
         MODULE_FREE,
         MODULE_REQUEST,
@@ -58,6 +60,8 @@ pub mod program {
         KERNEL_READ_FILE,
         KERNEL_LOAD_DATA,
         KERNEL_POST_LOAD_DATA,
+        KERNEL_POST_READ_FILE,
+        KERNFS_INIT_SECURITY,
     ];
 }
 
@@ -81,11 +85,37 @@ pub mod map {
     pub const POLICY_SETTINGS: &str = "POLICY_SETTINGS";
     /// Slot 0: the [`crate::CONTRACT_VERSION`] of the pinned LSM programs.
     pub const CONTRACT: &str = "CONTRACT";
+    /// Policy: [`crate::policy::ParentKey`] → 1 (container parents).
+    pub const POLICY_PARENTS: &str = "POLICY_PARENTS";
+    /// Policy: [`crate::policy::PrefixRule`]s (container names at any depth).
+    pub const POLICY_PREFIXES: &str = "POLICY_PREFIXES";
+    /// What a kmodmon already reported of the LSM programs' counters
+    /// ([`crate::policy::ACK_LOST`]).
+    pub const POLICY_ACK: &str = "POLICY_ACK";
+    /// Algorithm name → [`crate::policy::CryptoOrigin`] (LRU).
+    pub const CRYPTO_REQUESTS: &str = "CRYPTO_REQUESTS";
+    /// pid_tgid → [`crate::policy::LoadStash`] (LRU).
+    pub const LOAD_STASH: &str = "LOAD_STASH";
+    /// Per-CPU working space of the LSM programs (kernel side only).
+    pub const LSM_SCRATCH: &str = "LSM_SCRATCH";
     /// aya-log's ring buffer (aya-log-ebpf defines it; `aya_log::EbpfLogger` finds it).
     pub const AYA_LOGS: &str = "AYA_LOGS";
 
+    /// Maps only the LSM programs use (the monitor creates them at their smallest).
+    pub const LSM_ONLY: [&str; 9] = [
+        POLICY_CGROUPS,
+        POLICY_ALLOW,
+        POLICY_PARENTS,
+        POLICY_PREFIXES,
+        POLICY_ACK,
+        CRYPTO_REQUESTS,
+        LOAD_STASH,
+        LSM_SCRATCH,
+        CONTRACT,
+    ];
+
     /// Every map in the object (not counting the sections of global data).
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 16] = [
         EVENTS,
         CGROUPS,
         COUNTERS,
@@ -96,6 +126,12 @@ pub mod map {
         POLICY_SETTINGS,
         CONTRACT,
         AYA_LOGS,
+        POLICY_PARENTS,
+        POLICY_PREFIXES,
+        POLICY_ACK,
+        CRYPTO_REQUESTS,
+        LOAD_STASH,
+        LSM_SCRATCH,
     ];
 }
 

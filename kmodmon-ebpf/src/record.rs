@@ -3,8 +3,8 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_get_current_uid_gid, bpf_ktime_get_ns, generated,
     },
     programs::TracePointContext,
 };
@@ -30,29 +30,50 @@ pub fn begin(kind: EventKind, source: Source) -> Option<&'static mut RawEvent> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
     let now = unsafe { bpf_ktime_get_ns() };
-    ev.kind = kind as u32;
-    ev.source = source as u32;
-    ev.op = Op::None as u32;
-    ev.truncated = 0;
-    ev.missing = 0;
-    ev.taints = 0;
-    ev.wait = 0;
-    ev.rule_id = 0;
-    ev.policy_generation = 0;
-    ev.flags = 0;
-    ev.fd = -1;
-    ev._reserved = 0;
-    ev.ktime_ns = now;
-    ev.end_ktime_ns = now;
-    ev.len = 0;
-    ev.ret = 0;
-    ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    ev.pid = (pid_tgid >> 32) as u32;
-    ev.tid = pid_tgid as u32;
-    ev.uid = uid_gid as u32;
-    ev.gid = (uid_gid >> 32) as u32;
-    ev.path_len = 0;
-    ev.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // Field by field, volatile: merged into one store run, the compiler would call memset,
+    // a byte loop the verifier walks for every record a program can send.
+    macro_rules! set {
+        ($($field:ident = $v:expr;)+) => {
+            // SAFETY: valid, exclusive fields of the per-CPU scratch record.
+            unsafe { $( core::ptr::write_volatile(&mut ev.$field, $v); )+ }
+        };
+    }
+    set! {
+        kind = kind as u32;
+        source = source as u32;
+        op = Op::None as u32;
+        truncated = 0;
+        missing = 0;
+        taints = 0;
+        wait = 0;
+        rule_id = 0;
+        policy_generation = 0;
+        flags = 0;
+        fd = -1;
+        decided_by = 0;
+        named_by = 0;
+        lsm_flags = 0;
+        decided_at = 0;
+        ktime_ns = now;
+        end_ktime_ns = now;
+        len = 0;
+        ret = 0;
+        cgroup_id = cgroup_id;
+        pid = (pid_tgid >> 32) as u32;
+        tid = pid_tgid as u32;
+        uid = uid_gid as u32;
+        gid = (uid_gid >> 32) as u32;
+        path_len = 0;
+    }
+    // SAFETY: the helper writes at most COMM_LEN bytes into the record's comm.
+    let got = unsafe {
+        generated::bpf_get_current_comm(ev.comm.as_mut_ptr().cast(), ev.comm.len() as u32)
+    };
+    if got < 0 {
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(&mut ev.comm[0], 0) };
+    }
     ev.name[0] = 0;
     ev.params[0] = 0;
     ev.path[0] = 0;
