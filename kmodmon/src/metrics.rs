@@ -145,6 +145,9 @@ pub struct Metrics {
     pub enrichment_misses: Labeled<1>,
     /// Loads the policy denied.
     pub denials: AtomicU64,
+    /// Enforcement's self-check findings, by what was found changed (`link`, `program`,
+    /// `map`, `foreign`, ...).
+    pub tamper: Labeled<1>,
     pub audit: AuditMetrics,
     /// The pipeline's sinks, whose counters are exported as they are.
     sinks: RwLock<Vec<Arc<SinkCounters>>>,
@@ -167,6 +170,7 @@ impl Metrics {
             drops: Labeled::default(),
             enrichment_misses: Labeled::default(),
             denials: AtomicU64::new(0),
+            tamper: Labeled::default(),
             audit: AuditMetrics::default(),
             sinks: RwLock::new(Vec::new()),
             http: HttpMetrics::default(),
@@ -178,8 +182,21 @@ impl Metrics {
     pub fn event(&self, ev: &Event) {
         let verdict = ev.verdict.map_or("none", Verdict::as_str);
         self.events.add([ev.kind.as_str(), verdict], 1);
-        if ev.kind == Kind::Denied {
-            self.denials.fetch_add(1, Relaxed);
+        match ev.kind {
+            Kind::Denied => {
+                self.denials.fetch_add(1, Relaxed);
+            }
+            Kind::Tamper => {
+                let what = ev
+                    .object
+                    .as_deref()
+                    .and_then(|o| o.split(' ').next())
+                    .unwrap_or("unknown");
+                self.tamper.add([what], 1);
+            }
+            // Denied / would_deny records the LSM programs could not record.
+            Kind::Lost => self.drops.add(["policy_ring_full"], ev.count.unwrap_or(0)),
+            _ => {}
         }
     }
 
@@ -233,6 +250,16 @@ impl Metrics {
             "counter",
             "Module loads denied by the policy.",
             self.denials.load(Relaxed),
+        );
+        let tamper = self.tamper.snapshot();
+        family(
+            &mut out,
+            "kmodmon_tamper_total",
+            "counter",
+            "Changes to kmodmon's pinned enforcement (links, programs, maps, map contents) its \
+             self-check found, by what was changed.",
+            &["object"],
+            &tamper,
         );
         let misses = self.enrichment_misses.snapshot();
         family(

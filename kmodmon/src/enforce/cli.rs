@@ -88,8 +88,9 @@ pub fn run(args: EnforceArgs) -> anyhow::Result<ExitCode> {
             };
             announce(&enforcer);
             println!(
-                "note: containers started from now on fall under the host entry until `kmodmon \
-                 run` (or `kmodmon enforce on --foreground`) maps them"
+                "note: containers started from now on get the [unselected] decision when their \
+                 cgroup's parent or name marks them as containers (else the host's) until \
+                 `kmodmon run` (or `kmodmon enforce on --foreground`) maps them to their rule"
             );
             enforcer.shutdown(false)?;
             Ok(ExitCode::SUCCESS)
@@ -145,12 +146,23 @@ fn status(dir: &PinDir) -> anyhow::Result<ExitCode> {
     } else {
         println!("module support: no — {}", host::NO_MODULES_EXPLANATION);
     }
-    let links = dir.pinned_links();
+    let programs = crate::sensor::lsm::expected_programs();
+    let links = dir.pinned_links(&programs);
     println!(
         "pinned links: {links}/{} under {}",
-        crate::sensor::lsm::expected_links(),
+        programs.len(),
         dir.root.display()
     );
+    if programs.is_empty() {
+        match crate::sensor::lsm::plan_here() {
+            Ok(_) => {}
+            Err(e) => println!("this kernel cannot enforce: {e}"),
+        }
+    } else if links > 0 {
+        for line in super::selfcheck::inspect(dir, &programs) {
+            println!("self-check: {line}");
+        }
+    }
     if links > 0 {
         let this = kmodmon_common::CONTRACT_VERSION;
         match pins::pinned_contract(dir) {
@@ -179,10 +191,38 @@ fn status(dir: &PinDir) -> anyhow::Result<ExitCode> {
                 _ => "unknown",
             };
             println!("mode: {mode} (policy generation {})", s.generation);
+            use aya::maps::IterableMap as _;
+            let cap = |m: &aya::maps::MapData| m.info().map_or(0, |i| i.max_entries());
             println!(
-                "cgroup entries: {} (host included); allowed names: {}",
+                "cgroup entries: {}/{} (host and [unselected] included); allowed names: {}/{}; \
+                 container parents: {}",
                 maps.cgroups.keys().count(),
-                maps.allow.keys().count()
+                cap(maps.cgroups.map()),
+                maps.allow.keys().count(),
+                cap(maps.allow.map()),
+                maps.parents.keys().count()
+            );
+            let count = |c: kmodmon_common::Counter| {
+                maps.counters
+                    .get(&(c as u32), 0)
+                    .map_or(0, |v| v.iter().sum::<u64>())
+            };
+            let lost: u64 = kmodmon_common::Counter::ALL
+                .iter()
+                .filter(|c| c.is_event_drop())
+                .map(|c| count(*c))
+                .sum();
+            let acked = maps
+                .ack
+                .get(&kmodmon_common::policy::ACK_LOST, 0)
+                .unwrap_or(0);
+            println!(
+                "kernel counters: {} denied/would_deny records made, {lost} lost ({acked} of them \
+                 reported in a `lost` event), {} unmapped container decisions by name or parent, \
+                 {} crypto manager requests judged as their requester",
+                count(kmodmon_common::Counter::PolicyDecision),
+                count(kmodmon_common::Counter::LsmNameRule),
+                count(kmodmon_common::Counter::LsmCryptoInherited),
             );
         }
         Err(_) if links == 0 => println!("enforcement: not installed"),
@@ -206,6 +246,9 @@ fn announce(enforcer: &Enforcer) {
         enforcer.mode(),
         enforcer.container_count()
     );
+    for (cg, why) in enforcer.fallbacks() {
+        println!("warning: container cgroup {cg}: {why}");
+    }
     if !module_support() {
         println!("warning: {}", host::NO_MODULES_EXPLANATION);
     }

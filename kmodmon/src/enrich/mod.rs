@@ -329,6 +329,12 @@ impl Enricher {
             .min()
     }
 
+    /// An event of kmodmon's own making that needs no enrichment (enforcement's `tamper` and
+    /// `lost`): it goes on as it is, in order with the rest.
+    pub fn inject(&mut self, ev: Event) {
+        self.ready.push(ev);
+    }
+
     /// Events ready to go on, in order.
     pub fn take_ready(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.ready)

@@ -1,7 +1,8 @@
 //! Kernel records → [`Event`]: the RawEvent layout read out of a ring-buffer record, then
 //! decoded field by field. Enrichment (cgroup path, container, verdict) comes later.
 use kmodmon_common::{
-    EventKind, Op, PATH_COMPONENT_LEN, PATH_SLOTS, RawEvent, Source, missing, trunc,
+    DecidedBy, EventKind, NamedBy, Op, PATH_COMPONENT_LEN, PATH_SLOTS, RawEvent, Source, lsm,
+    missing, trunc,
 };
 
 use super::clock::Clock;
@@ -102,11 +103,18 @@ impl Event {
         let mut module = (!name_bytes.is_empty()).then(|| escape_bytes(name_bytes));
         let syscall = Syscall::from_kernel(op);
         let attempt = syscall.is_some();
+        // The module name the file's name claims (its leaf up to the first '.', as the LSM
+        // programs compare it).
+        let mut file_module = None;
         let path = if op == Op::FinitModule && raw.path_len > 0 {
             let p = path_from_components(&raw.path, raw.path_len as usize);
             let escaped = escape_bytes(&p);
+            let leaf = p.rsplit(|&b| b == b'/').next().unwrap_or(&[]);
+            let stem = leaf.split(|&b| b == b'.').next().unwrap_or(&[]);
+            if !stem.is_empty() {
+                file_module = Some(modname::normalize(&escape_bytes(stem)));
+            }
             if module.is_none() {
-                let leaf = p.rsplit(|&b| b == b'/').next().unwrap_or(&[]);
                 module = modname::from_file(&escape_bytes(leaf));
             }
             Some(escaped)
@@ -140,7 +148,8 @@ impl Event {
                 missing_fields.push(field.to_string());
             }
         }
-        let result = attempt.then_some(raw.ret);
+        // A denial fails what it denied: its result is the errno the caller saw.
+        let result = (attempt || kind == EventKind::Denied).then_some(raw.ret);
         let errno = match result {
             Some(r) if r < 0 => Some(errno_name((-r) as i32)),
             _ => None,
@@ -177,6 +186,21 @@ impl Event {
             verdict: None,
             rule_id: decision.then_some(raw.rule_id),
             policy_generation: decision.then_some(raw.policy_generation),
+            decided_by: decision
+                .then(|| DecidedBy::from_u32(raw.decided_by).map(|d| d.name().to_string()))
+                .flatten(),
+            deciding_cgroup_id: (decision && raw.decided_at != 0).then_some(raw.decided_at),
+            named_by: decision
+                .then(|| NamedBy::from_u32(raw.named_by).map(|d| d.name().to_string()))
+                .flatten(),
+            file_module: (decision && raw.lsm_flags & lsm::NAME_MISMATCH != 0)
+                .then(|| file_module.clone())
+                .flatten(),
+            modinfo_name: (decision && raw.lsm_flags & lsm::MODINFO_MISMATCH != 0)
+                .then(|| escape_bytes(until_nul(&raw.params))),
+            count: None,
+            object: None,
+            repaired: None,
             requested_by: None,
             modules: Vec::new(),
             truncated,

@@ -127,6 +127,12 @@ kmodmon_common::event_kinds!(mirror_enum! {
         Expectation => "expectation";
         /// kmodmon itself loaded a module (`--load-expected`).
         SelfLoad => "self_load";
+        /// Enforcement's self-check found a pinned link, program, map or map content that is
+        /// not what kmodmon installed (`object`, `detail`, `repaired`).
+        Tamper => "tamper";
+        /// The LSM programs counted denied / would_deny records they could not record (the
+        /// pinned ring was full, e.g. while kmodmon was down): `count` of them.
+        Lost => "lost";
     }
 });
 
@@ -276,6 +282,33 @@ pub struct Event {
     /// denied / would_deny: the generation of the policy in force (bumped by every load).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_generation: Option<u32>,
+    /// denied / would_deny: what decided (`own_entry`, `enclosing_entry`, `container_parent`,
+    /// `container_name`, `host`, `crypto_requester`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    /// denied / would_deny: the cgroup whose entry or name decided (absent for the host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deciding_cgroup_id: Option<u64>,
+    /// denied / would_deny: where the judged name came from (`request`, `file`, `image`,
+    /// `kernel`, `unnamed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub named_by: Option<String>,
+    /// denied / would_deny: the module name the file's name claims, when it is not the
+    /// module's. Escaped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_module: Option<String>,
+    /// denied / would_deny: `.modinfo`'s `name=`, when it is not the module's. Escaped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modinfo_name: Option<String>,
+    /// lost: how many records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    /// tamper: what was found changed (`link kernel_read_file`, `map policy_settings`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
+    /// tamper: whether kmodmon put it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repaired: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_by: Option<RequestedBy>,
     /// Modules named by an `expectation` event, or loaded by `self_load`.
@@ -326,6 +359,14 @@ impl Event {
             verdict: None,
             rule_id: None,
             policy_generation: None,
+            decided_by: None,
+            deciding_cgroup_id: None,
+            named_by: None,
+            file_module: None,
+            modinfo_name: None,
+            count: None,
+            object: None,
+            repaired: None,
             requested_by: None,
             modules: Vec::new(),
             truncated: Vec::new(),
@@ -371,7 +412,9 @@ mod tests {
                 "denied",
                 "would_deny",
                 "expectation",
-                "self_load"
+                "self_load",
+                "tamper",
+                "lost"
             ]
         );
         assert_eq!(

@@ -232,8 +232,14 @@ async fn enrich_task(
     let mut init_names = InitNames::default();
     let mut last_tick = Instant::now();
     // The changes of the registry's start-up scan reach the enforcer (it synced with the
-    // registry when it started, so this only repeats what it knows).
+    // registry when it started, so this only repeats what it knows); what it found at start
+    // (tamper, lost records) goes out first.
     follow(&mut enricher, enforcer.as_mut());
+    if let Some(enf) = enforcer.as_mut() {
+        for ev in enf.take_reports() {
+            enricher.inject(ev);
+        }
+    }
     let mut sinks_dead = false;
     loop {
         acc.enrich_turned();
@@ -249,10 +255,7 @@ async fn enrich_task(
             Some(c) = control.recv() => match c {
                 Control::ReloadPolicy { reply } => {
                     let answer = match enforcer.as_mut() {
-                        Some(enf) => enf
-                            .reload(None, enricher.registry())
-                            .map(|()| format!("policy reloaded (mode {})", enf.mode()))
-                            .map_err(|e| format!("new policy rejected, the previous one stays in force: {e}")),
+                        Some(enf) => enf.reload(None, enricher.registry()),
                         None => Err("no policy configured".to_string()),
                     };
                     let _ = reply.send(answer);
@@ -268,6 +271,17 @@ async fn enrich_task(
         }
         if last_tick.elapsed() >= TICK {
             last_tick = Instant::now();
+            // Enforcement's self-check; its tamper / lost events go out like any other.
+            if let Some(enf) = enforcer.as_mut() {
+                enf.tick();
+                for ev in enf.take_reports() {
+                    enricher.inject(ev);
+                }
+            }
+            if !forward(&mut enricher, &out, &acc).await {
+                sinks_dead = true;
+                break;
+            }
             if out.send(Out::Tick).await.is_err() {
                 sinks_dead = true;
                 break;
@@ -372,7 +386,10 @@ async fn forward(enricher: &mut Enricher, out: &mpsc::Sender<Out>, acc: &Account
     let ready = enricher.take_ready();
     let mut gone = 0u64;
     for ev in ready {
-        if matches!(ev.kind, Kind::Expectation | Kind::SelfLoad) {
+        if matches!(
+            ev.kind,
+            Kind::Expectation | Kind::SelfLoad | Kind::Tamper | Kind::Lost
+        ) {
             acc.synthesized.fetch_add(1, Relaxed);
         }
         if gone > 0 || out.send(Out::Event(Box::new(ev))).await.is_err() {

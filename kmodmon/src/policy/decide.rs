@@ -10,6 +10,10 @@ use super::{
 };
 use crate::{event::Container, modname};
 
+/// Most `container_parents` a policy may name (the kernel's map holds 64 with the built-in ones).
+pub const MAX_CONTAINER_PARENTS: usize = 32;
+use kmodmon_common::policy::PARENT_NAME_LEN;
+
 /// Which part of the policy decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RuleRef {
@@ -60,9 +64,52 @@ impl Policy {
         effective(rule, a, s.declared)
     }
 
+    /// What applies to this container leaving out its own KERNEL_MODULES: what it falls back
+    /// to when its declaration does not fit in the kernel's maps.
+    pub fn decide_without_declaration(&self, s: &Subject<'_>) -> Effective {
+        self.decide(&Subject {
+            declared: &[],
+            ..*s
+        })
+    }
+
     /// What applies to host processes (and any cgroup no container owns).
     pub fn host_decision(&self) -> Effective {
         effective(RuleRef::Host, &self.host, &[])
+    }
+
+    /// What applies to containers no rule selects, and to containers kmodmon has not mapped
+    /// (yet): `[unselected]` without any declaration.
+    pub fn unselected_decision(&self) -> Effective {
+        effective(RuleRef::Unselected, &self.unselected, &[])
+    }
+
+    /// The policy's own allow-lists (host, `[unselected]`, each rule), without what
+    /// containers declare: what must fit in the kernel's maps whatever runs.
+    pub fn own_lists(&self) -> Vec<Effective> {
+        let mut out = vec![self.host_decision(), self.unselected_decision()];
+        for (i, r) in self.rules.iter().enumerate() {
+            out.push(effective(RuleRef::Rule(i), &r.allowance, &[]));
+        }
+        out
+    }
+}
+
+impl Effective {
+    /// At most what both allow: restricted if either is, the allowed names both allow.
+    pub fn capped_by(mut self, cap: &Effective) -> Effective {
+        if !cap.restrict {
+            return self;
+        }
+        if self.restrict {
+            self.allowed.retain(|n| cap.allowed.contains(n));
+            self.from_declaration.retain(|n| self.allowed.contains(n));
+        } else {
+            self.restrict = true;
+            self.allowed = cap.allowed.clone();
+            self.from_declaration.clear();
+        }
+        self
     }
 }
 
@@ -163,12 +210,56 @@ impl<'t> Validator<'t> {
                 rules.push(rule);
             }
         }
+        let container_parents = self.parents(&raw.container_parents);
         Some(Policy {
             mode: mode?,
+            container_parents,
             host,
             unselected,
             rules,
         })
+    }
+
+    /// `container_parents`: absolute cgroup paths of plain components, the last shorter than
+    /// the kernel's name key.
+    fn parents(&mut self, list: &[Spanned<String>]) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        if list.len() > MAX_CONTAINER_PARENTS {
+            self.problem(
+                list[MAX_CONTAINER_PARENTS].span().start,
+                format!("container_parents: at most {MAX_CONTAINER_PARENTS} entries"),
+            );
+        }
+        for p in list {
+            let path = p.get_ref().trim_end_matches('/');
+            let comps: Vec<&str> = path.split('/').skip(1).collect();
+            let bad = if !path.starts_with('/') || comps.is_empty() {
+                Some("must be an absolute cgroup path such as \"/ci-runners\"".to_string())
+            } else if comps
+                .iter()
+                .any(|c| c.is_empty() || *c == "." || *c == ".." || c.chars().any(char::is_control))
+            {
+                Some("has an empty, `.`, `..` or control-character component".to_string())
+            } else if comps.last().is_some_and(|c| c.len() >= PARENT_NAME_LEN) {
+                Some(format!(
+                    "its last component must be shorter than {PARENT_NAME_LEN} bytes (the kernel's                      key)"
+                ))
+            } else {
+                None
+            };
+            match bad {
+                Some(why) => self.problem(
+                    p.span().start,
+                    format!("container_parents: {:?} {why}", p.get_ref()),
+                ),
+                None if out.iter().any(|o| o == path) => self.problem(
+                    p.span().start,
+                    format!("container_parents: {path:?} is listed twice"),
+                ),
+                None => out.push(path.to_string()),
+            }
+        }
+        out
     }
 
     fn flag(v: &Option<Spanned<bool>>, default: bool) -> bool {

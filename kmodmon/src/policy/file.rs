@@ -9,6 +9,10 @@ use toml::Spanned;
 #[serde(deny_unknown_fields)]
 pub struct File {
     pub mode: Spanned<String>,
+    /// cgroups (paths in the cgroup2 tree) whose children are containers, besides the
+    /// built-in ones.
+    #[serde(default)]
+    pub container_parents: Vec<Spanned<String>>,
     #[serde(default)]
     pub host: Option<Spanned<HostSection>>,
     #[serde(default)]

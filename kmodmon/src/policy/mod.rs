@@ -19,6 +19,8 @@
 //! container_name = "lb-*"       # also: runtime, container_id (prefix), k8s_namespace, pod_labels
 //! allow = ["ip_vs"]
 //! trust_kernel_modules = true   # also allow what the container's KERNEL_MODULES declares
+//!
+//! container_parents = ["/ci-runners"]  # (top level) cgroups whose children are containers
 //! ```
 mod decide;
 mod file;
@@ -119,6 +121,9 @@ pub struct Rule {
 #[derive(Clone, Debug)]
 pub struct Policy {
     pub mode: Mode,
+    /// cgroup2 paths (`/a/b`, no trailing `/`) whose children are containers, besides the
+    /// built-in ones (`crate::enforce::cgroups::BUILTIN_PARENTS`).
+    pub container_parents: Vec<String>,
     pub host: Allowance,
     pub unselected: Allowance,
     pub rules: Vec<Rule>,

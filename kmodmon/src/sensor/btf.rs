@@ -14,7 +14,9 @@ const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
+const KIND_ENUM: u32 = 6;
 const KIND_FUNC: u32 = 12;
+const KIND_ENUM64: u32 = 19;
 const KIND_TYPE_TAG: u32 = 18;
 
 /// The kernel's BTF, indexed just enough to answer "offset of member M in struct S" and "does
@@ -139,6 +141,35 @@ impl KernelBtf {
     /// Whether the kernel has a function of this name (an fexit target).
     pub fn has_func(&self, name: &str) -> bool {
         self.types_named(name, &[KIND_FUNC]).next().is_some()
+    }
+
+    /// The type id of function `name` (what a tracing link's `target_btf_id` names).
+    pub fn func_id(&self, name: &str) -> Option<u32> {
+        (1..self.type_pos.len() as u32).find(|&id| {
+            self.header(id)
+                .is_some_and(|t| t.kind == KIND_FUNC && self.name(t.name_off) == name.as_bytes())
+        })
+    }
+
+    /// The value of enumerator `member` of `enum name` (the kernel's, from BTF: never assumed).
+    pub fn enum_value(&self, name: &str, member: &str) -> Option<u64> {
+        self.types_named(name, &[KIND_ENUM, KIND_ENUM64])
+            .find_map(|t| {
+                let size = if t.kind == KIND_ENUM { 8 } else { 12 };
+                (0..t.vlen as usize).find_map(|i| {
+                    let at = t.pos + 12 + size * i;
+                    let name_off = read_u32(&self.data, at)?;
+                    if self.name(name_off) != member.as_bytes() {
+                        return None;
+                    }
+                    let lo = read_u32(&self.data, at + 4)? as u64;
+                    if t.kind == KIND_ENUM {
+                        return Some(lo);
+                    }
+                    let hi = read_u32(&self.data, at + 8)? as u64;
+                    Some(lo | (hi << 32))
+                })
+            })
     }
 
     /// Byte offset of `member` in `struct name`, looking through anonymous structs/unions.
@@ -376,5 +407,29 @@ mod tests {
         assert!(btf.member_offset("task_struct", "no_such_member").is_none());
         assert!(btf.has_func("schedule"));
         assert!(!btf.has_func("kmodmon_no_such_function"));
+        assert!(btf.func_id("schedule").is_some());
+        assert_eq!(btf.func_id("kmodmon_no_such_function"), None);
+        // Enumerators: the kernel's values, as btf-rs reads them.
+        let theirs = btf_rs::Btf::from_file(VMLINUX).unwrap();
+        for (e, m) in [
+            ("bpf_attach_type", "BPF_LSM_MAC"),
+            ("bpf_link_type", "BPF_LINK_TYPE_TRACING"),
+            ("kernel_read_file_id", "READING_MODULE"),
+            ("kernel_load_data_id", "LOADING_MODULE"),
+        ] {
+            let want = theirs
+                .resolve_types_by_name(e)
+                .unwrap()
+                .into_iter()
+                .find_map(|t| match t {
+                    btf_rs::Type::Enum(en) => en.members.iter().find_map(|x| {
+                        (theirs.resolve_name(x).ok()? == m).then_some(x.val() as u64)
+                    }),
+                    _ => None,
+                });
+            assert_eq!(btf.enum_value(e, m), want, "{e}::{m}");
+            assert!(want.is_some(), "{e}::{m} in BTF");
+        }
+        assert_eq!(btf.enum_value("bpf_attach_type", "NO_SUCH"), None);
     }
 }

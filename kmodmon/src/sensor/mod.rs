@@ -140,9 +140,16 @@ impl Sensor {
         } else {
             None
         };
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .btf(aya_btf.as_ref())
-            .override_global(names::global::CONFIG, &plan.config, true)
+            .override_global(names::global::CONFIG, &plan.config, true);
+        // The enforcement maps are created with every load of the object; the monitor's
+        // copies are never used.
+        for m in names::map::LSM_ONLY {
+            loader.map_max_entries(m, 1);
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| SensorError::Load(format!("{e:#}")))?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {

@@ -145,7 +145,7 @@ fn kind_color(ev: &Event) -> &'static str {
         Kind::Load | Kind::SelfLoad => "32",
         Kind::Unload => "33",
         Kind::Request => "36",
-        Kind::Denied | Kind::WouldDeny | Kind::Expectation => "1;31",
+        Kind::Denied | Kind::WouldDeny | Kind::Expectation | Kind::Tamper | Kind::Lost => "1;31",
         Kind::LoadAttempt | Kind::UnloadAttempt => "0",
     }
 }

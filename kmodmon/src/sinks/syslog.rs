@@ -74,6 +74,8 @@ pub enum Severity {
 /// How loud an event is in syslog.
 pub fn severity_for(ev: &Event) -> Severity {
     match ev.kind {
+        // Someone changed what enforces the policy, or denials went unrecorded.
+        Kind::Tamper | Kind::Lost => Severity::Error,
         Kind::Denied | Kind::WouldDeny => Severity::Warning,
         _ if ev.verdict == Some(Verdict::Unexpected) => Severity::Notice,
         _ => Severity::Informational,
