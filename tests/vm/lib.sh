@@ -213,3 +213,119 @@ ctr_id() { # NAME
 modpath() { # MODULE
     modinfo -n "$1"
 }
+
+# --- enforcement scripts (enforce*.sh) ---------------------------------------------------
+# Self-checking: record facts, then `want ...` checks; `checks_done` exits 1 naming every
+# failed check. NAME in messages is the script's ($KMODMON_VM_SCENARIO).
+
+FAILS=0
+_me() { echo "${KMODMON_VM_SCENARIO:-check}"; }
+want() { # FACT VALUE: the recorded fact must have this value
+    local got
+    got=$(sed -n "s/^$1=//p" "$OUT/facts.txt" | tail -1)
+    if [ "$got" = "$2" ]; then echo "$(_me): ok: $1=$2"; else
+        echo "$(_me): FAIL: $1 is '$got', want '$2'"
+        FAILS=$((FAILS + 1))
+    fi
+}
+want_nonzero() { # FACT
+    local got
+    got=$(sed -n "s/^$1=//p" "$OUT/facts.txt" | tail -1)
+    if [ -n "$got" ] && [ "$got" != 0 ]; then echo "$(_me): ok: $1=$got (not 0, as it must)"; else
+        echo "$(_me): FAIL: $1 is '$got', want a failure"
+        FAILS=$((FAILS + 1))
+    fi
+}
+want_line() { # FILE PATTERN WHAT: a line of $OUT/FILE matches PATTERN (grep -E)
+    if grep -Eq -- "$2" "$OUT/$1"; then echo "$(_me): ok: $3"; else
+        echo "$(_me): FAIL: $3 (no line matching '$2' in $1)"
+        FAILS=$((FAILS + 1))
+    fi
+}
+want_no_line() { # FILE PATTERN WHAT
+    if grep -Eq -- "$2" "$OUT/$1"; then
+        echo "$(_me): FAIL: $3 (a line matches '$2' in $1:)"
+        grep -E -- "$2" "$OUT/$1" | head -3
+        FAILS=$((FAILS + 1))
+    else echo "$(_me): ok: $3"; fi
+}
+checks_done() {
+    [ "$FAILS" -eq 0 ] || { echo "$(_me): $FAILS check(s) failed"; exit 1; }
+    echo "$(_me): all checks passed"
+}
+
+# Records loaded.MODULE.TAG = 1 when MODULE is in /proc/modules, else 0.
+loaded() { # MODULE TAG
+    if grep -q "^$1 " /proc/modules; then fact "loaded.$1.$2" 1; else fact "loaded.$1.$2" 0; fi
+}
+
+# Where the BPF LSM is not active (5.10's Debian kernel), enforcement must refuse with the
+# boot parameter to add and pin nothing: checks that and exits.
+refused_without_bpf_lsm() { # POLICY
+    grep -qw bpf /sys/kernel/security/lsm && return 0
+    kmodmon enforce on --policy "$1" >"$OUT/refused.out" 2>"$OUT/refused.err"
+    fact rc.refused "$?"
+    cat "$OUT/refused.err"
+    want rc.refused 2
+    want_line refused.err "lsm=" "the refusal names the boot parameter to add"
+    if [ -e /sys/fs/bpf/kmodmon/links ]; then
+        echo "$(_me): FAIL: pins left behind"
+        FAILS=$((FAILS + 1))
+    else echo "$(_me): ok: nothing pinned"; fi
+    checks_done
+    echo "$(_me): BPF LSM not active: refused as it must be"
+    exit 0
+}
+
+# `kmodmon enforce on --foreground`, its events in $OUT/enforce.jsonl; waits for the Nth
+# start line.
+EPID=
+enf_start() { # POLICY N
+    kmodmon enforce on --policy "$1" --foreground >>"$OUT/enforce.jsonl" 2>>"$OUT/enforce.err" &
+    EPID=$!
+    local i=0
+    while [ "$(grep -c '^enforcement on' "$OUT/enforce.jsonl" 2>/dev/null)" -lt "$2" ]; do
+        i=$((i + 1))
+        if [ "$i" -gt 900 ] || ! kill -0 "$EPID" 2>/dev/null; then
+            log "kmodmon enforce on did not start:"
+            cat "$OUT/enforce.err"
+            return 1
+        fi
+        usleep 100000
+    done
+    grep '^enforcement on' "$OUT/enforce.jsonl" | tail -1
+}
+enf_stop() { # [SIGNAL]
+    [ -n "$EPID" ] && kill "-${1:-INT}" "$EPID" 2>/dev/null && wait "$EPID"
+    EPID=
+}
+
+# A cgroup that looks like a docker container's (/docker/<64 hex of NAME>) with no runtime
+# behind it; `in_cgroup NAME CMD...` runs CMD in it (the LSM decides by cgroup alone).
+cg_make() { # NAME -> prints the cgroup path
+    local p="/docker/$(ctr_id "$1")"
+    mkdir -p "/sys/fs/cgroup$p"
+    echo "$p"
+}
+in_cgroup() { # PATH CMD...
+    local p=$1
+    shift
+    sh -c 'echo $$ >"/sys/fs/cgroup$0/cgroup.procs" && exec "$@"' "$p" "$@"
+}
+
+# Runs a container to completion: its entrypoint is CMD (its first process). Records
+# rc.entry.NAME.
+ctr_run() { # NAME CGROUPS_PATH "CAPS" CMD...
+    local name=$1 rc
+    ctr_config "$@" || return 1
+    runc run --no-pivot -b "/tmp/ctr/$name" "$name" >"$OUT/ctr.$name.log" 2>&1
+    rc=$?
+    fact "rc.entry.$name" "$rc"
+    runc delete -f "$name" >/dev/null 2>&1
+    return 0
+}
+
+# Events of KIND for MODULE in $OUT/enforce.jsonl (JSON lines).
+events_of() { # KIND MODULE
+    grep "\"kind\":\"$1\"" "$OUT/enforce.jsonl" | grep "\"module\":\"$2\""
+}

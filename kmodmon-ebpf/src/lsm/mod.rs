@@ -291,7 +291,11 @@ fn report(a: &Applies, s: &Scratch, r: &Report) -> i32 {
         ev.decided_by = a.how;
         ev.decided_at = a.at;
         ev.named_by = r.named_by as u32;
-        ev.lsm_flags = r.flags;
+        ev.lsm_flags = if a.ceiling.flags & RESTRICTED != 0 {
+            r.flags | kmodmon_common::lsm::CAPPED
+        } else {
+            r.flags
+        };
         // SAFETY: NAME_KEY_LEN fits in the record's name and params (checked at compile
         // time below); both are at 4-byte aligned offsets of the record.
         let name: &mut [u8; NAME_KEY_LEN] = unsafe { &mut *ev.name.as_mut_ptr().cast() };

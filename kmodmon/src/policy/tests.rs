@@ -204,3 +204,54 @@ fn line_col_counts_characters() {
     assert_eq!(line_col("ab\ncé d", 7), (2, 4));
     assert_eq!(line_col("x", 99), (1, 2));
 }
+
+/// A container inside another never gets more than the enclosing one.
+#[test]
+fn capping_keeps_what_both_allow() {
+    use crate::policy::{Effective, RuleRef};
+    let e = |restrict: bool, names: &[&str]| Effective {
+        rule: RuleRef::Unselected,
+        restrict,
+        allowed: names.iter().map(|s| s.to_string()).collect(),
+        from_declaration: Default::default(),
+    };
+    let capped = e(true, &["a", "b"]).capped_by(&e(true, &["b", "c"]));
+    assert!(capped.restrict);
+    assert_eq!(capped.allowed.iter().collect::<Vec<_>>(), ["b"]);
+    let capped = e(false, &[]).capped_by(&e(true, &["c"]));
+    assert!(capped.restrict, "an unrestricted container inside a restricted one is restricted");
+    assert_eq!(capped.allowed.iter().collect::<Vec<_>>(), ["c"]);
+    let capped = e(true, &["a"]).capped_by(&e(false, &[]));
+    assert_eq!(capped, e(true, &["a"]), "an unrestricted container caps nothing");
+    assert_eq!(capped.rule, RuleRef::Unselected, "the rule stays the container's own");
+}
+
+/// `container_parents`: absolute paths of plain components; errors located.
+#[test]
+fn container_parents_are_validated() {
+    let p = Policy::parse(
+        "mode = \"enforce\"\ncontainer_parents = [\"/ci/runners\", \"/top/\"]\n",
+        "p",
+    )
+    .unwrap();
+    assert_eq!(p.container_parents, ["/ci/runners", "/top"]);
+    for (bad, why) in [
+        ("ci", "absolute"),
+        ("/a/../b", "`..`"),
+        ("/a//b", "empty"),
+        ("/", "absolute"),
+        ("/x/0123456789012345678901234567890123", "shorter than 32"),
+    ] {
+        let text = format!("mode = \"enforce\"\ncontainer_parents = [{bad:?}]\n");
+        let err = Policy::parse(&text, "p").unwrap_err().to_string();
+        assert!(err.contains("p:2:22: container_parents"), "{bad}: {err}");
+        assert!(err.contains(why), "{bad}: {err}");
+    }
+    let err = Policy::parse(
+        "mode = \"enforce\"\ncontainer_parents = [\"/a\", \"/a/\"]\n",
+        "p",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("listed twice"), "{err}");
+}

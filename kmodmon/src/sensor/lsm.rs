@@ -251,6 +251,11 @@ pub fn load(map_pins: &[(&str, PathBuf)], only: Option<&[&str]>) -> Result<Loade
     let mut ebpf = loader
         .load(EBPF_OBJECT)
         .map_err(|e| SensorError::Load(format!("{e:#}")))?;
+    // The verifier gives up with EAGAIN when a signal is pending for the loading thread
+    // (seen on 6.12, where verifying a program takes seconds under emulation): this thread
+    // takes no signal while it loads (others, or this one afterwards, handle them), and a
+    // load that still meets one is tried again.
+    let _blocked = BlockSignals::new();
     for (name, hook) in plan.programs.clone() {
         let err = |what: &str, e: String| SensorError::Attach {
             program: name.to_string(),
@@ -262,7 +267,17 @@ pub fn load(map_pins: &[(&str, PathBuf)], only: Option<&[&str]>) -> Result<Loade
             .ok_or_else(|| err("finding", "missing from the eBPF object".into()))?
             .try_into()
             .map_err(|e| err("typing", format!("{e}")))?;
-        prog.load(hook, &btf).map_err(|e| {
+        let mut result = prog.load(hook, &btf);
+        for _ in 0..3 {
+            match &result {
+                Err(e) if format!("{e:#}").contains("os error 11") => {
+                    log::warn!("verifying {name} was interrupted (EAGAIN); trying again");
+                    result = prog.load(hook, &btf);
+                }
+                _ => break,
+            }
+        }
+        result.map_err(|e| {
             let mut msg = format!("{e:#}");
             if msg.contains("Operation not permitted") {
                 msg.push_str(
@@ -276,6 +291,35 @@ pub fn load(map_pins: &[(&str, PathBuf)], only: Option<&[&str]>) -> Result<Loade
         })?;
     }
     Ok(Loaded { ebpf, btf, plan })
+}
+
+/// Blocks every signal for the current thread while it lives (restoring the mask after).
+struct BlockSignals(Option<nix::sys::signal::SigSet>);
+
+impl BlockSignals {
+    fn new() -> BlockSignals {
+        use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
+        let mut old = SigSet::empty();
+        match pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), Some(&mut old)) {
+            Ok(()) => BlockSignals(Some(old)),
+            Err(e) => {
+                log::debug!("cannot block signals while loading: {e}");
+                BlockSignals(None)
+            }
+        }
+    }
+}
+
+impl Drop for BlockSignals {
+    fn drop(&mut self) {
+        if let Some(old) = self.0 {
+            let _ = nix::sys::signal::pthread_sigmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(&old),
+                None,
+            );
+        }
+    }
 }
 
 impl Loaded {

@@ -83,7 +83,11 @@ pub fn prepare(kernel: Option<&str>, all: bool) -> Result<Prepared> {
     files.insert("usr/bin/kmodmon".to_string(), release_kmodmon()?);
     files.insert(
         "usr/bin/kmodmon-vm-bench".to_string(),
-        build_bench(&root, &vm_dir)?,
+        build_std_tool(&root, &vm_dir, "bench/getppid.rs", "kmodmon-vm-bench")?,
+    );
+    files.insert(
+        "usr/bin/kmodmon-vm-tool".to_string(),
+        build_std_tool(&root, &vm_dir, "tools/vmtool.rs", "kmodmon-vm-tool")?,
     );
     let ramfs_dir = vm_dir.join("initramfs");
     let userland = initramfs::userland(&ramfs_dir)?;
@@ -237,10 +241,11 @@ pub fn vm_fetch(kernel: Option<&str>, refresh: bool) -> Result<()> {
     Ok(())
 }
 
-/// The getppid benchmark (tests/vm/bench/getppid.rs, std only), compiled with rustc.
-fn build_bench(root: &Path, vm_dir: &Path) -> Result<PathBuf> {
-    let src = root.join(SCENARIO_DIR).join("bench/getppid.rs");
-    let out = vm_dir.join("build/kmodmon-vm-bench");
+/// A std-only test program of tests/vm (`rel`: the getppid benchmark, the enforcement
+/// scripts' tool), compiled with rustc into a static binary named `name`.
+fn build_std_tool(root: &Path, vm_dir: &Path, rel: &str, name: &str) -> Result<PathBuf> {
+    let src = root.join(SCENARIO_DIR).join(rel);
+    let out = vm_dir.join("build").join(name);
     let newer = |a: &Path, b: &Path| -> bool {
         let m = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
         matches!((m(a), m(b)), (Some(x), Some(y)) if x > y)
@@ -262,6 +267,6 @@ fn build_bench(root: &Path, vm_dir: &Path) -> Result<PathBuf> {
         .arg(&src)
         .arg("-o")
         .arg(&out))
-    .context("compiling the VM benchmark failed")?;
+    .with_context(|| format!("compiling {rel} failed"))?;
     Ok(out)
 }
