@@ -7,7 +7,6 @@ use super::analyze::{ModuleReport, Status};
 use super::boot::{BootConfig, EtcModules};
 use super::conf::ConfFile;
 use super::containers::ContainerInputs;
-use super::fix::FixSummary;
 use super::init::InitInfo;
 use super::modprobe::ModprobeConfig;
 use super::{KernelChoice, Warning};
@@ -105,6 +104,14 @@ impl Summary {
             self.ok, self.loaded_unconfigured
         )
     }
+}
+
+/// What `--fix` did (written by [`super::fix`], which depends on this module, not the reverse).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FixSummary {
+    pub path: String,
+    pub added: Vec<String>,
+    pub written: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
