@@ -6,11 +6,13 @@
 //! Library use: [`gather`] builds a [`Report`] for a root; [`run`] is the CLI.
 pub mod analyze;
 pub mod boot;
+pub mod bootloader;
 pub mod cmdline;
 pub mod conf;
 pub mod containers;
 pub mod fix;
 pub mod init;
+pub mod initramfs;
 pub mod modprobe;
 pub mod report;
 
