@@ -73,6 +73,8 @@ pub enum NextSource {
     BlsNewest,
     /// No boot loader configuration: the newest module tree installed.
     NewestInstalled,
+    /// Not the next kernel: an installed one, judged because `--all-kernels` asked.
+    Installed,
     /// Nothing found.
     None,
 }
