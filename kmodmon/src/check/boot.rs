@@ -56,8 +56,14 @@ impl Source {
     /// "/etc/modules-load.d/k8s.conf:3", "/etc/modules-load.d/modules.conf -> /etc/modules:2",
     /// "kernel command line modules-load=".
     pub fn describe(&self) -> String {
-        if let Some(key) = &self.key {
-            return format!("kernel command line {key}=");
+        if let Some(key) = &self.key
+            && self.kind == SourceKind::KernelCmdline
+        {
+            return if self.path == PROC_CMDLINE {
+                format!("kernel command line {key}=")
+            } else {
+                format!("{key}= on the command line of {}", self.path)
+            };
         }
         let mut out = self.path.clone();
         if let Some(target) = &self.target {
@@ -66,6 +72,9 @@ impl Source {
         }
         if let Some(line) = self.line {
             out.push_str(&format!(":{line}"));
+        }
+        if let Some(key) = &self.key {
+            out.push_str(&format!(" ({key})"));
         }
         out
     }

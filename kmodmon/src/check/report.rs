@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::analyze::{ModuleReport, Status};
-use super::boot::{BootConfig, EtcModules};
+use super::boot::{BootConfig, EtcModules, Legacy};
 use super::conf::ConfFile;
 use super::containers::ContainerInputs;
 use super::init::InitInfo;
@@ -123,6 +123,8 @@ pub struct Report {
     pub loaded: LoadedInfo,
     pub init: InitInfo,
     pub etc_modules: EtcModules,
+    /// RHEL-family /etc/sysconfig/modules/*.modules and /etc/rc.modules, and what runs them.
+    pub legacy_scripts: Legacy,
     /// Whether a kernel command line was read (ROOT/proc/cmdline).
     pub kernel_cmdline: bool,
     pub modules_load_d: Vec<ConfFile>,
@@ -191,6 +193,7 @@ impl Report {
             loaded: LoadedInfo { source, count },
             init: p.boot.init,
             etc_modules: p.boot.etc_modules,
+            legacy_scripts: p.boot.legacy,
             kernel_cmdline: p.boot.cmdline_read,
             modules_load_d: p.boot.modules_load,
             modprobe_d: p.modprobe.files,
@@ -392,6 +395,18 @@ impl Report {
             o.push_str(&next);
         }
         let _ = writeln!(o, "\nResult: {}", self.summary.sentence());
+        if let Some(n) = &self.next_boot {
+            let _ = writeln!(
+                o,
+                "Result at the next boot ({}): {}",
+                n.kernel
+                    .kernel
+                    .version
+                    .as_deref()
+                    .unwrap_or("no kernel found"),
+                n.summary.sentence()
+            );
+        }
         if self.modules.iter().any(|m| m.fixable) {
             let names: Vec<&str> = self
                 .modules
