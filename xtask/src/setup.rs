@@ -28,6 +28,8 @@ pub const APT_PACKAGES: &[&str] = &[
     // the .deb install test: `man -l`, `systemd-analyze verify`
     "man-db",
     "systemd",
+    // promtool: the alert rules and the dashboard's queries (validate-deploy)
+    "prometheus",
 ];
 
 pub fn setup() -> Result<()> {

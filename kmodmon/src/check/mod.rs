@@ -17,6 +17,7 @@ pub mod initramfs;
 pub mod legacy;
 pub mod modprobe;
 pub mod nextboot;
+pub mod prom;
 pub mod report;
 
 #[cfg(test)]
