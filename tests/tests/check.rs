@@ -1057,6 +1057,13 @@ fn a_boot_entry_command_line_that_newly_blacklists_a_loaded_module() {
     assert_eq!(br["status"], "blacklisted");
     assert_eq!(br["newly_blocked"], true);
     assert_eq!(br["blocked_by"][0]["rule"], "module_blacklist=br_netfilter");
+    assert!(
+        br["blocked_by"][0]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("/boot/grub/grub.cfg:38"),
+        "{br}"
+    );
     let veth = next_module(n, "veth");
     assert_eq!(
         veth["status"], "blacklisted",

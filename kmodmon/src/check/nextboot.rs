@@ -251,13 +251,16 @@ pub fn judge(inp: &Inputs, kernel: NextKernel, boots_next: bool) -> NextBoot {
         .as_ref()
         .filter(|e| e.cmdline.is_some())
         .map_or(PROC_CMDLINE.to_string(), |e| e.origin.clone());
-    let next_modprobe = match ModprobeConfig::read(inp.root, cmdline.as_ref()) {
+    let mut next_modprobe = match ModprobeConfig::read(inp.root, None) {
         Ok(m) => m,
         Err(e) => {
             warnings.push(Warning::general(format!("cannot read modprobe.d: {e}")));
             ModprobeConfig::default()
         }
     };
+    if let Some(c) = &cmdline {
+        next_modprobe.add_cmdline_from(c, &cmdline_origin);
+    }
     let now_modprobe = ModprobeConfig::read(inp.root, inp.running_cmdline).unwrap_or_default();
     let early = EarlyConfig::read(inp.root, cmdline.as_ref(), &cmdline_origin);
     warnings.extend(early.warnings.iter().cloned());
@@ -545,9 +548,10 @@ impl Ctx<'_> {
                 if !out.contains(b) {
                     out.push(b.clone());
                 }
+                // A file rule is the same rule in the same file; a command line rule is the
+                // same word on both command lines.
                 let same_now = self.now_modprobe.blockers(m).iter().any(|n| {
-                    n.rule == b.rule
-                        && (n.path == b.path || n.path == PROC_CMDLINE && b.line.is_none())
+                    n.rule == b.rule && (n.path == b.path || (n.line.is_none() && b.line.is_none()))
                 });
                 newly |= !same_now;
             }
