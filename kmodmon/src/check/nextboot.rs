@@ -886,14 +886,14 @@ impl NextBoot {
             self.cmdline_source
         );
         let i = &self.initramfs;
+        let must = match i.required {
+            1 => "1 module must be in it".to_string(),
+            n => format!("{n} modules must be in it"),
+        };
         let img = if i.required == 0 {
             format!("{}; no module must be in it", i.generator.as_str())
         } else if let Some(e) = &i.error {
-            format!(
-                "{}; {} modules must be in it; {e}",
-                i.generator.as_str(),
-                i.required
-            )
+            format!("{}; {must}; {e}", i.generator.as_str())
         } else {
             let parts: Vec<String> = i
                 .parts
@@ -901,11 +901,10 @@ impl NextBoot {
                 .map(|p| format!("{:?}", p.format).to_lowercase())
                 .collect();
             format!(
-                "{} ({}; {}); {} modules must be in it",
+                "{} ({}; {}); {must}",
                 i.images.join(", "),
                 i.generator.as_str(),
-                parts.join(" + "),
-                i.required
+                parts.join(" + ")
             )
         };
         let _ = writeln!(o, "  initramfs:    {img}");
