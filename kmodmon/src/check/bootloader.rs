@@ -99,23 +99,41 @@ pub struct MenuEntry {
     /// `--id`/`$menuentry_id_option` of GRUB, the file name (less `.conf`) of a BLS entry.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
-    /// Kernel release it boots, from BLS `version` or the kernel image's name.
+    /// Kernel release it boots, from BLS `version` or the kernel image's name (escaped when
+    /// shown; kept as read for look-ups).
+    #[serde(serialize_with = "escaped_opt")]
     pub version: Option<String>,
     /// Kernel image path as written.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "escaped_opt"
+    )]
     pub linux: Option<String>,
     /// The kernel command line it passes (variables expanded where known; escaped).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
+    #[serde(serialize_with = "escaped_vec")]
     pub initrd: Vec<String>,
     /// "/boot/grub/grub.cfg:42" or "/boot/loader/entries/x.conf".
     pub origin: String,
     /// Variables in the command line that nothing defines (GRUB expands them to nothing).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "escaped_vec")]
     pub undefined_vars: Vec<String>,
     /// The command line unescaped, for parsing.
     #[serde(skip)]
     raw_cmdline: Option<String>,
+}
+
+/// Strings read from boot loader files, escaped where they are shown.
+fn escaped_opt<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.serialize_some(&escape_bytes(v.as_bytes())),
+        None => s.serialize_none(),
+    }
+}
+
+fn escaped_vec<S: serde::Serializer>(v: &[String], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|x| escape_bytes(x.as_bytes())))
 }
 
 impl MenuEntry {
@@ -650,8 +668,8 @@ fn grub_menu(
     let version = entry.as_ref().and_then(|e| e.version.clone());
     let evidence = match (&entry, &version) {
         (Some(e), None) => format!(
-            "{evidence}{bl}; its kernel image {:?} names no version",
-            e.linux.as_deref().unwrap_or("(none)")
+            "{evidence}{bl}; its kernel image {} names no version",
+            escape_bytes(e.linux.as_deref().unwrap_or("(none)").as_bytes())
         ),
         _ => format!("{evidence}{bl}"),
     };
@@ -1058,6 +1076,26 @@ submenu 'Advanced options for Debian GNU/Linux' $menuentry_id_option 'gnulinux-a
         let m = discover(&RootFs::new(d), &mut Vec::new());
         assert_eq!(m.next.source, NextSource::EfiOneShot);
         assert_eq!(m.next.version.as_deref(), Some("5.10.0"));
+    }
+
+    #[test]
+    fn strings_from_entries_are_escaped_when_shown() {
+        let e = parse_bls(
+            "x\u{202e}",
+            "/boot/loader/entries/x.conf",
+            "title T\x1b[31m\nversion 6.1\x1b\nlinux /vmlinuz\x07\ninitrd /i\x1b\n",
+        );
+        assert_eq!(
+            e.version.as_deref(),
+            Some("6.1\x1b"),
+            "kept as read for look-ups"
+        );
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["version"], "6.1\\x1b");
+        assert_eq!(json["linux"], "/vmlinuz\\x07");
+        assert_eq!(json["initrd"][0], "/i\\x1b");
+        assert_eq!(json["title"], "T\\x1b[31m");
+        assert_eq!(json["id"], "x\\u{202e}");
     }
 
     #[test]

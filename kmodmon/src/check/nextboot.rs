@@ -387,6 +387,7 @@ pub fn judge(inp: &Inputs, kernel: NextKernel, boots_next: bool) -> NextBoot {
     let ctx = Ctx {
         inp,
         version: version.as_deref().unwrap_or("(unknown)"),
+        shown: escape_bytes(version.as_deref().unwrap_or("(unknown)").as_bytes()),
         db: db.as_ref().ok(),
         next_modprobe: &next_modprobe,
         now_modprobe: &now_modprobe,
@@ -510,7 +511,10 @@ fn find_images(
 
 struct Ctx<'a> {
     inp: &'a Inputs<'a>,
+    /// The kernel release, for look-ups.
     version: &'a str,
+    /// The same, escaped, for messages (it comes from a file or a directory name).
+    shown: String,
     db: Option<&'a ModDb>,
     next_modprobe: &'a ModprobeConfig,
     now_modprobe: &'a ModprobeConfig,
@@ -607,8 +611,12 @@ impl Ctx<'_> {
                     }
                     need.in_image = Some(missing.is_empty());
                     if !missing.is_empty() {
-                        let kernels: Vec<String> = listing.kernels().into_iter().collect();
-                        let other = if kernels.iter().any(|k| k == self.version) {
+                        let kernels: Vec<String> = listing
+                            .kernels()
+                            .into_iter()
+                            .map(|k| escape_bytes(k.as_bytes()))
+                            .collect();
+                        let other = if listing.kernels().contains(self.version) {
                             String::new()
                         } else if kernels.is_empty() {
                             " (the image holds no module tree at all)".to_string()
@@ -618,7 +626,7 @@ impl Ctx<'_> {
                         initramfs_problem = Some(format!(
                             "the initramfs lacks {}{other}: rebuild it (update-initramfs -u -k {v} or dracut -f --kver {v})",
                             missing.join(", "),
-                            v = self.version
+                            v = self.shown
                         ));
                     }
                     need.missing = missing;
@@ -672,14 +680,14 @@ impl Ctx<'_> {
                 format!(
                     "{wanted_by}; built into {} (a loadable module now): always there, but modprobe.d options and \
                      blacklists no longer apply to it (use {}.PARAM= on the kernel command line)",
-                    self.version,
+                    self.shown,
                     resolved.first().map_or(name.as_str(), String::as_str)
                 ),
             )
         } else if builtin {
             (
                 NextStatus::Ok,
-                format!("{wanted_by}; built into {}", self.version),
+                format!("{wanted_by}; built into {}", self.shown),
             )
         } else {
             let img = match initramfs.as_ref().and_then(|n| n.in_image) {
@@ -688,7 +696,7 @@ impl Ctx<'_> {
             };
             (
                 NextStatus::Ok,
-                format!("{wanted_by}; {} has it{img}", self.version),
+                format!("{wanted_by}; {} has it{img}", self.shown),
             )
         };
         let detail = match (&initramfs, self.image_error, self.listing) {
@@ -766,13 +774,18 @@ impl Ctx<'_> {
 
     /// Why that kernel lacks `name`, from what the running kernel's tree says about it.
     fn why_missing(&self, name: &str) -> String {
-        let k = self.version;
+        let k = &self.shown;
         let Some(db) = self.db else {
             return format!(
                 "kernel {k} has no module tree (/lib/modules/{k}): only built-ins exist on that boot"
             );
         };
-        let now = self.inp.running.unwrap_or("the running kernel");
+        let now = self
+            .inp
+            .running
+            .map_or("the running kernel".to_string(), |r| {
+                escape_bytes(r.as_bytes())
+            });
         let current = self.inp.running_db.and_then(|rdb| {
             let r = rdb.resolve_alias(name);
             r.first().and_then(|m| rdb.module(m)).cloned()
