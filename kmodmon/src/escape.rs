@@ -231,6 +231,22 @@ pub fn sanitize_event(ev: &Event) -> Cow<'_, Event> {
     Cow::Owned(owned)
 }
 
+/// A Prometheus label value from an untrusted string (a file, a container's name): made safe
+/// to show by [`escape_bytes`] (no control characters, every byte recoverable), then `\` and
+/// `"` escaped as the text exposition format requires (a newline cannot remain).
+pub fn prometheus_label(value: &str) -> String {
+    let safe = escape_bytes(value.as_bytes());
+    let mut out = String::with_capacity(safe.len() + 2);
+    for c in safe.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Takes bytes up to the first NUL of a fixed kernel buffer.
 pub fn until_nul(buf: &[u8]) -> &[u8] {
     match buf.iter().position(|&b| b == 0) {
@@ -380,6 +396,17 @@ mod tests {
         let all: Vec<u8> = (0..=255u8).collect();
         let s = escape_bytes(&all);
         assert!(!s.chars().any(|c| c.is_control()));
+    }
+
+    #[test]
+    fn prometheus_labels() {
+        assert_eq!(prometheus_label("ip_vs"), "ip_vs");
+        assert_eq!(prometheus_label("a\"b"), "a\\\"b");
+        // The escaped backslash of escape_bytes is escaped again: the scraped value reads
+        // back as escape_bytes' output.
+        assert_eq!(prometheus_label("x\ny"), "x\\\\x0ay");
+        assert_eq!(prometheus_label("\\"), "\\\\\\\\");
+        assert!(!prometheus_label("\u{202e}\x1b").contains(['\n', '\u{202e}', '\x1b']));
     }
 
     #[test]

@@ -148,6 +148,8 @@ pub struct Metrics {
     pub audit: AuditMetrics,
     /// The pipeline's sinks, whose counters are exported as they are.
     sinks: RwLock<Vec<Arc<SinkCounters>>>,
+    /// The last periodic `check` as gauges (crate::check::prom), appended as it is.
+    check: RwLock<String>,
     pub http: HttpMetrics,
     /// Readiness and liveness, served on /ready and /healthz.
     pub health: Health,
@@ -169,6 +171,7 @@ impl Metrics {
             denials: AtomicU64::new(0),
             audit: AuditMetrics::default(),
             sinks: RwLock::new(Vec::new()),
+            check: RwLock::new(String::new()),
             http: HttpMetrics::default(),
             health: Health::default(),
         }
@@ -180,6 +183,13 @@ impl Metrics {
         self.events.add([ev.kind.as_str(), verdict], 1);
         if ev.kind == Kind::Denied {
             self.denials.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Replaces the gauges of the last periodic check (Prometheus text, already rendered).
+    pub fn set_check(&self, text: String) {
+        if let Ok(mut c) = self.check.write() {
+            *c = text;
         }
     }
 
@@ -425,6 +435,9 @@ impl Metrics {
             &["version"],
             &version,
         );
+        if let Ok(check) = self.check.read() {
+            out.push_str(&check);
+        }
         out
     }
 }

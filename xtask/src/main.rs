@@ -38,8 +38,11 @@ enum Task {
     /// Build the Debian package (target/debian/kmodmon_VERSION-1_ARCH.deb).
     Package,
     /// Validate deploy/: the Kubernetes manifests against the Kubernetes schemas and what
-    /// kmodmon needs, the Dockerfile with hadolint.
+    /// kmodmon needs, the Dockerfile with hadolint, then what validate-monitoring checks.
     ValidateDeploy,
+    /// Only the monitoring part of validate-deploy: the PrometheusRule with `promtool check
+    /// rules` and `promtool test rules`, the Grafana dashboard's queries with promtool.
+    ValidateMonitoring,
     /// Host benchmarks, paired in one run as ratios (see BENCHMARKS.md).
     Bench {
         /// Rounds per measurement (medians are reported).
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
         Task::Lint => tasks::lint(),
         Task::Package => ship::package().map(|_| ()),
         Task::ValidateDeploy => ship::validate_deploy(),
+        Task::ValidateMonitoring => ship::validate_monitoring(),
         Task::Bench { rounds } => bench::bench(rounds),
         Task::VmRun { kernel, script } => vm::vm_run(kernel.as_deref(), &script),
         Task::VmTest { kernel, scenario } => vm::vm_test(kernel.as_deref(), scenario.as_deref()),

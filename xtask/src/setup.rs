@@ -29,6 +29,8 @@ pub const APT_PACKAGES: &[&str] = &[
     // the .deb install test: `man -l`, `systemd-analyze verify`
     "man-db",
     "systemd",
+    // promtool: the alert rules and the dashboard's queries (validate-deploy)
+    "prometheus",
 ];
 
 /// Runs the setup once per xtask invocation: every task calls it first, and `test` (lint,

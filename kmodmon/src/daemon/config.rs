@@ -31,6 +31,9 @@ pub const DEFAULT_CONFIG: &str = "/etc/kmodmon/kmodmon.toml";
 /// [policy]
 /// file = "/etc/kmodmon/policy.toml"
 ///
+/// [check]               # `kmodmon check` every interval, as gauges on /metrics
+/// interval = "15m"      # "0s" turns it off
+///
 /// [rate_limit]          # audit records of attempts, per cgroup (0 = off)
 /// rate = 20
 /// burst = 200
@@ -47,6 +50,34 @@ pub struct FileConfig {
     /// `[rate_limit]`: audit records of attempts per cgroup; beyond it they are aggregated
     /// into counted `rate_limited` records.
     pub rate_limit: crate::ratelimit::RateLimitConfig,
+    pub check: CheckConfig,
+}
+
+/// `[check]`: the daemon runs `kmodmon check` (running kernel and next boot, containers from
+/// its live registry) every `interval` and serves the result as gauges on /metrics.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckConfig {
+    #[serde(with = "humantime_serde_opt")]
+    pub interval: std::time::Duration,
+}
+
+impl Default for CheckConfig {
+    fn default() -> Self {
+        CheckConfig {
+            interval: std::time::Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+/// `"15m"` ↔ Duration (humantime).
+mod humantime_serde_opt {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
 }
 
 /// `[policy]`: enforcement (see README "Enforcement").
@@ -134,6 +165,7 @@ pub struct Effective {
     pub probe: ProbeConfig,
     pub policy: Option<PathBuf>,
     pub rate_limit: crate::ratelimit::RateLimitConfig,
+    pub check: CheckConfig,
     pub source: Option<PathBuf>,
 }
 
@@ -199,6 +231,7 @@ fn apply(file: FileConfig, args: &RunArgs, source: Option<PathBuf>) -> Effective
             rate: args.audit_rate_limit.unwrap_or(file.rate_limit.rate),
             ..file.rate_limit
         },
+        check: file.check,
         source,
     }
 }

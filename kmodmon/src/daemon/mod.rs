@@ -211,6 +211,9 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
         log.note(started);
     }
     metrics.health.set_attached();
+    if !cfg.check.interval.is_zero() {
+        spawn_check(&session.pipeline, metrics.clone(), cfg.check.interval);
+    }
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut anchor_tick = tokio::time::interval(ANCHOR_EVERY);
@@ -293,4 +296,34 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
         anyhow::bail!("{why}; kmodmon stopped (a supervisor should restart it)");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `kmodmon check` now and every `interval`, with the containers of the live registry,
+/// and serves the result as gauges on /metrics (the fleet view: configured modules missing at
+/// the next boot, declared modules not loaded).
+fn spawn_check(pipeline: &crate::pipeline::Pipeline, metrics: Arc<Metrics>, interval: Duration) {
+    use crate::check::{self, containers};
+    use crate::host::moddb::RootFs;
+    let registry = pipeline.registry_handle();
+    tokio::spawn(async move {
+        // The first check a little after start, out of the way of attaching.
+        let first = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut tick = tokio::time::interval_at(first, interval);
+        loop {
+            tick.tick().await;
+            let Some(inputs) = registry.with(containers::from_registry).await else {
+                return; // the pipeline has stopped
+            };
+            let report = tokio::task::spawn_blocking(move || {
+                check::gather(&RootFs::host(), None, inputs)
+                    .map(|r| check::prom::render(&r, std::time::SystemTime::now()))
+            })
+            .await;
+            match report {
+                Ok(Ok(text)) => metrics.set_check(text),
+                Ok(Err(e)) => log::warn!("periodic check: {e}"),
+                Err(e) => log::warn!("periodic check failed: {e}"),
+            }
+        }
+    });
 }

@@ -66,6 +66,8 @@ pub struct Attribution {
     pub scans: u64,
     /// Lookups answered from the cache.
     pub hits: u64,
+    /// State files the last rescan could not read or parse.
+    pub problems: Vec<String>,
 }
 
 impl Attribution {
@@ -80,6 +82,7 @@ impl Attribution {
             not_it: HashSet::new(),
             scans: 0,
             hits: 0,
+            problems: Vec::new(),
         };
         a.rescan();
         a
@@ -103,7 +106,13 @@ impl Attribution {
         let started = Instant::now();
         self.index = StateIndex::scan(&self.cfg);
         self.not_it.clear();
-        for p in self.index.problems.drain(..) {
+        self.problems = self
+            .index
+            .problems
+            .drain(..)
+            .map(|p| p.to_string())
+            .collect();
+        for p in &self.problems {
             log::debug!("runtime state: {p}");
         }
         self.scan_cost = started.elapsed();

@@ -310,6 +310,11 @@ impl Registry {
         v
     }
 
+    /// Runtime-state files the last rescan could not read or parse (for reports).
+    pub fn state_problems(&self) -> &[String] {
+        &self.attribution.problems
+    }
+
     /// Whether `key`'s declaration is still being read.
     pub fn is_pending(&self, key: &str) -> bool {
         self.tracked

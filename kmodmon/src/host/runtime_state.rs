@@ -23,7 +23,9 @@ use crate::escape::escape_bytes;
 use crate::event::Container;
 use crate::host::cgroup::cgroup2_mount;
 use crate::host::container::{self, is_generic_runtime, parse_cgroup_path};
-use crate::host::declaration::{self, BadEntry, Declaration, ExpectError};
+#[cfg(test)]
+use crate::host::declaration::BadEntry;
+use crate::host::declaration::{self, Declaration, ExpectError};
 
 mod formats;
 mod reader;
@@ -454,7 +456,9 @@ impl StateIndex {
         self.by_id.is_empty()
     }
 
-    /// Each running container with its declaration (reads configs and /proc), sorted by ID.
+    /// Each running container with its declaration (reads configs and /proc), sorted by ID
+    /// (for tests of the state readers; the product reads containers through the registry).
+    #[cfg(test)]
     pub fn running_containers(&self, cfg: &StateConfig) -> Vec<RunningContainer> {
         let mut out: Vec<RunningContainer> = self
             .by_id
@@ -472,7 +476,8 @@ impl StateIndex {
     }
 }
 
-/// A running container and what it declares (for `kmodmon check` and startup).
+/// A running container and what it declares (tests of the state readers).
+#[cfg(test)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunningContainer {
     pub container: Container,
@@ -482,6 +487,7 @@ pub struct RunningContainer {
     pub declaration: Result<Declaration, String>,
 }
 
+#[cfg(test)]
 impl RunningContainer {
     /// Declared valid module names (empty when nothing or nothing readable was declared).
     pub fn expected_modules(&self) -> &[String] {
@@ -498,7 +504,9 @@ impl RunningContainer {
     }
 }
 
-/// Every running container with its declaration, and the state files that could not be read.
+/// Every running container with its declaration, and the state files that could not be read
+/// (tests of the state readers).
+#[cfg(test)]
 pub fn running_containers(cfg: &StateConfig) -> (Vec<RunningContainer>, Vec<StateError>) {
     let index = StateIndex::scan(cfg);
     let list = index.running_containers(cfg);

@@ -69,6 +69,8 @@ pub enum Control {
     ReloadPolicy {
         reply: oneshot::Sender<Result<String, String>>,
     },
+    /// Runs a function with the live registry (read-only), on the enrich task.
+    WithRegistry(Box<dyn FnOnce(&crate::host::Registry) + Send>),
 }
 
 enum Out {
@@ -77,6 +79,28 @@ enum Out {
     Tick,
     /// The audit chain's head, for the sinks that publish it.
     Anchor(crate::audit::Anchor),
+}
+
+/// Reads the live registry from another task: the function runs on the enrich task, between
+/// two events (so the registry is never shared across threads).
+#[derive(Clone)]
+pub struct RegistryHandle {
+    control: mpsc::Sender<Control>,
+}
+
+impl RegistryHandle {
+    /// `None` once the pipeline has stopped.
+    pub async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&crate::host::Registry) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        let job = Box::new(move |r: &crate::host::Registry| {
+            let _ = tx.send(f(r));
+        });
+        self.control.send(Control::WithRegistry(job)).await.ok()?;
+        rx.await.ok()
+    }
 }
 
 /// What the pipeline ended with.
@@ -174,6 +198,13 @@ impl Pipeline {
             .unwrap_or_else(|_| Err("the pipeline has stopped".into()))
     }
 
+    /// A handle for reading the live registry from another task.
+    pub fn registry_handle(&self) -> RegistryHandle {
+        RegistryHandle {
+            control: self.control.clone(),
+        }
+    }
+
     /// Publishes the audit chain's head through the sinks that publish it (in order with
     /// the events, so a line is never split).
     pub async fn anchor(&self, a: crate::audit::Anchor) {
@@ -257,6 +288,7 @@ async fn enrich_task(
                     };
                     let _ = reply.send(answer);
                 }
+                Control::WithRegistry(f) => f(enricher.registry()),
             },
             _ = tokio::time::sleep_until(wakeup.into()) => {}
         }
