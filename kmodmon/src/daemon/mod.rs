@@ -108,6 +108,9 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
             None
         }
     };
+    // Tasks that run as long as the daemon: one ending is a failure (non-zero exit, so the
+    // service manager restarts kmodmon), never a quiet degradation.
+    let mut essential: Vec<(&str, tokio::task::JoinHandle<()>)> = Vec::new();
     let syslog = if cfg.forward.syslog {
         let facility = cfg
             .forward
@@ -133,11 +136,14 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("serving metrics on {addr}"))?;
         log::info!("metrics on http://{}/metrics", server.local_addr()?);
         let m = metrics.clone();
-        tokio::spawn(async move {
-            if let Err(e) = server.serve(m).await {
-                log::error!("metrics server stopped: {e}");
-            }
-        });
+        essential.push((
+            "the metrics server",
+            tokio::spawn(async move {
+                if let Err(e) = server.serve(m).await {
+                    log::error!("metrics server stopped: {e}");
+                }
+            }),
+        ));
     }
     // A policy is validated (and the BPF LSM checked) before anything is attached: if it
     // cannot be enforced, refuse to start rather than pretend.
@@ -212,12 +218,19 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
     }
     metrics.health.set_attached();
     if !cfg.check.interval.is_zero() {
-        spawn_check(&session.pipeline, metrics.clone(), cfg.check.interval);
+        essential.push((
+            "the periodic check",
+            spawn_check(&session.pipeline, metrics.clone(), cfg.check.interval),
+        ));
     }
+    // systemd (Type=notify): ready now; WATCHDOG=1 only while the pipeline turns.
+    let watchdog = sd_notify::watchdog_enabled();
+    notify(&[sd_notify::NotifyState::Ready]);
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut anchor_tick = tokio::time::interval(ANCHOR_EVERY);
     let mut last_anchor = None;
+    let mut task_failure: Option<String> = None;
     loop {
         tokio::select! {
             _ = anchor_tick.tick() => {
@@ -235,8 +248,19 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
                 if session.pipeline.has_failed() {
                     break;
                 }
-                if session.pipeline.accounting.stalled_ms() < 5_000 {
+                if let Some((what, _)) = essential.iter().find(|(_, h)| h.is_finished()) {
+                    task_failure = Some(format!("{what} stopped"));
+                    break;
+                }
+                let stalled = session.pipeline.accounting.stalled_ms();
+                if stalled < 5_000 {
                     metrics.health.beat();
+                }
+                // A stuck pipeline stops the pings: systemd kills and restarts the daemon.
+                if let Some(w) = watchdog
+                    && u128::from(stalled) < w.as_millis() / 2
+                {
+                    notify(&[sd_notify::NotifyState::Watchdog]);
                 }
                 for (reason, n) in session.new_losses() {
                     metrics.drop_events(&reason, n);
@@ -265,6 +289,7 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
             },
         }
     }
+    notify(&[sd_notify::NotifyState::Stopping]);
     let (finished, summary) = session.finish(&mut signals).await;
     let text = format!("stopping: {}", summary.describe());
     eprintln!("kmodmon: {text}");
@@ -292,7 +317,7 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    if let Some(why) = finished.failure {
+    if let Some(why) = finished.failure.or(task_failure) {
         anyhow::bail!("{why}; kmodmon stopped (a supervisor should restart it)");
     }
     Ok(ExitCode::SUCCESS)
@@ -301,7 +326,11 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
 /// Runs `kmodmon check` now and every `interval`, with the containers of the live registry,
 /// and serves the result as gauges on /metrics (the fleet view: configured modules missing at
 /// the next boot, declared modules not loaded).
-fn spawn_check(pipeline: &crate::pipeline::Pipeline, metrics: Arc<Metrics>, interval: Duration) {
+fn spawn_check(
+    pipeline: &crate::pipeline::Pipeline,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+) -> tokio::task::JoinHandle<()> {
     use crate::check::{self, containers};
     use crate::host::moddb::RootFs;
     let registry = pipeline.registry_handle();
@@ -325,5 +354,12 @@ fn spawn_check(pipeline: &crate::pipeline::Pipeline, metrics: Arc<Metrics>, inte
                 Err(e) => log::warn!("periodic check failed: {e}"),
             }
         }
-    });
+    })
+}
+
+/// Tells systemd (Type=notify) about the daemon's state; nothing when not run by systemd.
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        log::warn!("sd_notify: {e}");
+    }
 }
