@@ -39,9 +39,9 @@ use crate::sinks::{Fanout, SinkReport};
 
 /// Capacity of the reader → enrich queue, in messages (a batch of up to
 /// [`reader::BATCH`] records, or one cgroup record).
-pub const QUEUE: usize = 256;
+pub const QUEUE: usize = 64;
 /// Capacity of the enrich → sink queue, in events.
-pub const OUT_QUEUE: usize = 4096;
+pub const OUT_QUEUE: usize = 1024;
 /// How often an idle enrich task turns (captures due, finished modprobe runs, liveness).
 const IDLE_POLL: Duration = Duration::from_millis(250);
 /// How often an idle enrich task tells the sink thread it is alive.
