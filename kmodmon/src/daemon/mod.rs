@@ -214,6 +214,9 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
     if !cfg.check.interval.is_zero() {
         spawn_check(&session.pipeline, metrics.clone(), cfg.check.interval);
     }
+    if cfg.node_labels.enabled {
+        spawn_node_labels(&session.pipeline, metrics.clone(), &cfg.node_labels);
+    }
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut anchor_tick = tokio::time::interval(ANCHOR_EVERY);
@@ -323,6 +326,87 @@ fn spawn_check(pipeline: &crate::pipeline::Pipeline, metrics: Arc<Metrics>, inte
                 Ok(Ok(text)) => metrics.set_check(text),
                 Ok(Err(e)) => log::warn!("periodic check: {e}"),
                 Err(e) => log::warn!("periodic check failed: {e}"),
+            }
+        }
+    });
+}
+
+/// Keeps this node's `kmodmon.io/module.NAME` labels equal to the modules its running
+/// containers declare and the kernel has (see [`crate::kube::labels`]). A task of its own:
+/// the API server never holds up the event pipeline. A configuration that cannot work is
+/// logged and counted, and monitoring goes on without labels.
+fn spawn_node_labels(
+    pipeline: &crate::pipeline::Pipeline,
+    metrics: Arc<Metrics>,
+    cfg: &config::NodeLabelsConfig,
+) {
+    use crate::host::moddb::{LiveState, RootFs};
+    use crate::kube::{ApiClient, labels};
+    let client = cfg
+        .resolve()
+        .and_then(|(node, api)| Ok((node, ApiClient::new(api)?)));
+    let (node, client) = match client {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("node labels are off: {e:#}");
+            metrics.node_labels.result("error");
+            return;
+        }
+    };
+    log::info!("node labels: node {node} through {}", client.server());
+    let registry = pipeline.registry_handle();
+    let (interval, min_interval) = (cfg.interval, cfg.min_interval);
+    tokio::spawn(async move {
+        let mut labeler = labels::NodeLabeler::new(client, node, min_interval);
+        let mut tick = tokio::time::interval(interval.max(Duration::from_secs(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut warned = std::collections::BTreeSet::new();
+        loop {
+            tick.tick().await;
+            let Some(declared) = registry
+                .with(|r| {
+                    r.running()
+                        .iter()
+                        .flat_map(|t| t.declared_modules().iter().cloned())
+                        .collect::<std::collections::BTreeSet<String>>()
+                })
+                .await
+            else {
+                return; // the pipeline has stopped
+            };
+            let live = match LiveState::read(&RootFs::host()) {
+                Ok(l) => l,
+                Err(e) => {
+                    log::warn!("node labels: cannot tell which modules are loaded: {e}");
+                    continue;
+                }
+            };
+            let (desired, unlabelable) = labels::desired(&declared, &live);
+            for m in unlabelable {
+                if warned.insert(m.clone()) {
+                    log::warn!(
+                        "node labels: module {m} has a name no label can carry; not labelled"
+                    );
+                }
+            }
+            match labeler.sync(&desired, std::time::Instant::now()).await {
+                Ok(labels::Outcome::Patched { set, removed }) => {
+                    metrics.node_labels.result("ok");
+                    metrics.node_labels.set_applied(desired.len());
+                    log::info!(
+                        "node labels: node {}: {set} set, {removed} removed ({} now)",
+                        labeler.node(),
+                        desired.len()
+                    );
+                }
+                Ok(labels::Outcome::Unchanged) => {
+                    metrics.node_labels.set_applied(desired.len());
+                }
+                Ok(labels::Outcome::Deferred) => {}
+                Err(e) => {
+                    metrics.node_labels.result("error");
+                    log::warn!("node labels: node {}: {e}", labeler.node());
+                }
             }
         }
     });
