@@ -424,7 +424,10 @@ fn label_keys_desired_labels_and_changes() {
         Some("kmodmon.io/module.ip_vs")
     );
     assert_eq!(labels::label_key(&"x".repeat(57)), None, "longer than 63");
-    assert!(labels::label_key(&"x".repeat(56)).is_some(), "module. + 56 = 63");
+    assert!(
+        labels::label_key(&"x".repeat(56)).is_some(),
+        "module. + 56 = 63"
+    );
     assert_eq!(labels::label_key("a+b"), None);
     assert_eq!(labels::label_key("ab_"), None, "must end alphanumeric");
 
