@@ -207,3 +207,54 @@ fn daemon_with_a_policy_never_pretends_to_enforce() {
         "{err}"
     );
 }
+
+#[test]
+fn the_daemon_tells_systemd_it_is_ready_alive_and_stopping() {
+    if !require_root("the_daemon_tells_systemd_it_is_ready_alive_and_stopping") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut child = Command::new(kmodmon_bin())
+        .args(["run", "--audit-dir"])
+        .arg(dir.path().join("audit"))
+        .env("NOTIFY_SOCKET", &sock_path)
+        // The watchdog as systemd sets it for WatchdogSec=2s.
+        .env("WATCHDOG_USEC", "2000000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn kmodmon run");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline
+        && !(got.iter().any(|m: &String| m == "READY=1")
+            && got.iter().filter(|m| *m == "WATCHDOG=1").count() >= 2)
+    {
+        let Ok(n) = sock.recv(&mut buf) else { break };
+        got.push(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    while !got.iter().any(|m| m == "STOPPING=1") {
+        let Ok(n) = sock.recv(&mut buf) else { break };
+        got.push(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let ready = got.iter().position(|m| m == "READY=1");
+    let ping = got.iter().position(|m| m == "WATCHDOG=1");
+    assert!(
+        ready.is_some() && ping > ready,
+        "READY=1 first, then watchdog pings: {got:?}"
+    );
+    assert!(got.iter().any(|m| m == "STOPPING=1"), "{got:?}");
+}

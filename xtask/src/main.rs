@@ -49,6 +49,14 @@ enum Task {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// This tree's kmodmon and another kmodmon binary side by side, interleaved: syscall cost,
+    /// syscall → JSON line latency, storm delivery, RSS (writes target/bench/compare.md).
+    BenchCompare {
+        /// The other kmodmon binary (e.g. a previous release).
+        other: std::path::PathBuf,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// Run a shell script as root in a VM (Debian kernel with modules, kmodmon on PATH);
     /// prints its output and exits with its exit code.
     VmRun {
@@ -93,6 +101,7 @@ fn main() -> ExitCode {
         Task::ValidateDeploy => ship::validate_deploy(),
         Task::ValidateMonitoring => ship::validate_monitoring(),
         Task::Bench { rounds } => bench::bench(rounds),
+        Task::BenchCompare { other, rounds } => bench::bench_compare(&other, rounds),
         Task::VmRun { kernel, script } => vm::vm_run(kernel.as_deref(), &script),
         Task::VmTest { kernel, scenario } => vm::vm_test(kernel.as_deref(), scenario.as_deref()),
         Task::VmFetch { kernel, refresh } => vm::vm_fetch(kernel.as_deref(), refresh),

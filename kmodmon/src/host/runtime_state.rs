@@ -96,6 +96,47 @@ pub struct StateConfig {
     /// cgroup2 mount points, most specific first, to turn runc's absolute cgroup dirs into
     /// cgroup paths.
     pub cgroup2_mounts: Vec<PathBuf>,
+    /// Where runtimes that name containers by a name, not an ID, record them: a cgroup
+    /// named like one of their containers counts only when this state confirms it (anyone
+    /// with a delegated cgroup subtree can name a cgroup `lxc.payload.x`).
+    pub named: NamedState,
+}
+
+/// State directories of the name-keyed runtimes (root-owned on a sane host).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamedState {
+    /// LXC container directories (`<dir>/<name>/config`).
+    pub lxc: Vec<PathBuf>,
+    /// systemd-machined's registry (`<dir>/<name>`), nspawn machines.
+    pub machines: PathBuf,
+    /// libvirt-lxc domains (`<dir>/<name>.xml`).
+    pub libvirt_lxc: PathBuf,
+}
+
+impl NamedState {
+    /// Whether runtime state confirms that a container of this name-keyed runtime exists.
+    /// Runtimes keyed by ID are not this function's business (true).
+    pub fn confirms(&self, runtime: &str, name: &str) -> bool {
+        if check_id(name).is_err() {
+            return false;
+        }
+        match runtime {
+            container::LXC => self
+                .lxc
+                .iter()
+                .any(|d| d.join(name).join("config").is_file()),
+            container::NSPAWN => self.machines.join(name).is_file(),
+            container::LIBVIRT_LXC => {
+                // `lxc-<pid>-<name>`: libvirt names its scope after the domain.
+                let domain = name
+                    .strip_prefix("lxc-")
+                    .and_then(|r| r.split_once('-'))
+                    .map_or(name, |(_, d)| d);
+                self.libvirt_lxc.join(format!("{domain}.xml")).is_file()
+            }
+            _ => true,
+        }
+    }
 }
 
 impl Default for StateConfig {
@@ -151,6 +192,11 @@ impl StateConfig {
             ],
             proc_root: at("/proc"),
             cgroup2_mounts: vec![at("/sys/fs/cgroup/unified"), at("/sys/fs/cgroup")],
+            named: NamedState {
+                lxc: vec![at("/var/lib/lxc")],
+                machines: at("/run/systemd/machines"),
+                libvirt_lxc: at("/run/libvirt/lxc"),
+            },
         }
     }
 

@@ -2,6 +2,7 @@
 //!   kmodmon-load getppid N          → ns per getppid() over N calls
 //!   kmodmon-load storm THREADS N    → THREADS threads × N delete_module attempts; prints
 //!                                     "attempts=<total> seconds=<s> rate=<attempts/s>"
+//!   kmodmon-load paced N MICROS NAME → N delete_module(NAME) attempts, one every MICROS µs
 use std::time::Instant;
 
 fn main() {
@@ -45,8 +46,28 @@ fn main() {
                 total as f64 / secs
             );
         }
+        Some("paced") => {
+            let n = num(2, 1000);
+            let gap = std::time::Duration::from_micros(num(3, 1000));
+            let name = std::ffi::CString::new(
+                args.get(4)
+                    .cloned()
+                    .unwrap_or_else(|| "kmodmon_bench_paced".to_string()),
+            )
+            .unwrap_or_default();
+            let mut next = Instant::now();
+            for _ in 0..n {
+                // SAFETY: a valid NUL-terminated name; the call only reads it.
+                unsafe { libc::syscall(libc::SYS_delete_module, name.as_ptr(), 0) };
+                next += gap;
+                if let Some(d) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(d);
+                }
+            }
+            println!("attempts={n}");
+        }
         _ => {
-            eprintln!("usage: kmodmon-load getppid N | storm THREADS N");
+            eprintln!("usage: kmodmon-load getppid N | storm THREADS N | paced N MICROS NAME");
             std::process::exit(2);
         }
     }

@@ -12,9 +12,24 @@ use anyhow::{Context as _, Result, anyhow, bail};
 
 use crate::util::{is_root, run as run_cmd, workspace_root};
 
+mod compare;
+
+pub use compare::bench_compare;
+
 struct Bins {
     kmodmon: PathBuf,
     load: PathBuf,
+}
+
+/// The release kmodmon (the one binary run, the .deb and the VM use), and the load generator
+/// built the same way, so they share what they have in common.
+fn build_bins() -> Result<Bins> {
+    let kmodmon = crate::build::release_kmodmon()?;
+    run_cmd(crate::build::release_build().args(["-p", "kmodmon-tests", "--bin", "kmodmon-load"]))?;
+    Ok(Bins {
+        kmodmon,
+        load: crate::build::release_dir()?.join("kmodmon-load"),
+    })
 }
 
 pub fn bench(rounds: usize) -> Result<()> {
@@ -22,15 +37,8 @@ pub fn bench(rounds: usize) -> Result<()> {
     if !is_root() {
         bail!("the benchmarks load eBPF programs: run as root");
     }
-    // The release kmodmon (the one binary run, the .deb and the VM use), and the load
-    // generator built the same way, so they share what they have in common.
     let root = workspace_root();
-    let kmodmon = crate::build::release_kmodmon()?;
-    run_cmd(crate::build::release_build().args(["-p", "kmodmon-tests", "--bin", "kmodmon-load"]))?;
-    let bins = Bins {
-        kmodmon,
-        load: crate::build::release_dir()?.join("kmodmon-load"),
-    };
+    let bins = build_bins()?;
     let mut report = String::new();
     let mut say = |line: String| {
         println!("{line}");
