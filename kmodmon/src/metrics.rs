@@ -153,6 +153,27 @@ pub struct Metrics {
     pub http: HttpMetrics,
     /// Readiness and liveness, served on /ready and /healthz.
     pub health: Health,
+    /// The opt-in node labels (crate::kube::labels).
+    pub node_labels: NodeLabelMetrics,
+}
+
+/// Node-label requests by result, and the labels kmodmon keeps on the node.
+#[derive(Default)]
+pub struct NodeLabelMetrics {
+    /// API server PATCHes and configuration failures, by result (`ok`, `error`).
+    pub updates: Labeled<1>,
+    /// kmodmon.io/module.* labels on the node after the last successful sync.
+    pub applied: AtomicU64,
+}
+
+impl NodeLabelMetrics {
+    pub fn result(&self, result: &str) {
+        self.updates.add([result], 1);
+    }
+
+    pub fn set_applied(&self, n: usize) {
+        self.applied.store(n as u64, Relaxed);
+    }
 }
 
 impl Default for Metrics {
@@ -174,6 +195,7 @@ impl Metrics {
             check: RwLock::new(String::new()),
             http: HttpMetrics::default(),
             health: Health::default(),
+            node_labels: NodeLabelMetrics::default(),
         }
     }
 
@@ -243,6 +265,22 @@ impl Metrics {
             "counter",
             "Module loads denied by the policy.",
             self.denials.load(Relaxed),
+        );
+        let updates = self.node_labels.updates.snapshot();
+        family(
+            &mut out,
+            "kmodmon_node_label_updates_total",
+            "counter",
+            "Node-label updates through the Kubernetes API, by result (ok, error).",
+            &["result"],
+            &updates,
+        );
+        single(
+            &mut out,
+            "kmodmon_node_labels",
+            "gauge",
+            "kmodmon.io/module.* labels on this node after the last successful sync.",
+            self.node_labels.applied.load(Relaxed),
         );
         let misses = self.enrichment_misses.snapshot();
         family(

@@ -2,6 +2,7 @@
 //! outside CI, failing inside it), run `kmodmon tail --json` and collect what it prints, and
 //! make real runc containers.
 pub mod container;
+pub mod http;
 pub mod tail;
 
 use std::path::PathBuf;

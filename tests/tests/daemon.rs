@@ -168,29 +168,16 @@ fn daemon_serves_metrics_and_forwards_json_to_stdout() {
         assert!(Instant::now() < deadline, "our event never came");
     };
     assert_eq!(ours["kind"], "unload_attempt");
-    let body = http_get(&addr, "/metrics");
+    let (status, body) = kmodmon_tests::http::get(&addr, "/metrics");
     let _ = child.kill();
     let _ = child.wait();
-    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert_eq!(status, 200, "{body}");
     let line = body
         .lines()
         .find(|l| l.starts_with("kmodmon_events_total{") && l.contains("kind=\"unload_attempt\""))
         .unwrap_or_else(|| panic!("no unload_attempt counter in:\n{body}"));
     let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(n >= 1, "{line}");
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 /// With a policy, the daemon enforces or refuses to start: on a kernel without module support

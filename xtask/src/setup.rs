@@ -16,6 +16,8 @@ pub const APT_PACKAGES: &[&str] = &[
     // containers on the host and inside the VM
     "runc",
     "busybox-static",
+    // containerd and ctr: task bundles with CRI annotations (tests/tests/annotations.rs)
+    "containerd",
     // the VM harness
     "qemu-system-x86",
     "kmod",
@@ -29,7 +31,8 @@ pub const APT_PACKAGES: &[&str] = &[
     // the .deb install test: `man -l`, `systemd-analyze verify`
     "man-db",
     "systemd",
-    // promtool: the alert rules and the dashboard's queries (validate-deploy)
+    // promtool: the alert rules and the dashboard's queries (validate-deploy); prometheus
+    // itself scrapes a running kmodmon in tests/tests/prometheus.rs
     "prometheus",
 ];
 

@@ -24,6 +24,10 @@ pub struct ContainerExpectation {
     pub name: Option<String>,
     /// Module names as declared (normalised by the check).
     pub modules: Vec<String>,
+    /// Where they were declared: `KERNEL_MODULES`, or `annotation KEY` (absent in a
+    /// `--containers-file` that does not say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub declared_in: Option<String>,
 }
 
 impl ContainerExpectation {
@@ -91,15 +95,26 @@ pub fn from_registry(registry: &Registry) -> ContainerInputs {
             runtime: t.container.runtime.clone(),
             name: t.container.name.clone(),
             modules: t.declared_modules().to_vec(),
+            declared_in: match &t.state {
+                DeclState::Known(d) if d.declared => Some(d.what()),
+                _ => None,
+            },
         };
         match &t.state {
             DeclState::Known(d) => {
                 for bad in &d.expected.bad {
                     out.warnings.push(Warning::general(format!(
-                        "container {}: KERNEL_MODULES entry {:?} ignored: {}",
+                        "container {}: {} entry {:?} ignored: {}",
                         expectation.describe(),
+                        d.what(),
                         bad.entry,
                         bad.reason
+                    )));
+                }
+                for line in d.disagreements() {
+                    out.warnings.push(Warning::general(format!(
+                        "container {}: {line}",
+                        expectation.describe()
                     )));
                 }
             }

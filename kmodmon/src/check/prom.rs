@@ -218,6 +218,7 @@ mod tests {
                 runtime: "containerd".into(),
                 name: Some("we\"ird\nname".into()),
                 modules: vec!["ip_vs".into(), "overlay".into()],
+                declared_in: None,
             }],
             source: "test".into(),
             ..Default::default()

@@ -38,6 +38,13 @@ pub const DEFAULT_CONFIG: &str = "/etc/kmodmon/kmodmon.toml";
 /// rate = 20
 /// burst = 200
 /// summary_every = "10s"
+///
+/// [node_labels]         # kmodmon.io/module.NAME labels on this node (Kubernetes, opt-in)
+/// enabled = false
+/// node_name = ""        # default: $NODE_NAME (the downward API's spec.nodeName)
+/// interval = "10s"      # how often the declared, loaded modules are compared
+/// min_interval = "30s"  # at most one PATCH this often
+/// # api_server, token_file, ca_file: default from the pod's service account
 /// ```
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -51,6 +58,71 @@ pub struct FileConfig {
     /// into counted `rate_limited` records.
     pub rate_limit: crate::ratelimit::RateLimitConfig,
     pub check: CheckConfig,
+    pub node_labels: NodeLabelsConfig,
+}
+
+/// `[node_labels]`: KMM-style `kmodmon.io/module.NAME` labels on this node through the
+/// Kubernetes API (README "Node labels"). Off unless `enabled`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeLabelsConfig {
+    pub enabled: bool,
+    /// The node's name; empty: the `NODE_NAME` environment variable.
+    pub node_name: String,
+    #[serde(with = "humantime_serde_opt")]
+    pub interval: std::time::Duration,
+    #[serde(with = "humantime_serde_opt")]
+    pub min_interval: std::time::Duration,
+    /// `https://HOST:PORT`; default from KUBERNETES_SERVICE_HOST/PORT.
+    pub api_server: Option<String>,
+    /// Default: the service account's token.
+    pub token_file: Option<PathBuf>,
+    /// Default: the service account's ca.crt.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for NodeLabelsConfig {
+    fn default() -> Self {
+        NodeLabelsConfig {
+            enabled: false,
+            node_name: String::new(),
+            interval: std::time::Duration::from_secs(10),
+            min_interval: std::time::Duration::from_secs(30),
+            api_server: None,
+            token_file: None,
+            ca_file: None,
+        }
+    }
+}
+
+impl NodeLabelsConfig {
+    /// The node name and the API configuration, from this section and the pod's environment.
+    pub fn resolve(&self) -> anyhow::Result<(String, crate::kube::ApiConfig)> {
+        let node = if self.node_name.is_empty() {
+            std::env::var("NODE_NAME").map_err(|_| {
+                anyhow::anyhow!(
+                    "[node_labels]: no node name: set NODE_NAME from the downward API (spec.nodeName) or node_name"
+                )
+            })?
+        } else {
+            self.node_name.clone()
+        };
+        let in_cluster = crate::kube::ApiConfig::in_cluster();
+        let server = match (&self.api_server, &in_cluster) {
+            (Some(s), _) => s.clone(),
+            (None, Ok(c)) => c.server.clone(),
+            (None, Err(e)) => anyhow::bail!("[node_labels]: {e}"),
+        };
+        let sa = std::path::Path::new(crate::kube::SERVICE_ACCOUNT_DIR);
+        Ok((
+            node,
+            crate::kube::ApiConfig {
+                server,
+                token_file: self.token_file.clone().unwrap_or_else(|| sa.join("token")),
+                ca_file: self.ca_file.clone().unwrap_or_else(|| sa.join("ca.crt")),
+            },
+        ))
+    }
 }
 
 /// `[check]`: the daemon runs `kmodmon check` (running kernel and next boot, containers from
@@ -166,6 +238,7 @@ pub struct Effective {
     pub policy: Option<PathBuf>,
     pub rate_limit: crate::ratelimit::RateLimitConfig,
     pub check: CheckConfig,
+    pub node_labels: NodeLabelsConfig,
     pub source: Option<PathBuf>,
 }
 
@@ -232,6 +305,7 @@ fn apply(file: FileConfig, args: &RunArgs, source: Option<PathBuf>) -> Effective
             ..file.rate_limit
         },
         check: file.check,
+        node_labels: file.node_labels,
         source,
     }
 }

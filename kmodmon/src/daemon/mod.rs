@@ -223,6 +223,11 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
             spawn_check(&session.pipeline, metrics.clone(), cfg.check.interval),
         ));
     }
+    if cfg.node_labels.enabled
+        && let Some(task) = spawn_node_labels(&session.pipeline, metrics.clone(), &cfg.node_labels)
+    {
+        essential.push(("the node labels", task));
+    }
     // systemd (Type=notify): ready now; WATCHDOG=1 only while the pipeline turns.
     let watchdog = sd_notify::watchdog_enabled();
     notify(&[sd_notify::NotifyState::Ready]);
@@ -362,4 +367,86 @@ fn notify(state: &[sd_notify::NotifyState]) {
     if let Err(e) = sd_notify::notify(state) {
         log::warn!("sd_notify: {e}");
     }
+}
+
+/// Keeps this node's `kmodmon.io/module.NAME` labels equal to the modules its running
+/// containers declare and the kernel has (see [`crate::kube::labels`]). A task of its own:
+/// the API server never holds up the event pipeline. A configuration that cannot work is
+/// logged and counted, and monitoring goes on without labels (`None`). The task ends only
+/// when the pipeline stops.
+fn spawn_node_labels(
+    pipeline: &crate::pipeline::Pipeline,
+    metrics: Arc<Metrics>,
+    cfg: &config::NodeLabelsConfig,
+) -> Option<tokio::task::JoinHandle<()>> {
+    use crate::host::moddb::{LiveState, RootFs};
+    use crate::kube::{ApiClient, labels};
+    let client = cfg
+        .resolve()
+        .and_then(|(node, api)| Ok((node, ApiClient::new(api)?)));
+    let (node, client) = match client {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("node labels are off: {e:#}");
+            metrics.node_labels.result("error");
+            return None;
+        }
+    };
+    log::info!("node labels: node {node} through {}", client.server());
+    let registry = pipeline.registry_handle();
+    let (interval, min_interval) = (cfg.interval, cfg.min_interval);
+    Some(tokio::spawn(async move {
+        let mut labeler = labels::NodeLabeler::new(client, node, min_interval);
+        let mut tick = tokio::time::interval(interval.max(Duration::from_secs(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut warned = std::collections::BTreeSet::new();
+        loop {
+            tick.tick().await;
+            let Some(declared) = registry
+                .with(|r| {
+                    r.running()
+                        .iter()
+                        .flat_map(|t| t.declared_modules().iter().cloned())
+                        .collect::<std::collections::BTreeSet<String>>()
+                })
+                .await
+            else {
+                return; // the pipeline has stopped
+            };
+            let live = match LiveState::read(&RootFs::host()) {
+                Ok(l) => l,
+                Err(e) => {
+                    log::warn!("node labels: cannot tell which modules are loaded: {e}");
+                    continue;
+                }
+            };
+            let (desired, unlabelable) = labels::desired(&declared, &live);
+            for m in unlabelable {
+                if warned.insert(m.clone()) {
+                    log::warn!(
+                        "node labels: module {m} has a name no label can carry; not labelled"
+                    );
+                }
+            }
+            match labeler.sync(&desired, std::time::Instant::now()).await {
+                Ok(labels::Outcome::Patched { set, removed }) => {
+                    metrics.node_labels.result("ok");
+                    metrics.node_labels.set_applied(desired.len());
+                    log::info!(
+                        "node labels: node {}: {set} set, {removed} removed ({} now)",
+                        labeler.node(),
+                        desired.len()
+                    );
+                }
+                Ok(labels::Outcome::Unchanged) => {
+                    metrics.node_labels.set_applied(desired.len());
+                }
+                Ok(labels::Outcome::Deferred) => {}
+                Err(e) => {
+                    metrics.node_labels.result("error");
+                    log::warn!("node labels: node {}: {e}", labeler.node());
+                }
+            }
+        }
+    }))
 }

@@ -108,7 +108,7 @@ impl StartOptions {
 pub struct ContainerInfo {
     pub container: Container,
     pub labels: BTreeMap<String, String>,
-    /// Valid names from its KERNEL_MODULES.
+    /// Valid names it declared (annotation or KERNEL_MODULES, see host::declaration).
     pub declared: Vec<String>,
 }
 

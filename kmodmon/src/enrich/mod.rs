@@ -226,6 +226,9 @@ impl Enricher {
             match self.registry.container(key).map(|t| &t.state) {
                 Some(DeclState::Known(d)) if d.declared => {
                     let d = d.clone();
+                    for line in d.disagreements() {
+                        log::warn!("container {key}: {line}");
+                    }
                     self.announce(key, &d);
                 }
                 Some(DeclState::Failed(why)) => {
@@ -270,7 +273,7 @@ impl Enricher {
                 }
             }
             self.loading.insert(key.to_string());
-            announce::spawn_modprobe(key.to_string(), missing, self.loads_tx.clone());
+            announce::spawn_modprobe(key.to_string(), missing, d.what(), self.loads_tx.clone());
             return;
         }
         self.push_expectation(key, d, &missing);

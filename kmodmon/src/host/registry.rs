@@ -570,6 +570,68 @@ mod tests {
         assert!(r.take_changes().is_empty());
     }
 
+    /// A containerd CRI container whose pod annotation declares modules: the registry (and so
+    /// the enricher, `check`, `policy show` and the enforcer's `trust_kernel_modules`) sees
+    /// the annotation, not the image's KERNEL_MODULES.
+    #[test]
+    fn a_pod_annotation_declares_for_everyone_who_reads_the_registry() {
+        let h = Host::new();
+        let path = format!("/kubepods/besteffort/pod0f1a2b3c-4d5e-6789-abcd-ef0123456789/{HEX}");
+        let id = h.mkdir(&path);
+        let bundle =
+            h.0.path()
+                .join("run/containerd/io.containerd.runtime.v2.task/k8s.io")
+                .join(HEX);
+        std::fs::create_dir_all(&bundle).unwrap();
+        let config = serde_json::json!({
+            "process": {"env": ["KERNEL_MODULES=dummy"]},
+            "annotations": {
+                "io.kubernetes.cri.container-type": "container",
+                "io.kubernetes.cri.container-name": "lb",
+                "kmodmon.io/kernel-modules": "ip_vs,ip_vs_wrr"
+            },
+            "linux": {"cgroupsPath": path}
+        });
+        std::fs::write(bundle.join("config.json"), config.to_string()).unwrap();
+        let mut r = h.registry();
+        r.cgroup_created(id, &path);
+        let t = r.container(HEX).unwrap();
+        assert_eq!(t.declared_modules(), ["ip_vs", "ip_vs_wrr"]);
+        let DeclState::Known(d) = &t.state else {
+            panic!("{:?}", t.state)
+        };
+        assert_eq!(d.what(), "annotation kmodmon.io/kernel-modules");
+        assert_eq!(d.overridden[0].modules, ["dummy"]);
+
+        let policy = crate::policy::Policy::parse(
+            "mode = \"enforce\"\n[unselected]\nrestrict = true\ntrust_kernel_modules = true\n",
+            "policy.toml",
+        )
+        .unwrap();
+        let labels = t.labels();
+        let eff = policy.decide(&crate::policy::Subject {
+            container: &t.container,
+            labels: &labels,
+            declared: t.declared_modules(),
+        });
+        assert!(eff.allowed.contains("ip_vs_wrr") && !eff.allowed.contains("dummy"));
+
+        let inputs = crate::check::containers::from_registry(&r);
+        assert_eq!(inputs.list[0].modules, ["ip_vs", "ip_vs_wrr"]);
+        assert_eq!(
+            inputs.list[0].declared_in.as_deref(),
+            Some("annotation kmodmon.io/kernel-modules")
+        );
+        assert!(
+            inputs
+                .warnings
+                .iter()
+                .any(|w| w.message.contains("KERNEL_MODULES (") && w.message.contains("says dummy")),
+            "{:?}",
+            inputs.warnings
+        );
+    }
+
     #[test]
     fn an_unreadable_declaration_settles_as_failed_on_give_up() {
         let h = Host::new();

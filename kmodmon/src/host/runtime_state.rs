@@ -25,7 +25,7 @@ use crate::host::cgroup::cgroup2_mount;
 use crate::host::container::{self, is_generic_runtime, parse_cgroup_path};
 #[cfg(test)]
 use crate::host::declaration::BadEntry;
-use crate::host::declaration::{self, Declaration, ExpectError};
+use crate::host::declaration::{self, Annotated, Declaration, ExpectError};
 
 mod formats;
 mod reader;
@@ -255,6 +255,10 @@ pub struct ContainerMeta {
     pub env: Option<(PathBuf, Vec<String>)>,
     /// OCI annotations and engine labels (raw).
     pub annotations: BTreeMap<String, String>,
+    /// The pod's annotations as its sandbox's state recorded them (cri-o: the sandbox
+    /// config's `io.kubernetes.cri-o.Annotations`), and that file. Empty when unknown.
+    pub pod_annotations: BTreeMap<String, String>,
+    pub pod_config_path: Option<PathBuf>,
     /// Files this was read from.
     pub sources: Vec<PathBuf>,
 }
@@ -318,15 +322,37 @@ impl ContainerMeta {
         }
     }
 
-    /// The container's `KERNEL_MODULES` declaration: from the OCI config's `process.env`,
-    /// else from the environ of `pid` (or the init pid).
+    /// The container's declaration (see [`declaration::resolve`]): its annotations, else
+    /// `KERNEL_MODULES` from the OCI config's `process.env`, else from the environ of `pid`
+    /// (or the init pid).
     pub fn declaration(
         &self,
         proc_root: &Path,
         pid: Option<u32>,
     ) -> Result<Declaration, ExpectError> {
         let env = self.env.as_ref().map(|(p, e)| (p.as_path(), e.as_slice()));
-        declaration::declaration(env, self.pid.or(pid), proc_root)
+        declaration::resolve(
+            self.annotated_declarations(),
+            declaration::declaration(env, self.pid.or(pid), proc_root),
+        )
+    }
+
+    /// Its annotations, as the declaration reads them.
+    pub fn annotated(&self) -> Annotated<'_> {
+        Annotated {
+            own: &self.annotations,
+            own_file: self
+                .config_path
+                .as_deref()
+                .or_else(|| self.sources.first().map(PathBuf::as_path)),
+            pod: &self.pod_annotations,
+            pod_file: self.pod_config_path.as_deref(),
+        }
+    }
+
+    /// The declarations its annotations make, most specific first.
+    pub fn annotated_declarations(&self) -> Vec<declaration::Found> {
+        declaration::from_annotations(&self.annotated())
     }
 
     fn merge(&mut self, p: Partial, source: PathBuf, runtime: &str, rank: u8, best: &mut u8) {
@@ -347,6 +373,10 @@ impl ContainerMeta {
         self.config_path = self.config_path.take().or(p.config_path);
         for (k, v) in p.labels {
             self.annotations.entry(k).or_insert(v);
+        }
+        if self.pod_config_path.is_none() && p.pod_config_path.is_some() {
+            self.pod_annotations = p.pod_annotations;
+            self.pod_config_path = p.pod_config_path;
         }
         self.sources.push(source);
     }

@@ -291,11 +291,25 @@ pub fn retry_delay(done: usize) -> Option<Duration> {
     RETRY_DELAYS.get(done - FAST_RETRIES).copied()
 }
 
-/// Reads a container's declaration once: the OCI config from runtime state, else the environ
-/// of its init pid, of the processes in its cgroup, then of `pids`. A process that is still
-/// becoming the container's program gives [`ExpectError::Starting`] (retry), and so does an
-/// existing but empty cgroup.
+/// Reads a container's declaration once (see [`declaration::resolve`]): its annotations
+/// from runtime state, else `KERNEL_MODULES` from the OCI config, else from the environ of its
+/// init pid, of the processes in its cgroup, then of `pids`. A process that is still becoming
+/// the container's program gives [`ExpectError::Starting`] (retry), and so does an existing
+/// but empty cgroup.
 pub fn capture(
+    meta: Option<&ContainerMeta>,
+    cgroup_dir: Option<&Path>,
+    pids: &[u32],
+    proc_root: &Path,
+) -> Result<Declaration, ExpectError> {
+    let annotated = meta
+        .map(ContainerMeta::annotated_declarations)
+        .unwrap_or_default();
+    declaration::resolve(annotated, capture_env(meta, cgroup_dir, pids, proc_root))
+}
+
+/// `KERNEL_MODULES`, from the OCI config or a process of the container.
+fn capture_env(
     meta: Option<&ContainerMeta>,
     cgroup_dir: Option<&Path>,
     pids: &[u32],

@@ -61,6 +61,9 @@ impl<'a> Reader<'a> {
                 found = true;
             }
         }
+        if found {
+            self.add_crio_pod(&mut meta);
+        }
         meta.finish();
         found.then_some(meta)
     }
@@ -167,6 +170,40 @@ impl<'a> Reader<'a> {
             }
         }
         Some(p)
+    }
+
+    /// cri-o keeps a pod's annotations only in its sandbox's config.json: find it in the
+    /// containers/storage roots by the container's `io.kubernetes.cri-o.SandboxID`.
+    fn add_crio_pod(&mut self, meta: &mut ContainerMeta) {
+        let Some(sandbox) = meta.annotations.get(formats::CRIO_SANDBOX_ID).cloned() else {
+            return;
+        };
+        if sandbox == meta.id || meta.pod_config_path.is_some() || check_id(&sandbox).is_err() {
+            return;
+        }
+        let roots: Vec<PathBuf> = self
+            .cfg
+            .roots
+            .iter()
+            .filter(|r| r.kind == StateKind::Storage)
+            .map(|r| r.dir.clone())
+            .collect();
+        for root in roots {
+            let path = root.join(&sandbox).join("userdata").join("config.json");
+            let Some(config) = self.json::<formats::OciConfig>(&path) else {
+                continue;
+            };
+            match formats::crio_pod_annotations(&config) {
+                Some(Ok(map)) => {
+                    meta.pod_annotations = map;
+                    meta.pod_config_path = Some(path.clone());
+                    meta.sources.push(path);
+                    return;
+                }
+                Some(Err(source)) => self.problems.push(StateError::Parse { path, source }),
+                None => {}
+            }
+        }
     }
 
     fn storage_name(&mut self, root: &Path, dir: &Path) -> Option<String> {
