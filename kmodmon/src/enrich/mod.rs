@@ -319,6 +319,13 @@ impl Enricher {
             }
         }
         for mut ev in held {
+            // What the registry learnt about the container while its events waited (its
+            // name, from runtime state written meanwhile).
+            if let (Some(c), Some(t)) = (ev.container.as_mut(), self.registry.container(key))
+                && c.id == t.container.id
+            {
+                *c = t.container.clone();
+            }
             self.judge(&mut ev, Some(key));
             self.ready.push(ev);
         }

@@ -51,15 +51,21 @@ impl Host {
         d
     }
 
+    /// /proc/PID/stat of a process `comm` whose parent is `ppid`, started at `ticks`.
+    fn stat(&self, pid: u32, comm: &str, ppid: u32, ticks: u64) {
+        let stat = format!(
+            "{pid} ({comm}) S {ppid} {pid} {pid} 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 {ticks}{}",
+            crate::host::runtime_process::STAT_TAIL
+        );
+        let d = self.root().join("proc").join(pid.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("stat"), stat).unwrap();
+    }
+
     /// A runtime process `pid` started at `ticks`, running `argv` in `cwd`.
     fn runtime_process(&self, pid: u32, ticks: u64, argv: &[&str], cwd: &Path) {
         let d = self.process(pid, argv[0], b"");
-        let stat = format!(
-            "{pid} ({}) S 1 {pid} {pid} 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 {ticks}{}",
-            argv[0],
-            crate::host::runtime_process::STAT_TAIL
-        );
-        std::fs::write(d.join("stat"), stat).unwrap();
+        self.stat(pid, argv[0], 1, ticks);
         let cmdline: Vec<u8> = argv
             .iter()
             .flat_map(|a| [a.as_bytes(), b"\0"].concat())
@@ -222,6 +228,45 @@ fn a_hooks_loads_are_judged_for_the_container_its_runtime_creates() {
     let got = ready_of(&mut e, Kind::LoadAttempt);
     assert_eq!(got[0].on_behalf_of, None);
     assert_eq!(got[0].verdict, Some(Verdict::Host));
+}
+
+/// `runc run -d` exits right after its hooks: its hooks' events may be enriched after it is
+/// gone. It was read as its container started (the parent of the container's init).
+#[test]
+fn a_runtime_gone_before_its_hooks_events_is_known_from_its_containers_start() {
+    let h = Host::new();
+    let mut e = h.enricher(false, CgroupLayout::Unified);
+    let path = format!("/docker/{HEX}");
+    let bundle = h.bundle("quick", "KERNEL_MODULES=dummy", &path);
+    let b = bundle.to_str().unwrap();
+    h.runtime_process(33, 900, &["runc", "run", "-d", "-b", b, "quick"], h.root());
+    h.process(41, "runc:[2:INIT]", b"_LIBCONTAINER_INITPIPE=3\0");
+    h.stat(41, "runc:[2:INIT]", 33, 901);
+    let cg = h.mkdir("unified", &path, &[41]);
+    e.cgroup_created(cg, &path);
+    // The runtime exits; then the hook's event is read.
+    std::fs::remove_dir_all(h.root().join("proc/33")).unwrap();
+    let mut ev = attempt("dummy", 1, 90);
+    ev.ancestors = vec![
+        Ancestor {
+            pid: 44,
+            start_boottime_ns: ns(902),
+            comm: "sh".into(),
+        },
+        Ancestor {
+            pid: 33,
+            start_boottime_ns: ns(900),
+            comm: "runc".into(),
+        },
+    ];
+    e.handle(ev);
+    let got = ready_of(&mut e, Kind::LoadAttempt);
+    let b = got[0]
+        .on_behalf_of
+        .as_ref()
+        .expect("known from the container's start");
+    assert_eq!((b.container.id.as_str(), b.depth), (HEX, 2));
+    assert_eq!(got[0].verdict, Some(Verdict::Expected));
 }
 
 /// crun, a container the registry has not seen (no cgroup yet), the bundle in the working

@@ -235,9 +235,11 @@ pub struct OnBehalfOf {
     /// names the container and its bundle), `runtime_state` (it names the container, whose
     /// bundle the runtime's state on disk gives).
     pub how: String,
-    /// The runtime process among the ancestors: pid, comm, its subcommand (`create`, `run`,
-    /// `start`, `exec`, `delete`, ...) and how many generations above the event's task it is
-    /// (1: the parent).
+    /// The OCI runtime program (`runc`, `crun`), from its command line.
+    pub program: String,
+    /// The runtime process among the ancestors: pid, comm (as the kernel recorded it), its
+    /// subcommand (`create`, `run`, `start`, `exec`, `delete`, ...) and how many generations
+    /// above the event's task it is (1: the parent).
     pub pid: u32,
     pub comm: String,
     pub command: String,

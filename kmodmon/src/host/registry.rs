@@ -389,7 +389,7 @@ impl Registry {
         }
         Attributed {
             cgroup_path: r.path,
-            container: r.container,
+            container: self.tracked_container(key.as_deref()).or(r.container),
             key,
         }
     }
@@ -454,8 +454,22 @@ impl Registry {
         if v1_id == 0 || self.cgroup_v1.is_none() {
             return Attributed::default();
         }
-        let r = self.resolve_v1(v1_id);
+        let mut r = self.resolve_v1(v1_id);
         let key = self.track_cg(&r, CgroupRef::V1(v1_id));
+        if let Some(t) = key.as_deref().and_then(|k| self.tracked.get(k))
+            && t.meta.is_none()
+            && t.since.elapsed() < YOUNG
+        {
+            // A container that just appeared: its runtime state may be there by now.
+            if let Some(v1) = self.cgroup_v1.as_mut() {
+                v1.resolved.remove(&v1_id);
+            }
+            let again = self.resolve_v1(v1_id);
+            if again.meta.is_some() && again.key() == key.as_deref() {
+                self.track_cg(&again, CgroupRef::V1(v1_id));
+                r = again;
+            }
+        }
         if let Some(k) = &key {
             self.tracked.saw_pid(k, pid);
             if let Some(pp) = ppid {
@@ -464,7 +478,7 @@ impl Registry {
         }
         Attributed {
             cgroup_path: r.path,
-            container: r.container,
+            container: self.tracked_container(key.as_deref()).or(r.container),
             key,
         }
     }
@@ -479,18 +493,7 @@ impl Registry {
             if !runtime_process::is_runtime_comm(&a.comm) {
                 continue;
             }
-            let k = (a.pid, a.start_boottime_ns);
-            let found = match self.runtime_procs.get(&k) {
-                Some(f) => f.clone(),
-                None => {
-                    let f = self.resolve_runtime_process(a);
-                    if self.runtime_procs.len() >= MAX_RUNTIME_PROCS {
-                        self.runtime_procs.clear();
-                    }
-                    self.runtime_procs.insert(k, f.clone());
-                    f
-                }
-            };
+            let found = self.runtime_process(a);
             if let Some(mut b) = found {
                 b.on_behalf_of.depth = depth as u32 + 1;
                 if let Some(t) = self.tracked.get(&b.key) {
@@ -501,6 +504,50 @@ impl Registry {
             }
         }
         None
+    }
+
+    /// What runtime process `a` works on, read once per process (pid and start time) and
+    /// remembered: a runtime that exits right after its hooks (`runc run -d`) may be gone by
+    /// the time its hooks' events are enriched, so each new container's runtime process is
+    /// also read as the container starts ([`Registry::learn_runtime_processes`]).
+    fn runtime_process(&mut self, a: &Ancestor) -> Option<Behalf> {
+        let k = (a.pid, runtime_process::start_ticks(a.start_boottime_ns));
+        if let Some(f) = self.runtime_procs.get(&k) {
+            return f.clone();
+        }
+        if self.runtime_procs.len() >= MAX_RUNTIME_PROCS {
+            self.runtime_procs.clear();
+        }
+        // Reading it may capture a declaration, which looks for runtime processes again.
+        self.runtime_procs.insert(k, None);
+        let f = self.resolve_runtime_process(a);
+        self.runtime_procs.insert(k, f.clone());
+        f
+    }
+
+    /// Reads the runtime processes of container `key` while it starts: the parents of the
+    /// processes in its cgroup that are still the runtime's (its init before it runs the
+    /// container's program) are the `runc create|run` / `crun run` that also runs its hooks.
+    fn learn_runtime_processes(&mut self, key: &str) {
+        let Some(t) = self.tracked.get(key) else {
+            return;
+        };
+        if !matches!(t.state, DeclState::Pending { .. }) {
+            return;
+        }
+        let dir = match (
+            self.cgroups.root(),
+            &t.cgroup_path,
+            &self.cgroup_v1,
+            &t.cgroup_v1_path,
+        ) {
+            (Some(root), Some(p), _, _) if t.cgroup_id != 0 => root.join(p.trim_start_matches('/')),
+            (_, _, Some(v1), Some(p)) => v1.hierarchy.mount.join(p.trim_start_matches('/')),
+            _ => return,
+        };
+        for parent in runtime_process::parents_of_cgroup(&self.proc_root, &dir) {
+            self.runtime_process(&parent);
+        }
     }
 
     fn resolve_runtime_process(&mut self, a: &Ancestor) -> Option<Behalf> {
@@ -580,6 +627,7 @@ impl Registry {
             on_behalf_of: OnBehalfOf {
                 container,
                 how: how.to_string(),
+                program: inv.runtime.to_string(),
                 pid: rp.pid,
                 comm: rp.comm.clone(),
                 command: escape_bytes(inv.command.as_bytes()),
@@ -610,17 +658,25 @@ impl Registry {
             .map(|t| t.container.id.clone())
     }
 
-    /// The declaration that judges events of container `key`: what the registry captured
-    /// when known, else what its bundle said (read through a runtime process), else the
-    /// registry's state (pending, failed). `None`: no record of it at all.
+    /// The declaration that judges events of container `key`: what its bundle's config says
+    /// when it was read through a runtime process (the environment the runtime gives the
+    /// container), else what the registry captured, or its state (pending, failed). `None`:
+    /// no record of it at all.
     pub fn declaration_state(&self, key: &str) -> Option<DeclState> {
         let tracked = self.tracked.get(key).map(|t| &t.state);
         match (tracked, self.bundle_decls.get(key)) {
-            (Some(DeclState::Known(d)), _) | (_, Some(Ok(d))) => Some(DeclState::Known(d.clone())),
+            (_, Some(Ok(d))) | (Some(DeclState::Known(d)), _) => Some(DeclState::Known(d.clone())),
             (Some(s), _) => Some(s.clone()),
             (None, Some(Err(e))) => Some(DeclState::Failed(e.clone())),
             (None, None) => None,
         }
+    }
+
+    /// The tracked container `key` as the registry knows it now (what runtime state or a
+    /// bundle added since its cgroup was first resolved).
+    fn tracked_container(&self, key: Option<&str>) -> Option<Container> {
+        key.and_then(|k| self.tracked.get(k))
+            .map(|t| t.container.clone())
     }
 
     /// The container `key`, running or recently gone.
@@ -656,6 +712,7 @@ impl Registry {
 
     /// One capture attempt now; queues `Settled` when it settles.
     fn capture(&mut self, key: &str) {
+        self.learn_runtime_processes(key);
         // Runtime state (the OCI config) may have appeared since the cgroup did.
         if let Some(t) = self.tracked.get(key)
             && t.meta.is_none()

@@ -83,9 +83,20 @@ fn takes_value(command: Option<&str>, name: &str) -> bool {
     }
 }
 
-/// Whether a comm (15 bytes at most) is an OCI runtime's.
+/// Whether a comm (15 bytes at most) may be an OCI runtime's: its program name, or a
+/// runtime re-executed from a sealed in-memory copy of itself (crun and runc do this to
+/// protect their binary). The kernel then names the process after the memfd
+/// (`memfd:crun_clon`, seen on 6.1 and 6.12) or, executed through the descriptor
+/// (`execveat(fd, "", AT_EMPTY_PATH)`), after its number (`3`, seen on 5.10). Its command line
+/// decides ([`parse`] checks argv[0]).
 pub fn is_runtime_comm(comm: &str) -> bool {
-    RUNTIMES.iter().any(|(name, _)| *name == comm)
+    RUNTIMES.iter().any(|(name, _)| *name == comm) || is_exec_from_fd(comm)
+}
+
+/// Whether a comm is what the kernel gives a program executed from a file descriptor: the
+/// memfd's name, or the descriptor's number.
+pub fn is_exec_from_fd(comm: &str) -> bool {
+    comm.starts_with("memfd:") || (!comm.is_empty() && comm.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// One runtime invocation, parsed from its command line.
@@ -191,6 +202,57 @@ impl RuntimeProcess {
     }
 }
 
+/// Clock ticks of a start time in ns (`/proc/<pid>/stat` field 22's unit).
+pub fn start_ticks(start_boottime_ns: u64) -> u64 {
+    start_boottime_ns / (1_000_000_000 / procfs::ticks_per_second().max(1))
+}
+
+/// Most processes of a cgroup looked at by [`parents_of_cgroup`].
+const MAX_PROCS: usize = 8;
+
+/// The parents that look like OCI runtimes (by comm) of the processes in cgroup directory
+/// `dir` that are still runtime processes themselves (a container's init before it runs the
+/// container's program), as [`Ancestor`]s.
+pub fn parents_of_cgroup(proc_root: &Path, dir: &Path) -> Vec<Ancestor> {
+    let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) else {
+        return Vec::new();
+    };
+    let ns_per_tick = 1_000_000_000 / procfs::ticks_per_second().max(1);
+    let stat = |pid: u32| {
+        Process::new_with_root(proc_root.join(pid.to_string()))
+            .and_then(|p| p.stat())
+            .ok()
+    };
+    let mut out: Vec<Ancestor> = Vec::new();
+    for pid in text
+        .lines()
+        .filter_map(|l| l.trim().parse::<u32>().ok())
+        .take(MAX_PROCS)
+    {
+        let Some(child) = stat(pid) else {
+            continue;
+        };
+        let init = child.comm.starts_with("runc:[") || is_runtime_comm(&child.comm);
+        let Ok(ppid) = u32::try_from(child.ppid) else {
+            continue;
+        };
+        if !init || ppid == 0 {
+            continue;
+        }
+        let Some(parent) = stat(ppid) else {
+            continue;
+        };
+        if is_runtime_comm(&parent.comm) && !out.iter().any(|a| a.pid == ppid) {
+            out.push(Ancestor {
+                pid: ppid,
+                start_boottime_ns: parent.starttime * ns_per_tick,
+                comm: escape_bytes(parent.comm.as_bytes()),
+            });
+        }
+    }
+    out
+}
+
 /// Reads ancestor `a` from `proc_root` if it is an OCI runtime working on a container:
 /// `Ok(None)` when it is not one, `Err` when it cannot be read or is no longer that process
 /// (exited, or its pid was reused: its start time differs from the kernel's record).
@@ -204,14 +266,13 @@ pub fn read(proc_root: &Path, a: &Ancestor) -> Result<Option<RuntimeProcess>, St
         let stat = p
             .stat()
             .map_err(|e| format!("{}/stat: {e}", dir.display()))?;
-        let ns_per_tick = 1_000_000_000 / procfs::ticks_per_second().max(1);
-        if stat.starttime != a.start_boottime_ns / ns_per_tick {
+        if stat.starttime != start_ticks(a.start_boottime_ns) {
             return Err(format!(
                 "pid {} is no longer the {} the kernel recorded (it started at tick {}, not {})",
                 a.pid,
                 a.comm,
                 stat.starttime,
-                a.start_boottime_ns / ns_per_tick
+                start_ticks(a.start_boottime_ns)
             ));
         }
     }
@@ -318,7 +379,9 @@ mod tests {
             assert_eq!(parse(&argv(s)), None, "{s:?}");
         }
         assert!(is_runtime_comm("runc") && is_runtime_comm("crun"));
-        assert!(!is_runtime_comm("runc:[2:INIT]"));
+        // crun re-executed from its memfd copy (seen in the test VMs).
+        assert!(is_runtime_comm("memfd:crun_clon") && is_runtime_comm("3"));
+        assert!(!is_runtime_comm("runc:[2:INIT]") && !is_runtime_comm("sh"));
     }
 
     #[test]

@@ -109,7 +109,7 @@ fn container_text(ev: &Event) -> String {
         (None, Some(b)) => format!(
             "host for {} via {} {}[{}]",
             name(&b.container),
-            b.comm,
+            b.program,
             b.command,
             b.pid
         ),
