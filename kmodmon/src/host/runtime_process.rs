@@ -284,7 +284,8 @@ pub fn read(proc_root: &Path, a: &Ancestor) -> Result<Option<RuntimeProcess>, St
     };
     Ok(Some(RuntimeProcess {
         pid: a.pid,
-        comm: escape_bytes(a.comm.as_bytes()),
+        // Escaped already (decoded from the kernel record, or read by parents_of_cgroup).
+        comm: a.comm.clone(),
         invocation,
         cwd: p.cwd().ok(),
         proc_dir: dir,

@@ -257,6 +257,23 @@ mod tests {
         let l = line(&e, Style { color: false });
         assert!(l.contains("ip_vs…"));
         assert!(l.contains("docker:0123456789ab [unexpected]"));
+        // A hook's load: the host's process, for the container its runtime works on.
+        e.on_behalf_of = e
+            .container
+            .take()
+            .map(|container| crate::event::OnBehalfOf {
+                container,
+                program: "runc".into(),
+                command: "create".into(),
+                pid: 77,
+                ..Default::default()
+            });
+        e.verdict = Some(Verdict::Expected);
+        let l = line(&e, Style { color: false });
+        assert!(
+            l.contains("host for docker:0123456789ab via runc create[77] [expected]"),
+            "{l}"
+        );
     }
 
     #[test]
