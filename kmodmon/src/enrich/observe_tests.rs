@@ -454,3 +454,41 @@ fn enforcement_refuses_to_start_on_a_v1_only_host() {
     }
     assert!(!h.root().join("pins").exists(), "nothing pinned");
 }
+
+/// A hook's autoload request (iptables in a hook → `iptable_nat`): the request is on behalf of
+/// the container, and the load the kernel's modprobe makes for it is judged for that
+/// container through the autoload join.
+#[test]
+fn a_hooks_autoload_request_is_joined_to_its_container() {
+    let h = Host::new();
+    let mut e = h.enricher(false, CgroupLayout::Unified);
+    let bundle = h.bundle("nat", "KERNEL_MODULES=iptable_nat", "");
+    h.runtime_process(34, 800, &["runc", "create", "nat"], &bundle);
+    let mut req = attempt("iptable_nat", 1, 95);
+    req.kind = Kind::Request;
+    req.ancestors = vec![Ancestor {
+        pid: 34,
+        start_boottime_ns: ns(800),
+        comm: "runc".into(),
+    }];
+    e.handle(req);
+    let mut ld = attempt("iptable_nat", 1, 96);
+    ld.kind = Kind::Load;
+    ld.ktime_ns = crate::event::monotonic_ns();
+    e.handle(ld);
+    e.poll();
+    let got = e.take_ready();
+    let (req, ld) = (&got[0], &got[1]);
+    assert_eq!(req.on_behalf_of.as_ref().unwrap().container.id, "nat");
+    assert_eq!(req.verdict, Some(Verdict::Expected));
+    let by = ld
+        .requested_by
+        .as_ref()
+        .expect("joined to the hook's request");
+    assert_eq!(by.container.as_ref().unwrap().id, "nat");
+    assert_eq!(
+        ld.on_behalf_of, None,
+        "the kernel's modprobe has no runtime ancestor"
+    );
+    assert_eq!(ld.verdict, Some(Verdict::Expected));
+}
