@@ -79,6 +79,24 @@ pub struct Config {
     /// `struct pt_regs` member holding the syscall number (x86_64 `orig_ax`, arm64
     /// `syscallno`), for the raw tracepoint on sys_exit.
     pub pt_regs_syscall_nr: u32,
+
+    // cgroup v1 (kmodmon-ebpf cgroup_v1.rs): task->cgroups->subsys[ssid]->cgroup->kn->id.
+    /// The subsystem id (`enum cgroup_subsys_id` in BTF, e.g. `memory_cgrp_id`) whose v1
+    /// hierarchy attributes tasks; [`OFFSET_UNKNOWN`] when no v1 hierarchy is followed.
+    pub cgroup_v1_ssid: u32,
+    /// That hierarchy's id (/proc/cgroups; cgroup_mkdir's `root`): its mkdir/rmdir records go
+    /// to the cgroup ring as well. [`OFFSET_UNKNOWN`] when none.
+    pub cgroup_v1_hierarchy: u32,
+    pub task_cgroups: u32,
+    pub css_set_subsys: u32,
+    pub css_cgroup: u32,
+    pub css_parent: u32,
+    pub cgroup_kn: u32,
+    pub kernfs_node_id: u32,
+    // Process ancestry recorded with each event.
+    pub task_group_leader: u32,
+    pub task_start_boottime: u32,
+    pub task_comm: u32,
 }
 
 /// Marks an offset BTF did not provide.
@@ -136,6 +154,17 @@ impl Config {
             mount_parent: OFFSET_UNKNOWN,
             mount_mountpoint: OFFSET_UNKNOWN,
             pt_regs_syscall_nr: OFFSET_UNKNOWN,
+            cgroup_v1_ssid: OFFSET_UNKNOWN,
+            cgroup_v1_hierarchy: OFFSET_UNKNOWN,
+            task_cgroups: OFFSET_UNKNOWN,
+            css_set_subsys: OFFSET_UNKNOWN,
+            css_cgroup: OFFSET_UNKNOWN,
+            css_parent: OFFSET_UNKNOWN,
+            cgroup_kn: OFFSET_UNKNOWN,
+            kernfs_node_id: OFFSET_UNKNOWN,
+            task_group_leader: OFFSET_UNKNOWN,
+            task_start_boottime: OFFSET_UNKNOWN,
+            task_comm: OFFSET_UNKNOWN,
         }
     }
 }

@@ -17,6 +17,8 @@ pub const PATH_LEN: usize = PATH_SLOTS * PATH_COMPONENT_LEN;
 pub const PATH_MAX_STEPS: usize = 16;
 /// `comm` length (TASK_COMM_LEN).
 pub const COMM_LEN: usize = 16;
+/// How many of the task's ancestors (parent first) each event records.
+pub const ANCESTORS: usize = 4;
 
 /// The kinds of event the kernel side records, one row each (`Variant = value => "name";`).
 /// Calls `$callback! { HEAD ROWS }`: [`EventKind`] is built from it here, and kmodmon's output
@@ -124,6 +126,34 @@ pub mod missing {
     pub const PATH: u32 = 1 << 2;
     pub const PPID: u32 = 1 << 3;
     pub const RESULT: u32 = 1 << 4;
+    /// A cgroup v1 hierarchy is configured but the task's cgroup in it could not be read.
+    pub const CGROUP_V1: u32 = 1 << 5;
+}
+
+/// One ancestor of the task that caused an event, as the kernel saw it when the event began.
+/// Userspace matches it to `/proc/<tgid>` by its start time, so a reused pid is never taken
+/// for it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RawAncestor {
+    /// The process's start (its thread-group leader's `start_boottime`, CLOCK_BOOTTIME ns):
+    /// `/proc/<tgid>/stat` field 22 is this in clock ticks.
+    pub start_boottime_ns: u64,
+    pub tgid: u32,
+    pub _reserved: u32,
+    /// The thread-group leader's `comm`.
+    pub comm: [u8; COMM_LEN],
+}
+
+impl RawAncestor {
+    pub const fn zeroed() -> Self {
+        Self {
+            start_boottime_ns: 0,
+            tgid: 0,
+            _reserved: 0,
+            comm: [0; COMM_LEN],
+        }
+    }
 }
 
 /// One module event, as the kernel side records it.
@@ -176,6 +206,15 @@ pub struct RawEvent {
     pub name: [u8; NAME_LEN],
     pub params: [u8; PARAMS_LEN],
     pub path: [u8; PATH_LEN],
+    /// The task's cgroup in the cgroup v1 hierarchy userspace chose
+    /// (`Config::cgroup_v1_ssid`): its kernfs id, which is the directory's inode number in that
+    /// hierarchy's mount. 0 when no v1 hierarchy is configured or it could not be read.
+    pub cgroup_v1_id: u64,
+    /// Entries of `ancestors` filled (the walk stops at pid 1 or the idle task).
+    pub ancestors_len: u32,
+    pub _reserved2: u32,
+    /// The task's parent, grandparent, ... (see [`RawAncestor`]).
+    pub ancestors: [RawAncestor; ANCESTORS],
 }
 
 impl RawEvent {
@@ -208,6 +247,10 @@ impl RawEvent {
             name: [0; NAME_LEN],
             params: [0; PARAMS_LEN],
             path: [0; PATH_LEN],
+            cgroup_v1_id: 0,
+            ancestors_len: 0,
+            _reserved2: 0,
+            ancestors: [RawAncestor::zeroed(); ANCESTORS],
         }
     }
 }
@@ -216,10 +259,12 @@ impl RawEvent {
 /// must not leak uninitialised memory into a record, and userspace reads it field by field).
 const _: () = {
     use core::mem::{offset_of, size_of};
-    let fields_end = offset_of!(RawEvent, path) + PATH_LEN;
+    let fields_end = offset_of!(RawEvent, ancestors) + ANCESTORS * size_of::<RawAncestor>();
     assert!(fields_end == size_of::<RawEvent>());
+    assert!(offset_of!(RawEvent, cgroup_v1_id) == offset_of!(RawEvent, path) + PATH_LEN);
+    assert!(size_of::<RawAncestor>() == 8 + 4 + 4 + COMM_LEN);
     // The size the ring buffer's sizing comment (kmodmon-ebpf maps.rs) assumes.
-    assert!(size_of::<RawEvent>() == 992);
+    assert!(size_of::<RawEvent>() == 1136);
     assert!(offset_of!(RawEvent, ktime_ns) == 12 * 4);
     assert!(offset_of!(RawEvent, comm) == 12 * 4 + 5 * 8 + 6 * 4);
 };

@@ -16,8 +16,9 @@ pub mod macros;
 /// Version of the layouts shared with programs that outlive kmodmon: [`RawEvent`] and the
 /// policy maps ([`policy`]), which the pinned LSM programs write and read. Bump it with every
 /// change to them. kmodmon stores it beside its pins and replaces (never adopts) pinned
-/// programs of another version; version 1 was the layout before versions were stored.
-pub const CONTRACT_VERSION: u32 = 2;
+/// programs of another version; version 1 was the layout before versions were stored, 3 added
+/// the cgroup v1 id and the ancestors to [`RawEvent`].
+pub const CONTRACT_VERSION: u32 = 3;
 
 pub mod cgroup;
 pub mod config;
@@ -27,12 +28,14 @@ pub mod modname;
 pub mod names;
 pub mod policy;
 
-pub use cgroup::{CGROUP_MKDIR, CGROUP_PATH_LEN, CGROUP_RMDIR, RawCgroupEvent};
+pub use cgroup::{
+    CGROUP_DFL_HIERARCHY, CGROUP_MKDIR, CGROUP_PATH_LEN, CGROUP_RMDIR, RawCgroupEvent,
+};
 pub use config::{Config, Field, OFFSET_UNKNOWN};
 pub use counter::{COUNTER_SLOTS, Counter, CounterCategory};
 pub use event::{
-    COMM_LEN, EventKind, NAME_LEN, Op, PARAMS_LEN, PATH_COMPONENT_LEN, PATH_LEN, PATH_MAX_STEPS,
-    PATH_SLOTS, RawEvent, Source, missing, trunc,
+    ANCESTORS, COMM_LEN, EventKind, NAME_LEN, Op, PARAMS_LEN, PATH_COMPONENT_LEN, PATH_LEN,
+    PATH_MAX_STEPS, PATH_SLOTS, RawAncestor, RawEvent, Source, missing, trunc,
 };
 
 #[cfg(feature = "user")]
@@ -40,6 +43,7 @@ mod pod {
     // SAFETY: all of these are #[repr(C)], Copy, made only of integers and integer arrays, and
     // every bit pattern is valid for them.
     unsafe impl aya::Pod for super::RawEvent {}
+    unsafe impl aya::Pod for super::RawAncestor {}
     unsafe impl aya::Pod for super::RawCgroupEvent {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::Field {}

@@ -4,10 +4,13 @@
 //! 2. attempts (init_module / finit_module / delete_module with their result) from, best first,
 //!    fexit on the syscalls' kernel functions, `syscalls:sys_{enter,exit}_*`, or
 //!    `raw_syscalls:sys_{enter,exit}` filtered here by syscall number;
-//! 3. `cgroup:cgroup_{mkdir,rmdir}`, so userspace can name a cgroup after it is gone.
+//! 3. `cgroup:cgroup_{mkdir,rmdir}` of cgroup2 and of the cgroup v1 hierarchy userspace
+//!    follows (if any), so userspace can name a cgroup after it is gone.
 #![no_std]
 #![no_main]
 
+mod ancestry;
+mod cgroup_v1;
 mod config;
 mod kernel;
 mod lsm;
@@ -236,12 +239,13 @@ pub fn raw_tp_sys_exit(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-// ---- 3. cgroup2 directories ----
+// ---- 3. cgroup directories (cgroup2, and the v1 hierarchy followed) ----
 
 #[inline(always)]
 fn cgroup_record(ctx: &TracePointContext, op: u32) {
     let root = read_field(ctx, conf!(cgroup_root)).unwrap_or(u64::MAX);
-    if root != conf!(cgroup_dfl_hierarchy) as u64 {
+    // Ids are unique only within a hierarchy: the record says which one.
+    if root != conf!(cgroup_dfl_hierarchy) as u64 && root != conf!(cgroup_v1_hierarchy) as u64 {
         return;
     }
     count(Counter::SeenCgroup);
@@ -253,6 +257,8 @@ fn cgroup_record(ctx: &TracePointContext, op: u32) {
     let rec = unsafe { &mut *entry.as_mut_ptr() };
     rec.op = op;
     rec.truncated = 0;
+    rec.hierarchy = root as u32;
+    rec._reserved = 0;
     rec.id = read_field(ctx, conf!(cgroup_id)).unwrap_or(0);
     rec.ktime_ns = unsafe { bpf_ktime_get_ns() };
     rec.path[0] = 0;

@@ -12,6 +12,7 @@ use aya_log_ebpf::debug;
 use kmodmon_common::{Counter, EventKind, Field, NAME_LEN, Op, RawEvent, Source, missing, trunc};
 
 use crate::{
+    ancestry, cgroup_v1,
     kernel::{current_ppid, file_of_fd, file_path, read_kernel_str, read_user_str},
     maps::{EVENTS, PENDING, SCRATCH, count},
 };
@@ -64,6 +65,15 @@ pub fn begin(kind: EventKind, source: Source) -> Option<&'static mut RawEvent> {
             ev.missing |= missing::PPID;
         }
     }
+    ev._reserved2 = 0;
+    ev.cgroup_v1_id = match cgroup_v1::task_id(task) {
+        Ok(id) => id.unwrap_or(0),
+        Err(()) => {
+            ev.missing |= missing::CGROUP_V1;
+            0
+        }
+    };
+    ancestry::fill(task, ev);
     Some(ev)
 }
 
@@ -206,7 +216,7 @@ pub fn attempt_kind(op: Op) -> EventKind {
 #[inline(always)]
 #[expect(
     clippy::needless_borrows_for_generic_args,
-    reason = "`&*ev` keeps the 992-byte event in map memory; by value it would be copied onto the 512-byte BPF stack"
+    reason = "`&*ev` keeps the 1136-byte event in map memory; by value it would be copied onto the 512-byte BPF stack"
 )]
 pub fn syscall_enter(source: Source, op: Op, a0: u64, a1: u64, a2: u64) {
     let Some(ev) = begin(attempt_kind(op), source) else {

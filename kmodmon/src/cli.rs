@@ -28,7 +28,8 @@ pub struct Cli {
 pub enum Command {
     /// Stream module events live (human-readable, or JSON lines with --json).
     Tail(crate::tail::TailArgs),
-    /// Show which kernel sources kmodmon would attach here, and why (no attaching).
+    /// Show which kernel sources kmodmon would attach here, and why, and which cgroups
+    /// (cgroup2, a cgroup v1 hierarchy) attribute events (as root it attaches, then detaches).
     Sources,
     /// The daemon: monitor continuously into the audit log, metrics, stdout and syslog.
     Run(crate::daemon::RunArgs),

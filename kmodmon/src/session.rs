@@ -88,7 +88,15 @@ impl Session {
         let started = Instant::now();
         let mut sensor = Sensor::attach(opts.sensor)?;
         let attach_ms = started.elapsed().as_millis();
-        let registry = Registry::open(opts.registry);
+        let mut registry_opts = opts.registry;
+        // The registry follows the v1 hierarchy the programs read (if any).
+        if registry_opts.cgroup_v1.is_none() {
+            registry_opts.cgroup_v1 = sensor.plan.cgroup_v1.as_ref().map(|v| v.hierarchy.clone());
+        }
+        if registry_opts.cgroup_layout.is_none() {
+            registry_opts.cgroup_layout = Some(sensor.plan.cgroup_layout);
+        }
+        let registry = Registry::open(registry_opts);
         let mut enforcer = enforcer(&registry)?;
         let inputs = Inputs {
             events: (!opts.sensor.cgroups_only)

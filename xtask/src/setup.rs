@@ -15,6 +15,7 @@ use crate::util::{cargo, output, run, succeeds};
 pub const APT_PACKAGES: &[&str] = &[
     // containers on the host and inside the VM
     "runc",
+    "crun",
     "busybox-static",
     // containerd and ctr: task bundles with CRI annotations (tests/tests/annotations.rs)
     "containerd",

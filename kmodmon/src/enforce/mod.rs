@@ -73,6 +73,46 @@ pub enum EnforceError {
         "enforcement is not installed (no pins under {0}); run `kmodmon enforce on` or `kmodmon run` with a policy"
     )]
     NotInstalled(String),
+    #[error(
+        "{0}. kmodmon's LSM programs decide by a task's cgroup2 cgroup and do not yet decide \
+         on cgroup v1, so every such container would be decided as the host: nothing was \
+         installed. Boot with the unified hierarchy (systemd.unified_cgroup_hierarchy=1 on \
+         the kernel command line), or have the runtime place containers in cgroup2 as well \
+         (hybrid hosts); monitoring (`kmodmon tail`, `kmodmon run` without a policy) \
+         attributes cgroup v1 containers"
+    )]
+    CgroupV1(String),
+}
+
+/// Why enforcement cannot tell containers apart on this host, if it cannot: a v1-only
+/// layout (every task is in the cgroup2 root), or running containers that are in cgroup v1
+/// only (hybrid hosts whose runtime uses only the v1 controllers).
+pub fn cgroup_v1_refusal(registry: &Registry) -> Option<String> {
+    if registry.cgroup_layout() == crate::host::cgroup_v1::CgroupLayout::Legacy {
+        return Some(
+            "this host has only cgroup v1 hierarchies (no cgroup2 is mounted): every task, \
+             containers included, is in the cgroup2 root"
+                .to_string(),
+        );
+    }
+    let v1_only: Vec<String> = registry
+        .running()
+        .into_iter()
+        .filter(|t| t.cgroup_id == 0 && t.cgroup_v1_id != 0)
+        .map(|t| {
+            format!(
+                "{} ({})",
+                t.container.id,
+                t.cgroup_v1_path.as_deref().unwrap_or("?")
+            )
+        })
+        .collect();
+    (!v1_only.is_empty()).then(|| {
+        format!(
+            "containers in cgroup v1 only (their cgroup2 is their parent's): {}",
+            v1_only.join(", ")
+        )
+    })
 }
 
 /// The cgroup2 root's id.
@@ -171,6 +211,9 @@ impl Enforcer {
     /// knows. An invalid policy or an inactive BPF LSM installs nothing.
     pub fn start(opts: StartOptions, registry: &Registry) -> Result<Enforcer, EnforceError> {
         let policy = Policy::load(&opts.policy_path)?;
+        if let Some(why) = cgroup_v1_refusal(registry) {
+            return Err(EnforceError::CgroupV1(why));
+        }
         preflight(opts.force)?;
         if !module_support() {
             log::warn!("{}", host::NO_MODULES_EXPLANATION);
@@ -268,6 +311,17 @@ impl Enforcer {
     pub fn follow(&mut self, change: &Change, registry: &Registry) {
         let result = match change {
             Change::Appeared { key, .. } | Change::Updated { key } | Change::Settled { key } => {
+                if let Change::Appeared { .. } = change
+                    && let Some(t) = registry.container(key)
+                    && t.cgroup_id == 0
+                    && t.cgroup_v1_id != 0
+                {
+                    log::error!(
+                        "container {key} is in cgroup v1 only ({}): the policy cannot be \
+                         applied to it, it is decided as its cgroup2 parent (the host)",
+                        t.cgroup_v1_path.as_deref().unwrap_or("?")
+                    );
+                }
                 match registry.container(key) {
                     Some(t) if t.gone_at.is_none() => {
                         self.container_appeared(t.cgroup_id, ContainerInfo::of(t))

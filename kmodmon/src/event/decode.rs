@@ -1,11 +1,11 @@
 //! Kernel records → [`Event`]: the RawEvent layout read out of a ring-buffer record, then
 //! decoded field by field. Enrichment (cgroup path, container, verdict) comes later.
 use kmodmon_common::{
-    EventKind, Op, PATH_COMPONENT_LEN, PATH_SLOTS, RawEvent, Source, missing, trunc,
+    ANCESTORS, EventKind, Op, PATH_COMPONENT_LEN, PATH_SLOTS, RawEvent, Source, missing, trunc,
 };
 
 use super::clock::Clock;
-use super::model::{Event, Kind, SourceName, Syscall};
+use super::model::{Ancestor, CgroupV1, Event, Kind, SourceName, Syscall};
 use crate::escape::{escape_bytes, until_nul};
 use crate::modname;
 
@@ -135,6 +135,7 @@ impl Event {
             (missing::PATH, "path"),
             (missing::PPID, "ppid"),
             (missing::RESULT, "result"),
+            (missing::CGROUP_V1, "cgroup_v1"),
         ] {
             if raw.missing & bit != 0 {
                 missing_fields.push(field.to_string());
@@ -183,6 +184,22 @@ impl Event {
             missing: missing_fields,
             // Enforcer::describe replaces this with the rule's name (from `rule_id`).
             detail: decision.then(|| format!("policy rule #{}", raw.rule_id)),
+            // Enrichment keeps it where it decided attribution (and fills the rest).
+            cgroup_v1: (raw.cgroup_v1_id != 0).then(|| CgroupV1 {
+                id: raw.cgroup_v1_id,
+                ..CgroupV1::default()
+            }),
+            on_behalf_of: None,
+            ancestors: raw
+                .ancestors
+                .iter()
+                .take((raw.ancestors_len as usize).min(ANCESTORS))
+                .map(|a| Ancestor {
+                    pid: a.tgid,
+                    start_boottime_ns: a.start_boottime_ns,
+                    comm: escape_bytes(until_nul(&a.comm)),
+                })
+                .collect(),
         })
     }
 }
@@ -300,6 +317,39 @@ mod tests {
             raw_from_bytes(&[0u8; 10]),
             Err(DecodeError::Short(10, _))
         ));
+    }
+
+    #[test]
+    fn ancestors_and_the_v1_cgroup_are_decoded() {
+        let mut r = raw(EventKind::LoadAttempt, Op::FinitModule);
+        r.cgroup_v1_id = 5216;
+        r.ancestors_len = 2;
+        r.ancestors[0].tgid = 900;
+        r.ancestors[0].start_boottime_ns = 12_340_000_000;
+        r.ancestors[0].comm[..2].copy_from_slice(b"sh");
+        r.ancestors[1].tgid = 800;
+        r.ancestors[1].comm[..4].copy_from_slice(b"ru\x1bc");
+        // Stale entries beyond ancestors_len are ignored.
+        r.ancestors[2].tgid = 700;
+        let e = Event::from_raw(&r, &Clock::new()).unwrap();
+        assert_eq!(e.cgroup_v1.as_ref().map(|c| c.id), Some(5216));
+        assert_eq!(e.ancestors.len(), 2);
+        assert_eq!(
+            (e.ancestors[0].pid, e.ancestors[0].start_boottime_ns),
+            (900, 12_340_000_000)
+        );
+        assert_eq!(e.ancestors[1].comm, "ru\\x1bc");
+        let json = serde_json::to_value(&e).unwrap();
+        assert!(json.get("ancestors").is_none(), "not part of the schema");
+        r.ancestors_len = 99;
+        r.missing = missing::CGROUP_V1;
+        r.cgroup_v1_id = 0;
+        let e = Event::from_raw(&r, &Clock::new()).unwrap();
+        assert_eq!(e.ancestors.len(), kmodmon_common::ANCESTORS);
+        assert_eq!(
+            (e.cgroup_v1, e.missing),
+            (None, vec!["cgroup_v1".to_string()])
+        );
     }
 
     #[test]

@@ -211,6 +211,54 @@ pub struct RequestedBy {
     pub container: Option<Container>,
 }
 
+/// The task's cgroup in the cgroup v1 hierarchy kmodmon follows (see
+/// [`crate::host::cgroup_v1`]), on events where it decided attribution.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupV1 {
+    /// The hierarchy id (/proc/cgroups).
+    pub hierarchy: u32,
+    /// The controller whose hierarchy it is (`memory`).
+    pub controller: String,
+    /// The cgroup's id: its directory's inode number in that hierarchy's mount.
+    pub id: u64,
+    /// Its path in the hierarchy (`/isulad/<id>`); null when not found.
+    pub path: Option<String>,
+}
+
+/// The container a host process acted for: a process a container runtime started while
+/// creating, starting, running or deleting that container (an OCI hook, a runtime helper),
+/// found through the process's ancestors as the kernel recorded them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnBehalfOf {
+    pub container: Container,
+    /// How the container was found: `runtime_cmdline` (the runtime process's command line
+    /// names the container and its bundle), `runtime_state` (it names the container, whose
+    /// bundle the runtime's state on disk gives).
+    pub how: String,
+    /// The OCI runtime program (`runc`, `crun`), from its command line.
+    pub program: String,
+    /// The runtime process among the ancestors: pid, comm (as the kernel recorded it), its
+    /// subcommand (`create`, `run`, `start`, `exec`, `delete`, ...) and how many generations
+    /// above the event's task it is (1: the parent).
+    pub pid: u32,
+    pub comm: String,
+    pub command: String,
+    pub depth: u32,
+    /// The container's OCI bundle, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<String>,
+}
+
+/// One ancestor of an event's task, as the kernel recorded it (not serialised).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ancestor {
+    pub pid: u32,
+    /// CLOCK_BOOTTIME ns of the process's start (`/proc/<pid>/stat` starttime, in ns).
+    pub start_boottime_ns: u64,
+    /// Escaped.
+    pub comm: String,
+}
+
 /// One module event. Field names are the stable JSON schema.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
@@ -290,6 +338,17 @@ pub struct Event {
     /// Free-form explanation (policy rule, enrichment notes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The task's cgroup v1, where it decided attribution (see [`CgroupV1`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_v1: Option<CgroupV1>,
+    /// The container a host process acted for (see [`OnBehalfOf`]); the verdict is then
+    /// judged against that container's declaration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_behalf_of: Option<OnBehalfOf>,
+    /// The task's ancestors, parent first, as the kernel recorded them (input to
+    /// enrichment; not part of the schema).
+    #[serde(skip)]
+    pub ancestors: Vec<Ancestor>,
 }
 
 impl Event {
@@ -331,6 +390,9 @@ impl Event {
             truncated: Vec::new(),
             missing: Vec::new(),
             detail: None,
+            cgroup_v1: None,
+            on_behalf_of: None,
+            ancestors: Vec::new(),
         }
     }
 

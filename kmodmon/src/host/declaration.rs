@@ -428,12 +428,15 @@ impl ExpectError {
 
 /// Whether an environ and comm show a process that has not finished becoming the container's
 /// program: an OCI runtime's init (runc's `runc:[2:INIT]` and `_LIBCONTAINER_*` variables,
-/// crun), or an empty environ (mid-execve; a container's process always has some).
+/// crun, or a runtime re-executed from a sealed memfd copy of itself, which the kernel names
+/// after the memfd or the descriptor's number: crun's `memfd:crun_clon` on 6.1, `3` on 5.10),
+/// or an empty environ (mid-execve; a container's process always has some).
 pub fn is_runtime_init(environ: &[u8], comm: &str) -> bool {
     environ.is_empty()
         || comm.starts_with("runc:[")
         || comm == "runc"
         || comm == "crun"
+        || crate::host::runtime_process::is_exec_from_fd(comm)
         || environ.split(|&b| b == 0).any(|e| {
             e.starts_with(b"_LIBCONTAINER_INITPIPE=") || e.starts_with(b"_LIBCONTAINER_INITTYPE=")
         })
@@ -668,6 +671,10 @@ mod tests {
         assert!(err.to_string().contains("runc:[2:INIT]"), "{err}");
         assert!(is_runtime_init(b"_LIBCONTAINER_INITPIPE=3\0", "sh"));
         assert!(is_runtime_init(b"", "crun"));
+        // crun re-executed from its sealed memfd copy, before it execs the container program.
+        assert!(is_runtime_init(b"PATH=/bin\0", "memfd:crun_clon"));
+        assert!(is_runtime_init(b"PATH=/bin\0", "3"), "crun on 5.10");
+        assert!(!is_runtime_init(b"PATH=/bin\0", "sleep"));
         assert!(!is_runtime_init(b"HOME=/\0", "sleep"));
         // Mid-execve: the new comm with runc's environ, then an empty one.
         assert!(is_runtime_init(

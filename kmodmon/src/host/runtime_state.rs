@@ -432,6 +432,18 @@ pub fn lookup(cfg: &StateConfig, id: &str) -> Lookup {
     }
 }
 
+/// What container `id`'s OCI bundle says, for a container its runtime (`runc`, `crun`) is
+/// still creating and has written no state for: env (the declaration), annotations and
+/// `linux.cgroupsPath` (default: none; a runtime then picks `/<id>`-like paths itself).
+pub fn from_bundle(cfg: &StateConfig, id: &str, runtime: &str, bundle: &Path) -> Lookup {
+    let mut reader = Reader::new(cfg);
+    let meta = reader.bundle(id, runtime, bundle);
+    Lookup {
+        meta,
+        problems: reader.problems,
+    }
+}
+
 /// The container a cgroup path belongs to, from runtime state: by the ID the path names
 /// (see [`parse_cgroup_path`]), else by the path's last components taken as runc container
 /// names, accepted only when that container's recorded cgroup contains `cgroup_path`.

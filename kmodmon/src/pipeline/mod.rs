@@ -26,7 +26,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use aya::maps::{MapData, RingBuf};
-use kmodmon_common::RawEvent;
+use kmodmon_common::{CGROUP_DFL_HIERARCHY, RawEvent};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -348,15 +348,16 @@ fn handle(
 ) {
     match msg {
         Msg::Cgroup {
-            mkdir: true,
+            mkdir,
+            hierarchy,
             id,
             path,
-        } => enricher.cgroup_created(id, &path),
-        Msg::Cgroup {
-            mkdir: false,
-            id,
-            path,
-        } => enricher.cgroup_removed(id, &path),
+        } => match (mkdir, hierarchy == CGROUP_DFL_HIERARCHY) {
+            (true, true) => enricher.cgroup_created(id, &path),
+            (false, true) => enricher.cgroup_removed(id, &path),
+            (true, false) => enricher.cgroup_v1_created(hierarchy, id, &path),
+            (false, false) => enricher.cgroup_v1_removed(hierarchy, id, &path),
+        },
         Msg::Events(batch) => {
             for raw in batch {
                 if let Some(mut ev) = decode(&raw, clock, acc) {

@@ -25,6 +25,8 @@ pub enum Msg {
     Policy(Vec<RawEvent>),
     Cgroup {
         mkdir: bool,
+        /// The hierarchy (`CGROUP_DFL_HIERARCHY` for cgroup2).
+        hierarchy: u32,
         id: u64,
         path: String,
     },
@@ -164,6 +166,7 @@ fn drain_cgroups(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Msg>, acc: &Acco
         let path = escape_bytes(until_nul(&rec.path));
         let msg = Msg::Cgroup {
             mkdir: rec.op == CGROUP_MKDIR,
+            hierarchy: rec.hierarchy,
             id: rec.id,
             path,
         };

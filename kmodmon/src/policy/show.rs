@@ -64,7 +64,7 @@ pub fn run(args: PolicyArgs) -> anyhow::Result<ExitCode> {
 fn show(policy: &Policy) {
     println!("mode: {}", policy.mode);
     println!("{}", summary(policy, &policy.host_decision()));
-    let mut registry = Registry::open(RegistryOptions::default());
+    let mut registry = Registry::open(RegistryOptions::detect());
     registry.settle(std::time::Instant::now() + std::time::Duration::from_secs(2));
     let list = registry.running();
     if list.is_empty() {

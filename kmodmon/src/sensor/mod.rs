@@ -24,7 +24,7 @@ use aya::{
     programs::{FExit, RawTracePoint, TracePoint},
 };
 use kmodmon_common::names;
-pub use plan::{AttemptSource, Plan};
+pub use plan::{AttemptSource, CgroupV1Plan, Plan};
 use thiserror::Error;
 
 use self::{btf::KernelBtf, counters::Counters, tracefs::Tracefs};
@@ -290,6 +290,7 @@ pub fn explain() -> anyhow::Result<ExitCode> {
     if nix::unistd::geteuid().is_root() {
         let sensor = Sensor::attach(Options::default())?;
         println!("{}", sensor.plan.describe());
+        println!("{}", sensor.plan.describe_cgroups());
         for n in &sensor.plan.notes {
             println!("note: {n}");
         }
@@ -303,6 +304,7 @@ pub fn explain() -> anyhow::Result<ExitCode> {
     let btf = KernelBtf::load();
     let plan = Plan::make(&tracefs, btf.as_ref().ok(), Options::default())?;
     println!("{} (planned without loading: not root)", plan.describe());
+    println!("{}", plan.describe_cgroups());
     if let Err(e) = btf {
         println!("note: {e}");
     }

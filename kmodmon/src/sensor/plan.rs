@@ -7,6 +7,7 @@ use super::{
     btf::{KernelBtf, syscall_func},
     tracefs::{Format, Tracefs},
 };
+use crate::host::cgroup_v1::{self, CgroupLayout, V1Hierarchy};
 
 /// Where load/unload attempts come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +49,14 @@ const MODULE_EVENTS: [(&str, &str); 3] = [
 ];
 const SYSCALLS: [&str; 3] = ["init_module", "finit_module", "delete_module"];
 
+/// The cgroup v1 hierarchy the programs read each task's cgroup in.
+#[derive(Clone, Debug)]
+pub struct CgroupV1Plan {
+    pub hierarchy: V1Hierarchy,
+    /// The controller's subsystem id (`enum cgroup_subsys_id`, from BTF).
+    pub ssid: u32,
+}
+
 /// The decision, with the configuration it implies.
 #[derive(Clone, Debug)]
 pub struct Plan {
@@ -58,6 +67,10 @@ pub struct Plan {
     pub config: Config,
     /// Degradations and fallbacks, in words, for the user.
     pub notes: Vec<String>,
+    /// The host's cgroup layout.
+    pub cgroup_layout: CgroupLayout,
+    /// The cgroup v1 hierarchy followed (v1-only and hybrid hosts), when one can be.
+    pub cgroup_v1: Option<CgroupV1Plan>,
 }
 
 impl Plan {
@@ -115,11 +128,14 @@ impl Plan {
             let missing = btf.fill(&mut config);
             if !missing.is_empty() {
                 notes.push(format!(
-                    "BTF lacks {}: ppid or finit_module paths may be missing",
+                    "BTF lacks {}: ppid, finit_module paths or the processes behind an OCI \
+                     hook may be missing",
                     missing.join(", ")
                 ));
             }
         }
+        let (cgroup_layout, v1) = cgroup_v1::detect();
+        let cgroup_v1 = plan_cgroup_v1(cgroup_layout, v1, btf, &mut config, &mut notes);
 
         // Without module support (no /proc/modules) the syscalls' kernel functions are stubs
         // returning ENOSYS that cannot be traced; only the raw syscall path sees attempts.
@@ -144,6 +160,8 @@ impl Plan {
             cgroups,
             config,
             notes,
+            cgroup_layout,
+            cgroup_v1,
         };
         plan.attempts = if fexit_ok {
             AttemptSource::Fexit
@@ -296,8 +314,18 @@ impl Plan {
         } else {
             ""
         };
+        let v1 = self
+            .cgroup_v1
+            .as_ref()
+            .map(|v| {
+                format!(
+                    " + cgroup v1 hierarchy {} ({})",
+                    v.hierarchy.hierarchy_id, v.hierarchy.controller
+                )
+            })
+            .unwrap_or_default();
         format!(
-            "module events: {modules}; attempts: {}{cost}; cgroups: {}",
+            "module events: {modules}; attempts: {}{cost}; cgroups: {}{v1}",
             self.attempts.as_str(),
             if self.cgroups {
                 "cgroup tracepoints"
@@ -305,6 +333,76 @@ impl Plan {
                 "rescan on miss"
             }
         )
+    }
+
+    /// Which cgroups attribute events here, and why (`kmodmon sources`).
+    pub fn describe_cgroups(&self) -> String {
+        match &self.cgroup_v1 {
+            Some(v) => format!(
+                "cgroups: {} layout; cgroup v1 hierarchy {} ({}) at {}, read in the kernel as \
+                 task->cgroups->subsys[{}] (ssid of {}_cgrp_id from BTF): {}",
+                self.cgroup_layout.as_str(),
+                v.hierarchy.hierarchy_id,
+                v.hierarchy.controller,
+                v.hierarchy.mount.display(),
+                v.ssid,
+                v.hierarchy.controller,
+                v.hierarchy.why()
+            ),
+            None => format!(
+                "cgroups: {} layout; cgroup2 only{}",
+                self.cgroup_layout.as_str(),
+                if self.cgroup_layout == CgroupLayout::Unified {
+                    ""
+                } else {
+                    " (no cgroup v1 hierarchy can be followed: see the notes)"
+                }
+            ),
+        }
+    }
+}
+
+/// The cgroup v1 hierarchy to follow, with the kernel side's offsets filled; a note says why
+/// none can be where one is mounted.
+fn plan_cgroup_v1(
+    layout: CgroupLayout,
+    v1: Option<V1Hierarchy>,
+    btf: Option<&KernelBtf>,
+    config: &mut Config,
+    notes: &mut Vec<String>,
+) -> Option<CgroupV1Plan> {
+    let Some(h) = v1 else {
+        if layout != CgroupLayout::Unified {
+            notes.push(format!(
+                "cgroup layout {} but no cgroup v1 controller hierarchy can be followed (none \
+                 mounted, or {} off): containers placed only in cgroup v1 cannot be told \
+                 apart from the host",
+                layout.as_str(),
+                cgroup_v1::CGROUP_V1_ENV
+            ));
+        }
+        return None;
+    };
+    let failed = |why: String| {
+        format!(
+            "cgroup v1 hierarchy {} ({}) is mounted but cannot be read in the kernel ({why}): \
+             containers placed only in cgroup v1 cannot be told apart from the host",
+            h.hierarchy_id, h.controller
+        )
+    };
+    let Some(btf) = btf else {
+        notes.push(failed("no BTF".into()));
+        return None;
+    };
+    match btf.fill_cgroup_v1(config, &h.controller) {
+        Ok(ssid) => {
+            config.cgroup_v1_hierarchy = h.hierarchy_id;
+            Some(CgroupV1Plan { hierarchy: h, ssid })
+        }
+        Err(e) => {
+            notes.push(failed(e));
+            None
+        }
     }
 }
 
@@ -339,8 +437,7 @@ fn cgroup_fields(tracefs: &Tracefs, config: &mut Config) -> Result<(), SensorErr
     config.cgroup_root = a.0;
     config.cgroup_id = a.1;
     config.cgroup_path = a.2;
-    // /proc/PID/cgroup's "0::" line: the default (v2) hierarchy's id is 0.
-    config.cgroup_dfl_hierarchy = 0;
+    config.cgroup_dfl_hierarchy = kmodmon_common::CGROUP_DFL_HIERARCHY;
     Ok(())
 }
 

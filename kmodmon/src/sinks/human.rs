@@ -95,16 +95,25 @@ const MODULE_DISPLAY_MAX: usize = 48;
 
 fn container_text(ev: &Event) -> String {
     let mut s = String::new();
-    let mut text = match &ev.container {
-        None => "host".to_string(),
-        Some(c) => {
-            let short = c.id.get(..12).unwrap_or(&c.id);
-            match (&c.pod_namespace, &c.pod_name, &c.name) {
-                (Some(ns), Some(pod), _) => format!("{}:{short} ({ns}/{pod})", c.runtime),
-                (_, _, Some(name)) => format!("{}:{short} ({name})", c.runtime),
-                _ => format!("{}:{short}", c.runtime),
-            }
+    let name = |c: &crate::event::Container| {
+        let short = c.id.get(..12).unwrap_or(&c.id);
+        match (&c.pod_namespace, &c.pod_name, &c.name) {
+            (Some(ns), Some(pod), _) => format!("{}:{short} ({ns}/{pod})", c.runtime),
+            (_, _, Some(name)) => format!("{}:{short} ({name})", c.runtime),
+            _ => format!("{}:{short}", c.runtime),
         }
+    };
+    let mut text = match (&ev.container, &ev.on_behalf_of) {
+        (Some(c), _) => name(c),
+        // A hook's (or runtime helper's) event: the host's process, for a container.
+        (None, Some(b)) => format!(
+            "host for {} via {} {}[{}]",
+            name(&b.container),
+            b.program,
+            b.command,
+            b.pid
+        ),
+        (None, None) => "host".to_string(),
     };
     if let Some(v) = &ev.verdict {
         let _ = write!(text, " [{v}]");
@@ -248,6 +257,23 @@ mod tests {
         let l = line(&e, Style { color: false });
         assert!(l.contains("ip_vs…"));
         assert!(l.contains("docker:0123456789ab [unexpected]"));
+        // A hook's load: the host's process, for the container its runtime works on.
+        e.on_behalf_of = e
+            .container
+            .take()
+            .map(|container| crate::event::OnBehalfOf {
+                container,
+                program: "runc".into(),
+                command: "create".into(),
+                pid: 77,
+                ..Default::default()
+            });
+        e.verdict = Some(Verdict::Expected);
+        let l = line(&e, Style { color: false });
+        assert!(
+            l.contains("host for docker:0123456789ab via runc create[77] [expected]"),
+            "{l}"
+        );
     }
 
     #[test]

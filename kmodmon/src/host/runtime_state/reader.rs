@@ -68,6 +68,29 @@ impl<'a> Reader<'a> {
         found.then_some(meta)
     }
 
+    /// What an OCI bundle's config.json says about container `id` of `runtime` (no state
+    /// written yet: the runtime is still creating it). `None` when there is no config.
+    pub fn bundle(&mut self, id: &str, runtime: &str, bundle: &Path) -> Option<ContainerMeta> {
+        if let Err(e) = check_id(id) {
+            self.problems.push(e);
+            return None;
+        }
+        let config = bundle.join("config.json");
+        let mut p = Partial {
+            bundle: Some(bundle.to_path_buf()),
+            ..Partial::default()
+        };
+        p.add_oci(&config, self.json(&config)?);
+        let mut meta = ContainerMeta {
+            id: id.to_string(),
+            ..ContainerMeta::default()
+        };
+        let mut best = 0;
+        meta.merge(p, config, runtime, 1, &mut best);
+        meta.finish();
+        Some(meta)
+    }
+
     /// `<dir>/<id>` or `<dir>/<ns>/<id>` for each namespace, where it exists.
     fn entry_dirs(&mut self, root: &StateRoot, id: &str) -> Vec<(PathBuf, Option<String>)> {
         let parents = if root.namespaced {
