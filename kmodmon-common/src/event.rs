@@ -80,6 +80,13 @@ macro_rules! sources {
             RawSyscalls = 4 => "raw_syscalls";
             /// BPF LSM hooks (policy enforcement).
             Lsm = 5 => "lsm";
+            /// fexit on the kernel's seccomp filter function (`__seccomp_filter`): module
+            /// syscalls a seccomp filter refused, on kernels whose attempt source never sees
+            /// them (fexit on the syscall functions).
+            Seccomp = 6 => "seccomp";
+            /// The task's exit (raw tracepoint `sched_process_exit`): a task killed by SIGSYS
+            /// in a module syscall (seccomp RET_KILL), where no other record exists.
+            TaskExit = 7 => "task_exit";
         }
     };
 }
@@ -109,6 +116,16 @@ syscall_ops!(contract_enum! {
     /// Not an attempt (a kernel record, or an LSM decision on an autoload request).
     None = 0 => "none";
 });
+
+contract_enum! {
+    /// What refused an attempt before the syscall ran ([`RawEvent::blocked_by`]).
+    pub enum BlockedBy;
+    /// Nothing: the syscall ran (its result is the kernel's).
+    None = 0 => "none";
+    /// A seccomp filter (RET_ERRNO, RET_TRAP, RET_KILL_*, or a tracer / user-notification
+    /// supervisor answering for it): the result is what the filter made the caller see.
+    Seccomp = 1 => "seccomp";
+}
 
 /// Bits of [`RawEvent::truncated`] and friends.
 pub mod trunc {
@@ -176,6 +193,11 @@ pub struct RawEvent {
     pub name: [u8; NAME_LEN],
     pub params: [u8; PARAMS_LEN],
     pub path: [u8; PATH_LEN],
+    /// [`BlockedBy`] as u32: what refused the attempt before the syscall ran.
+    pub blocked_by: u32,
+    /// The signal the caller got instead of a result (SIGSYS: seccomp RET_TRAP / RET_KILL),
+    /// else 0; `ret` is then meaningless.
+    pub signal: u32,
 }
 
 impl RawEvent {
@@ -208,6 +230,8 @@ impl RawEvent {
             name: [0; NAME_LEN],
             params: [0; PARAMS_LEN],
             path: [0; PATH_LEN],
+            blocked_by: 0,
+            signal: 0,
         }
     }
 }
@@ -216,10 +240,11 @@ impl RawEvent {
 /// must not leak uninitialised memory into a record, and userspace reads it field by field).
 const _: () = {
     use core::mem::{offset_of, size_of};
-    let fields_end = offset_of!(RawEvent, path) + PATH_LEN;
+    let fields_end = offset_of!(RawEvent, signal) + 4;
     assert!(fields_end == size_of::<RawEvent>());
+    assert!(offset_of!(RawEvent, blocked_by) == offset_of!(RawEvent, path) + PATH_LEN);
     // The size the ring buffer's sizing comment (kmodmon-ebpf maps.rs) assumes.
-    assert!(size_of::<RawEvent>() == 992);
+    assert!(size_of::<RawEvent>() == 1000);
     assert!(offset_of!(RawEvent, ktime_ns) == 12 * 4);
     assert!(offset_of!(RawEvent, comm) == 12 * 4 + 5 * 8 + 6 * 4);
 };

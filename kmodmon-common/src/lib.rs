@@ -16,8 +16,9 @@ pub mod macros;
 /// Version of the layouts shared with programs that outlive kmodmon: [`RawEvent`] and the
 /// policy maps ([`policy`]), which the pinned LSM programs write and read. Bump it with every
 /// change to them. kmodmon stores it beside its pins and replaces (never adopts) pinned
-/// programs of another version; version 1 was the layout before versions were stored.
-pub const CONTRACT_VERSION: u32 = 2;
+/// programs of another version; version 1 was the layout before versions were stored; version
+/// 3 added `blocked_by` and `signal` to [`RawEvent`].
+pub const CONTRACT_VERSION: u32 = 3;
 
 pub mod cgroup;
 pub mod config;
@@ -28,11 +29,13 @@ pub mod names;
 pub mod policy;
 
 pub use cgroup::{CGROUP_MKDIR, CGROUP_PATH_LEN, CGROUP_RMDIR, RawCgroupEvent};
-pub use config::{Config, Field, OFFSET_UNKNOWN};
+pub use config::{
+    Config, Field, OFFSET_UNKNOWN, USER_REGS_HELPER, USER_REGS_NONE, USER_REGS_STACK,
+};
 pub use counter::{COUNTER_SLOTS, Counter, CounterCategory};
 pub use event::{
-    COMM_LEN, EventKind, NAME_LEN, Op, PARAMS_LEN, PATH_COMPONENT_LEN, PATH_LEN, PATH_MAX_STEPS,
-    PATH_SLOTS, RawEvent, Source, missing, trunc,
+    BlockedBy, COMM_LEN, EventKind, NAME_LEN, Op, PARAMS_LEN, PATH_COMPONENT_LEN, PATH_LEN,
+    PATH_MAX_STEPS, PATH_SLOTS, RawEvent, Source, missing, trunc,
 };
 
 #[cfg(feature = "user")]

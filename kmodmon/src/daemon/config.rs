@@ -27,6 +27,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/kmodmon/kmodmon.toml";
 ///
 /// [probe]
 /// no_fexit = false
+/// seccomp_attempts = true   # report module syscalls refused by seccomp
 ///
 /// [policy]
 /// file = "/etc/kmodmon/policy.toml"
@@ -114,11 +115,23 @@ impl Default for ForwardConfig {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProbeConfig {
     pub no_fexit: bool,
     pub force_raw_syscalls: bool,
+    /// Report module syscalls a seccomp filter refused before they ran (default true).
+    pub seccomp_attempts: bool,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        ProbeConfig {
+            no_fexit: false,
+            force_raw_syscalls: false,
+            seccomp_attempts: true,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -143,6 +156,10 @@ pub struct RunArgs {
     /// Force the raw_syscalls fallback for attempts.
     #[arg(long)]
     pub force_raw_syscalls: bool,
+    /// Do not report module syscalls that a seccomp filter refused before they ran (saves
+    /// the cost seccomp-confined tasks pay for it on kernels where attempts come from fexit).
+    #[arg(long)]
+    pub no_seccomp_attempts: bool,
     /// Audit records of attempts per second and cgroup before they are aggregated into
     /// `rate_limited` records; 0 turns the limit off [default: 20, or `[rate_limit] rate`].
     #[arg(long, value_name = "RATE")]
@@ -221,6 +238,7 @@ fn apply(file: FileConfig, args: &RunArgs, source: Option<PathBuf>) -> Effective
     let mut probe = file.probe;
     probe.no_fexit |= args.no_fexit;
     probe.force_raw_syscalls |= args.force_raw_syscalls;
+    probe.seccomp_attempts &= !args.no_seccomp_attempts;
     Effective {
         audit: args.audit.apply(file.audit),
         metrics: args.metrics.clone().or(file.metrics.listen),
@@ -253,6 +271,18 @@ mod tests {
         );
         assert_eq!(cfg.metrics.listen.as_deref(), Some(":9464"));
         assert!(cfg.forward.stdout && cfg.probe.no_fexit);
+        assert!(cfg.probe.seccomp_attempts, "on unless turned off");
+        let off = parse("[probe]\nseccomp_attempts = false\n").unwrap();
+        assert!(!off.probe.seccomp_attempts);
+        let args = RunArgs {
+            no_seccomp_attempts: true,
+            ..Default::default()
+        };
+        assert!(
+            !apply(FileConfig::default(), &args, None)
+                .probe
+                .seccomp_attempts
+        );
     }
 
     #[test]

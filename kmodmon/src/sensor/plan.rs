@@ -58,6 +58,8 @@ pub struct Plan {
     pub config: Config,
     /// Degradations and fallbacks, in words, for the user.
     pub notes: Vec<String>,
+    /// Where module syscalls refused by seccomp come from (see `sensor::seccomp`).
+    pub seccomp: String,
 }
 
 impl Plan {
@@ -138,12 +140,14 @@ impl Plan {
             && btf.is_some_and(|b| SYSCALLS.iter().all(|s| b.has_func(&syscall_func(s))));
         let raw_tp_ok = config.pt_regs_arg.iter().all(|&o| o != OFFSET_UNKNOWN)
             && config.pt_regs_syscall_nr != OFFSET_UNKNOWN;
+        super::seccomp::configure(&mut config, tracefs, btf, opts, &mut notes);
         let mut plan = Plan {
             module_events,
             attempts: AttemptSource::None,
             cgroups,
             config,
             notes,
+            seccomp: String::new(),
         };
         plan.attempts = if fexit_ok {
             AttemptSource::Fexit
@@ -170,6 +174,7 @@ impl Plan {
         } else if plan.attempts == AttemptSource::None && plan.module_events.is_empty() {
             return Err(SensorError::NothingAttachable(plan.notes.join("; ")));
         }
+        plan.seccomp = super::seccomp::describe_unattached(&plan.config, plan.attempts);
         Ok(plan)
     }
 
@@ -297,8 +302,9 @@ impl Plan {
             ""
         };
         format!(
-            "module events: {modules}; attempts: {}{cost}; cgroups: {}",
+            "module events: {modules}; attempts: {}{cost}; seccomp-refused attempts: {}; cgroups: {}",
             self.attempts.as_str(),
+            self.seccomp,
             if self.cgroups {
                 "cgroup tracepoints"
             } else {
