@@ -59,6 +59,11 @@ pub struct TailArgs {
     /// the cost seccomp-confined tasks pay for it on kernels where attempts come from fexit).
     #[arg(long)]
     pub no_seccomp_attempts: bool,
+    /// Runtime state kept outside the runtime's default place, as KIND=DIR (repeatable):
+    /// docker (data-root), docker-exec (exec-root), containerd (state), containers
+    /// (graphroot or runroot), runc / crun (--root), lxc (lxcpath), isulad (root).
+    #[arg(long = "state-dir", value_name = "KIND=DIR")]
+    pub state_dirs: Vec<crate::host::runtime_state::StateDir>,
     /// Where modules.dep and modules.alias are read from (default /lib/modules/$(uname -r)).
     #[arg(long, value_name = "DIR")]
     pub modules_dir: Option<PathBuf>,
@@ -108,6 +113,8 @@ async fn tail(args: TailArgs, filter: Filter) -> anyhow::Result<ExitCode> {
         },
         registry: RegistryOptions {
             modules_dir: args.modules_dir.clone(),
+            state: (!args.state_dirs.is_empty())
+                .then(|| crate::host::runtime_state::StateConfig::detect_with(&args.state_dirs)),
             ..RegistryOptions::default()
         },
         enrich: EnrichOptions {

@@ -35,6 +35,9 @@ pub const DEFAULT_CONFIG: &str = "/etc/kmodmon/kmodmon.toml";
 /// [check]               # `kmodmon check` every interval, as gauges on /metrics
 /// interval = "15m"      # "0s" turns it off
 ///
+/// [containers]          # runtime state outside the runtimes' default places
+/// state_dirs = ["docker=/srv/docker", "docker-exec=/run/docker"]
+///
 /// [rate_limit]          # audit records of attempts, per cgroup (0 = off)
 /// rate = 20
 /// burst = 200
@@ -52,6 +55,15 @@ pub struct FileConfig {
     /// into counted `rate_limited` records.
     pub rate_limit: crate::ratelimit::RateLimitConfig,
     pub check: CheckConfig,
+    pub containers: ContainersConfig,
+}
+
+/// `[containers]`: where runtimes keep their state when not in their default places
+/// (`KIND=DIR`, as `--state-dir`).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ContainersConfig {
+    pub state_dirs: Vec<crate::host::runtime_state::StateDir>,
 }
 
 /// `[check]`: the daemon runs `kmodmon check` (running kernel and next boot, containers from
@@ -160,6 +172,11 @@ pub struct RunArgs {
     /// the cost seccomp-confined tasks pay for it on kernels where attempts come from fexit).
     #[arg(long)]
     pub no_seccomp_attempts: bool,
+    /// Runtime state kept outside the runtime's default place, as KIND=DIR (repeatable; adds
+    /// to `[containers] state_dirs`). KIND: docker, docker-exec, containerd, containers, runc,
+    /// crun, lxc, isulad.
+    #[arg(long = "state-dir", value_name = "KIND=DIR")]
+    pub state_dirs: Vec<crate::host::runtime_state::StateDir>,
     /// Audit records of attempts per second and cgroup before they are aggregated into
     /// `rate_limited` records; 0 turns the limit off [default: 20, or `[rate_limit] rate`].
     #[arg(long, value_name = "RATE")]
@@ -183,6 +200,7 @@ pub struct Effective {
     pub policy: Option<PathBuf>,
     pub rate_limit: crate::ratelimit::RateLimitConfig,
     pub check: CheckConfig,
+    pub state_dirs: Vec<crate::host::runtime_state::StateDir>,
     pub source: Option<PathBuf>,
 }
 
@@ -250,6 +268,12 @@ fn apply(file: FileConfig, args: &RunArgs, source: Option<PathBuf>) -> Effective
             ..file.rate_limit
         },
         check: file.check,
+        state_dirs: file
+            .containers
+            .state_dirs
+            .into_iter()
+            .chain(args.state_dirs.iter().cloned())
+            .collect(),
         source,
     }
 }

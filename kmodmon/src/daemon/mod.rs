@@ -184,6 +184,11 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
             cgroups_only: false,
             no_seccomp_attempts: !cfg.probe.seccomp_attempts,
         },
+        registry: crate::host::RegistryOptions {
+            state: (!cfg.state_dirs.is_empty())
+                .then(|| crate::host::runtime_state::StateConfig::detect_with(&cfg.state_dirs)),
+            ..crate::host::RegistryOptions::default()
+        },
         ..SessionOptions::default()
     };
     let policy = cfg.policy.clone();
