@@ -41,12 +41,14 @@ pub mod program {
     pub const FEXIT_SECCOMP_FILTER_2: &str = "fexit_seccomp_filter_2";
     /// Raw tracepoint `sched_process_exit`: tasks killed by SIGSYS in a module syscall.
     pub const SECCOMP_TASK_EXIT: &str = "seccomp_task_exit";
+    /// fentry on `do_exit`: the same, where the dying task's memory is still readable.
+    pub const SECCOMP_DO_EXIT: &str = "seccomp_do_exit";
     /// Raw tracepoint `sys_enter`, attached for a moment at start-up: where a task's user
     /// registers lie relative to its stack (kernels without `bpf_task_pt_regs`).
     pub const CALIBRATE_USER_REGS: &str = "calibrate_user_regs";
 
     /// Every program in the object.
-    pub const ALL: [&str; 24] = [
+    pub const ALL: [&str; 25] = [
         MODULE_LOAD,
         MODULE_FREE,
         MODULE_REQUEST,
@@ -70,6 +72,7 @@ pub mod program {
         FEXIT_SECCOMP_FILTER,
         FEXIT_SECCOMP_FILTER_2,
         SECCOMP_TASK_EXIT,
+        SECCOMP_DO_EXIT,
         CALIBRATE_USER_REGS,
     ];
 }

@@ -10,8 +10,11 @@
 //!   `__seccomp_filter`, which only tasks under seccomp call: it leaves at once unless the
 //!   syscall is a module syscall and the filter refused it ([`fexit_seccomp_filter`]);
 //! - a task killed by SIGSYS inside the filter (RET_KILL_THREAD of a thread that is not the
-//!   last one; every kill on 5.10) returns through neither: its exit
-//!   ([`seccomp_task_exit`]) reports it, unless one of the two above already did.
+//!   last one; every kill on 5.10) returns through neither: its exit reports it, unless one of
+//!   the two above already did — at the entry of `do_exit` ([`seccomp_do_exit`], where the
+//!   task's memory is still there to read the arguments from: kernels that kill inside the
+//!   filter, such as 5.10, tear a dying process's memory down before the exit tracepoint),
+//!   else at `sched_process_exit` ([`seccomp_task_exit`]).
 //!
 //! The result the caller saw is the user `ax` after the filter (RET_ERRNO's -errno, a tracer's
 //! or supervisor's value). RET_TRAP and RET_KILL roll the registers back (`ax == orig_ax`):
@@ -19,9 +22,9 @@
 use aya_ebpf::{
     bindings::BPF_ANY,
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, generated},
-    macros::{fexit, map, raw_tracepoint},
+    macros::{fentry, fexit, map, raw_tracepoint},
     maps::{Array, LruHashMap},
-    programs::{FExitContext, RawTracePointContext},
+    programs::{FEntryContext, FExitContext, RawTracePointContext},
 };
 use kmodmon_common::{
     BlockedBy, Counter, OFFSET_UNKNOWN, Op, RawEvent, Source, USER_REGS_HELPER, USER_REGS_STACK,
@@ -210,26 +213,23 @@ pub fn fexit_seccomp_filter_2(ctx: FExitContext) -> i32 {
     0
 }
 
-/// `sched_process_exit(struct task_struct *p, ...)`, in the exiting task: a task that dies of
-/// SIGSYS while its saved syscall number is a module syscall was killed by seccomp in it.
-#[raw_tracepoint(tracepoint = "sched_process_exit")]
-pub fn seccomp_task_exit(ctx: RawTracePointContext) -> i32 {
-    let task: u64 = ctx.arg(0);
-    let Some(code) = read_u32(task, conf!(task_exit_code)) else {
-        return 0;
-    };
+/// The current task is exiting with `code` (`do_exit`'s argument, or the `exit_code` it set):
+/// one that dies of SIGSYS while its saved syscall number is a module syscall was killed by
+/// seccomp in it.
+#[inline(always)]
+fn task_exiting(task: u64, code: u32) {
     let signal = code & 0x7f;
     if signal == 0 || signal != conf!(sigsys) || !confined() {
-        return 0;
+        return;
     }
     let Some(regs) = current_user_regs() else {
-        return 0;
+        return;
     };
     let Some(nr) = read_ptr(regs, conf!(pt_regs_syscall_nr)) else {
-        return 0;
+        return;
     };
     let Some(op) = op_of(nr) else {
-        return 0;
+        return;
     };
     let tid = bpf_get_current_pid_tgid() as u32;
     // SAFETY: a plain value copied out of the map entry at once.
@@ -237,10 +237,30 @@ pub fn seccomp_task_exit(ctx: RawTracePointContext) -> i32 {
         let _ = SECCOMP_SIGNALLED.remove(&tid);
         if read_ptr(task, conf!(task_start_time)) == Some(start) {
             // Reported when the filter returned.
-            return 0;
+            return;
         }
     }
     report(Source::TaskExit, op, Some(regs), 0, signal);
+}
+
+/// `sched_process_exit(struct task_struct *p, ...)`, in the exiting task (after its memory
+/// is released: a process's last thread can no longer have its arguments read).
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn seccomp_task_exit(ctx: RawTracePointContext) -> i32 {
+    let task: u64 = ctx.arg(0);
+    if let Some(code) = read_u32(task, conf!(task_exit_code)) {
+        task_exiting(task, code);
+    }
+    0
+}
+
+/// fentry `do_exit(long code)`: the same, before anything of the task is released.
+#[fentry]
+pub fn seccomp_do_exit(ctx: FEntryContext) -> i32 {
+    let code: i64 = ctx.arg(0);
+    // SAFETY: as above.
+    let task = unsafe { bpf_get_current_task() };
+    task_exiting(task, code as u32);
     0
 }
 

@@ -220,6 +220,84 @@ fn sweep(dir: &Path) {
     unmount_below(dir);
 }
 
+/// Host directories an engine creates whatever its private roots say (dockerd's
+/// /run/docker/plugins, containerd shims' /run/containerd/s): those absent before the engine
+/// started are removed after it stopped.
+struct Leftovers(Vec<PathBuf>);
+
+impl Leftovers {
+    fn watch(paths: &[&str]) -> Leftovers {
+        Leftovers(
+            paths
+                .iter()
+                .map(PathBuf::from)
+                .filter(|p| !p.exists())
+                .collect(),
+        )
+    }
+
+    fn remove(&self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+/// Parent cgroups an engine creates for its containers (`/docker`, `/libpod_parent`,
+/// `/<containerd namespace>`, `/kubepods/...`) and leaves behind, empty, in every hierarchy
+/// (cgroup2 and each v1 controller): those absent when the test began are removed at its
+/// end, deepest first (a cgroup that still holds anything refuses, and is left).
+pub struct CgroupLeftovers(Vec<PathBuf>);
+
+impl CgroupLeftovers {
+    pub fn watch(paths: &[&str]) -> CgroupLeftovers {
+        let mut out = CgroupLeftovers(Vec::new());
+        out.add(paths);
+        out
+    }
+
+    /// Watches more cgroup paths (relative to each hierarchy's root, `/a/b`).
+    pub fn add(&mut self, paths: &[&str]) {
+        for mount in cgroup_mounts() {
+            for p in paths {
+                let dir = mount.join(p.trim_start_matches('/'));
+                if !dir.exists() && !self.0.contains(&dir) {
+                    self.0.push(dir);
+                }
+            }
+        }
+    }
+
+    pub fn remove(&self) {
+        let mut dirs = self.0.clone();
+        dirs.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for d in dirs {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+impl Drop for CgroupLeftovers {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// Mount points of the cgroup2 hierarchy and of every v1 hierarchy.
+fn cgroup_mounts() -> Vec<PathBuf> {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let fstype = right.split(' ').next()?;
+            (fstype == "cgroup" || fstype == "cgroup2")
+                .then(|| unescape_mount(left.split(' ').nth(4)?))
+        })
+        .collect()
+}
+
 /// The CLI's answer to a container run, with the container's full ID.
 pub struct RunResult {
     pub id: String,
@@ -236,6 +314,8 @@ pub struct Dockerd {
     dir: tempfile::TempDir,
     pub sock: PathBuf,
     cli: PathBuf,
+    leftovers: Leftovers,
+    cgroups: CgroupLeftovers,
 }
 
 impl Dockerd {
@@ -246,6 +326,8 @@ impl Dockerd {
             .expect("tempdir");
         let sock = dir.path().join("docker.sock");
         let log = std::fs::File::create(dir.path().join("dockerd.log")).expect("log");
+        let leftovers = Leftovers::watch(&["/run/docker", "/run/containerd"]);
+        let cgroups = CgroupLeftovers::watch(&["/docker"]);
         let child = Command::new(program("dockerd"))
             .args(["--bridge=none", "--iptables=false", "--ip6tables=false"])
             .arg("--data-root")
@@ -266,6 +348,8 @@ impl Dockerd {
             dir,
             sock,
             cli: program("docker"),
+            leftovers,
+            cgroups,
         };
         let deadline = Instant::now() + DAEMON_START;
         while !run_bounded(&mut d.cmd(&["version"]), Duration::from_secs(10))
@@ -348,6 +432,8 @@ impl Drop for Dockerd {
         }
         stop_daemon(&mut self.child, Duration::from_secs(30));
         sweep(self.dir.path());
+        self.leftovers.remove();
+        self.cgroups.remove();
     }
 }
 
@@ -360,7 +446,14 @@ pub struct Containerd {
     child: Child,
     dir: tempfile::TempDir,
     pub sock: PathBuf,
+    leftovers: Leftovers,
+    /// Parent cgroups of its containers: `/<namespace>` for plain ctr containers; tests add
+    /// the ones they choose with `--cgroup`.
+    pub cgroups: CgroupLeftovers,
 }
+
+/// The containerd namespaces the tests use (cleaned up when the daemon stops).
+pub const CONTAINERD_NAMESPACES: [&str; 3] = ["default", "k8s.io", "kmodmon"];
 
 impl Containerd {
     pub fn start() -> Containerd {
@@ -376,6 +469,15 @@ impl Containerd {
         )
         .expect("config");
         let log = std::fs::File::create(dir.path().join("containerd.log")).expect("log");
+        // The runc shim keeps runc's state in /run/containerd/runc/<namespace> and its
+        // sockets in /run/containerd/s, whatever --state says.
+        let leftovers = Leftovers::watch(&[
+            "/run/containerd",
+            "/run/containerd/runc/default",
+            "/run/containerd/runc/k8s.io",
+            "/run/containerd/runc/kmodmon",
+        ]);
+        let cgroups = CgroupLeftovers::watch(&["/default", "/k8s.io", "/kmodmon"]);
         let child = Command::new(program("containerd"))
             .arg("--config")
             .arg(&config)
@@ -390,7 +492,13 @@ impl Containerd {
             .stderr(log)
             .spawn()
             .expect("start containerd");
-        let c = Containerd { child, dir, sock };
+        let c = Containerd {
+            child,
+            dir,
+            sock,
+            leftovers,
+            cgroups,
+        };
         let deadline = Instant::now() + DAEMON_START;
         while !run_bounded(&mut c.ctr("default", &["version"]), Duration::from_secs(10))
             .status
@@ -435,7 +543,7 @@ impl Containerd {
         cmd: &[&str],
     ) -> Output {
         run_bounded(
-            self.ctr(namespace, &["run", "--rm", "--null-io"])
+            self.ctr(namespace, &["run", "--rm"])
                 .args(args)
                 .arg("--rootfs")
                 .arg(rootfs)
@@ -456,7 +564,7 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        for ns in ["default", "k8s.io", "kmodmon"] {
+        for ns in CONTAINERD_NAMESPACES {
             let out = run_bounded(
                 &mut self.ctr(ns, &["tasks", "ls", "-q"]),
                 Duration::from_secs(10),
@@ -484,6 +592,8 @@ impl Drop for Containerd {
         }
         stop_daemon(&mut self.child, Duration::from_secs(20));
         sweep(self.dir.path());
+        self.leftovers.remove();
+        self.cgroups.remove();
     }
 }
 
@@ -496,7 +606,14 @@ impl Drop for Containerd {
 /// below the sandbox's hard limits (`--ulimit`).
 pub struct Podman {
     dir: tempfile::TempDir,
+    /// Whether podman's blob-info cache (root's is always /var/lib/containers/cache, whatever
+    /// `--root` says) existed before this test: if not, the test removes what podman wrote.
+    cache_existed: bool,
+    cgroups: CgroupLeftovers,
 }
+
+/// Where root's podman keeps its blob-info cache, whatever `--root` says.
+const PODMAN_CACHE: &str = "/var/lib/containers/cache";
 
 /// What podman needs on this machine for every `run` (see [`Podman`]).
 pub const PODMAN_RUN_ARGS: [&str; 6] = [
@@ -515,7 +632,11 @@ impl Podman {
             .tempdir()
             .expect("tempdir");
         std::fs::create_dir_all(dir.path().join("tmp")).expect("mkdir");
-        Podman { dir }
+        Podman {
+            dir,
+            cache_existed: Path::new(PODMAN_CACHE).exists(),
+            cgroups: CgroupLeftovers::watch(&["/libpod_parent"]),
+        }
     }
 
     pub fn graph_root(&self) -> PathBuf {
@@ -590,5 +711,75 @@ impl Drop for Podman {
         let _ = run_bounded(&mut self.cmd(&["rm", "-af"]), Duration::from_secs(60));
         let _ = run_bounded(&mut self.cmd(&["rmi", "-af"]), Duration::from_secs(60));
         sweep(self.dir.path());
+        self.cgroups.remove();
+        if !self.cache_existed {
+            let _ = std::fs::remove_dir_all(PODMAN_CACHE);
+            // Its parent too, when podman created it for the cache alone.
+            let _ = std::fs::remove_dir("/var/lib/containers");
+        }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// What the engine tests check in kmodmon's events
+
+/// The errno an attempt's syscall returns here when it runs (no module of that name).
+pub fn unconfined_errno() -> &'static str {
+    if Path::new("/proc/modules").exists() {
+        "ENOENT"
+    } else {
+        "ENOSYS"
+    }
+}
+
+/// The first load or unload attempt for `module`.
+pub fn attempt<'a>(events: &'a [serde_json::Value], module: &str) -> Option<&'a serde_json::Value> {
+    events.iter().find(|e| {
+        e["module"] == module && e["kind"].as_str().is_some_and(|k| k.ends_with("_attempt"))
+    })
+}
+
+/// The `expectation` event of the container named (or, where the ID is the name, with ID)
+/// `name`.
+pub fn expectation<'a>(
+    events: &'a [serde_json::Value],
+    name: &str,
+) -> Option<&'a serde_json::Value> {
+    events.iter().find(|e| {
+        e["kind"] == "expectation"
+            && (e["container"]["name"] == name || e["container"]["id"] == name)
+    })
+}
+
+/// The event's container is exactly this one.
+pub fn assert_container(e: &serde_json::Value, id: &str, runtime: &str, name: &str) {
+    let c = &e["container"];
+    assert_eq!(c["id"], id, "container id: {e:#}");
+    assert_eq!(c["runtime"], runtime, "container runtime: {e:#}");
+    assert_eq!(c["name"], name, "container name: {e:#}");
+}
+
+/// A module syscall the container's seccomp profile refused: EPERM, `blocked_by: seccomp`.
+pub fn assert_refused(e: &serde_json::Value) {
+    assert_eq!(e["blocked_by"], "seccomp", "{e:#}");
+    assert_eq!(e["result"], -1, "{e:#}");
+    assert_eq!(e["errno"], "EPERM", "{e:#}");
+}
+
+/// A module syscall that ran: not blocked, the kernel's own answer.
+pub fn assert_ran(e: &serde_json::Value) {
+    assert!(e.get("blocked_by").is_none(), "{e:#}");
+    assert_eq!(e["errno"], unconfined_errno(), "{e:#}");
+}
+
+/// The modules an `expectation` event lists.
+pub fn expected_modules(e: &serde_json::Value) -> Vec<String> {
+    e["modules"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|m| m.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }

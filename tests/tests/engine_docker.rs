@@ -8,35 +8,16 @@
 use std::time::Duration;
 
 use kmodmon_tests::{
-    engines::{self, Dockerd},
+    engines::{
+        self, Dockerd, assert_container, assert_ran, assert_refused, attempt, expectation,
+        expected_modules,
+    },
     require_root,
     tail::Tail,
 };
-use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(60);
 const IMAGE: &str = "kmodmon-busybox:e2e";
-
-/// What an attempt's syscall returns here when it runs.
-fn unconfined_errno() -> &'static str {
-    if std::path::Path::new("/proc/modules").exists() {
-        "ENOENT"
-    } else {
-        "ENOSYS"
-    }
-}
-
-fn attempt<'a>(events: &'a [Value], module: &str) -> Option<&'a Value> {
-    events.iter().find(|e| {
-        e["module"] == module && e["kind"].as_str().is_some_and(|k| k.ends_with("_attempt"))
-    })
-}
-
-fn expectation<'a>(events: &'a [Value], name: &str) -> Option<&'a Value> {
-    events
-        .iter()
-        .find(|e| e["kind"] == "expectation" && e["container"]["name"] == name)
-}
 
 #[test]
 fn docker_containers_are_attributed_judged_and_seccomp_refusals_reported() {
@@ -135,20 +116,14 @@ fn docker_containers_are_attributed_judged_and_seccomp_refusals_reported() {
     assert_eq!(get("kmodmon_e2e")["kind"], "load_attempt");
 
     let e = get(&unconfined);
-    assert!(e.get("blocked_by").is_none(), "{e:#}");
-    assert_eq!(e["errno"], unconfined_errno(), "{e:#}");
-    assert_eq!(e["container"]["id"], run_off.id.as_str(), "{e:#}");
-    assert_eq!(e["container"]["name"], off.as_str(), "{e:#}");
+    assert_ran(e);
+    assert_container(e, &run_off.id, "docker", &off);
 
-    for name in [&on, &off] {
+    // The declaration, read as each container started: what it declares and this host
+    // lacks.
+    for (name, id) in [(&on, &run_on.id), (&off, &run_off.id)] {
         let x = expectation(&events, name).expect("expectation");
-        let modules: Vec<&str> = x["modules"]
-            .as_array()
-            .expect("modules")
-            .iter()
-            .filter_map(Value::as_str)
-            .collect();
-        assert!(modules.contains(&declared.as_str()), "{x:#}");
-        assert_eq!(x["container"]["runtime"], "docker", "{x:#}");
+        assert!(expected_modules(x).contains(&declared), "{x:#}");
+        assert_container(x, id, "docker", name);
     }
 }

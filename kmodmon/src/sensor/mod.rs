@@ -143,6 +143,7 @@ impl Sensor {
         // no CO-RE relocations), so skip that cost otherwise.
         let aya_btf = if plan.attempts == AttemptSource::Fexit
             || seccomp::filter_program(&plan.config, plan.attempts).is_some()
+            || (plan.seccomp_exit_fentry && plan.config.seccomp_attempts != 0)
         {
             Some(aya::Btf::from_sys_fs().map_err(|e| SensorError::Btf(e.to_string()))?)
         } else {
@@ -171,7 +172,13 @@ impl Sensor {
                 attach_fexit(&mut ebpf, program, &func, aya_btf)?;
             }
         }
-        let seccomp = seccomp::attach(&mut ebpf, &plan.config, plan.attempts, aya_btf.as_ref());
+        let seccomp = seccomp::attach(
+            &mut ebpf,
+            &plan.config,
+            plan.attempts,
+            plan.seccomp_exit_fentry,
+            aya_btf.as_ref(),
+        );
         Ok(Sensor {
             ebpf,
             plan: plan.clone(),

@@ -60,6 +60,8 @@ pub struct Plan {
     pub notes: Vec<String>,
     /// Where module syscalls refused by seccomp come from (see `sensor::seccomp`).
     pub seccomp: String,
+    /// Tasks killed by seccomp are caught by fentry on `do_exit` (see `seccomp::configure`).
+    pub seccomp_exit_fentry: bool,
 }
 
 impl Plan {
@@ -140,7 +142,8 @@ impl Plan {
             && btf.is_some_and(|b| SYSCALLS.iter().all(|s| b.has_func(&syscall_func(s))));
         let raw_tp_ok = config.pt_regs_arg.iter().all(|&o| o != OFFSET_UNKNOWN)
             && config.pt_regs_syscall_nr != OFFSET_UNKNOWN;
-        super::seccomp::configure(&mut config, tracefs, btf, opts, &mut notes);
+        let seccomp_exit_fentry =
+            super::seccomp::configure(&mut config, tracefs, btf, opts, &mut notes);
         let mut plan = Plan {
             module_events,
             attempts: AttemptSource::None,
@@ -148,6 +151,7 @@ impl Plan {
             config,
             notes,
             seccomp: String::new(),
+            seccomp_exit_fentry,
         };
         plan.attempts = if fexit_ok {
             AttemptSource::Fexit
@@ -174,7 +178,11 @@ impl Plan {
         } else if plan.attempts == AttemptSource::None && plan.module_events.is_empty() {
             return Err(SensorError::NothingAttachable(plan.notes.join("; ")));
         }
-        plan.seccomp = super::seccomp::describe_unattached(&plan.config, plan.attempts);
+        plan.seccomp = super::seccomp::describe_unattached(
+            &plan.config,
+            plan.attempts,
+            plan.seccomp_exit_fentry,
+        );
         Ok(plan)
     }
 

@@ -15,7 +15,7 @@
 use aya::{
     Ebpf,
     maps::Array,
-    programs::{FExit, RawTracePoint},
+    programs::{FEntry, FExit, RawTracePoint},
 };
 use kmodmon_common::{
     Config, OFFSET_UNKNOWN, USER_REGS_HELPER, USER_REGS_NONE, USER_REGS_STACK,
@@ -28,13 +28,16 @@ use super::{AttemptSource, Options, SensorError, btf::KernelBtf, tracefs::Tracef
 pub const FILTER_FUNC: &str = "__seccomp_filter";
 
 /// Fills the seccomp part of the programs' configuration; notes say what is unavailable.
+/// Returns whether killed tasks are to be caught at the entry of `do_exit` (fentry): on
+/// kernels that kill inside the filter (no `force_sig_seccomp`, e.g. 5.10) a dying process's
+/// memory is gone by `sched_process_exit`, and its arguments with it.
 pub fn configure(
     config: &mut Config,
     tracefs: &Tracefs,
     btf: Option<&KernelBtf>,
     opts: Options,
     notes: &mut Vec<String>,
-) {
+) -> bool {
     config.sigsys = libc::SIGSYS as u32;
     if let Ok(f) = tracefs.format("syscalls", "sys_exit_finit_module")
         && let Ok(nr) = f.scalar("__syscall_nr")
@@ -42,7 +45,7 @@ pub fn configure(
         config.sys_exit_nr = nr;
     }
     if opts.no_seccomp_attempts || opts.cgroups_only {
-        return;
+        return false;
     }
     let Some(btf) = btf else {
         notes.push(
@@ -50,7 +53,7 @@ pub fn configure(
              register layout)"
                 .into(),
         );
-        return;
+        return false;
     };
     let off = |s: &str, m: &str| btf.member_offset(s, m).unwrap_or(OFFSET_UNKNOWN);
     let seccomp = off("task_struct", "seccomp");
@@ -90,7 +93,7 @@ pub fn configure(
             "module syscalls refused by seccomp are not reported: BTF lacks {}",
             lacking.join(", ")
         ));
-        return;
+        return false;
     }
     if config.user_regs == USER_REGS_NONE {
         notes.push(
@@ -100,7 +103,11 @@ pub fn configure(
         );
     }
     config.seccomp_attempts = 1;
+    !btf.has_func("force_sig_seccomp") && btf.has_func(EXIT_FUNC)
 }
+
+/// Where a task's exit is caught by fentry (see [`configure`]).
+pub const EXIT_FUNC: &str = "do_exit";
 
 #[cfg(target_arch = "x86_64")]
 fn ret_offset(btf: &KernelBtf) -> u32 {
@@ -156,6 +163,7 @@ pub fn attach(
     ebpf: &mut Ebpf,
     config: &Config,
     attempts: AttemptSource,
+    exit_fentry: bool,
     btf: Option<&aya::Btf>,
 ) -> Attached {
     let mut out = Attached::default();
@@ -186,11 +194,28 @@ pub fn attach(
             ),
         }
     }
-    match attach_raw_tp(ebpf, program::SECCOMP_TASK_EXIT, "sched_process_exit") {
-        Ok(()) => parts.push("task exit (SIGSYS)".into()),
-        Err(e) => out
-            .notes
-            .push(format!("tasks killed by seccomp are not reported: {e}")),
+    let fentry = match (exit_fentry, btf) {
+        (true, Some(btf)) => match attach_fentry(ebpf, program::SECCOMP_DO_EXIT, EXIT_FUNC, btf) {
+            Ok(()) => true,
+            Err(e) => {
+                out.notes.push(format!(
+                    "tasks killed by seccomp are reported at sched_process_exit, without their \
+                     arguments when the whole process died: {e}"
+                ));
+                false
+            }
+        },
+        _ => false,
+    };
+    if fentry {
+        parts.push(format!("task exit (SIGSYS, fentry {EXIT_FUNC})"));
+    } else {
+        match attach_raw_tp(ebpf, program::SECCOMP_TASK_EXIT, "sched_process_exit") {
+            Ok(()) => parts.push("task exit (SIGSYS)".into()),
+            Err(e) => out
+                .notes
+                .push(format!("tasks killed by seccomp are not reported: {e}")),
+        }
     }
     if config.user_regs == USER_REGS_STACK {
         match calibrate(ebpf) {
@@ -224,6 +249,25 @@ fn attach_filter(ebpf: &mut Ebpf, prog_name: &str, btf: &aya::Btf) -> Result<(),
         .try_into()
         .map_err(|e| program_err(prog_name, &target, e))?;
     prog.load(FILTER_FUNC, btf)
+        .map_err(|e| program_err(prog_name, &target, e))?;
+    prog.attach()
+        .map_err(|e| program_err(prog_name, &target, e))?;
+    Ok(())
+}
+
+fn attach_fentry(
+    ebpf: &mut Ebpf,
+    prog_name: &str,
+    func: &str,
+    btf: &aya::Btf,
+) -> Result<(), SensorError> {
+    let target = format!("fentry {func}");
+    let prog: &mut FEntry = ebpf
+        .program_mut(prog_name)
+        .ok_or_else(|| program_err(prog_name, &target, "missing from the object"))?
+        .try_into()
+        .map_err(|e| program_err(prog_name, &target, e))?;
+    prog.load(func, btf)
         .map_err(|e| program_err(prog_name, &target, e))?;
     prog.attach()
         .map_err(|e| program_err(prog_name, &target, e))?;
@@ -288,15 +332,20 @@ fn calibrate(ebpf: &mut Ebpf) -> Result<u64, String> {
 }
 
 /// The part of `kmodmon sources` that names the refused-attempt sources.
-pub fn describe_unattached(config: &Config, attempts: AttemptSource) -> String {
+pub fn describe_unattached(config: &Config, attempts: AttemptSource, exit_fentry: bool) -> String {
     if config.seccomp_attempts == 0 || attempts == AttemptSource::None {
         return "off".into();
     }
-    if sees_exit_records(attempts) {
-        "syscall exit records + task exit (SIGSYS)".into()
-    } else if filter_program(config, attempts).is_some() {
-        format!("fexit {FILTER_FUNC} + task exit (SIGSYS)")
+    let exit = if exit_fentry {
+        format!("task exit (SIGSYS, fentry {EXIT_FUNC})")
     } else {
-        "task exit (SIGSYS)".into()
+        "task exit (SIGSYS)".to_string()
+    };
+    if sees_exit_records(attempts) {
+        format!("syscall exit records + {exit}")
+    } else if filter_program(config, attempts).is_some() {
+        format!("fexit {FILTER_FUNC} + {exit}")
+    } else {
+        exit
     }
 }
