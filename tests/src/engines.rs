@@ -292,8 +292,8 @@ fn cgroup_mounts() -> Vec<PathBuf> {
         .filter_map(|l| {
             let (left, right) = l.split_once(" - ")?;
             let fstype = right.split(' ').next()?;
-            (fstype == "cgroup" || fstype == "cgroup2")
-                .then(|| unescape_mount(left.split(' ').nth(4)?))
+            let point = left.split(' ').nth(4)?;
+            (fstype == "cgroup" || fstype == "cgroup2").then(|| unescape_mount(point))
         })
         .collect()
 }
@@ -635,7 +635,7 @@ impl Podman {
         Podman {
             dir,
             cache_existed: Path::new(PODMAN_CACHE).exists(),
-            cgroups: CgroupLeftovers::watch(&["/libpod_parent"]),
+            cgroups: CgroupLeftovers::watch(&["/libpod_parent", "/libpod_parent/conmon"]),
         }
     }
 
