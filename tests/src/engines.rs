@@ -783,3 +783,94 @@ pub fn expected_modules(e: &serde_json::Value) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+// ---------------------------------------------------------------------------------------
+// LXC
+
+/// An LXC container (Debian's lxc 5.0) created from the busybox template under a private
+/// lxcpath, run with `lxc-execute` (an application container): no network
+/// (`lxc.net.0.type = empty`), no AppArmor profile (this machine has no AppArmor), and LXC's
+/// own seccomp policy (common.seccomp: the module syscalls get EPERM) when asked for.
+pub struct Lxc {
+    dir: tempfile::TempDir,
+    pub name: String,
+    leftovers: Leftovers,
+    cgroups: CgroupLeftovers,
+}
+
+/// LXC's shipped seccomp policy (what `common.conf` applies to every container).
+pub const LXC_SECCOMP: &str = "/usr/share/lxc/config/common.seccomp";
+
+impl Lxc {
+    pub fn create(name: &str) -> Lxc {
+        let dir = tempfile::Builder::new()
+            .prefix("kmodmon-lxc-")
+            .tempdir()
+            .expect("tempdir");
+        let leftovers = Leftovers::watch(&["/run/lxc"]);
+        let payload = format!("/lxc.payload.{name}");
+        let monitor = format!("/lxc.monitor.{name}");
+        let cgroups = CgroupLeftovers::watch(&["/lxc.pivot", &payload, &monitor]);
+        must(
+            Command::new(program("lxc-create"))
+                .arg("-P")
+                .arg(dir.path())
+                .args(["-n", name, "-t", "busybox"]),
+        );
+        Lxc {
+            dir,
+            name: name.to_string(),
+            leftovers,
+            cgroups,
+        }
+    }
+
+    pub fn lxcpath(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `lxc-execute` of CMD with `env` (lxc.environment), with or without LXC's seccomp
+    /// policy; returns when CMD exits.
+    pub fn execute(&self, seccomp: bool, env: &[&str], cmd: &[&str]) -> Output {
+        let mut c = Command::new(program("lxc-execute"));
+        c.arg("-P").arg(self.dir.path()).args(["-n", &self.name]);
+        c.args([
+            "-s",
+            "lxc.net.0.type=empty",
+            "-s",
+            "lxc.apparmor.profile=unconfined",
+        ]);
+        if seccomp {
+            c.arg("-s")
+                .arg(format!("lxc.seccomp.profile={LXC_SECCOMP}"));
+        }
+        for e in env {
+            c.arg("-s").arg(format!("lxc.environment={e}"));
+        }
+        c.arg("--").args(cmd);
+        run_bounded(&mut c, COMMAND_TIMEOUT)
+    }
+
+    /// kmodmon's `--state-dir` arguments: the private lxcpath (confirms container names).
+    pub fn state_dir_args(&self) -> Vec<String> {
+        vec![
+            "--state-dir".into(),
+            format!("lxc={}", self.dir.path().display()),
+        ]
+    }
+}
+
+impl Drop for Lxc {
+    fn drop(&mut self) {
+        let base = |cmd: &str| {
+            let mut c = Command::new(program(cmd));
+            c.arg("-P").arg(self.dir.path()).args(["-n", &self.name]);
+            c
+        };
+        let _ = run_bounded(base("lxc-stop").arg("-k"), Duration::from_secs(20));
+        let _ = run_bounded(&mut base("lxc-destroy"), Duration::from_secs(30));
+        sweep(self.dir.path());
+        self.cgroups.remove();
+        self.leftovers.remove();
+    }
+}

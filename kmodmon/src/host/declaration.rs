@@ -152,12 +152,17 @@ impl ExpectError {
 
 /// Whether an environ and comm show a process that has not finished becoming the container's
 /// program: an OCI runtime's init (runc's `runc:[2:INIT]` and `_LIBCONTAINER_*` variables,
-/// crun), or an empty environ (mid-execve; a container's process always has some).
+/// crun), LXC's init for application containers (`lxc-execute` runs itself, or `init.lxc`,
+/// as the container's pid 1 with the caller's environment; the program it starts has the
+/// container's), or an empty environ (mid-execve; a container's process always has some).
 pub fn is_runtime_init(environ: &[u8], comm: &str) -> bool {
     environ.is_empty()
         || comm.starts_with("runc:[")
         || comm == "runc"
         || comm == "crun"
+        || comm == "lxc-execute"
+        || comm == "init.lxc"
+        || comm == "lxc-init"
         || environ.split(|&b| b == 0).any(|e| {
             e.starts_with(b"_LIBCONTAINER_INITPIPE=") || e.starts_with(b"_LIBCONTAINER_INITTYPE=")
         })
@@ -380,6 +385,8 @@ mod tests {
         assert!(is_runtime_init(b"_LIBCONTAINER_INITPIPE=3\0", "sh"));
         assert!(is_runtime_init(b"", "crun"));
         assert!(!is_runtime_init(b"HOME=/\0", "sleep"));
+        // LXC application containers: lxc-execute is pid 1 with the caller's environment.
+        assert!(is_runtime_init(b"HOME=/root\0", "lxc-execute"));
         // Mid-execve: the new comm with runc's environ, then an empty one.
         assert!(is_runtime_init(
             b"GOMAXPROCS=\0_LIBCONTAINER_INITPIPE=3\0",
