@@ -127,3 +127,118 @@ fn docker_containers_are_attributed_judged_and_seccomp_refusals_reported() {
         assert_container(x, id, "docker", name);
     }
 }
+
+/// kmodmon itself in a Docker container as the DaemonSet runs it: Docker's default seccomp
+/// profile, all capabilities dropped but the DaemonSet's (Docker 20.10 knows no CAP_BPF or
+/// CAP_PERFMON: CAP_SYS_ADMIN, which the DaemonSet has too, covers both), the host's PID namespace, the
+/// host's cgroup tree at /host/sys/fs/cgroup (`KMODMON_CGROUP_ROOT`), tracefs and bpffs, the
+/// engine's state read-only. The binary under test and the host's libraries are bind-mounted
+/// into the busybox image. It must attach, and report a workload container's refused attempt
+/// (attributed) and a confined host process's.
+#[test]
+fn kmodmon_runs_under_dockers_default_seccomp_profile() {
+    if !require_root("kmodmon_runs_under_dockers_default_seccomp_profile") {
+        return;
+    }
+    let kmodmon = kmodmon_tests::kmodmon_bin();
+    let dockerd = Dockerd::start();
+    let work = tempfile::tempdir().expect("tempdir");
+    let (_rootfs, tar) = engines::busybox_rootfs(work.path());
+    dockerd.import(&tar, IMAGE);
+
+    let pid = std::process::id();
+    let workload = format!("kmodmon-e2e-docker-{pid}-workload");
+    let in_ctr = format!("kmd{pid}_from_container");
+    let on_host = format!("kmd{pid}_from_host");
+    let data = dockerd.data_root().display().to_string();
+    let exec = dockerd.exec_root().display().to_string();
+    let vol =
+        |src: &str, dst: &str, ro: bool| format!("{src}:{dst}{}", if ro { ":ro" } else { "" });
+    let mut cmd = dockerd.cmd(&["run", "--rm", "--name"]);
+    cmd.arg(format!("kmodmon-e2e-docker-{pid}-monitor")).args([
+        "--network",
+        "none",
+        "--pid",
+        "host",
+        "--cap-drop",
+        "ALL",
+    ]);
+    // The DaemonSet's capabilities this machine can grant (its sandbox's bounding set lacks
+    // CAP_SYS_RESOURCE, which kmodmon only needs for memlock on kernels before 5.11).
+    for (cap, bit) in [
+        ("SYS_RESOURCE", CAP_SYS_RESOURCE),
+        ("SYS_ADMIN", CAP_SYS_ADMIN),
+        ("SYS_PTRACE", CAP_SYS_PTRACE),
+        ("DAC_READ_SEARCH", CAP_DAC_READ_SEARCH),
+    ] {
+        if in_bounding_set(bit) {
+            cmd.args(["--cap-add", cap]);
+        }
+    }
+    for (src, dst, ro) in [
+        ("/usr", "/usr", true),
+        ("/usr/lib", "/lib", true),
+        ("/usr/lib64", "/lib64", true),
+        (kmodmon.to_str().expect("utf-8 path"), "/kmodmon", true),
+        ("/sys/kernel/tracing", "/sys/kernel/tracing", true),
+        ("/sys/fs/bpf", "/sys/fs/bpf", false),
+        ("/sys/fs/cgroup", "/host/sys/fs/cgroup", true),
+        (data.as_str(), data.as_str(), true),
+        (exec.as_str(), exec.as_str(), true),
+    ] {
+        cmd.args(["-v", &vol(src, dst, ro)]);
+    }
+    let cgroup_root = match kmodmon_tests::cgroup2_root() {
+        Some(r) if r.ends_with("unified") => "/host/sys/fs/cgroup/unified",
+        _ => "/host/sys/fs/cgroup",
+    };
+    cmd.args(["-e", &format!("KMODMON_CGROUP_ROOT={cgroup_root}")])
+        .arg(IMAGE)
+        .args([
+            "/kmodmon", "tail", "--json", "--module", &in_ctr, "--module", &on_host,
+        ]);
+    cmd.args(dockerd.state_dir_args());
+    let mut tail = Tail::spawn(cmd);
+
+    let script = format!("rmmod {in_ctr}; sleep 1");
+    let run = dockerd.run(&["--name", &workload], IMAGE, &["sh", "-c", &script]);
+    assert_eq!(run.id.len(), 64, "docker run: {:?}", run.output);
+    let load = env!("CARGO_BIN_EXE_kmodmon-load");
+    let out = engines::must(
+        std::process::Command::new(load)
+            .args(["seccomp", "errno", load, "delete"])
+            .arg(&on_host),
+    );
+    assert!(out.contains("ret=-1 errno=1"), "{out}");
+
+    let events = tail.collect_until(WAIT, |e| {
+        attempt(e, &in_ctr).is_some() && attempt(e, &on_host).is_some()
+    });
+    let (rest, summary) = tail.stop();
+    let events: Vec<_> = events.into_iter().chain(rest).collect();
+    let e = attempt(&events, &in_ctr).unwrap_or_else(|| panic!("{events:#?}"));
+    assert_refused(e);
+    assert_container(e, &run.id, "docker", &workload);
+    let e = attempt(&events, &on_host).unwrap_or_else(|| panic!("{events:#?}"));
+    assert_refused(e);
+    assert_eq!(e["verdict"], "host", "{e:#}");
+    kmodmon_tests::tail::assert_accounting(&summary);
+}
+
+// Capability numbers (include/uapi/linux/capability.h; libc does not export them).
+const CAP_DAC_READ_SEARCH: u32 = 2;
+const CAP_SYS_PTRACE: u32 = 19;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_SYS_RESOURCE: u32 = 24;
+
+/// Whether capability `bit` is in this process's bounding set.
+fn in_bounding_set(bit: u32) -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapBnd:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|mask| mask & (1 << bit) != 0)
+}

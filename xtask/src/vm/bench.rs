@@ -138,7 +138,7 @@ fn percent(ratio: Option<f64>) -> String {
     ratio.map_or("-".to_string(), |r| format!("{:+.1}%", (r - 1.0) * 100.0))
 }
 
-pub fn vm_bench(kernel: Option<&str>, seccomp: bool) -> Result<()> {
+pub fn vm_bench(kernel: Option<&str>, seccomp: bool, icount: bool) -> Result<()> {
     let path = workspace_root().join(SCENARIO_DIR).join(if seccomp {
         "bench/seccomp.sh"
     } else {
@@ -155,7 +155,11 @@ pub fn vm_bench(kernel: Option<&str>, seccomp: bool) -> Result<()> {
     // One VM at a time: two TCG guests on this machine's cores would disturb each other.
     for k in &p.kernels {
         eprintln!("xtask vm-bench: {}", k.label());
-        let (vm, dir) = run_script_env(&p, k, "bench", &script, &VmConfig::default(), &env)?;
+        let cfg = VmConfig {
+            icount,
+            ..VmConfig::default()
+        };
+        let (vm, dir) = run_script_env(&p, k, "bench", &script, &cfg, &env)?;
         if let Some(why) = vm.failure() {
             bail!(
                 "the benchmark VM on {} failed: {why}\n  (output in {})",
@@ -172,9 +176,14 @@ pub fn vm_bench(kernel: Option<&str>, seccomp: bool) -> Result<()> {
             );
         }
         println!(
-            "\nvm-bench on {}: getppid ns per call (mean: median of rounds; vs none: median of \
+            "\nvm-bench on {}{}: getppid ns per call (mean: median of rounds; vs none: median of \
              the per-round ratios to no monitor for the same task, min–max; best: fastest chunk)",
-            k.label()
+            k.label(),
+            if icount {
+                " (instruction-counted: 1 ns = 1 instruction)"
+            } else {
+                ""
+            }
         );
         println!(
             "  {:<20} {:>8} {:>8} {:>17} {:>9} {:>8}  monitor CPU",
