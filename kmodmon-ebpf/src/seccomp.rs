@@ -116,7 +116,7 @@ fn mark_signalled() {
     let task = unsafe { bpf_get_current_task() };
     let start = read_ptr(task, conf!(task_start_time)).unwrap_or(0);
     if SECCOMP_SIGNALLED
-        .insert(&tid, &start, BPF_ANY as u64)
+        .insert(tid, start, BPF_ANY as u64)
         .is_err()
     {
         count(Counter::ErrSeccompMark);
@@ -233,8 +233,8 @@ fn task_exiting(task: u64, code: u32) {
     };
     let tid = bpf_get_current_pid_tgid() as u32;
     // SAFETY: a plain value copied out of the map entry at once.
-    if let Some(start) = unsafe { SECCOMP_SIGNALLED.get(&tid) }.copied() {
-        let _ = SECCOMP_SIGNALLED.remove(&tid);
+    if let Some(start) = unsafe { SECCOMP_SIGNALLED.get(tid) }.copied() {
+        let _ = SECCOMP_SIGNALLED.remove(tid);
         if read_ptr(task, conf!(task_start_time)) == Some(start) {
             // Reported when the filter returned.
             return;

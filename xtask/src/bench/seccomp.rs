@@ -53,7 +53,7 @@ fn measure(bins: &Bins, kmodmon: &Path, m: Monitor, round: usize) -> Result<(f64
         Monitor::KmodmonOff => Some(start_tail(kmodmon, &["--no-seccomp-attempts"])?),
     };
     let attached = tail.as_ref().map(|t| t.1.clone()).unwrap_or_default();
-    let result = if round % 2 == 0 {
+    let result = if round.is_multiple_of(2) {
         getppid(bins, false).and_then(|u| Ok((u, getppid(bins, true)?)))
     } else {
         getppid(bins, true).and_then(|c| Ok((getppid(bins, false)?, c)))
