@@ -19,11 +19,20 @@ use kmodmon_tests::{
 const WAIT: Duration = Duration::from_secs(60);
 const IMAGE: &str = "kmodmon-busybox:e2e";
 
+/// One dockerd at a time in this file (they share the `/docker` parent cgroup, which the
+/// first to finish would remove).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[test]
 fn docker_containers_are_attributed_judged_and_seccomp_refusals_reported() {
     if !require_root("docker_containers_are_attributed_judged_and_seccomp_refusals_reported") {
         return;
     }
+    let _serial = serial();
     kmodmon_tests::kmodmon_bin();
     let dockerd = Dockerd::start();
     let work = tempfile::tempdir().expect("tempdir");
@@ -140,6 +149,7 @@ fn kmodmon_runs_under_dockers_default_seccomp_profile() {
     if !require_root("kmodmon_runs_under_dockers_default_seccomp_profile") {
         return;
     }
+    let _serial = serial();
     let kmodmon = kmodmon_tests::kmodmon_bin();
     let dockerd = Dockerd::start();
     let work = tempfile::tempdir().expect("tempdir");
