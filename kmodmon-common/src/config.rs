@@ -97,10 +97,43 @@ pub struct Config {
     pub task_group_leader: u32,
     pub task_start_boottime: u32,
     pub task_comm: u32,
+    // ---- module syscalls refused before they ran (seccomp) ----
+    /// 1 = report them; 0 = count their exit records as `exit_without_enter`, as before.
+    pub seccomp_attempts: u32,
+    /// How a program finds the current task's saved user registers where its hook does not
+    /// hand them over: one of [`USER_REGS_NONE`], [`USER_REGS_HELPER`], [`USER_REGS_STACK`].
+    pub user_regs: u32,
+    /// `task_struct.stack` (for [`USER_REGS_STACK`]).
+    pub task_stack: u32,
+    /// `task_struct.seccomp.mode`: non-zero when the task runs under seccomp.
+    pub task_seccomp_mode: u32,
+    /// `task_struct.exit_code` (the signal a task died of, in its low 7 bits).
+    pub task_exit_code: u32,
+    /// `task_struct.start_time` (tells a reused thread id from the task that had it).
+    pub task_start_time: u32,
+    /// `struct pt_regs` member the syscall's result is returned in (x86_64 `ax`, arm64
+    /// `regs[0]`): what the caller saw.
+    pub pt_regs_ret: u32,
+    /// Parameters of `__seccomp_filter` (3 up to 6.12, 2 later): its result follows them in
+    /// an fexit program's context.
+    pub seccomp_filter_nargs: u32,
+    /// SIGSYS on this architecture.
+    pub sigsys: u32,
+    /// syscalls:sys_exit_* `__syscall_nr`.
+    pub sys_exit_nr: Field,
 }
 
 /// Marks an offset BTF did not provide.
 pub const OFFSET_UNKNOWN: u32 = u32::MAX;
+
+/// [`Config::user_regs`]: no way to find a task's user registers (arguments of refused
+/// attempts are then missing).
+pub const USER_REGS_NONE: u32 = 0;
+/// [`Config::user_regs`]: `bpf_task_pt_regs(bpf_get_current_task_btf())` (Linux 5.15+).
+pub const USER_REGS_HELPER: u32 = 1;
+/// [`Config::user_regs`]: `task->stack` plus the offset a calibration program measured at
+/// start-up (slot 0 of the `USER_REGS_OFFSET` map), for kernels without the helper.
+pub const USER_REGS_STACK: u32 = 2;
 
 impl Field {
     pub const UNSET: Field = Field { offset: 0, size: 0 };
@@ -165,6 +198,16 @@ impl Config {
             task_group_leader: OFFSET_UNKNOWN,
             task_start_boottime: OFFSET_UNKNOWN,
             task_comm: OFFSET_UNKNOWN,
+            seccomp_attempts: 0,
+            user_regs: USER_REGS_NONE,
+            task_stack: OFFSET_UNKNOWN,
+            task_seccomp_mode: OFFSET_UNKNOWN,
+            task_exit_code: OFFSET_UNKNOWN,
+            task_start_time: OFFSET_UNKNOWN,
+            pt_regs_ret: OFFSET_UNKNOWN,
+            seccomp_filter_nargs: 0,
+            sigsys: 0,
+            sys_exit_nr: Field::UNSET,
         }
     }
 }

@@ -53,6 +53,12 @@ contract_enum! {
     ErrPendingRemove = 15 => "pending_remove_failed", CounterCategory::Error;
     /// denied / would_deny decisions taken by the LSM programs.
     PolicyDecision = 16 => "policy_decision", CounterCategory::Other;
+    /// A seccomp-refused attempt whose task's saved user registers could not be located: the
+    /// event went out without its arguments.
+    ErrUserRegs = 17 => "user_regs_failed", CounterCategory::Error;
+    /// Remembering that a task's refused attempt was already reported failed: if that task
+    /// then dies of SIGSYS, its exit reports the attempt a second time.
+    ErrSeccompMark = 18 => "seccomp_mark_failed", CounterCategory::Error;
 }
 
 /// Slots of the `COUNTERS` map.

@@ -82,6 +82,13 @@ macro_rules! sources {
             RawSyscalls = 4 => "raw_syscalls";
             /// BPF LSM hooks (policy enforcement).
             Lsm = 5 => "lsm";
+            /// fexit on the kernel's seccomp filter function (`__seccomp_filter`): module
+            /// syscalls a seccomp filter refused, on kernels whose attempt source never sees
+            /// them (fexit on the syscall functions).
+            Seccomp = 6 => "seccomp";
+            /// The task's exit (raw tracepoint `sched_process_exit`): a task killed by SIGSYS
+            /// in a module syscall (seccomp RET_KILL), where no other record exists.
+            TaskExit = 7 => "task_exit";
         }
     };
 }
@@ -111,6 +118,16 @@ syscall_ops!(contract_enum! {
     /// Not an attempt (a kernel record, or an LSM decision on an autoload request).
     None = 0 => "none";
 });
+
+contract_enum! {
+    /// What refused an attempt before the syscall ran ([`RawEvent::blocked_by`]).
+    pub enum BlockedBy;
+    /// Nothing: the syscall ran (its result is the kernel's).
+    None = 0 => "none";
+    /// A seccomp filter (RET_ERRNO, RET_TRAP, RET_KILL_*, or a tracer / user-notification
+    /// supervisor answering for it): the result is what the filter made the caller see.
+    Seccomp = 1 => "seccomp";
+}
 
 /// Bits of [`RawEvent::truncated`] and friends.
 pub mod trunc {
@@ -215,6 +232,11 @@ pub struct RawEvent {
     pub _reserved2: u32,
     /// The task's parent, grandparent, ... (see [`RawAncestor`]).
     pub ancestors: [RawAncestor; ANCESTORS],
+    /// [`BlockedBy`] as u32: what refused the attempt before the syscall ran.
+    pub blocked_by: u32,
+    /// The signal the caller got instead of a result (SIGSYS: seccomp RET_TRAP / RET_KILL),
+    /// else 0; `ret` is then meaningless.
+    pub signal: u32,
 }
 
 impl RawEvent {
@@ -251,6 +273,8 @@ impl RawEvent {
             ancestors_len: 0,
             _reserved2: 0,
             ancestors: [RawAncestor::zeroed(); ANCESTORS],
+            blocked_by: 0,
+            signal: 0,
         }
     }
 }
@@ -259,12 +283,16 @@ impl RawEvent {
 /// must not leak uninitialised memory into a record, and userspace reads it field by field).
 const _: () = {
     use core::mem::{offset_of, size_of};
-    let fields_end = offset_of!(RawEvent, ancestors) + ANCESTORS * size_of::<RawAncestor>();
+    let fields_end = offset_of!(RawEvent, signal) + 4;
     assert!(fields_end == size_of::<RawEvent>());
     assert!(offset_of!(RawEvent, cgroup_v1_id) == offset_of!(RawEvent, path) + PATH_LEN);
+    assert!(
+        offset_of!(RawEvent, blocked_by)
+            == offset_of!(RawEvent, ancestors) + ANCESTORS * size_of::<RawAncestor>()
+    );
     assert!(size_of::<RawAncestor>() == 8 + 4 + 4 + COMM_LEN);
     // The size the ring buffer's sizing comment (kmodmon-ebpf maps.rs) assumes.
-    assert!(size_of::<RawEvent>() == 1136);
+    assert!(size_of::<RawEvent>() == 1144);
     assert!(offset_of!(RawEvent, ktime_ns) == 12 * 4);
     assert!(offset_of!(RawEvent, comm) == 12 * 4 + 5 * 8 + 6 * 4);
 };

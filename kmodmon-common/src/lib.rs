@@ -17,8 +17,9 @@ pub mod macros;
 /// policy maps ([`policy`]), which the pinned LSM programs write and read. Bump it with every
 /// change to them. kmodmon stores it beside its pins and replaces (never adopts) pinned
 /// programs of another version; version 1 was the layout before versions were stored, 3 added
-/// the cgroup v1 id and the ancestors to [`RawEvent`].
-pub const CONTRACT_VERSION: u32 = 3;
+/// the cgroup v1 id and the ancestors to [`RawEvent`] (on one branch) or `blocked_by` and
+/// `signal` (on another); 4 has both.
+pub const CONTRACT_VERSION: u32 = 4;
 
 pub mod cgroup;
 pub mod config;
@@ -31,11 +32,13 @@ pub mod policy;
 pub use cgroup::{
     CGROUP_DFL_HIERARCHY, CGROUP_MKDIR, CGROUP_PATH_LEN, CGROUP_RMDIR, RawCgroupEvent,
 };
-pub use config::{Config, Field, OFFSET_UNKNOWN};
+pub use config::{
+    Config, Field, OFFSET_UNKNOWN, USER_REGS_HELPER, USER_REGS_NONE, USER_REGS_STACK,
+};
 pub use counter::{COUNTER_SLOTS, Counter, CounterCategory};
 pub use event::{
-    ANCESTORS, COMM_LEN, EventKind, NAME_LEN, Op, PARAMS_LEN, PATH_COMPONENT_LEN, PATH_LEN,
-    PATH_MAX_STEPS, PATH_SLOTS, RawAncestor, RawEvent, Source, missing, trunc,
+    ANCESTORS, BlockedBy, COMM_LEN, EventKind, NAME_LEN, Op, PARAMS_LEN, PATH_COMPONENT_LEN,
+    PATH_LEN, PATH_MAX_STEPS, PATH_SLOTS, RawAncestor, RawEvent, Source, missing, trunc,
 };
 
 #[cfg(feature = "user")]

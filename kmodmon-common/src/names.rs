@@ -35,9 +35,20 @@ pub mod program {
     pub const KERNEL_READ_FILE: &str = "kernel_read_file";
     pub const KERNEL_LOAD_DATA: &str = "kernel_load_data";
     pub const KERNEL_POST_LOAD_DATA: &str = "kernel_post_load_data";
+    /// fexit on `__seccomp_filter`: module syscalls a seccomp filter refused.
+    pub const FEXIT_SECCOMP_FILTER: &str = "fexit_seccomp_filter";
+    /// The same for the two-parameter `__seccomp_filter` of later kernels.
+    pub const FEXIT_SECCOMP_FILTER_2: &str = "fexit_seccomp_filter_2";
+    /// Raw tracepoint `sched_process_exit`: tasks killed by SIGSYS in a module syscall.
+    pub const SECCOMP_TASK_EXIT: &str = "seccomp_task_exit";
+    /// fentry on `do_exit`: the same, where the dying task's memory is still readable.
+    pub const SECCOMP_DO_EXIT: &str = "seccomp_do_exit";
+    /// Raw tracepoint `sys_enter`, attached for a moment at start-up: where a task's user
+    /// registers lie relative to its stack (kernels without `bpf_task_pt_regs`).
+    pub const CALIBRATE_USER_REGS: &str = "calibrate_user_regs";
 
     /// Every program in the object.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 25] = [
         MODULE_LOAD,
         MODULE_FREE,
         MODULE_REQUEST,
@@ -58,6 +69,11 @@ pub mod program {
         KERNEL_READ_FILE,
         KERNEL_LOAD_DATA,
         KERNEL_POST_LOAD_DATA,
+        FEXIT_SECCOMP_FILTER,
+        FEXIT_SECCOMP_FILTER_2,
+        SECCOMP_TASK_EXIT,
+        SECCOMP_DO_EXIT,
+        CALIBRATE_USER_REGS,
     ];
 }
 
@@ -83,9 +99,13 @@ pub mod map {
     pub const CONTRACT: &str = "CONTRACT";
     /// aya-log's ring buffer (aya-log-ebpf defines it; `aya_log::EbpfLogger` finds it).
     pub const AYA_LOGS: &str = "AYA_LOGS";
+    /// Slot 0: offset of a task's saved user registers from its stack (calibrated).
+    pub const USER_REGS_OFFSET: &str = "USER_REGS_OFFSET";
+    /// Thread id → start time of tasks whose seccomp SIGSYS was already reported.
+    pub const SECCOMP_SIGNALLED: &str = "SECCOMP_SIGNALLED";
 
     /// Every map in the object (not counting the sections of global data).
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 12] = [
         EVENTS,
         CGROUPS,
         COUNTERS,
@@ -96,6 +116,8 @@ pub mod map {
         POLICY_SETTINGS,
         CONTRACT,
         AYA_LOGS,
+        USER_REGS_OFFSET,
+        SECCOMP_SIGNALLED,
     ];
 }
 

@@ -16,6 +16,7 @@ mod kernel;
 mod lsm;
 mod maps;
 mod record;
+mod seccomp;
 
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
@@ -146,14 +147,17 @@ pub fn sys_enter_delete_module(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_exit_module(ctx: TracePointContext) -> u32 {
     let ret = read_field(&ctx, conf!(sys_exit_ret)).unwrap_or(0) as i64;
-    syscall_exit(&ctx, ret);
+    if !syscall_exit(&ctx, ret) {
+        let nr = read_field(&ctx, conf!(sys_exit_nr)).unwrap_or(u64::MAX);
+        seccomp::unmatched_exit(Source::SyscallTracepoint, nr, None, ret);
+    }
     0
 }
 
 // ---- 2c. raw_syscalls fallback ----
 
 #[inline(always)]
-fn op_of(nr: u64) -> Option<Op> {
+pub(crate) fn op_of(nr: u64) -> Option<Op> {
     if nr == conf!(nr_finit_module) as u64 {
         Some(Op::FinitModule)
     } else if nr == conf!(nr_init_module) as u64 {
@@ -203,7 +207,9 @@ pub fn raw_sys_exit(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let ret = read_field(&ctx, conf!(raw_exit_ret)).unwrap_or(0) as i64;
-    syscall_exit(&ctx, ret);
+    if !syscall_exit(&ctx, ret) {
+        seccomp::unmatched_exit(Source::RawSyscalls, nr, None, ret);
+    }
     0
 }
 
@@ -235,7 +241,9 @@ pub fn raw_tp_sys_exit(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let ret: i64 = ctx.arg(1);
-    syscall_exit(&ctx, ret);
+    if !syscall_exit(&ctx, ret) {
+        seccomp::unmatched_exit(Source::RawSyscalls, nr, Some(regs), ret);
+    }
     0
 }
 

@@ -57,6 +57,8 @@ pub fn begin(kind: EventKind, source: Source) -> Option<&'static mut RawEvent> {
     ev.name[0] = 0;
     ev.params[0] = 0;
     ev.path[0] = 0;
+    ev.blocked_by = 0;
+    ev.signal = 0;
     let task = unsafe { bpf_get_current_task() };
     match current_ppid(task) {
         Some(ppid) => ev.ppid = ppid,
@@ -216,7 +218,7 @@ pub fn attempt_kind(op: Op) -> EventKind {
 #[inline(always)]
 #[expect(
     clippy::needless_borrows_for_generic_args,
-    reason = "`&*ev` keeps the 1136-byte event in map memory; by value it would be copied onto the 512-byte BPF stack"
+    reason = "`&*ev` keeps the 1144-byte event in map memory; by value it would be copied onto the 512-byte BPF stack"
 )]
 pub fn syscall_enter(source: Source, op: Op, a0: u64, a1: u64, a2: u64) {
     let Some(ev) = begin(attempt_kind(op), source) else {
@@ -238,13 +240,13 @@ pub fn syscall_enter(source: Source, op: Op, a0: u64, a1: u64, a2: u64) {
 }
 
 /// Syscall exit (tracepoint sources): complete the parked attempt with its result and send it.
+/// False when no entry was parked (see `seccomp::unmatched_exit`).
 #[inline(always)]
-pub fn syscall_exit<C: EbpfContext>(ctx: &C, ret: i64) {
+pub fn syscall_exit<C: EbpfContext>(ctx: &C, ret: i64) -> bool {
     debug!(ctx, "module syscall returned {}", ret);
     let key = bpf_get_current_pid_tgid();
     let Some(ev) = PENDING.get_ptr_mut(key) else {
-        count(Counter::ExitWithoutEnter);
-        return;
+        return false;
     };
     // SAFETY: map value owned by this task until removed below.
     let ev = unsafe { &mut *ev };
@@ -254,4 +256,5 @@ pub fn syscall_exit<C: EbpfContext>(ctx: &C, ret: i64) {
     if PENDING.remove(key).is_err() {
         count(Counter::ErrPendingRemove);
     }
+    true
 }

@@ -55,6 +55,15 @@ pub struct TailArgs {
     /// Force the raw_syscalls fallback for attempts (for comparison and testing).
     #[arg(long)]
     pub force_raw_syscalls: bool,
+    /// Do not report module syscalls that a seccomp filter refused before they ran (saves
+    /// the cost seccomp-confined tasks pay for it on kernels where attempts come from fexit).
+    #[arg(long)]
+    pub no_seccomp_attempts: bool,
+    /// Runtime state kept outside the runtime's default place, as KIND=DIR (repeatable):
+    /// docker (data-root), docker-exec (exec-root), containerd (state), containers
+    /// (graphroot or runroot), runc / crun (--root), lxc (lxcpath), isulad (root).
+    #[arg(long = "state-dir", value_name = "KIND=DIR")]
+    pub state_dirs: Vec<crate::host::runtime_state::StateDir>,
     /// Where modules.dep and modules.alias are read from (default /lib/modules/$(uname -r)).
     #[arg(long, value_name = "DIR")]
     pub modules_dir: Option<PathBuf>,
@@ -100,9 +109,12 @@ async fn tail(args: TailArgs, filter: Filter) -> anyhow::Result<ExitCode> {
             no_fexit: args.no_fexit,
             force_raw_syscalls: args.force_raw_syscalls,
             cgroups_only: false,
+            no_seccomp_attempts: args.no_seccomp_attempts,
         },
         registry: RegistryOptions {
             modules_dir: args.modules_dir.clone(),
+            state: (!args.state_dirs.is_empty())
+                .then(|| crate::host::runtime_state::StateConfig::detect_with(&args.state_dirs)),
             ..RegistryOptions::default()
         },
         enrich: EnrichOptions {

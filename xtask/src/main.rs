@@ -87,6 +87,21 @@ enum Task {
     VmBench {
         #[arg(long)]
         kernel: Option<String>,
+        /// Instead: the cost of reporting seccomp-refused attempts, for a task under a
+        /// seccomp filter and an unconfined one (no monitor, kmodmon, kmodmon
+        /// --no-seccomp-attempts).
+        #[arg(long)]
+        seccomp: bool,
+        /// Count instructions instead of wall time (QEMU `-icount shift=0`): deterministic, free
+        /// of the host's load; a cost model for comparing mechanisms, not real time.
+        #[arg(long)]
+        icount: bool,
+    },
+    /// The cost of reporting seccomp-refused attempts on this host, for a task under a seccomp
+    /// filter and an unconfined one, side by side (writes target/bench/seccomp.md).
+    BenchSeccomp {
+        #[arg(long, default_value_t = 7)]
+        rounds: usize,
     },
 }
 
@@ -105,7 +120,12 @@ fn main() -> ExitCode {
         Task::VmRun { kernel, script } => vm::vm_run(kernel.as_deref(), &script),
         Task::VmTest { kernel, scenario } => vm::vm_test(kernel.as_deref(), scenario.as_deref()),
         Task::VmFetch { kernel, refresh } => vm::vm_fetch(kernel.as_deref(), refresh),
-        Task::VmBench { kernel } => vm::vm_bench(kernel.as_deref()),
+        Task::VmBench {
+            kernel,
+            seccomp,
+            icount,
+        } => vm::vm_bench(kernel.as_deref(), seccomp, icount),
+        Task::BenchSeccomp { rounds } => bench::bench_seccomp(rounds),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

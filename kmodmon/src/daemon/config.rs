@@ -27,12 +27,16 @@ pub const DEFAULT_CONFIG: &str = "/etc/kmodmon/kmodmon.toml";
 ///
 /// [probe]
 /// no_fexit = false
+/// seccomp_attempts = true   # report module syscalls refused by seccomp
 ///
 /// [policy]
 /// file = "/etc/kmodmon/policy.toml"
 ///
 /// [check]               # `kmodmon check` every interval, as gauges on /metrics
 /// interval = "15m"      # "0s" turns it off
+///
+/// [containers]          # runtime state outside the runtimes' default places
+/// state_dirs = ["docker=/srv/docker", "docker-exec=/run/docker"]
 ///
 /// [rate_limit]          # audit records of attempts, per cgroup (0 = off)
 /// rate = 20
@@ -59,6 +63,15 @@ pub struct FileConfig {
     pub rate_limit: crate::ratelimit::RateLimitConfig,
     pub check: CheckConfig,
     pub node_labels: NodeLabelsConfig,
+    pub containers: ContainersConfig,
+}
+
+/// `[containers]`: where runtimes keep their state when not in their default places
+/// (`KIND=DIR`, as `--state-dir`).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ContainersConfig {
+    pub state_dirs: Vec<crate::host::runtime_state::StateDir>,
 }
 
 /// `[node_labels]`: KMM-style `kmodmon.io/module.NAME` labels on this node through the
@@ -186,11 +199,23 @@ impl Default for ForwardConfig {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProbeConfig {
     pub no_fexit: bool,
     pub force_raw_syscalls: bool,
+    /// Report module syscalls a seccomp filter refused before they ran (default true).
+    pub seccomp_attempts: bool,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        ProbeConfig {
+            no_fexit: false,
+            force_raw_syscalls: false,
+            seccomp_attempts: true,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -215,6 +240,15 @@ pub struct RunArgs {
     /// Force the raw_syscalls fallback for attempts.
     #[arg(long)]
     pub force_raw_syscalls: bool,
+    /// Do not report module syscalls that a seccomp filter refused before they ran (saves
+    /// the cost seccomp-confined tasks pay for it on kernels where attempts come from fexit).
+    #[arg(long)]
+    pub no_seccomp_attempts: bool,
+    /// Runtime state kept outside the runtime's default place, as KIND=DIR (repeatable; adds
+    /// to `[containers] state_dirs`). KIND: docker, docker-exec, containerd, containers, runc,
+    /// crun, lxc, isulad.
+    #[arg(long = "state-dir", value_name = "KIND=DIR")]
+    pub state_dirs: Vec<crate::host::runtime_state::StateDir>,
     /// Audit records of attempts per second and cgroup before they are aggregated into
     /// `rate_limited` records; 0 turns the limit off [default: 20, or `[rate_limit] rate`].
     #[arg(long, value_name = "RATE")]
@@ -239,6 +273,7 @@ pub struct Effective {
     pub rate_limit: crate::ratelimit::RateLimitConfig,
     pub check: CheckConfig,
     pub node_labels: NodeLabelsConfig,
+    pub state_dirs: Vec<crate::host::runtime_state::StateDir>,
     pub source: Option<PathBuf>,
 }
 
@@ -294,6 +329,7 @@ fn apply(file: FileConfig, args: &RunArgs, source: Option<PathBuf>) -> Effective
     let mut probe = file.probe;
     probe.no_fexit |= args.no_fexit;
     probe.force_raw_syscalls |= args.force_raw_syscalls;
+    probe.seccomp_attempts &= !args.no_seccomp_attempts;
     Effective {
         audit: args.audit.apply(file.audit),
         metrics: args.metrics.clone().or(file.metrics.listen),
@@ -306,6 +342,12 @@ fn apply(file: FileConfig, args: &RunArgs, source: Option<PathBuf>) -> Effective
         },
         check: file.check,
         node_labels: file.node_labels,
+        state_dirs: file
+            .containers
+            .state_dirs
+            .into_iter()
+            .chain(args.state_dirs.iter().cloned())
+            .collect(),
         source,
     }
 }
@@ -327,6 +369,18 @@ mod tests {
         );
         assert_eq!(cfg.metrics.listen.as_deref(), Some(":9464"));
         assert!(cfg.forward.stdout && cfg.probe.no_fexit);
+        assert!(cfg.probe.seccomp_attempts, "on unless turned off");
+        let off = parse("[probe]\nseccomp_attempts = false\n").unwrap();
+        assert!(!off.probe.seccomp_attempts);
+        let args = RunArgs {
+            no_seccomp_attempts: true,
+            ..Default::default()
+        };
+        assert!(
+            !apply(FileConfig::default(), &args, None)
+                .probe
+                .seccomp_attempts
+        );
     }
 
     #[test]

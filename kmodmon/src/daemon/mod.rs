@@ -182,6 +182,12 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
             no_fexit: cfg.probe.no_fexit,
             force_raw_syscalls: cfg.probe.force_raw_syscalls,
             cgroups_only: false,
+            no_seccomp_attempts: !cfg.probe.seccomp_attempts,
+        },
+        registry: crate::host::RegistryOptions {
+            state: (!cfg.state_dirs.is_empty())
+                .then(|| crate::host::runtime_state::StateConfig::detect_with(&cfg.state_dirs)),
+            ..crate::host::RegistryOptions::default()
         },
         ..SessionOptions::default()
     };

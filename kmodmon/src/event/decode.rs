@@ -5,7 +5,7 @@ use kmodmon_common::{
 };
 
 use super::clock::Clock;
-use super::model::{Ancestor, CgroupV1, Event, Kind, SourceName, Syscall};
+use super::model::{Ancestor, BlockedBy, CgroupV1, Event, Kind, SourceName, Syscall};
 use crate::escape::{escape_bytes, until_nul};
 use crate::modname;
 
@@ -78,6 +78,16 @@ pub enum DecodeError {
     Source(u32),
     #[error("unknown syscall op {0}")]
     Op(u32),
+    #[error("unknown blocked_by {0}")]
+    BlockedBy(u32),
+}
+
+/// The name of a signal ("SIGSYS"), or "signal N" when unknown.
+pub fn signal_name(signal: u32) -> String {
+    i32::try_from(signal)
+        .ok()
+        .and_then(|n| nix::sys::signal::Signal::try_from(n).ok())
+        .map_or_else(|| format!("signal {signal}"), |s| s.as_str().to_string())
 }
 
 /// Reads a RawEvent out of a ring-buffer record without assuming alignment.
@@ -96,6 +106,8 @@ impl Event {
         let kind = EventKind::from_u32(raw.kind).ok_or(DecodeError::Kind(raw.kind))?;
         let source = Source::from_u32(raw.source).ok_or(DecodeError::Source(raw.source))?;
         let op = Op::from_u32(raw.op).ok_or(DecodeError::Op(raw.op))?;
+        let blocked_by = kmodmon_common::BlockedBy::from_u32(raw.blocked_by)
+            .ok_or(DecodeError::BlockedBy(raw.blocked_by))?;
         let mut truncated = Vec::new();
         let mut missing_fields = Vec::new();
         let name_bytes = until_nul(&raw.name);
@@ -141,7 +153,10 @@ impl Event {
                 missing_fields.push(field.to_string());
             }
         }
-        let result = attempt.then_some(raw.ret);
+        // A caller that got a signal instead of a result (seccomp TRAP / KILL) saw no result.
+        let signal = (attempt && raw.signal != 0).then(|| signal_name(raw.signal));
+        let result =
+            (attempt && signal.is_none() && raw.missing & missing::RESULT == 0).then_some(raw.ret);
         let errno = match result {
             Some(r) if r < 0 => Some(errno_name((-r) as i32)),
             _ => None,
@@ -165,6 +180,8 @@ impl Event {
             wait: (kind == EventKind::Request).then_some(raw.wait != 0),
             result,
             errno,
+            blocked_by: BlockedBy::from_kernel(blocked_by),
+            signal,
             duration_ns,
             pid: raw.pid,
             tid: raw.tid,

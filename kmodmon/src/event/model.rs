@@ -181,6 +181,30 @@ impl std::fmt::Display for Verdict {
     }
 }
 
+/// What refused an attempt before the syscall ran (the JSON `blocked_by`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockedBy {
+    /// A seccomp filter (e.g. Docker's or Kubernetes' default profile).
+    Seccomp,
+}
+
+impl BlockedBy {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            BlockedBy::Seccomp => "seccomp",
+        }
+    }
+
+    /// The output value for the kernel's; `None` for "not blocked".
+    pub const fn from_kernel(k: kmodmon_common::BlockedBy) -> Option<BlockedBy> {
+        match k {
+            kmodmon_common::BlockedBy::None => None,
+            kmodmon_common::BlockedBy::Seccomp => Some(BlockedBy::Seccomp),
+        }
+    }
+}
+
 /// A container, as far as kmodmon could tell.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Container {
@@ -302,6 +326,13 @@ pub struct Event {
     /// Symbolic errno of a failed attempt ("ENOSYS").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub errno: Option<String>,
+    /// Attempts refused before the syscall ran: by what (`seccomp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked_by: Option<BlockedBy>,
+    /// The signal the caller got instead of a result ("SIGSYS": seccomp RET_TRAP or
+    /// RET_KILL); `result` is then absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
     /// Syscall duration (attempts seen at entry and exit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ns: Option<u64>,
@@ -372,6 +403,8 @@ impl Event {
             wait: None,
             result: None,
             errno: None,
+            blocked_by: None,
+            signal: None,
             duration_ns: None,
             pid: std::process::id(),
             tid: std::process::id(),
@@ -444,6 +477,8 @@ mod tests {
                 "syscall_tracepoint",
                 "raw_syscalls",
                 "lsm",
+                "seccomp",
+                "task_exit",
                 "kmodmon"
             ]
         );

@@ -430,13 +430,18 @@ impl ExpectError {
 /// program: an OCI runtime's init (runc's `runc:[2:INIT]` and `_LIBCONTAINER_*` variables,
 /// crun, or a runtime re-executed from a sealed memfd copy of itself, which the kernel names
 /// after the memfd or the descriptor's number: crun's `memfd:crun_clon` on 6.1, `3` on 5.10),
-/// or an empty environ (mid-execve; a container's process always has some).
+/// LXC's init for application containers (`lxc-execute` runs itself, or `init.lxc`, as the
+/// container's pid 1 with the caller's environment; the program it starts has the
+/// container's), or an empty environ (mid-execve; a container's process always has some).
 pub fn is_runtime_init(environ: &[u8], comm: &str) -> bool {
     environ.is_empty()
         || comm.starts_with("runc:[")
         || comm == "runc"
         || comm == "crun"
         || crate::host::runtime_process::is_exec_from_fd(comm)
+        || comm == "lxc-execute"
+        || comm == "init.lxc"
+        || comm == "lxc-init"
         || environ.split(|&b| b == 0).any(|e| {
             e.starts_with(b"_LIBCONTAINER_INITPIPE=") || e.starts_with(b"_LIBCONTAINER_INITTYPE=")
         })
@@ -676,6 +681,8 @@ mod tests {
         assert!(is_runtime_init(b"PATH=/bin\0", "3"), "crun on 5.10");
         assert!(!is_runtime_init(b"PATH=/bin\0", "sleep"));
         assert!(!is_runtime_init(b"HOME=/\0", "sleep"));
+        // LXC application containers: lxc-execute is pid 1 with the caller's environment.
+        assert!(is_runtime_init(b"HOME=/root\0", "lxc-execute"));
         // Mid-execve: the new comm with runc's environ, then an empty one.
         assert!(is_runtime_init(
             b"GOMAXPROCS=\0_LIBCONTAINER_INITPIPE=3\0",

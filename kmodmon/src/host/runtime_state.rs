@@ -27,8 +27,10 @@ use crate::host::container::{self, is_generic_runtime, parse_cgroup_path};
 use crate::host::declaration::BadEntry;
 use crate::host::declaration::{self, Annotated, Declaration, ExpectError};
 
+mod extra;
 mod formats;
 mod reader;
+pub use extra::{StateDir, StateDirKind};
 use formats::Partial;
 pub use reader::pid_alive;
 use reader::{Reader, check_id};

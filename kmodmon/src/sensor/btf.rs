@@ -216,6 +216,27 @@ impl KernelBtf {
             })
     }
 
+    /// How many parameters function `name` takes (its BTF prototype), if BTF has it.
+    pub fn func_param_count(&self, name: &str) -> Option<u32> {
+        const KIND_FUNC_PROTO: u32 = 13;
+        let func = self.types_named(name, &[KIND_FUNC]).next()?;
+        let proto = self.header(func.size_or_type)?;
+        (proto.kind == KIND_FUNC_PROTO).then_some(proto.vlen)
+    }
+
+    /// Whether enum `name` has an enumerator `value` (e.g. a helper in `enum bpf_func_id`).
+    pub fn has_enumerator(&self, name: &str, value: &str) -> bool {
+        const KIND_ENUM: u32 = 6;
+        const KIND_ENUM64: u32 = 19;
+        self.types_named(name, &[KIND_ENUM, KIND_ENUM64]).any(|t| {
+            let stride = if t.kind == KIND_ENUM { 8 } else { 12 };
+            (0..t.vlen as usize).any(|i| {
+                read_u32(&self.data, t.pos + 12 + stride * i)
+                    .is_some_and(|off| self.name(off) == value.as_bytes())
+            })
+        })
+    }
+
     /// Fills the kernel-structure part of the programs' configuration.
     pub fn fill(&self, cfg: &mut Config) -> Vec<String> {
         let mut missing = Vec::new();

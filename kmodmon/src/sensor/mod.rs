@@ -14,6 +14,7 @@ pub mod counters;
 pub mod lockdown;
 pub mod lsm;
 pub mod plan;
+pub mod seccomp;
 pub mod tracefs;
 
 use std::process::ExitCode;
@@ -74,6 +75,8 @@ pub struct Options {
     pub force_raw_syscalls: bool,
     /// Attach only the cgroup programs (enforcement follows containers; no module events).
     pub cgroups_only: bool,
+    /// Do not report module syscalls refused by seccomp (see [`seccomp`]).
+    pub no_seccomp_attempts: bool,
 }
 
 /// Loaded and attached programs.
@@ -81,6 +84,7 @@ pub struct Sensor {
     ebpf: Ebpf,
     pub plan: Plan,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    seccomp: seccomp::Attached,
 }
 
 impl Sensor {
@@ -113,6 +117,8 @@ impl Sensor {
             );
             match attempt {
                 Ok(mut sensor) => {
+                    plan.seccomp = std::mem::take(&mut sensor.seccomp.describe);
+                    plan.notes.append(&mut sensor.seccomp.notes);
                     sensor.plan = plan;
                     return Ok(sensor);
                 }
@@ -135,7 +141,10 @@ impl Sensor {
     fn try_attach(plan: &Plan) -> Result<Sensor, SensorError> {
         // aya parses the kernel's BTF itself when asked; only fexit needs it (the programs carry
         // no CO-RE relocations), so skip that cost otherwise.
-        let aya_btf = if plan.attempts == AttemptSource::Fexit {
+        let aya_btf = if plan.attempts == AttemptSource::Fexit
+            || seccomp::filter_program(&plan.config, plan.attempts).is_some()
+            || (plan.seccomp_exit_fentry && plan.config.seccomp_attempts != 0)
+        {
             Some(aya::Btf::from_sys_fs().map_err(|e| SensorError::Btf(e.to_string()))?)
         } else {
             None
@@ -163,10 +172,18 @@ impl Sensor {
                 attach_fexit(&mut ebpf, program, &func, aya_btf)?;
             }
         }
+        let seccomp = seccomp::attach(
+            &mut ebpf,
+            &plan.config,
+            plan.attempts,
+            plan.seccomp_exit_fentry,
+            aya_btf.as_ref(),
+        );
         Ok(Sensor {
             ebpf,
             plan: plan.clone(),
             logger,
+            seccomp,
         })
     }
 

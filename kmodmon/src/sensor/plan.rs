@@ -71,6 +71,10 @@ pub struct Plan {
     pub cgroup_layout: CgroupLayout,
     /// The cgroup v1 hierarchy followed (v1-only and hybrid hosts), when one can be.
     pub cgroup_v1: Option<CgroupV1Plan>,
+    /// Where module syscalls refused by seccomp come from (see `sensor::seccomp`).
+    pub seccomp: String,
+    /// Tasks killed by seccomp are caught by fentry on `do_exit` (see `seccomp::configure`).
+    pub seccomp_exit_fentry: bool,
 }
 
 impl Plan {
@@ -154,6 +158,8 @@ impl Plan {
             && btf.is_some_and(|b| SYSCALLS.iter().all(|s| b.has_func(&syscall_func(s))));
         let raw_tp_ok = config.pt_regs_arg.iter().all(|&o| o != OFFSET_UNKNOWN)
             && config.pt_regs_syscall_nr != OFFSET_UNKNOWN;
+        let seccomp_exit_fentry =
+            super::seccomp::configure(&mut config, tracefs, btf, opts, &mut notes);
         let mut plan = Plan {
             module_events,
             attempts: AttemptSource::None,
@@ -162,6 +168,8 @@ impl Plan {
             notes,
             cgroup_layout,
             cgroup_v1,
+            seccomp: String::new(),
+            seccomp_exit_fentry,
         };
         plan.attempts = if fexit_ok {
             AttemptSource::Fexit
@@ -188,6 +196,11 @@ impl Plan {
         } else if plan.attempts == AttemptSource::None && plan.module_events.is_empty() {
             return Err(SensorError::NothingAttachable(plan.notes.join("; ")));
         }
+        plan.seccomp = super::seccomp::describe_unattached(
+            &plan.config,
+            plan.attempts,
+            plan.seccomp_exit_fentry,
+        );
         Ok(plan)
     }
 
@@ -325,8 +338,9 @@ impl Plan {
             })
             .unwrap_or_default();
         format!(
-            "module events: {modules}; attempts: {}{cost}; cgroups: {}{v1}",
+            "module events: {modules}; attempts: {}{cost}; seccomp-refused attempts: {}; cgroups: {}{v1}",
             self.attempts.as_str(),
+            self.seccomp,
             if self.cgroups {
                 "cgroup tracepoints"
             } else {

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use crate::event::{Event, Kind};
 
 pub const HEADER: [&str; 6] = ["TIME", "KIND", "MODULE", "RESULT", "PID/COMM", "CONTAINER"];
-const WIDTHS: [usize; 5] = [12, 14, 24, 10, 24];
+const WIDTHS: [usize; 5] = [12, 14, 24, 14, 24];
 
 #[derive(Clone, Copy, Debug)]
 pub struct Style {
@@ -55,6 +55,18 @@ fn time_of_day(rfc3339: &str) -> &str {
 }
 
 fn result_text(ev: &Event) -> String {
+    let text = plain_result_text(ev);
+    match ev.blocked_by {
+        // `EPERM/seccomp`: the filter answered, the syscall never ran.
+        Some(by) => format!("{text}/{}", by.as_str()),
+        None => text,
+    }
+}
+
+fn plain_result_text(ev: &Event) -> String {
+    if let Some(signal) = &ev.signal {
+        return signal.clone();
+    }
     match (ev.kind, ev.result, &ev.errno) {
         (_, Some(_), Some(errno)) => errno.clone(),
         (_, Some(0), None) => "ok".into(),
@@ -209,6 +221,19 @@ mod tests {
         e.pid = 4242;
         e.comm = "insmod".into();
         e
+    }
+
+    #[test]
+    fn seccomp_refusals_say_so_in_the_result_column() {
+        let mut e = attempt();
+        e.result = Some(-1);
+        e.errno = Some("EPERM".into());
+        e.blocked_by = Some(crate::event::BlockedBy::Seccomp);
+        assert!(line(&e, Style { color: false }).contains(" EPERM/seccomp "));
+        e.result = None;
+        e.errno = None;
+        e.signal = Some("SIGSYS".into());
+        assert!(line(&e, Style { color: false }).contains(" SIGSYS/seccomp "));
     }
 
     #[test]

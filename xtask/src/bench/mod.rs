@@ -13,8 +13,10 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use crate::util::{is_root, run as run_cmd, workspace_root};
 
 mod compare;
+mod seccomp;
 
 pub use compare::bench_compare;
+pub use seccomp::bench_seccomp;
 
 struct Bins {
     kmodmon: PathBuf,

@@ -76,8 +76,11 @@ pub struct Row {
     pub mode: String,
     /// Median over rounds of the mean ns per call.
     pub mean: f64,
-    /// Median over rounds of (this mode's mean / "none"'s mean in the same round).
+    /// Median over rounds of (this mode's mean / its baseline's mean in the same round): the
+    /// baseline is "none", or "none+seccomp" for the modes measured under seccomp.
     pub paired_ratio: Option<f64>,
+    /// The smallest and largest of those per-round ratios.
+    pub ratio_range: Option<(f64, f64)>,
     /// Fastest chunk over all rounds, ns per call: the cost without host interference.
     pub best: Option<f64>,
     /// best / best of "none".
@@ -85,32 +88,46 @@ pub struct Row {
 }
 
 impl Samples {
-    /// One row per mode, "none" first and "auditd" last.
+    /// One row per mode, "none" first and "auditd" last; modes measured under seccomp
+    /// (`+seccomp`) follow the unconfined ones and are paired with "none+seccomp".
     pub fn table(&self) -> Vec<Row> {
-        let none = self.by_mode.get("none");
         let fastest = |rounds: &BTreeMap<u32, (f64, Option<f64>)>| {
             rounds.values().filter_map(|r| r.1).min_by(f64::total_cmp)
         };
-        let none_best = none.and_then(fastest);
         let mut modes: Vec<&String> = self.by_mode.keys().collect();
-        modes.sort_by_key(|m| (m.as_str() != "none", m.as_str() == "auditd", m.to_string()));
+        modes.sort_by_key(|m| {
+            let confined = m.ends_with("+seccomp");
+            let base = m.trim_end_matches("+seccomp");
+            (confined, base != "none", base == "auditd", m.to_string())
+        });
         let mut rows = Vec::new();
         for mode in modes {
+            let baseline = self.by_mode.get(if mode.ends_with("+seccomp") {
+                "none+seccomp"
+            } else {
+                "none"
+            });
             let rounds = &self.by_mode[mode];
             let Some(mean) = median(rounds.values().map(|r| r.0).collect()) else {
                 continue;
             };
             let ratios: Vec<f64> = rounds
                 .iter()
-                .filter_map(|(r, (ns, _))| none.and_then(|n| n.get(r)).map(|base| ns / base.0))
+                .filter_map(|(r, (ns, _))| baseline.and_then(|n| n.get(r)).map(|base| ns / base.0))
                 .collect();
+            let range = ratios
+                .iter()
+                .copied()
+                .min_by(f64::total_cmp)
+                .zip(ratios.iter().copied().max_by(f64::total_cmp));
             let best = fastest(rounds);
             rows.push(Row {
                 mode: mode.clone(),
                 mean,
                 paired_ratio: median(ratios),
+                ratio_range: range,
                 best,
-                best_ratio: best.zip(none_best).map(|(b, n)| b / n),
+                best_ratio: best.zip(baseline.and_then(fastest)).map(|(b, n)| b / n),
             });
         }
         rows
@@ -121,8 +138,12 @@ fn percent(ratio: Option<f64>) -> String {
     ratio.map_or("-".to_string(), |r| format!("{:+.1}%", (r - 1.0) * 100.0))
 }
 
-pub fn vm_bench(kernel: Option<&str>) -> Result<()> {
-    let path = workspace_root().join(SCENARIO_DIR).join("bench/bench.sh");
+pub fn vm_bench(kernel: Option<&str>, seccomp: bool, icount: bool) -> Result<()> {
+    let path = workspace_root().join(SCENARIO_DIR).join(if seccomp {
+        "bench/seccomp.sh"
+    } else {
+        "bench/bench.sh"
+    });
     let script = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     let p = prepare(kernel, true)?;
     let mut env = Vec::new();
@@ -134,7 +155,11 @@ pub fn vm_bench(kernel: Option<&str>) -> Result<()> {
     // One VM at a time: two TCG guests on this machine's cores would disturb each other.
     for k in &p.kernels {
         eprintln!("xtask vm-bench: {}", k.label());
-        let (vm, dir) = run_script_env(&p, k, "bench", &script, &VmConfig::default(), &env)?;
+        let cfg = VmConfig {
+            icount,
+            ..VmConfig::default()
+        };
+        let (vm, dir) = run_script_env(&p, k, "bench", &script, &cfg, &env)?;
         if let Some(why) = vm.failure() {
             bail!(
                 "the benchmark VM on {} failed: {why}\n  (output in {})",
@@ -151,12 +176,18 @@ pub fn vm_bench(kernel: Option<&str>) -> Result<()> {
             );
         }
         println!(
-            "\nvm-bench on {}: getppid ns per call (mean: median of rounds; best: fastest chunk)",
-            k.label()
+            "\nvm-bench on {}{}: getppid ns per call (mean: median of rounds; vs none: median of \
+             the per-round ratios to no monitor for the same task, min–max; best: fastest chunk)",
+            k.label(),
+            if icount {
+                " (instruction-counted: 1 ns = 1 instruction)"
+            } else {
+                ""
+            }
         );
         println!(
-            "  {:<12} {:>8} {:>8} {:>9} {:>8}  monitor CPU",
-            "mode", "mean", "vs none", "best", "vs none"
+            "  {:<20} {:>8} {:>8} {:>17} {:>9} {:>8}  monitor CPU",
+            "mode", "mean", "vs none", "min–max", "best", "vs none"
         );
         for row in samples.table() {
             let cpu = samples
@@ -164,16 +195,23 @@ pub fn vm_bench(kernel: Option<&str>) -> Result<()> {
                 .get(&row.mode)
                 .map(|t| format!("{t} ticks"))
                 .unwrap_or_default();
-            let (paired, best_ratio) = if row.mode == "none" {
-                (String::new(), String::new())
+            let (paired, range, best_ratio) = if row.mode.trim_end_matches("+seccomp") == "none" {
+                (String::new(), String::new(), String::new())
             } else {
-                (percent(row.paired_ratio), percent(row.best_ratio))
+                (
+                    percent(row.paired_ratio),
+                    row.ratio_range.map_or("-".to_string(), |(lo, hi)| {
+                        format!("{}–{}", percent(Some(lo)), percent(Some(hi)))
+                    }),
+                    percent(row.best_ratio),
+                )
             };
             println!(
-                "  {:<12} {:>8.1} {:>8} {:>9} {:>8}  {cpu}",
+                "  {:<20} {:>8.1} {:>8} {:>17} {:>9} {:>8}  {cpu}",
                 row.mode,
                 row.mean,
                 paired,
+                range,
                 row.best.map_or("-".to_string(), |b| format!("{b:.1}")),
                 best_ratio,
             );
@@ -236,6 +274,36 @@ mod tests {
         assert_eq!(t[2].best, Some(140.0));
         assert_eq!(percent(Some(1.5)), "+50.0%");
         assert_eq!(percent(None), "-");
+        let (lo, hi) = t[1].ratio_range.unwrap();
+        assert!((lo - 1.0).abs() < 1e-9 && (hi - 1.02).abs() < 1e-9);
+    }
+
+    #[test]
+    fn confined_modes_pair_with_the_confined_baseline() {
+        let lines: Vec<String> = [
+            "BENCH mode=none round=1 ns=100 best=90",
+            "BENCH mode=kmodmon round=1 ns=101 best=90",
+            "BENCH mode=none+seccomp round=1 ns=200 best=180",
+            "BENCH mode=kmodmon+seccomp round=1 ns=300 best=270",
+            "BENCH mode=none round=2 ns=110",
+            "BENCH mode=kmodmon round=2 ns=110",
+            "BENCH mode=none+seccomp round=2 ns=200",
+            "BENCH mode=kmodmon+seccomp round=2 ns=200",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let t = parse(&lines).table();
+        let modes: Vec<&str> = t.iter().map(|r| r.mode.as_str()).collect();
+        assert_eq!(
+            modes,
+            ["none", "kmodmon", "none+seccomp", "kmodmon+seccomp"]
+        );
+        // kmodmon+seccomp: 300/200 = 1.5 and 200/200 = 1.0 → median 1.25, range 1.0–1.5.
+        assert!((t[3].paired_ratio.unwrap() - 1.25).abs() < 1e-9);
+        assert_eq!(t[3].ratio_range, Some((1.0, 1.5)));
+        assert!((t[3].best_ratio.unwrap() - 1.5).abs() < 1e-9);
+        assert!((t[1].paired_ratio.unwrap() - 1.005).abs() < 1e-9);
     }
 
     #[test]

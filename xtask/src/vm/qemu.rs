@@ -21,6 +21,10 @@ pub struct VmConfig {
     pub echo: bool,
     /// Extra kernel command-line words.
     pub append: String,
+    /// Instruction counting (`-icount shift=0`): the guest's clock advances one nanosecond per
+    /// instruction executed, so timings inside are deterministic instruction counts (a cost
+    /// model for comparing mechanisms, not wall time), free of the host's load.
+    pub icount: bool,
 }
 
 impl Default for VmConfig {
@@ -34,6 +38,7 @@ impl Default for VmConfig {
             timeout: Duration::from_secs(timeout),
             echo: false,
             append: String::new(),
+            icount: false,
         }
     }
 }
@@ -164,6 +169,9 @@ pub fn command(kernel: &Kernel, initrd: &Path, console_log: &Path, cfg: &VmConfi
         ])
         .arg("-serial")
         .arg(format!("file:{}", console_log.display()));
+    if cfg.icount {
+        cmd.args(["-icount", "shift=0"]);
+    }
     cmd
 }
 
