@@ -53,6 +53,14 @@ contract_enum! {
     ErrPendingRemove = 15 => "pending_remove_failed", CounterCategory::Error;
     /// denied / would_deny decisions taken by the LSM programs.
     PolicyDecision = 16 => "policy_decision", CounterCategory::Other;
+    /// Module images captured for identity (one per load_module or init_module image).
+    IdentityCaptured = 17 => "identity_captured", CounterCategory::Other;
+    /// An image capture lost chunks (or its header) to a full IMAGES ring: no hash.
+    IdentityRingFull = 18 => "identity_ring_full", CounterCategory::Error;
+    /// An image larger than the capture limit: no hash.
+    IdentityTooLarge = 19 => "identity_too_large", CounterCategory::Error;
+    /// Reading an image (or its pointer) out of kernel memory failed: no hash.
+    IdentityReadFailed = 20 => "identity_read_failed", CounterCategory::Error;
 }
 
 /// Slots of the `COUNTERS` map.

@@ -35,9 +35,14 @@ pub mod program {
     pub const KERNEL_READ_FILE: &str = "kernel_read_file";
     pub const KERNEL_LOAD_DATA: &str = "kernel_load_data";
     pub const KERNEL_POST_LOAD_DATA: &str = "kernel_post_load_data";
+    /// Module identity (kmodmon-ebpf identity.rs): fentry on load_module and on
+    /// security_kernel_post_load_data (image capture), raw tracepoint module_load (sig_ok).
+    pub const IDENTITY_LOAD_MODULE: &str = "identity_load_module";
+    pub const IDENTITY_POST_LOAD_DATA: &str = "identity_post_load_data";
+    pub const IDENTITY_MODULE_LOAD: &str = "identity_module_load";
 
     /// Every program in the object.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 23] = [
         MODULE_LOAD,
         MODULE_FREE,
         MODULE_REQUEST,
@@ -58,6 +63,9 @@ pub mod program {
         KERNEL_READ_FILE,
         KERNEL_LOAD_DATA,
         KERNEL_POST_LOAD_DATA,
+        IDENTITY_LOAD_MODULE,
+        IDENTITY_POST_LOAD_DATA,
+        IDENTITY_MODULE_LOAD,
     ];
 }
 
@@ -83,9 +91,13 @@ pub mod map {
     pub const CONTRACT: &str = "CONTRACT";
     /// aya-log's ring buffer (aya-log-ebpf defines it; `aya_log::EbpfLogger` finds it).
     pub const AYA_LOGS: &str = "AYA_LOGS";
+    /// Module images for identity ([`crate::identity`] records).
+    pub const IMAGES: &str = "IMAGES";
+    /// pid_tgid → init_module image already captured at security_kernel_post_load_data.
+    pub const IMAGE_CAPTURED: &str = "IMAGE_CAPTURED";
 
     /// Every map in the object (not counting the sections of global data).
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 12] = [
         EVENTS,
         CGROUPS,
         COUNTERS,
@@ -96,6 +108,8 @@ pub mod map {
         POLICY_SETTINGS,
         CONTRACT,
         AYA_LOGS,
+        IMAGES,
+        IMAGE_CAPTURED,
     ];
 }
 
@@ -105,7 +119,9 @@ pub mod global {
     pub const CONFIG: &str = "KMODMON_CONFIG";
     /// [`crate::policy::LsmConfig`].
     pub const LSM_CONFIG: &str = "KMODMON_LSM_CONFIG";
+    /// [`crate::identity::IdentityConfig`].
+    pub const IDENTITY_CONFIG: &str = "KMODMON_IDENTITY_CONFIG";
 
     /// Every global userspace writes.
-    pub const ALL: [&str; 2] = [CONFIG, LSM_CONFIG];
+    pub const ALL: [&str; 3] = [CONFIG, LSM_CONFIG, IDENTITY_CONFIG];
 }

@@ -9,6 +9,7 @@
 #![no_main]
 
 mod config;
+mod identity;
 mod kernel;
 mod lsm;
 mod maps;

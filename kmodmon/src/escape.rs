@@ -163,6 +163,7 @@ fn event_strs(ev: &Event) -> impl Iterator<Item = &str> {
     .chain(ev.truncated.iter())
     .chain(ev.missing.iter())
     .map(String::as_str)
+    .chain(ev.identity.iter().flat_map(|i| i.strings()))
 }
 
 /// Every string of an event, for changing.
@@ -216,6 +217,9 @@ fn event_strings_mut(ev: &mut Event, f: &mut dyn FnMut(&mut String)) {
         .chain(ev.missing.iter_mut())
     {
         f(s);
+    }
+    if let Some(i) = ev.identity.as_mut() {
+        i.strings_mut(f);
     }
 }
 

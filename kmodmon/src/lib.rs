@@ -16,6 +16,7 @@ pub mod event;
 pub mod filter;
 pub mod health;
 pub mod host;
+pub mod identity;
 pub mod limits;
 pub mod metrics;
 pub mod modname;

@@ -100,6 +100,7 @@ impl Session {
                 .then(|| sensor.take_cgroups())
                 .transpose()?,
             policy: enforcer.as_mut().and_then(Enforcer::take_events),
+            images: sensor.take_images(),
         };
         let counters = sensor.take_counters()?;
         spawn_logger(sensor.take_logger());

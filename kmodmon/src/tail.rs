@@ -55,6 +55,9 @@ pub struct TailArgs {
     /// Force the raw_syscalls fallback for attempts (for comparison and testing).
     #[arg(long)]
     pub force_raw_syscalls: bool,
+    /// Do not capture module images: no content identity (sha256, .modinfo, signature).
+    #[arg(long)]
+    pub no_identity: bool,
     /// Where modules.dep and modules.alias are read from (default /lib/modules/$(uname -r)).
     #[arg(long, value_name = "DIR")]
     pub modules_dir: Option<PathBuf>,
@@ -100,6 +103,7 @@ async fn tail(args: TailArgs, filter: Filter) -> anyhow::Result<ExitCode> {
             no_fexit: args.no_fexit,
             force_raw_syscalls: args.force_raw_syscalls,
             cgroups_only: false,
+            no_identity: args.no_identity,
         },
         registry: RegistryOptions {
             modules_dir: args.modules_dir.clone(),

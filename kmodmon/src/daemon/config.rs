@@ -27,6 +27,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/kmodmon/kmodmon.toml";
 ///
 /// [probe]
 /// no_fexit = false
+/// no_identity = false   # true: no module image capture (sha256, .modinfo, signature)
 ///
 /// [policy]
 /// file = "/etc/kmodmon/policy.toml"
@@ -88,6 +89,7 @@ impl Default for ForwardConfig {
 pub struct ProbeConfig {
     pub no_fexit: bool,
     pub force_raw_syscalls: bool,
+    pub no_identity: bool,
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -112,6 +114,9 @@ pub struct RunArgs {
     /// Force the raw_syscalls fallback for attempts.
     #[arg(long)]
     pub force_raw_syscalls: bool,
+    /// Do not capture module images: no content identity (sha256, .modinfo, signature).
+    #[arg(long)]
+    pub no_identity: bool,
     /// Audit records of attempts per second and cgroup before they are aggregated into
     /// `rate_limited` records; 0 turns the limit off [default: 20, or `[rate_limit] rate`].
     #[arg(long, value_name = "RATE")]
@@ -189,6 +194,7 @@ fn apply(file: FileConfig, args: &RunArgs, source: Option<PathBuf>) -> Effective
     let mut probe = file.probe;
     probe.no_fexit |= args.no_fexit;
     probe.force_raw_syscalls |= args.force_raw_syscalls;
+    probe.no_identity |= args.no_identity;
     Effective {
         audit: args.audit.apply(file.audit),
         metrics: args.metrics.clone().or(file.metrics.listen),

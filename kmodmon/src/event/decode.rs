@@ -183,6 +183,7 @@ impl Event {
             missing: missing_fields,
             // Enforcer::describe replaces this with the rule's name (from `rule_id`).
             detail: decision.then(|| format!("policy rule #{}", raw.rule_id)),
+            identity: None,
         })
     }
 }

@@ -290,6 +290,10 @@ pub struct Event {
     /// Free-form explanation (policy rule, enrichment notes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// What exactly was loaded (load, load_attempt, denied, would_deny; hidden_module ...):
+    /// hash of the image the kernel received, `.modinfo`, signature, origin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<Box<crate::identity::Identity>>,
 }
 
 impl Event {
@@ -331,6 +335,7 @@ impl Event {
             truncated: Vec::new(),
             missing: Vec::new(),
             detail: None,
+            identity: None,
         }
     }
 

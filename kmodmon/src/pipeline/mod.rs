@@ -34,7 +34,8 @@ pub use self::accounting::{Accounting, Flow};
 use self::reader::{Msg, Rings};
 use crate::enforce::Enforcer;
 use crate::enrich::{Enricher, init_names::InitNames};
-use crate::event::{Clock, Event, Kind};
+use crate::event::{Clock, Event, SourceName};
+use crate::identity::join::IdentityJoin;
 use crate::sinks::{Fanout, SinkReport};
 
 /// Capacity of the reader → enrich queue, in messages (a batch of up to
@@ -61,6 +62,8 @@ pub struct Inputs {
     pub events: Option<RingBuf<MapData>>,
     pub cgroups: Option<RingBuf<MapData>>,
     pub policy: Option<RingBuf<MapData>>,
+    /// Module images (identity).
+    pub images: Option<RingBuf<MapData>>,
 }
 
 /// Requests to the enrich task.
@@ -116,10 +119,12 @@ impl Pipeline {
                 .transpose()
                 .map_err(PipelineError::Poll)
         };
+        let identity = inputs.images.is_some();
         let rings = Rings {
             events: register(inputs.events)?,
             cgroups: register(inputs.cgroups)?,
             policy: register(inputs.policy)?,
+            images: register(inputs.images)?,
         };
         let accounting = Arc::new(Accounting::default());
         accounting.watch_sinks(fanout.counters());
@@ -136,6 +141,7 @@ impl Pipeline {
         let reader = tokio::spawn(reader::run(rings, raw_tx, accounting.clone(), stop_rx));
         let to_sinks = Some(out_tx.clone());
         let enrich = tokio::spawn(enrich_task(
+            identity,
             raw_rx,
             ctl_rx,
             enricher,
@@ -221,6 +227,7 @@ impl Pipeline {
 /// Decodes, enriches and hands events on until the reader is gone; then releases what is
 /// held and hands back the enforcer.
 async fn enrich_task(
+    identity: bool,
     mut rx: mpsc::Receiver<Msg>,
     mut control: mpsc::Receiver<Control>,
     mut enricher: Enricher,
@@ -230,6 +237,11 @@ async fn enrich_task(
 ) -> Option<Enforcer> {
     let clock = Clock::new();
     let mut init_names = InitNames::default();
+    let mut identities = if identity {
+        IdentityJoin::default()
+    } else {
+        IdentityJoin::disabled()
+    };
     let mut last_tick = Instant::now();
     // The changes of the registry's start-up scan reach the enforcer (it synced with the
     // registry when it started, so this only repeats what it knows).
@@ -243,7 +255,7 @@ async fn enrich_task(
             .min(Instant::now() + IDLE_POLL);
         tokio::select! {
             msg = rx.recv() => match msg {
-                Some(m) => handle(m, &mut enricher, enforcer.as_ref(), &mut init_names, &clock, &acc),
+                Some(m) => handle(m, &mut enricher, enforcer.as_ref(), &mut init_names, &mut identities, &clock, &acc),
                 None => break,
             },
             Some(c) = control.recv() => match c {
@@ -281,7 +293,7 @@ async fn enrich_task(
         while let Ok(m) = rx.try_recv() {
             lost += match m {
                 Msg::Events(b) | Msg::Policy(b) => b.len() as u64,
-                Msg::Cgroup { .. } => 0,
+                Msg::Cgroup { .. } | Msg::Image(_) | Msg::Verdict(_) => 0,
             };
         }
         acc.sinks_gone.fetch_add(lost, Relaxed);
@@ -294,6 +306,7 @@ async fn enrich_task(
             &mut enricher,
             enforcer.as_ref(),
             &mut init_names,
+            &mut identities,
             &clock,
             &acc,
         );
@@ -311,10 +324,13 @@ fn handle(
     enricher: &mut Enricher,
     enforcer: Option<&Enforcer>,
     init_names: &mut InitNames,
+    identities: &mut IdentityJoin,
     clock: &Clock,
     acc: &Accounting,
 ) {
     match msg {
+        Msg::Image(img) => identities.image(*img),
+        Msg::Verdict(v) => identities.verdict(v),
         Msg::Cgroup {
             mkdir: true,
             id,
@@ -329,6 +345,7 @@ fn handle(
             for raw in batch {
                 if let Some(mut ev) = decode(&raw, clock, acc) {
                     init_names.observe(&mut ev);
+                    identities.observe(&mut ev);
                     enricher.handle(ev);
                 }
             }
@@ -339,6 +356,7 @@ fn handle(
                     if let Some(enf) = enforcer {
                         enf.describe(&mut ev);
                     }
+                    identities.observe(&mut ev);
                     enricher.handle(ev);
                 }
             }
@@ -372,7 +390,8 @@ async fn forward(enricher: &mut Enricher, out: &mpsc::Sender<Out>, acc: &Account
     let ready = enricher.take_ready();
     let mut gone = 0u64;
     for ev in ready {
-        if matches!(ev.kind, Kind::Expectation | Kind::SelfLoad) {
+        // Events kmodmon made itself (expectation, self_load, the module ledger's).
+        if ev.source == SourceName::Kmodmon {
             acc.synthesized.fetch_add(1, Relaxed);
         }
         if gone > 0 || out.send(Out::Event(Box::new(ev))).await.is_err() {

@@ -10,12 +10,14 @@ pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 const BTF_MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
 const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
 const KIND_FUNC: u32 = 12;
 const KIND_TYPE_TAG: u32 = 18;
+const KIND_ENUM64: u32 = 19;
 
 /// The kernel's BTF, indexed just enough to answer "offset of member M in struct S" and "does
 /// function F exist". A full BTF library (btf-rs) materialises all ~150k types of a distro
@@ -173,6 +175,20 @@ impl KernelBtf {
             }
         }
         None
+    }
+
+    /// The value of `variant` in `enum name` (ENUM or ENUM64), when it fits in a u32.
+    pub fn enum_value(&self, name: &str, variant: &str) -> Option<u32> {
+        self.types_named(name, &[KIND_ENUM, KIND_ENUM64])
+            .find_map(|t| {
+                let width = if t.kind == KIND_ENUM { 8 } else { 12 };
+                (0..t.vlen as usize).find_map(|i| {
+                    let at = t.pos + 12 + width * i;
+                    (self.name(read_u32(&self.data, at)?) == variant.as_bytes())
+                        .then(|| read_u32(&self.data, at + 4))
+                        .flatten()
+                })
+            })
     }
 
     /// Follows typedefs and qualifiers to the underlying type.
@@ -375,6 +391,12 @@ mod tests {
         assert!(cfg.task_tgid != OFFSET_UNKNOWN && cfg.task_tgid > 0);
         assert!(btf.member_offset("task_struct", "no_such_member").is_none());
         assert!(btf.has_func("schedule"));
+        // include/linux/kernel_read_file.h: READING_MODULE is 2 in every kernel since 5.7.
+        assert_eq!(
+            btf.enum_value("kernel_read_file_id", "READING_MODULE"),
+            Some(2)
+        );
+        assert_eq!(btf.enum_value("kernel_read_file_id", "NO_SUCH_VALUE"), None);
         assert!(!btf.has_func("kmodmon_no_such_function"));
     }
 }

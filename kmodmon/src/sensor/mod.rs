@@ -11,6 +11,7 @@
 //! - cgroups: `cgroup:cgroup_{mkdir,rmdir}` (else the cgroup tree is rescanned on a miss).
 pub mod btf;
 pub mod counters;
+pub mod identity;
 pub mod lockdown;
 pub mod lsm;
 pub mod plan;
@@ -74,6 +75,8 @@ pub struct Options {
     pub force_raw_syscalls: bool,
     /// Attach only the cgroup programs (enforcement follows containers; no module events).
     pub cgroups_only: bool,
+    /// Do not capture module images (no content identity).
+    pub no_identity: bool,
 }
 
 /// Loaded and attached programs.
@@ -112,10 +115,9 @@ impl Sensor {
                 t1.elapsed()
             );
             match attempt {
-                Ok(mut sensor) => {
-                    sensor.plan = plan;
-                    return Ok(sensor);
-                }
+                // The sensor's plan is this one, with what attaching the identity programs
+                // found (sensor::identity).
+                Ok(sensor) => return Ok(sensor),
                 Err(e) => match plan.fallback(&tracefs, &e) {
                     Some(next) => plan = next,
                     None => {
@@ -135,14 +137,21 @@ impl Sensor {
     fn try_attach(plan: &Plan) -> Result<Sensor, SensorError> {
         // aya parses the kernel's BTF itself when asked; only fexit needs it (the programs carry
         // no CO-RE relocations), so skip that cost otherwise.
-        let aya_btf = if plan.attempts == AttemptSource::Fexit {
+        let aya_btf = if plan.attempts == AttemptSource::Fexit || plan.identity.is_some() {
             Some(aya::Btf::from_sys_fs().map_err(|e| SensorError::Btf(e.to_string()))?)
         } else {
             None
         };
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .btf(aya_btf.as_ref())
-            .override_global(names::global::CONFIG, &plan.config, true)
+            .override_global(names::global::CONFIG, &plan.config, true);
+        if let Some(icfg) = &plan.identity {
+            loader
+                .override_global(names::global::IDENTITY_CONFIG, icfg, true)
+                .map_max_entries(names::map::IMAGES, identity::RING_BYTES);
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| SensorError::Load(format!("{e:#}")))?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -163,16 +172,39 @@ impl Sensor {
                 attach_fexit(&mut ebpf, program, &func, aya_btf)?;
             }
         }
-        Ok(Sensor {
-            ebpf,
-            plan: plan.clone(),
-            logger,
-        })
+        let mut plan = plan.clone();
+        if plan.identity.is_some()
+            && let Some(aya_btf) = &aya_btf
+        {
+            // Identity is an addition: when this kernel refuses its programs, monitoring
+            // goes on without it and says so.
+            let attached = KernelBtf::load()
+                .map_err(|e| SensorError::Btf(e.to_string()))
+                .and_then(|kbtf| identity::attach(&mut ebpf, aya_btf, &kbtf));
+            match attached {
+                Ok(notes) => plan.notes.extend(notes),
+                Err(e) => {
+                    log::debug!("identity programs: {e}");
+                    plan.notes.push(format!(
+                        "identity off: {}",
+                        e.to_string().lines().next().unwrap_or_default()
+                    ));
+                    plan.identity = None;
+                }
+            }
+        }
+        Ok(Sensor { ebpf, plan, logger })
     }
 
     /// The module-event ring buffer.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, SensorError> {
         take_ringbuf(&mut self.ebpf, names::map::EVENTS)
+    }
+
+    /// The module-image ring buffer (identity), when the identity programs are attached.
+    pub fn take_images(&mut self) -> Option<RingBuf<MapData>> {
+        self.plan.identity.as_ref()?;
+        take_ringbuf(&mut self.ebpf, names::map::IMAGES).ok()
     }
 
     /// The cgroup mkdir/rmdir ring buffer.
@@ -206,7 +238,7 @@ fn take_ringbuf(ebpf: &mut Ebpf, name: &'static str) -> Result<RingBuf<MapData>,
 
 /// Runs `f` on program `name` of type `P`, turning every failure into an attach error naming
 /// the program and its target.
-fn with_program<P>(
+pub(crate) fn with_program<P>(
     ebpf: &mut Ebpf,
     program: &str,
     target: String,

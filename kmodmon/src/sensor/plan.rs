@@ -1,6 +1,6 @@
 //! Which source serves each kind of event on this kernel, and the configuration the programs
 //! get: decided from what tracefs and BTF say exists.
-use kmodmon_common::{Config, OFFSET_UNKNOWN, names::program};
+use kmodmon_common::{Config, OFFSET_UNKNOWN, identity::IdentityConfig, names::program};
 
 use super::{
     Options, SensorError,
@@ -58,6 +58,8 @@ pub struct Plan {
     pub config: Config,
     /// Degradations and fallbacks, in words, for the user.
     pub notes: Vec<String>,
+    /// Module identity (image capture), when planned: the identity programs' configuration.
+    pub identity: Option<IdentityConfig>,
 }
 
 impl Plan {
@@ -144,7 +146,11 @@ impl Plan {
             cgroups,
             config,
             notes,
+            identity: None,
         };
+        if !opts.no_identity && !opts.cgroups_only && modules_supported {
+            plan.identity = plan_identity(btf, &mut plan.notes);
+        }
         plan.attempts = if fexit_ok {
             AttemptSource::Fexit
         } else if !opts.force_raw_syscalls && syscall_fields(tracefs, &mut plan.config).is_ok() {
@@ -297,15 +303,40 @@ impl Plan {
             ""
         };
         format!(
-            "module events: {modules}; attempts: {}{cost}; cgroups: {}",
+            "module events: {modules}; attempts: {}{cost}; cgroups: {}; identity: {}",
             self.attempts.as_str(),
             if self.cgroups {
                 "cgroup tracepoints"
             } else {
                 "rescan on miss"
+            },
+            if self.identity.is_some() {
+                "image capture at load_module"
+            } else {
+                "off"
             }
         )
     }
+}
+
+/// Module identity needs BTF with load_module and struct load_info (see sensor::identity).
+fn plan_identity(btf: Option<&KernelBtf>, notes: &mut Vec<String>) -> Option<IdentityConfig> {
+    let Some(btf) = btf else {
+        notes.push("identity off: module images are captured with fentry, which needs BTF".into());
+        return None;
+    };
+    let (cfg, missing) = super::identity::config(btf);
+    if let Err(e) = super::identity::supported(btf, &cfg) {
+        notes.push(format!("identity off: {e}"));
+        return None;
+    }
+    if !missing.is_empty() {
+        notes.push(format!(
+            "identity: BTF lacks {}: those identity fields stay empty",
+            missing.join(", ")
+        ));
+    }
+    Some(cfg)
 }
 
 fn set_syscall_numbers(config: &mut Config) {
