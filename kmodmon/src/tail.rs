@@ -112,6 +112,7 @@ async fn tail(args: TailArgs, filter: Filter) -> anyhow::Result<ExitCode> {
         enrich: EnrichOptions {
             load_expected: args.load_expected,
         },
+        ledger_file: None,
     };
     let mut session = Session::start(opts, |_| Ok(None), fanout)?;
     eprintln!(

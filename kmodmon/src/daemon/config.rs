@@ -32,6 +32,9 @@ pub const DEFAULT_CONFIG: &str = "/etc/kmodmon/kmodmon.toml";
 /// [policy]
 /// file = "/etc/kmodmon/policy.toml"
 ///
+/// [ledger]              # the module ledger `kmodmon modules` reads
+/// file = "/var/lib/kmodmon/modules.json"
+///
 /// [rate_limit]          # audit records of attempts, per cgroup (0 = off)
 /// rate = 20
 /// burst = 200
@@ -48,6 +51,16 @@ pub struct FileConfig {
     /// `[rate_limit]`: audit records of attempts per cgroup; beyond it they are aggregated
     /// into counted `rate_limited` records.
     pub rate_limit: crate::ratelimit::RateLimitConfig,
+    /// `[ledger]`: where the module ledger is kept for `kmodmon modules`.
+    pub ledger: LedgerConfig,
+}
+
+/// `[ledger]`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// Default [`crate::ledger::DEFAULT_FILE`].
+    pub file: Option<PathBuf>,
 }
 
 /// `[policy]`: enforcement (see README "Enforcement").
@@ -124,6 +137,10 @@ pub struct RunArgs {
     /// Enforce this policy (BPF LSM); its `mode` decides enforce or audit.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
+    /// Where the module ledger (loads, loaders, identities) is kept for `kmodmon modules`
+    /// [default: /var/lib/kmodmon/modules.json, or `[ledger] file`].
+    #[arg(long, value_name = "FILE")]
+    pub ledger_file: Option<PathBuf>,
     /// Only check the configuration (the config file, the flags, the policy file it names) and
     /// exit: 0 when valid, 2 with the file, line and column of the first error.
     #[arg(long)]
@@ -140,6 +157,7 @@ pub struct Effective {
     pub policy: Option<PathBuf>,
     pub rate_limit: crate::ratelimit::RateLimitConfig,
     pub source: Option<PathBuf>,
+    pub ledger_file: PathBuf,
 }
 
 /// Reads the config file (if any) and applies the flags on top.
@@ -206,6 +224,11 @@ fn apply(file: FileConfig, args: &RunArgs, source: Option<PathBuf>) -> Effective
             ..file.rate_limit
         },
         source,
+        ledger_file: args
+            .ledger_file
+            .clone()
+            .or(file.ledger.file)
+            .unwrap_or_else(|| PathBuf::from(crate::ledger::DEFAULT_FILE)),
     }
 }
 

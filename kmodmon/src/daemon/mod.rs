@@ -178,6 +178,7 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
             cgroups_only: false,
             no_identity: cfg.probe.no_identity,
         },
+        ledger_file: Some(cfg.ledger_file.clone()),
         ..SessionOptions::default()
     };
     let policy = cfg.policy.clone();

@@ -184,6 +184,9 @@ impl Event {
             // Enforcer::describe replaces this with the rule's name (from `rule_id`).
             detail: decision.then(|| format!("policy rule #{}", raw.rule_id)),
             identity: None,
+            cross_view: None,
+            loaded_at: None,
+            severity: None,
         })
     }
 }

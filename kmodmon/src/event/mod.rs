@@ -10,4 +10,4 @@ mod model;
 
 pub use clock::{Clock, monotonic_ns, parse_event_time};
 pub use decode::{DecodeError, errno_name, path_from_components, raw_from_bytes, taint_letters};
-pub use model::{Container, Event, Kind, RequestedBy, SourceName, Syscall, Verdict};
+pub use model::{Container, CrossView, Event, Kind, RequestedBy, SourceName, Syscall, Verdict};

@@ -36,6 +36,7 @@ use crate::enforce::Enforcer;
 use crate::enrich::{Enricher, init_names::InitNames};
 use crate::event::{Clock, Event, SourceName};
 use crate::identity::join::IdentityJoin;
+use crate::ledger::Ledger;
 use crate::sinks::{Fanout, SinkReport};
 
 /// Capacity of the reader → enrich queue, in messages (a batch of up to
@@ -64,6 +65,9 @@ pub struct Inputs {
     pub policy: Option<RingBuf<MapData>>,
     /// Module images (identity).
     pub images: Option<RingBuf<MapData>>,
+    /// Where the module ledger is written for `kmodmon modules` (the daemon's); the ledger
+    /// itself runs whenever the monitor's events are read.
+    pub ledger_file: Option<std::path::PathBuf>,
 }
 
 /// Requests to the enrich task.
@@ -120,6 +124,10 @@ impl Pipeline {
                 .map_err(PipelineError::Poll)
         };
         let identity = inputs.images.is_some();
+        let ledger = inputs
+            .events
+            .is_some()
+            .then(|| Ledger::start("/", inputs.ledger_file.clone()));
         let rings = Rings {
             events: register(inputs.events)?,
             cgroups: register(inputs.cgroups)?,
@@ -142,6 +150,7 @@ impl Pipeline {
         let to_sinks = Some(out_tx.clone());
         let enrich = tokio::spawn(enrich_task(
             identity,
+            ledger,
             raw_rx,
             ctl_rx,
             enricher,
@@ -228,6 +237,7 @@ impl Pipeline {
 /// held and hands back the enforcer.
 async fn enrich_task(
     identity: bool,
+    mut ledger: Option<Ledger>,
     mut rx: mpsc::Receiver<Msg>,
     mut control: mpsc::Receiver<Control>,
     mut enricher: Enricher,
@@ -274,7 +284,7 @@ async fn enrich_task(
         }
         enricher.poll();
         follow(&mut enricher, enforcer.as_mut());
-        if !forward(&mut enricher, &out, &acc).await {
+        if !forward(&mut enricher, ledger.as_mut(), &out, &acc).await {
             sinks_dead = true;
             break;
         }
@@ -311,11 +321,11 @@ async fn enrich_task(
             &acc,
         );
         follow(&mut enricher, enforcer.as_mut());
-        forward(&mut enricher, &out, &acc).await;
+        forward(&mut enricher, ledger.as_mut(), &out, &acc).await;
     }
     enricher.flush();
     follow(&mut enricher, enforcer.as_mut());
-    forward(&mut enricher, &out, &acc).await;
+    forward(&mut enricher, ledger.as_mut(), &out, &acc).await;
     enforcer
 }
 
@@ -386,8 +396,19 @@ fn follow(enricher: &mut Enricher, enforcer: Option<&mut Enforcer>) {
 }
 
 /// Sends the ready events on; false when the sink thread is gone.
-async fn forward(enricher: &mut Enricher, out: &mpsc::Sender<Out>, acc: &Accounting) -> bool {
-    let ready = enricher.take_ready();
+async fn forward(
+    enricher: &mut Enricher,
+    ledger: Option<&mut Ledger>,
+    out: &mpsc::Sender<Out>,
+    acc: &Accounting,
+) -> bool {
+    let mut ready = enricher.take_ready();
+    if let Some(l) = ledger {
+        for ev in &ready {
+            l.observe(ev);
+        }
+        ready.extend(l.check());
+    }
     let mut gone = 0u64;
     for ev in ready {
         // Events kmodmon made itself (expectation, self_load, the module ledger's).
