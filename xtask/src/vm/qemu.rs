@@ -134,8 +134,7 @@ impl VmRun {
 pub fn command(kernel: &Kernel, initrd: &Path, console_log: &Path, cfg: &VmConfig) -> Command {
     // no_timer_check: under a loaded host, TCG's timer can be too slow for the kernel's
     // IO-APIC timer check, which then panics ("IO-APIC + timer doesn't work") before init.
-    let mut append =
-        String::from("console=ttyS1 panic=-1 quiet mitigations=off no_timer_check");
+    let mut append = String::from("console=ttyS1 panic=-1 quiet mitigations=off no_timer_check");
     if !cfg.append.is_empty() {
         append.push(' ');
         append.push_str(&cfg.append);
