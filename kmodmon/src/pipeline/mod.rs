@@ -284,7 +284,15 @@ async fn enrich_task(
         }
         enricher.poll();
         follow(&mut enricher, enforcer.as_mut());
-        if !forward(&mut enricher, ledger.as_mut(), &out, &acc).await {
+        if !forward(
+            &mut enricher,
+            ledger.as_mut(),
+            enforcer.as_ref(),
+            &out,
+            &acc,
+        )
+        .await
+        {
             sinks_dead = true;
             break;
         }
@@ -321,11 +329,25 @@ async fn enrich_task(
             &acc,
         );
         follow(&mut enricher, enforcer.as_mut());
-        forward(&mut enricher, ledger.as_mut(), &out, &acc).await;
+        forward(
+            &mut enricher,
+            ledger.as_mut(),
+            enforcer.as_ref(),
+            &out,
+            &acc,
+        )
+        .await;
     }
     enricher.flush();
     follow(&mut enricher, enforcer.as_mut());
-    forward(&mut enricher, ledger.as_mut(), &out, &acc).await;
+    forward(
+        &mut enricher,
+        ledger.as_mut(),
+        enforcer.as_ref(),
+        &out,
+        &acc,
+    )
+    .await;
     enforcer
 }
 
@@ -399,10 +421,19 @@ fn follow(enricher: &mut Enricher, enforcer: Option<&mut Enforcer>) {
 async fn forward(
     enricher: &mut Enricher,
     ledger: Option<&mut Ledger>,
+    enforcer: Option<&Enforcer>,
     out: &mpsc::Sender<Out>,
     acc: &Accounting,
 ) -> bool {
     let mut ready = enricher.take_ready();
+    if let Some(enf) = enforcer {
+        // The policy's identity requirements, verified now that the identity is known.
+        let mismatches: Vec<Event> = ready
+            .iter()
+            .filter_map(|ev| enf.verify_identity(ev))
+            .collect();
+        ready.extend(mismatches);
+    }
     if let Some(l) = ledger {
         for ev in &ready {
             l.observe(ev);
