@@ -61,6 +61,8 @@ contract_enum! {
     IdentityTooLarge = 19 => "identity_too_large", CounterCategory::Error;
     /// Reading an image (or its pointer) out of kernel memory failed: no hash.
     IdentityReadFailed = 20 => "identity_read_failed", CounterCategory::Error;
+    /// The map that keeps init_module images from being captured twice refused an update.
+    IdentityMapFailed = 21 => "identity_map_failed", CounterCategory::Error;
 }
 
 /// Slots of the `COUNTERS` map.

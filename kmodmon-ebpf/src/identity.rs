@@ -191,9 +191,11 @@ pub fn identity_load_module(ctx: FEntryContext) -> i32 {
     };
     let key = bpf_get_current_pid_tgid();
     // SAFETY: map values are valid for the program's run.
-    if let Some(seen) = unsafe { IMAGE_CAPTURED.get(&key) } {
+    if let Some(seen) = unsafe { IMAGE_CAPTURED.get(key) } {
         let seen = *seen;
-        let _ = IMAGE_CAPTURED.remove(&key);
+        if IMAGE_CAPTURED.remove(key).is_err() {
+            count(Counter::IdentityMapFailed);
+        }
         if seen == buf && buf != 0 {
             // The same init_module buffer, captured before the LSMs decided.
             return 0;
@@ -213,7 +215,10 @@ pub fn identity_post_load_data(ctx: FEntryContext) -> i32 {
     let size: u64 = ctx.arg(1);
     capture(buf, size, 0, image_via::POST_LOAD_DATA);
     let key = bpf_get_current_pid_tgid();
-    let _ = IMAGE_CAPTURED.insert(&key, &buf, 0);
+    if IMAGE_CAPTURED.insert(key, buf, 0).is_err() {
+        // load_module then captures the same image a second time.
+        count(Counter::IdentityMapFailed);
+    }
     0
 }
 

@@ -209,8 +209,8 @@ mod tests {
 
     #[test]
     fn unsigned_images_have_no_signature() {
-        assert_eq!(parse(b"\x7fELF...").signed, false);
-        assert_eq!(parse(b"").signed, false);
+        assert!(!parse(b"\x7fELF...").signed);
+        assert!(!parse(b"").signed);
     }
 
     #[test]

@@ -148,9 +148,13 @@ impl Pipeline {
             .map_err(PipelineError::Thread)?;
         let reader = tokio::spawn(reader::run(rings, raw_tx, accounting.clone(), stop_rx));
         let to_sinks = Some(out_tx.clone());
+        let identities = if identity {
+            IdentityJoin::default()
+        } else {
+            IdentityJoin::disabled()
+        };
         let enrich = tokio::spawn(enrich_task(
-            identity,
-            ledger,
+            (identities, ledger),
             raw_rx,
             ctl_rx,
             enricher,
@@ -235,9 +239,9 @@ impl Pipeline {
 
 /// Decodes, enriches and hands events on until the reader is gone; then releases what is
 /// held and hands back the enforcer.
+/// `stages`: the identity join and the module ledger.
 async fn enrich_task(
-    identity: bool,
-    mut ledger: Option<Ledger>,
+    stages: (IdentityJoin, Option<Ledger>),
     mut rx: mpsc::Receiver<Msg>,
     mut control: mpsc::Receiver<Control>,
     mut enricher: Enricher,
@@ -247,11 +251,7 @@ async fn enrich_task(
 ) -> Option<Enforcer> {
     let clock = Clock::new();
     let mut init_names = InitNames::default();
-    let mut identities = if identity {
-        IdentityJoin::default()
-    } else {
-        IdentityJoin::disabled()
-    };
+    let (mut identities, mut ledger) = stages;
     let mut last_tick = Instant::now();
     // The changes of the registry's start-up scan reach the enforcer (it synced with the
     // registry when it started, so this only repeats what it knows).

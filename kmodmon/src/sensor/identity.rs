@@ -96,8 +96,8 @@ pub fn attach(ebpf: &mut Ebpf, btf: &Btf, kbtf: &KernelBtf) -> Result<Vec<String
         },
     )?;
     let mut notes = Vec::new();
-    if kbtf.has_func("security_kernel_post_load_data") {
-        if let Err(e) = with_program(
+    if kbtf.has_func("security_kernel_post_load_data")
+        && let Err(e) = with_program(
             ebpf,
             program::IDENTITY_POST_LOAD_DATA,
             "fentry security_kernel_post_load_data".into(),
@@ -105,12 +105,12 @@ pub fn attach(ebpf: &mut Ebpf, btf: &Btf, kbtf: &KernelBtf) -> Result<Vec<String
                 p.load("security_kernel_post_load_data", btf)?;
                 p.attach().map(drop)
             },
-        ) {
-            notes.push(format!(
-                "identity: init_module images denied by an LSM have no identity ({})",
-                first_line(&e.to_string())
-            ));
-        }
+        )
+    {
+        notes.push(format!(
+            "identity: init_module images denied by an LSM have no identity ({})",
+            first_line(&e.to_string())
+        ));
     }
     if let Err(e) = with_program(
         ebpf,
