@@ -145,8 +145,9 @@ impl Ledger {
         let now = Views::read(&root).unwrap_or_default();
         let state = match previous {
             Some(mut s) => {
-                // Frees missed while no daemon ran.
-                s.live.retain(|m, _| now.proc_modules.contains(m));
+                // Frees missed while no daemon ran (a hidden module stays: its sysfs does).
+                s.live
+                    .retain(|m, _| now.proc_modules.contains(m) || now.sys_module.contains(m));
                 s.baseline.retain(|m| now.proc_modules.contains(m));
                 for m in &now.proc_modules {
                     if !s.live.contains_key(m) {
