@@ -59,6 +59,16 @@ contract_enum! {
     /// Remembering that a task's refused attempt was already reported failed: if that task
     /// then dies of SIGSYS, its exit reports the attempt a second time.
     ErrSeccompMark = 18 => "seccomp_mark_failed", CounterCategory::Error;
+    /// Module images captured for identity (one per load_module or init_module image).
+    IdentityCaptured = 19 => "identity_captured", CounterCategory::Other;
+    /// An image capture lost chunks (or its header) to a full IMAGES ring: no hash.
+    IdentityRingFull = 20 => "identity_ring_full", CounterCategory::Error;
+    /// An image larger than the capture limit: no hash.
+    IdentityTooLarge = 21 => "identity_too_large", CounterCategory::Error;
+    /// Reading an image (or its pointer) out of kernel memory failed: no hash.
+    IdentityReadFailed = 22 => "identity_read_failed", CounterCategory::Error;
+    /// The map that keeps init_module images from being captured twice refused an update.
+    IdentityMapFailed = 23 => "identity_map_failed", CounterCategory::Error;
 }
 
 /// Slots of the `COUNTERS` map.

@@ -25,6 +25,7 @@ pub mod cgroup;
 pub mod config;
 pub mod counter;
 pub mod event;
+pub mod identity;
 pub mod modname;
 pub mod names;
 pub mod policy;
@@ -54,4 +55,5 @@ mod pod {
     unsafe impl aya::Pod for super::policy::AllowKey {}
     unsafe impl aya::Pod for super::policy::Settings {}
     unsafe impl aya::Pod for super::policy::LsmConfig {}
+    unsafe impl aya::Pod for super::identity::IdentityConfig {}
 }

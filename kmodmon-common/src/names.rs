@@ -47,8 +47,14 @@ pub mod program {
     /// registers lie relative to its stack (kernels without `bpf_task_pt_regs`).
     pub const CALIBRATE_USER_REGS: &str = "calibrate_user_regs";
 
+    /// Module identity (kmodmon-ebpf identity.rs): fentry on load_module and on
+    /// security_kernel_post_load_data (image capture), raw tracepoint module_load (sig_ok).
+    pub const IDENTITY_LOAD_MODULE: &str = "identity_load_module";
+    pub const IDENTITY_POST_LOAD_DATA: &str = "identity_post_load_data";
+    pub const IDENTITY_MODULE_LOAD: &str = "identity_module_load";
+
     /// Every program in the object.
-    pub const ALL: [&str; 25] = [
+    pub const ALL: [&str; 28] = [
         MODULE_LOAD,
         MODULE_FREE,
         MODULE_REQUEST,
@@ -74,6 +80,9 @@ pub mod program {
         SECCOMP_TASK_EXIT,
         SECCOMP_DO_EXIT,
         CALIBRATE_USER_REGS,
+        IDENTITY_LOAD_MODULE,
+        IDENTITY_POST_LOAD_DATA,
+        IDENTITY_MODULE_LOAD,
     ];
 }
 
@@ -103,9 +112,13 @@ pub mod map {
     pub const USER_REGS_OFFSET: &str = "USER_REGS_OFFSET";
     /// Thread id → start time of tasks whose seccomp SIGSYS was already reported.
     pub const SECCOMP_SIGNALLED: &str = "SECCOMP_SIGNALLED";
+    /// Module images for identity ([`crate::identity`] records).
+    pub const IMAGES: &str = "IMAGES";
+    /// pid_tgid → init_module image already captured at security_kernel_post_load_data.
+    pub const IMAGE_CAPTURED: &str = "IMAGE_CAPTURED";
 
     /// Every map in the object (not counting the sections of global data).
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 14] = [
         EVENTS,
         CGROUPS,
         COUNTERS,
@@ -118,6 +131,8 @@ pub mod map {
         AYA_LOGS,
         USER_REGS_OFFSET,
         SECCOMP_SIGNALLED,
+        IMAGES,
+        IMAGE_CAPTURED,
     ];
 }
 
@@ -127,7 +142,9 @@ pub mod global {
     pub const CONFIG: &str = "KMODMON_CONFIG";
     /// [`crate::policy::LsmConfig`].
     pub const LSM_CONFIG: &str = "KMODMON_LSM_CONFIG";
+    /// [`crate::identity::IdentityConfig`].
+    pub const IDENTITY_CONFIG: &str = "KMODMON_IDENTITY_CONFIG";
 
     /// Every global userspace writes.
-    pub const ALL: [&str; 2] = [CONFIG, LSM_CONFIG];
+    pub const ALL: [&str; 3] = [CONFIG, LSM_CONFIG, IDENTITY_CONFIG];
 }

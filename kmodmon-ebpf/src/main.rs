@@ -12,6 +12,7 @@
 mod ancestry;
 mod cgroup_v1;
 mod config;
+mod identity;
 mod kernel;
 mod lsm;
 mod maps;

@@ -154,6 +154,8 @@ fn event_strs(ev: &Event) -> impl Iterator<Item = &str> {
         ev.errno.as_ref(),
         ev.cgroup_path.as_ref(),
         ev.detail.as_ref(),
+        ev.loaded_at.as_ref(),
+        ev.severity.as_ref(),
     ]
     .into_iter()
     .flatten()
@@ -163,6 +165,7 @@ fn event_strs(ev: &Event) -> impl Iterator<Item = &str> {
     .chain(ev.truncated.iter())
     .chain(ev.missing.iter())
     .map(String::as_str)
+    .chain(ev.identity.iter().flat_map(|i| i.strings()))
 }
 
 /// Every string of an event, for changing.
@@ -177,6 +180,8 @@ fn event_strings_mut(ev: &mut Event, f: &mut dyn FnMut(&mut String)) {
         &mut ev.errno,
         &mut ev.cgroup_path,
         &mut ev.detail,
+        &mut ev.loaded_at,
+        &mut ev.severity,
     ]
     .into_iter()
     .flatten()
@@ -216,6 +221,9 @@ fn event_strings_mut(ev: &mut Event, f: &mut dyn FnMut(&mut String)) {
         .chain(ev.missing.iter_mut())
     {
         f(s);
+    }
+    if let Some(i) = ev.identity.as_mut() {
+        i.strings_mut(f);
     }
 }
 

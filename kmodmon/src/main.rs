@@ -11,6 +11,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Tail(args) => kmodmon::tail::run(args),
         Command::Sources => kmodmon::sensor::explain(),
+        Command::Modules(args) => kmodmon::modules::run(args),
         Command::Run(args) => kmodmon::daemon::run(args),
         Command::Policy(args) => kmodmon::policy::run(args),
         Command::Enforce(args) => kmodmon::enforce::cli::run(args),

@@ -28,6 +28,8 @@ pub struct SessionOptions {
     pub sensor: Options,
     pub registry: RegistryOptions,
     pub enrich: EnrichOptions,
+    /// Where the module ledger is written (the daemon's), for `kmodmon modules`.
+    pub ledger_file: Option<std::path::PathBuf>,
 }
 
 pub struct Session {
@@ -108,6 +110,8 @@ impl Session {
                 .then(|| sensor.take_cgroups())
                 .transpose()?,
             policy: enforcer.as_mut().and_then(Enforcer::take_events),
+            images: sensor.take_images(),
+            ledger_file: opts.ledger_file.clone(),
         };
         let counters = sensor.take_counters()?;
         spawn_logger(sensor.take_logger());

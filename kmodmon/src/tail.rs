@@ -64,6 +64,9 @@ pub struct TailArgs {
     /// (graphroot or runroot), runc / crun (--root), lxc (lxcpath), isulad (root).
     #[arg(long = "state-dir", value_name = "KIND=DIR")]
     pub state_dirs: Vec<crate::host::runtime_state::StateDir>,
+    /// Do not capture module images: no content identity (sha256, .modinfo, signature).
+    #[arg(long)]
+    pub no_identity: bool,
     /// Where modules.dep and modules.alias are read from (default /lib/modules/$(uname -r)).
     #[arg(long, value_name = "DIR")]
     pub modules_dir: Option<PathBuf>,
@@ -110,6 +113,7 @@ async fn tail(args: TailArgs, filter: Filter) -> anyhow::Result<ExitCode> {
             force_raw_syscalls: args.force_raw_syscalls,
             cgroups_only: false,
             no_seccomp_attempts: args.no_seccomp_attempts,
+            no_identity: args.no_identity,
         },
         registry: RegistryOptions {
             modules_dir: args.modules_dir.clone(),
@@ -120,6 +124,7 @@ async fn tail(args: TailArgs, filter: Filter) -> anyhow::Result<ExitCode> {
         enrich: EnrichOptions {
             load_expected: args.load_expected,
         },
+        ledger_file: None,
     };
     let mut session = Session::start(opts, |_| Ok(None), fanout)?;
     eprintln!(

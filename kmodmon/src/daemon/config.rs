@@ -28,6 +28,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/kmodmon/kmodmon.toml";
 /// [probe]
 /// no_fexit = false
 /// seccomp_attempts = true   # report module syscalls refused by seccomp
+/// no_identity = false   # true: no module image capture (sha256, .modinfo, signature)
 ///
 /// [policy]
 /// file = "/etc/kmodmon/policy.toml"
@@ -37,6 +38,9 @@ pub const DEFAULT_CONFIG: &str = "/etc/kmodmon/kmodmon.toml";
 ///
 /// [containers]          # runtime state outside the runtimes' default places
 /// state_dirs = ["docker=/srv/docker", "docker-exec=/run/docker"]
+///
+/// [ledger]              # the module ledger `kmodmon modules` reads
+/// file = "/var/lib/kmodmon/modules.json"
 ///
 /// [rate_limit]          # audit records of attempts, per cgroup (0 = off)
 /// rate = 20
@@ -64,6 +68,16 @@ pub struct FileConfig {
     pub check: CheckConfig,
     pub node_labels: NodeLabelsConfig,
     pub containers: ContainersConfig,
+    /// `[ledger]`: where the module ledger is kept for `kmodmon modules`.
+    pub ledger: LedgerConfig,
+}
+
+/// `[ledger]`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// Default [`crate::ledger::DEFAULT_FILE`].
+    pub file: Option<PathBuf>,
 }
 
 /// `[containers]`: where runtimes keep their state when not in their default places
@@ -206,6 +220,7 @@ pub struct ProbeConfig {
     pub force_raw_syscalls: bool,
     /// Report module syscalls a seccomp filter refused before they ran (default true).
     pub seccomp_attempts: bool,
+    pub no_identity: bool,
 }
 
 impl Default for ProbeConfig {
@@ -214,6 +229,7 @@ impl Default for ProbeConfig {
             no_fexit: false,
             force_raw_syscalls: false,
             seccomp_attempts: true,
+            no_identity: false,
         }
     }
 }
@@ -249,6 +265,9 @@ pub struct RunArgs {
     /// crun, lxc, isulad.
     #[arg(long = "state-dir", value_name = "KIND=DIR")]
     pub state_dirs: Vec<crate::host::runtime_state::StateDir>,
+    /// Do not capture module images: no content identity (sha256, .modinfo, signature).
+    #[arg(long)]
+    pub no_identity: bool,
     /// Audit records of attempts per second and cgroup before they are aggregated into
     /// `rate_limited` records; 0 turns the limit off [default: 20, or `[rate_limit] rate`].
     #[arg(long, value_name = "RATE")]
@@ -256,6 +275,10 @@ pub struct RunArgs {
     /// Enforce this policy (BPF LSM); its `mode` decides enforce or audit.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
+    /// Where the module ledger (loads, loaders, identities) is kept for `kmodmon modules`
+    /// [default: /var/lib/kmodmon/modules.json, or `[ledger] file`].
+    #[arg(long, value_name = "FILE")]
+    pub ledger_file: Option<PathBuf>,
     /// Only check the configuration (the config file, the flags, the policy file it names) and
     /// exit: 0 when valid, 2 with the file, line and column of the first error.
     #[arg(long)]
@@ -275,6 +298,7 @@ pub struct Effective {
     pub node_labels: NodeLabelsConfig,
     pub state_dirs: Vec<crate::host::runtime_state::StateDir>,
     pub source: Option<PathBuf>,
+    pub ledger_file: PathBuf,
 }
 
 /// Reads the config file (if any) and applies the flags on top.
@@ -330,6 +354,7 @@ fn apply(file: FileConfig, args: &RunArgs, source: Option<PathBuf>) -> Effective
     probe.no_fexit |= args.no_fexit;
     probe.force_raw_syscalls |= args.force_raw_syscalls;
     probe.seccomp_attempts &= !args.no_seccomp_attempts;
+    probe.no_identity |= args.no_identity;
     Effective {
         audit: args.audit.apply(file.audit),
         metrics: args.metrics.clone().or(file.metrics.listen),
@@ -349,6 +374,11 @@ fn apply(file: FileConfig, args: &RunArgs, source: Option<PathBuf>) -> Effective
             .chain(args.state_dirs.iter().cloned())
             .collect(),
         source,
+        ledger_file: args
+            .ledger_file
+            .clone()
+            .or(file.ledger.file)
+            .unwrap_or_else(|| PathBuf::from(crate::ledger::DEFAULT_FILE)),
     }
 }
 

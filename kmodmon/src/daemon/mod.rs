@@ -183,12 +183,14 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
             force_raw_syscalls: cfg.probe.force_raw_syscalls,
             cgroups_only: false,
             no_seccomp_attempts: !cfg.probe.seccomp_attempts,
+            no_identity: cfg.probe.no_identity,
         },
         registry: crate::host::RegistryOptions {
             state: (!cfg.state_dirs.is_empty())
                 .then(|| crate::host::runtime_state::StateConfig::detect_with(&cfg.state_dirs)),
             ..crate::host::RegistryOptions::default()
         },
+        ledger_file: Some(cfg.ledger_file.clone()),
         ..SessionOptions::default()
     };
     let policy = cfg.policy.clone();

@@ -377,6 +377,73 @@ impl Enforcer {
     }
 }
 
+impl Enforcer {
+    /// The policy's identity requirements (`sha256:` pins, `signed = true`) for a successful
+    /// load: the kernel decided by name; this checks the identity of what it loaded and returns
+    /// an `identity_mismatch` event when the policy does not allow that image.
+    pub fn verify_identity(&self, ev: &Event) -> Option<Event> {
+        let eff = match ev.container.as_ref().and_then(|c| {
+            self.subjects
+                .values()
+                .find(|i| i.container.id == c.id)
+                .map(|i| self.policy.decide(&subject(i)))
+        }) {
+            Some(e) => e,
+            None => self.policy.host_decision(),
+        };
+        identity_mismatch(&self.policy, &eff, ev)
+    }
+}
+
+/// The `identity_mismatch` event for a successful load whose identity `eff` does not allow.
+pub fn identity_mismatch(policy: &Policy, eff: &Effective, ev: &Event) -> Option<Event> {
+    let loaded = match ev.kind {
+        Kind::LoadAttempt => {
+            ev.result == Some(0)
+                && matches!(
+                    ev.syscall,
+                    Some(crate::event::Syscall::InitModule | crate::event::Syscall::FinitModule)
+                )
+        }
+        _ => false,
+    };
+    if !loaded || (eff.pins.is_empty() && !eff.signed) {
+        return None;
+    }
+    let id = ev.identity.as_deref();
+    let mut why = Vec::new();
+    if !eff.pins.is_empty() {
+        match id.and_then(|i| i.sha256.as_deref()) {
+            Some(h) if eff.pins.contains(h) => {}
+            Some(h) => why.push(format!("sha256 {h} is not pinned")),
+            None => why.push("its image could not be hashed, so no pin can match".to_string()),
+        }
+    }
+    if eff.signed {
+        match id.and_then(|i| i.sig_ok) {
+            Some(true) => {}
+            Some(false) => why.push("the kernel did not verify a signature (sig_ok false)".into()),
+            None => why.push("the kernel's signature verdict is unknown".into()),
+        }
+    }
+    if why.is_empty() {
+        return None;
+    }
+    let mut m = ev.clone();
+    m.kind = Kind::IdentityMismatch;
+    m.source = crate::event::SourceName::Kmodmon;
+    m.severity = Some("high".to_string());
+    m.loaded_at = Some(ev.time.clone());
+    m.rule_id = Some(Policy::rule_id(eff.rule));
+    m.detail = Some(format!(
+        "loaded (allowed in the kernel by name), but {}: {}; kmodmon verifies identity after the \
+         load, it did not stop it",
+        policy.describe_rule(Policy::rule_id(eff.rule)),
+        why.join("; ")
+    ));
+    Some(m)
+}
+
 /// Names the rule of a denied / would_deny event (its `rule_id`) in its `detail`.
 fn name_rule(policy: &Policy, ev: &mut Event) {
     if let Some(id) = ev.rule_id {

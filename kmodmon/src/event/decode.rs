@@ -217,6 +217,10 @@ impl Event {
                     comm: escape_bytes(until_nul(&a.comm)),
                 })
                 .collect(),
+            identity: None,
+            cross_view: None,
+            loaded_at: None,
+            severity: None,
         })
     }
 }

@@ -127,6 +127,15 @@ kmodmon_common::event_kinds!(mirror_enum! {
         Expectation => "expectation";
         /// kmodmon itself loaded a module (`--load-expected`).
         SelfLoad => "self_load";
+        /// A module the ledger saw load and never free is missing from the kernel's module
+        /// list (or is in /sys/module but not in /proc/modules): it hides. High severity.
+        HiddenModule => "hidden_module";
+        /// A module appeared in /proc/modules after kmodmon started without a load kmodmon
+        /// saw.
+        UnseenLoad => "unseen_load";
+        /// A load the kernel allowed by name whose identity the policy does not allow
+        /// (sha256 pin or `signed = true`), found after the load.
+        IdentityMismatch => "identity_mismatch";
     }
 });
 
@@ -380,6 +389,33 @@ pub struct Event {
     /// enrichment; not part of the schema).
     #[serde(skip)]
     pub ancestors: Vec<Ancestor>,
+    /// What exactly was loaded (load, load_attempt, denied, would_deny; hidden_module ...):
+    /// hash of the image the kernel received, `.modinfo`, signature, origin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<Box<crate::identity::Identity>>,
+    /// hidden_module / unseen_load: where the module was seen and where not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_view: Option<CrossView>,
+    /// hidden_module / identity_mismatch: when the module was loaded (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loaded_at: Option<String>,
+    /// `high` (hidden_module, identity_mismatch) or `medium` (unseen_load).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub severity: Option<String>,
+}
+
+/// Which of the kernel's views list a module.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CrossView {
+    /// Listed in /proc/modules (the kernel's module list).
+    pub proc_modules: bool,
+    /// /sys/module/NAME/initstate exists (the module's sysfs directory).
+    pub sys_module: bool,
+    /// /proc/kallsyms has symbols tagged `[NAME]` (null: not read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kallsyms: Option<bool>,
+    /// The ledger saw the module load (and no free).
+    pub ledger: bool,
 }
 
 impl Event {
@@ -426,6 +462,10 @@ impl Event {
             cgroup_v1: None,
             on_behalf_of: None,
             ancestors: Vec::new(),
+            identity: None,
+            cross_view: None,
+            loaded_at: None,
+            severity: None,
         }
     }
 
@@ -466,7 +506,10 @@ mod tests {
                 "denied",
                 "would_deny",
                 "expectation",
-                "self_load"
+                "self_load",
+                "hidden_module",
+                "unseen_load",
+                "identity_mismatch"
             ]
         );
         assert_eq!(

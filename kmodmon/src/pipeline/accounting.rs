@@ -29,6 +29,9 @@ pub struct Accounting {
     pub cgroup_queue_full: AtomicU64,
     /// Events lost because the sink thread was gone (it failed).
     pub sinks_gone: AtomicU64,
+    /// Image records (identity) that fit no capture, or finished captures the enrich queue
+    /// had no room for: the loads they belong to say they have no identity.
+    pub identity_stray: AtomicU64,
     /// Milliseconds since `origin` when the enrich task and the sink thread last turned.
     enrich_turn: AtomicU64,
     sink_turn: AtomicU64,
@@ -46,6 +49,7 @@ impl Default for Accounting {
             queue_full: AtomicU64::new(0),
             cgroup_queue_full: AtomicU64::new(0),
             sinks_gone: AtomicU64::new(0),
+            identity_stray: AtomicU64::new(0),
             enrich_turn: AtomicU64::new(0),
             sink_turn: AtomicU64::new(0),
             sinks: Mutex::new(Vec::new()),

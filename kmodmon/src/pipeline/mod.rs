@@ -34,7 +34,9 @@ pub use self::accounting::{Accounting, Flow};
 use self::reader::{Msg, Rings};
 use crate::enforce::Enforcer;
 use crate::enrich::{Enricher, init_names::InitNames};
-use crate::event::{Clock, Event, Kind};
+use crate::event::{Clock, Event, SourceName};
+use crate::identity::join::IdentityJoin;
+use crate::ledger::Ledger;
 use crate::sinks::{Fanout, SinkReport};
 
 /// Capacity of the reader → enrich queue, in messages (a batch of up to
@@ -61,6 +63,11 @@ pub struct Inputs {
     pub events: Option<RingBuf<MapData>>,
     pub cgroups: Option<RingBuf<MapData>>,
     pub policy: Option<RingBuf<MapData>>,
+    /// Module images (identity).
+    pub images: Option<RingBuf<MapData>>,
+    /// Where the module ledger is written for `kmodmon modules` (the daemon's); the ledger
+    /// itself runs whenever the monitor's events are read.
+    pub ledger_file: Option<std::path::PathBuf>,
 }
 
 /// Requests to the enrich task.
@@ -140,10 +147,16 @@ impl Pipeline {
                 .transpose()
                 .map_err(PipelineError::Poll)
         };
+        let identity = inputs.images.is_some();
+        let ledger = inputs
+            .events
+            .is_some()
+            .then(|| Ledger::start("/", inputs.ledger_file.clone()));
         let rings = Rings {
             events: register(inputs.events)?,
             cgroups: register(inputs.cgroups)?,
             policy: register(inputs.policy)?,
+            images: register(inputs.images)?,
         };
         let accounting = Arc::new(Accounting::default());
         accounting.watch_sinks(fanout.counters());
@@ -159,7 +172,13 @@ impl Pipeline {
             .map_err(PipelineError::Thread)?;
         let reader = tokio::spawn(reader::run(rings, raw_tx, accounting.clone(), stop_rx));
         let to_sinks = Some(out_tx.clone());
+        let identities = if identity {
+            IdentityJoin::default()
+        } else {
+            IdentityJoin::disabled()
+        };
         let enrich = tokio::spawn(enrich_task(
+            (identities, ledger),
             raw_rx,
             ctl_rx,
             enricher,
@@ -251,7 +270,9 @@ impl Pipeline {
 
 /// Decodes, enriches and hands events on until the reader is gone; then releases what is
 /// held and hands back the enforcer.
+/// `stages`: the identity join and the module ledger.
 async fn enrich_task(
+    stages: (IdentityJoin, Option<Ledger>),
     mut rx: mpsc::Receiver<Msg>,
     mut control: mpsc::Receiver<Control>,
     mut enricher: Enricher,
@@ -261,6 +282,7 @@ async fn enrich_task(
 ) -> Option<Enforcer> {
     let clock = Clock::new();
     let mut init_names = InitNames::default();
+    let (mut identities, mut ledger) = stages;
     let mut last_tick = Instant::now();
     // The changes of the registry's start-up scan reach the enforcer (it synced with the
     // registry when it started, so this only repeats what it knows).
@@ -274,7 +296,7 @@ async fn enrich_task(
             .min(Instant::now() + IDLE_POLL);
         tokio::select! {
             msg = rx.recv() => match msg {
-                Some(m) => handle(m, &mut enricher, enforcer.as_ref(), &mut init_names, &clock, &acc),
+                Some(m) => handle(m, &mut enricher, enforcer.as_ref(), &mut init_names, &mut identities, &clock, &acc),
                 None => break,
             },
             Some(c) = control.recv() => match c {
@@ -294,7 +316,15 @@ async fn enrich_task(
         }
         enricher.poll();
         follow(&mut enricher, enforcer.as_mut());
-        if !forward(&mut enricher, &out, &acc).await {
+        if !forward(
+            &mut enricher,
+            ledger.as_mut(),
+            enforcer.as_ref(),
+            &out,
+            &acc,
+        )
+        .await
+        {
             sinks_dead = true;
             break;
         }
@@ -313,7 +343,7 @@ async fn enrich_task(
         while let Ok(m) = rx.try_recv() {
             lost += match m {
                 Msg::Events(b) | Msg::Policy(b) => b.len() as u64,
-                Msg::Cgroup { .. } => 0,
+                Msg::Cgroup { .. } | Msg::Image(_) | Msg::Verdict(_) => 0,
             };
         }
         acc.sinks_gone.fetch_add(lost, Relaxed);
@@ -326,15 +356,30 @@ async fn enrich_task(
             &mut enricher,
             enforcer.as_ref(),
             &mut init_names,
+            &mut identities,
             &clock,
             &acc,
         );
         follow(&mut enricher, enforcer.as_mut());
-        forward(&mut enricher, &out, &acc).await;
+        forward(
+            &mut enricher,
+            ledger.as_mut(),
+            enforcer.as_ref(),
+            &out,
+            &acc,
+        )
+        .await;
     }
     enricher.flush();
     follow(&mut enricher, enforcer.as_mut());
-    forward(&mut enricher, &out, &acc).await;
+    forward(
+        &mut enricher,
+        ledger.as_mut(),
+        enforcer.as_ref(),
+        &out,
+        &acc,
+    )
+    .await;
     enforcer
 }
 
@@ -343,10 +388,13 @@ fn handle(
     enricher: &mut Enricher,
     enforcer: Option<&Enforcer>,
     init_names: &mut InitNames,
+    identities: &mut IdentityJoin,
     clock: &Clock,
     acc: &Accounting,
 ) {
     match msg {
+        Msg::Image(img) => identities.image(*img),
+        Msg::Verdict(v) => identities.verdict(v),
         Msg::Cgroup {
             mkdir,
             hierarchy,
@@ -362,6 +410,7 @@ fn handle(
             for raw in batch {
                 if let Some(mut ev) = decode(&raw, clock, acc) {
                     init_names.observe(&mut ev);
+                    identities.observe(&mut ev);
                     enricher.handle(ev);
                 }
             }
@@ -372,6 +421,7 @@ fn handle(
                     if let Some(enf) = enforcer {
                         enf.describe(&mut ev);
                     }
+                    identities.observe(&mut ev);
                     enricher.handle(ev);
                 }
             }
@@ -401,11 +451,32 @@ fn follow(enricher: &mut Enricher, enforcer: Option<&mut Enforcer>) {
 }
 
 /// Sends the ready events on; false when the sink thread is gone.
-async fn forward(enricher: &mut Enricher, out: &mpsc::Sender<Out>, acc: &Accounting) -> bool {
-    let ready = enricher.take_ready();
+async fn forward(
+    enricher: &mut Enricher,
+    ledger: Option<&mut Ledger>,
+    enforcer: Option<&Enforcer>,
+    out: &mpsc::Sender<Out>,
+    acc: &Accounting,
+) -> bool {
+    let mut ready = enricher.take_ready();
+    if let Some(enf) = enforcer {
+        // The policy's identity requirements, verified now that the identity is known.
+        let mismatches: Vec<Event> = ready
+            .iter()
+            .filter_map(|ev| enf.verify_identity(ev))
+            .collect();
+        ready.extend(mismatches);
+    }
+    if let Some(l) = ledger {
+        for ev in &ready {
+            l.observe(ev);
+        }
+        ready.extend(l.check());
+    }
     let mut gone = 0u64;
     for ev in ready {
-        if matches!(ev.kind, Kind::Expectation | Kind::SelfLoad) {
+        // Events kmodmon made itself (expectation, self_load, the module ledger's).
+        if ev.source == SourceName::Kmodmon {
             acc.synthesized.fetch_add(1, Relaxed);
         }
         if gone > 0 || out.send(Out::Event(Box::new(ev))).await.is_err() {

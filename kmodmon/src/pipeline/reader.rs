@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, watch};
 use super::Accounting;
 use crate::escape::{escape_bytes, until_nul};
 use crate::event::raw_from_bytes;
+use crate::identity::assemble::{Assembler, Image, Record};
 
 /// Most records per batch.
 pub const BATCH: usize = 256;
@@ -30,6 +31,10 @@ pub enum Msg {
         id: u64,
         path: String,
     },
+    /// A module image put back together off the IMAGES ring (identity).
+    Image(Box<Image>),
+    /// The kernel's signature verdict on a module that loaded (identity).
+    Verdict(kmodmon_common::identity::ImageVerdict),
 }
 
 type Ring = AsyncFd<RingBuf<MapData>>;
@@ -39,6 +44,8 @@ pub struct Rings {
     pub events: Option<Ring>,
     pub cgroups: Option<Ring>,
     pub policy: Option<Ring>,
+    /// Module images (identity).
+    pub images: Option<Ring>,
 }
 
 /// Registers a ring buffer with the runtime.
@@ -66,10 +73,16 @@ pub async fn run(
     acc: Arc<Accounting>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut assembler = Assembler::default();
     loop {
         tokio::select! {
             biased;
             _ = stop.changed() => break,
+            guard = readable(&mut rings.images) => {
+                let Some(mut guard) = guard else { break };
+                drain_images(guard.get_inner_mut(), &mut assembler, &tx, &acc);
+                guard.clear_ready();
+            }
             guard = readable(&mut rings.cgroups) => {
                 let Some(mut guard) = guard else { break };
                 drain_cgroups(guard.get_inner_mut(), &tx, &acc);
@@ -77,9 +90,13 @@ pub async fn run(
             }
             guard = readable(&mut rings.events) => {
                 let Some(mut guard) = guard else { break };
-                // cgroup records first, so a mkdir precedes events from that cgroup.
+                // cgroup records first, so a mkdir precedes events from that cgroup; images
+                // too, so an event finds its task's image already joined.
                 if let Some(c) = rings.cgroups.as_mut() {
                     drain_cgroups(c.get_mut(), &tx, &acc);
+                }
+                if let Some(i) = rings.images.as_mut() {
+                    drain_images(i.get_mut(), &mut assembler, &tx, &acc);
                 }
                 drain_events(guard.get_inner_mut(), &tx, &acc, false);
                 guard.clear_ready();
@@ -88,6 +105,9 @@ pub async fn run(
                 let Some(mut guard) = guard else { break };
                 if let Some(c) = rings.cgroups.as_mut() {
                     drain_cgroups(c.get_mut(), &tx, &acc);
+                }
+                if let Some(i) = rings.images.as_mut() {
+                    drain_images(i.get_mut(), &mut assembler, &tx, &acc);
                 }
                 drain_events(guard.get_inner_mut(), &tx, &acc, true);
                 guard.clear_ready();
@@ -145,6 +165,34 @@ fn send(tx: &mpsc::Sender<Msg>, batch: Vec<RawEvent>, acc: &Accounting, policy: 
     };
     if tx.try_send(msg).is_err() {
         acc.queue_full.fetch_add(n, Relaxed);
+    }
+}
+
+/// Copies image records off the IMAGES ring and hands on each finished capture.
+fn drain_images(
+    ring: &mut RingBuf<MapData>,
+    assembler: &mut Assembler,
+    tx: &mpsc::Sender<Msg>,
+    acc: &Accounting,
+) {
+    while let Some(item) = ring.next() {
+        let msg = match assembler.record(&item) {
+            Record::Pending => None,
+            Record::Image(img) => Some(Msg::Image(img)),
+            Record::Verdict(v) => Some(Msg::Verdict(v)),
+            Record::Stray(why) => {
+                acc.identity_stray.fetch_add(1, Relaxed);
+                log::warn!("identity: {why}");
+                None
+            }
+        };
+        drop(item);
+        if let Some(m) = msg
+            && tx.try_send(m).is_err()
+        {
+            // The events of this image then say they have none.
+            acc.identity_stray.fetch_add(1, Relaxed);
+        }
     }
 }
 

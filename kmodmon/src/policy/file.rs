@@ -25,6 +25,8 @@ pub struct HostSection {
     pub restrict: Option<Spanned<bool>>,
     #[serde(default)]
     pub allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub signed: Option<Spanned<bool>>,
 }
 
 /// What a rule (or `[unselected]`) allows.
@@ -38,6 +40,8 @@ pub struct RuleBody {
     pub allow: Vec<Spanned<String>>,
     #[serde(default)]
     pub trust_kernel_modules: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub signed: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -63,4 +67,6 @@ pub struct RuleSection {
     pub allow: Vec<Spanned<String>>,
     #[serde(default)]
     pub trust_kernel_modules: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub signed: Option<Spanned<bool>>,
 }

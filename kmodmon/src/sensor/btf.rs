@@ -478,6 +478,12 @@ mod tests {
         assert!(cfg.task_tgid != OFFSET_UNKNOWN && cfg.task_tgid > 0);
         assert!(btf.member_offset("task_struct", "no_such_member").is_none());
         assert!(btf.has_func("schedule"));
+        // include/linux/kernel_read_file.h: READING_MODULE is 2 in every kernel since 5.7.
+        assert_eq!(
+            btf.enum_value("kernel_read_file_id", "READING_MODULE"),
+            Some(2)
+        );
+        assert_eq!(btf.enum_value("kernel_read_file_id", "NO_SUCH_VALUE"), None);
         assert!(!btf.has_func("kmodmon_no_such_function"));
         assert!(cfg.task_start_boottime != OFFSET_UNKNOWN && cfg.task_comm != OFFSET_UNKNOWN);
     }

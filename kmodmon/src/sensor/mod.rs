@@ -11,6 +11,7 @@
 //! - cgroups: `cgroup:cgroup_{mkdir,rmdir}` (else the cgroup tree is rescanned on a miss).
 pub mod btf;
 pub mod counters;
+pub mod identity;
 pub mod lockdown;
 pub mod lsm;
 pub mod plan;
@@ -77,6 +78,8 @@ pub struct Options {
     pub cgroups_only: bool,
     /// Do not report module syscalls refused by seccomp (see [`seccomp`]).
     pub no_seccomp_attempts: bool,
+    /// Do not capture module images (no content identity).
+    pub no_identity: bool,
 }
 
 /// Loaded and attached programs.
@@ -117,9 +120,11 @@ impl Sensor {
             );
             match attempt {
                 Ok(mut sensor) => {
-                    plan.seccomp = std::mem::take(&mut sensor.seccomp.describe);
-                    plan.notes.append(&mut sensor.seccomp.notes);
-                    sensor.plan = plan;
+                    // The sensor's plan is this one, with what attaching the identity and
+                    // seccomp programs found.
+                    sensor.plan.seccomp = std::mem::take(&mut sensor.seccomp.describe);
+                    let mut notes = std::mem::take(&mut sensor.seccomp.notes);
+                    sensor.plan.notes.append(&mut notes);
                     return Ok(sensor);
                 }
                 Err(e) => match plan.fallback(&tracefs, &e) {
@@ -142,6 +147,7 @@ impl Sensor {
         // aya parses the kernel's BTF itself when asked; only fexit needs it (the programs carry
         // no CO-RE relocations), so skip that cost otherwise.
         let aya_btf = if plan.attempts == AttemptSource::Fexit
+            || plan.identity.is_some()
             || seccomp::filter_program(&plan.config, plan.attempts).is_some()
             || (plan.seccomp_exit_fentry && plan.config.seccomp_attempts != 0)
         {
@@ -149,9 +155,16 @@ impl Sensor {
         } else {
             None
         };
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .btf(aya_btf.as_ref())
-            .override_global(names::global::CONFIG, &plan.config, true)
+            .override_global(names::global::CONFIG, &plan.config, true);
+        if let Some(icfg) = &plan.identity {
+            loader
+                .override_global(names::global::IDENTITY_CONFIG, icfg, true)
+                .map_max_entries(names::map::IMAGES, identity::RING_BYTES);
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| SensorError::Load(format!("{e:#}")))?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -172,6 +185,27 @@ impl Sensor {
                 attach_fexit(&mut ebpf, program, &func, aya_btf)?;
             }
         }
+        let mut plan = plan.clone();
+        if plan.identity.is_some()
+            && let Some(aya_btf) = &aya_btf
+        {
+            // Identity is an addition: when this kernel refuses its programs, monitoring
+            // goes on without it and says so.
+            let attached = KernelBtf::load()
+                .map_err(|e| SensorError::Btf(e.to_string()))
+                .and_then(|kbtf| identity::attach(&mut ebpf, aya_btf, &kbtf));
+            match attached {
+                Ok(notes) => plan.notes.extend(notes),
+                Err(e) => {
+                    log::debug!("identity programs: {e}");
+                    plan.notes.push(format!(
+                        "identity off: {}",
+                        e.to_string().lines().next().unwrap_or_default()
+                    ));
+                    plan.identity = None;
+                }
+            }
+        }
         let seccomp = seccomp::attach(
             &mut ebpf,
             &plan.config,
@@ -181,7 +215,7 @@ impl Sensor {
         );
         Ok(Sensor {
             ebpf,
-            plan: plan.clone(),
+            plan,
             logger,
             seccomp,
         })
@@ -190,6 +224,12 @@ impl Sensor {
     /// The module-event ring buffer.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, SensorError> {
         take_ringbuf(&mut self.ebpf, names::map::EVENTS)
+    }
+
+    /// The module-image ring buffer (identity), when the identity programs are attached.
+    pub fn take_images(&mut self) -> Option<RingBuf<MapData>> {
+        self.plan.identity.as_ref()?;
+        take_ringbuf(&mut self.ebpf, names::map::IMAGES).ok()
     }
 
     /// The cgroup mkdir/rmdir ring buffer.
@@ -223,7 +263,7 @@ fn take_ringbuf(ebpf: &mut Ebpf, name: &'static str) -> Result<RingBuf<MapData>,
 
 /// Runs `f` on program `name` of type `P`, turning every failure into an attach error naming
 /// the program and its target.
-fn with_program<P>(
+pub(crate) fn with_program<P>(
     ebpf: &mut Ebpf,
     program: &str,
     target: String,

@@ -1,6 +1,6 @@
 //! Which source serves each kind of event on this kernel, and the configuration the programs
 //! get: decided from what tracefs and BTF say exists.
-use kmodmon_common::{Config, OFFSET_UNKNOWN, names::program};
+use kmodmon_common::{Config, OFFSET_UNKNOWN, identity::IdentityConfig, names::program};
 
 use super::{
     Options, SensorError,
@@ -75,6 +75,8 @@ pub struct Plan {
     pub seccomp: String,
     /// Tasks killed by seccomp are caught by fentry on `do_exit` (see `seccomp::configure`).
     pub seccomp_exit_fentry: bool,
+    /// Module identity (image capture), when planned: the identity programs' configuration.
+    pub identity: Option<IdentityConfig>,
 }
 
 impl Plan {
@@ -170,7 +172,11 @@ impl Plan {
             cgroup_v1,
             seccomp: String::new(),
             seccomp_exit_fentry,
+            identity: None,
         };
+        if !opts.no_identity && !opts.cgroups_only && modules_supported {
+            plan.identity = plan_identity(btf, &mut plan.notes);
+        }
         plan.attempts = if fexit_ok {
             AttemptSource::Fexit
         } else if !opts.force_raw_syscalls && syscall_fields(tracefs, &mut plan.config).is_ok() {
@@ -338,13 +344,18 @@ impl Plan {
             })
             .unwrap_or_default();
         format!(
-            "module events: {modules}; attempts: {}{cost}; seccomp-refused attempts: {}; cgroups: {}{v1}",
+            "module events: {modules}; attempts: {}{cost}; seccomp-refused attempts: {}; cgroups: {}{v1}; identity: {}",
             self.attempts.as_str(),
             self.seccomp,
             if self.cgroups {
                 "cgroup tracepoints"
             } else {
                 "rescan on miss"
+            },
+            if self.identity.is_some() {
+                "image capture at load_module"
+            } else {
+                "off"
             }
         )
     }
@@ -418,6 +429,26 @@ fn plan_cgroup_v1(
             None
         }
     }
+}
+
+/// Module identity needs BTF with load_module and struct load_info (see sensor::identity).
+fn plan_identity(btf: Option<&KernelBtf>, notes: &mut Vec<String>) -> Option<IdentityConfig> {
+    let Some(btf) = btf else {
+        notes.push("identity off: module images are captured with fentry, which needs BTF".into());
+        return None;
+    };
+    let (cfg, missing) = super::identity::config(btf);
+    if let Err(e) = super::identity::supported(btf, &cfg) {
+        notes.push(format!("identity off: {e}"));
+        return None;
+    }
+    if !missing.is_empty() {
+        notes.push(format!(
+            "identity: BTF lacks {}: those identity fields stay empty",
+            missing.join(", ")
+        ));
+    }
+    Some(cfg)
 }
 
 fn set_syscall_numbers(config: &mut Config) {

@@ -166,7 +166,12 @@ fn kind_color(ev: &Event) -> &'static str {
         Kind::Load | Kind::SelfLoad => "32",
         Kind::Unload => "33",
         Kind::Request => "36",
-        Kind::Denied | Kind::WouldDeny | Kind::Expectation => "1;31",
+        Kind::Denied
+        | Kind::WouldDeny
+        | Kind::Expectation
+        | Kind::HiddenModule
+        | Kind::UnseenLoad
+        | Kind::IdentityMismatch => "1;31",
         Kind::LoadAttempt | Kind::UnloadAttempt => "0",
     }
 }
@@ -204,6 +209,20 @@ pub fn line(ev: &Event, style: Style) -> String {
         s.push(' ');
     }
     s.push_str(&container_text(ev));
+    // Identity, short: the first 16 hex digits of the image's hash, and its signer.
+    if let Some(id) = &ev.identity {
+        if let Some(h) = &id.sha256 {
+            s.push_str(&format!(" sha256:{}", &h[..h.len().min(16)]));
+        }
+        match (
+            id.sig_ok,
+            id.signature.as_ref().and_then(|g| g.signer.as_deref()),
+        ) {
+            (Some(true), Some(signer)) => s.push_str(&format!(" signed:{}", unquote(signer))),
+            (Some(false), _) => s.push_str(" unsigned/unverified"),
+            _ => {}
+        }
+    }
     s
 }
 
