@@ -79,6 +79,13 @@ pub struct Config {
     /// `struct pt_regs` member holding the syscall number (x86_64 `orig_ax`, arm64
     /// `syscallno`), for the raw tracepoint on sys_exit.
     pub pt_regs_syscall_nr: u32,
+    /// Identical attempts of one task closer than this (µs) are aggregated into repeat
+    /// records; 0 turns aggregation off.
+    pub repeat_window_us: u32,
+    /// While a burst goes on, a repeat record at most this often (µs).
+    pub repeat_report_us: u32,
+    /// `task_struct.start_time` (BTF): tells a task from a later one with the same tid.
+    pub task_start_time: u32,
 }
 
 /// Marks an offset BTF did not provide.
@@ -136,6 +143,9 @@ impl Config {
             mount_parent: OFFSET_UNKNOWN,
             mount_mountpoint: OFFSET_UNKNOWN,
             pt_regs_syscall_nr: OFFSET_UNKNOWN,
+            repeat_window_us: 0,
+            repeat_report_us: 0,
+            task_start_time: OFFSET_UNKNOWN,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The kernel side's per-CPU counters.
 
-/// What a counter counts, for the accounting `seen == delivered + dropped + in_flight` and for
+/// What a counter counts, for the accounting
+/// `seen == delivered + aggregated + dropped + in_flight` and for
 /// what the exit summary and metrics list.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CounterCategory {
@@ -8,6 +9,9 @@ pub enum CounterCategory {
     Seen,
     /// One module event lost (each loss increments exactly one).
     EventDrop,
+    /// One attempt aggregated in the kernel into the repeat count of an identical attempt
+    /// delivered just before (reported by repeat records, see `kmodmon_common::repeat`).
+    Aggregated,
     /// One cgroup mkdir/rmdir record lost (not a module event).
     CgroupDrop,
     /// A failed read or helper call: the event still went out, with the field marked missing.
@@ -53,6 +57,17 @@ contract_enum! {
     ErrPendingRemove = 15 => "pending_remove_failed", CounterCategory::Error;
     /// denied / would_deny decisions taken by the LSM programs.
     PolicyDecision = 16 => "policy_decision", CounterCategory::Other;
+    /// An attempt identical to the previous one of the same task (same syscall, arguments
+    /// and result, within the repeat window): counted into its burst instead of sent.
+    Aggregated = 17 => "aggregated", CounterCategory::Aggregated;
+    /// Repeat records sent (a burst's count so far, or at its end).
+    RepeatRecord = 18 => "repeat_records", CounterCategory::Other;
+    /// A repeat record was due but the ring buffer was full: the burst stays open and is
+    /// reported later (by a later record or userspace's sweep), nothing is lost.
+    RepeatRecordDeferred = 19 => "repeat_record_deferred", CounterCategory::Other;
+    /// A delivered attempt could not open a burst (the repeat map was full): identical
+    /// attempts after it are delivered one by one.
+    RepeatMapFull = 20 => "repeat_map_full", CounterCategory::Other;
 }
 
 /// Slots of the `COUNTERS` map.
@@ -67,6 +82,11 @@ impl Counter {
     /// Counters that each stand for one module event seen.
     pub const fn is_seen(self) -> bool {
         matches!(self.category(), CounterCategory::Seen)
+    }
+
+    /// Counters that each stand for one attempt aggregated into a repeat count.
+    pub const fn is_aggregated(self) -> bool {
+        matches!(self.category(), CounterCategory::Aggregated)
     }
 }
 

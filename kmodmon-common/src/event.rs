@@ -80,6 +80,12 @@ macro_rules! sources {
             RawSyscalls = 4 => "raw_syscalls";
             /// BPF LSM hooks (policy enforcement).
             Lsm = 5 => "lsm";
+            /// kprobe on the syscall's kernel function (entry) and a tracefs kretprobe with an
+            /// explicit maxactive (return): no cost to other syscalls where fexit is refused.
+            Kprobe = 6 => "kprobe";
+            /// The syscall-exit hook alone (tp_btf, else a raw tracepoint, on sys_exit): the
+            /// number, arguments and result from the task's saved registers.
+            SysExit = 7 => "sys_exit";
         }
     };
 }
@@ -176,6 +182,15 @@ pub struct RawEvent {
     pub name: [u8; NAME_LEN],
     pub params: [u8; PARAMS_LEN],
     pub path: [u8; PATH_LEN],
+    /// 0 for an event. Non-zero: a repeat record (see [`crate::repeat`]) standing for identical
+    /// attempts aggregated in the kernel: this many of them in the burst that began with the
+    /// attempt delivered at `ktime_ns`, counted since that attempt (cumulative); the last of
+    /// them at `end_ktime_ns`.
+    pub repeat: u64,
+    /// Repeat records: 1 when the burst has ended (no later record for it follows).
+    pub repeat_final: u32,
+    /// Always 0.
+    pub _reserved2: u32,
 }
 
 impl RawEvent {
@@ -208,6 +223,9 @@ impl RawEvent {
             name: [0; NAME_LEN],
             params: [0; PARAMS_LEN],
             path: [0; PATH_LEN],
+            repeat: 0,
+            repeat_final: 0,
+            _reserved2: 0,
         }
     }
 }
@@ -216,10 +234,16 @@ impl RawEvent {
 /// must not leak uninitialised memory into a record, and userspace reads it field by field).
 const _: () = {
     use core::mem::{offset_of, size_of};
-    let fields_end = offset_of!(RawEvent, path) + PATH_LEN;
+    let fields_end = offset_of!(RawEvent, _reserved2) + 4;
     assert!(fields_end == size_of::<RawEvent>());
+    assert!(offset_of!(RawEvent, repeat) == offset_of!(RawEvent, path) + PATH_LEN);
     // The size the ring buffer's sizing comment (kmodmon-ebpf maps.rs) assumes.
-    assert!(size_of::<RawEvent>() == 992);
+    assert!(size_of::<RawEvent>() == 1008);
+    // kmodmon-ebpf compares attempts word by word and zeroes the strings as one block.
+    assert!(size_of::<RawEvent>().is_multiple_of(8));
+    assert!(offset_of!(RawEvent, name).is_multiple_of(8));
+    assert!(offset_of!(RawEvent, params) == offset_of!(RawEvent, name) + NAME_LEN);
+    assert!(offset_of!(RawEvent, path) == offset_of!(RawEvent, params) + PARAMS_LEN);
     assert!(offset_of!(RawEvent, ktime_ns) == 12 * 4);
     assert!(offset_of!(RawEvent, comm) == 12 * 4 + 5 * 8 + 6 * 4);
 };

@@ -15,9 +15,9 @@ pub mod macros;
 
 /// Version of the layouts shared with programs that outlive kmodmon: [`RawEvent`] and the
 /// policy maps ([`policy`]), which the pinned LSM programs write and read. Bump it with every
-/// change to them. kmodmon stores it beside its pins and replaces (never adopts) pinned
+/// change to them (3: RawEvent gained the repeat fields). kmodmon stores it beside its pins and replaces (never adopts) pinned
 /// programs of another version; version 1 was the layout before versions were stored.
-pub const CONTRACT_VERSION: u32 = 2;
+pub const CONTRACT_VERSION: u32 = 3;
 
 pub mod cgroup;
 pub mod config;
@@ -26,6 +26,7 @@ pub mod event;
 pub mod modname;
 pub mod names;
 pub mod policy;
+pub mod repeat;
 
 pub use cgroup::{CGROUP_MKDIR, CGROUP_PATH_LEN, CGROUP_RMDIR, RawCgroupEvent};
 pub use config::{Config, Field, OFFSET_UNKNOWN};
@@ -34,6 +35,7 @@ pub use event::{
     COMM_LEN, EventKind, NAME_LEN, Op, PARAMS_LEN, PATH_COMPONENT_LEN, PATH_LEN, PATH_MAX_STEPS,
     PATH_SLOTS, RawEvent, Source, missing, trunc,
 };
+pub use repeat::{REPEAT_SLOTS, RepeatKey, RepeatSlot};
 
 #[cfg(feature = "user")]
 mod pod {
@@ -47,4 +49,6 @@ mod pod {
     unsafe impl aya::Pod for super::policy::AllowKey {}
     unsafe impl aya::Pod for super::policy::Settings {}
     unsafe impl aya::Pod for super::policy::LsmConfig {}
+    unsafe impl aya::Pod for super::repeat::RepeatKey {}
+    unsafe impl aya::Pod for super::repeat::RepeatSlot {}
 }

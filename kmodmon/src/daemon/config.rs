@@ -27,6 +27,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/kmodmon/kmodmon.toml";
 ///
 /// [probe]
 /// no_fexit = false
+/// repeat_window = "1s"  # identical attempts aggregated in the kernel ("0s" = off)
 ///
 /// [policy]
 /// file = "/etc/kmodmon/policy.toml"
@@ -119,6 +120,19 @@ impl Default for ForwardConfig {
 pub struct ProbeConfig {
     pub no_fexit: bool,
     pub force_raw_syscalls: bool,
+    /// Identical attempts of one task closer than this are aggregated in the kernel
+    /// (`None`: the default, 1 s; zero: off).
+    #[serde(deserialize_with = "duration_opt")]
+    pub repeat_window: Option<std::time::Duration>,
+}
+
+fn duration_opt<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::time::Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -143,6 +157,11 @@ pub struct RunArgs {
     /// Force the raw_syscalls fallback for attempts.
     #[arg(long)]
     pub force_raw_syscalls: bool,
+    /// Identical attempts of one task closer than this are aggregated in the kernel into
+    /// repeat summaries; "0" reports every attempt on its own [default: 1s, or
+    /// `[probe] repeat_window`].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub repeat_window: Option<std::time::Duration>,
     /// Audit records of attempts per second and cgroup before they are aggregated into
     /// `rate_limited` records; 0 turns the limit off [default: 20, or `[rate_limit] rate`].
     #[arg(long, value_name = "RATE")]
@@ -221,6 +240,9 @@ fn apply(file: FileConfig, args: &RunArgs, source: Option<PathBuf>) -> Effective
     let mut probe = file.probe;
     probe.no_fexit |= args.no_fexit;
     probe.force_raw_syscalls |= args.force_raw_syscalls;
+    if args.repeat_window.is_some() {
+        probe.repeat_window = args.repeat_window;
+    }
     Effective {
         audit: args.audit.apply(file.audit),
         metrics: args.metrics.clone().or(file.metrics.listen),
@@ -253,6 +275,13 @@ mod tests {
         );
         assert_eq!(cfg.metrics.listen.as_deref(), Some(":9464"));
         assert!(cfg.forward.stdout && cfg.probe.no_fexit);
+        assert_eq!(cfg.probe.repeat_window, None);
+        let cfg = parse("[probe]\nrepeat_window = \"250ms\"\n").unwrap();
+        assert_eq!(
+            cfg.probe.repeat_window,
+            Some(std::time::Duration::from_millis(250))
+        );
+        assert!(parse("[probe]\nrepeat_window = \"soon\"\n").is_err());
     }
 
     #[test]

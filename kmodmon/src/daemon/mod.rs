@@ -182,6 +182,7 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
             no_fexit: cfg.probe.no_fexit,
             force_raw_syscalls: cfg.probe.force_raw_syscalls,
             cgroups_only: false,
+            repeat_window: cfg.probe.repeat_window,
         },
         ..SessionOptions::default()
     };

@@ -216,7 +216,8 @@ pub struct RequestedBy {
 pub struct Event {
     /// Wall-clock time, RFC 3339 with nanoseconds, UTC.
     pub time: String,
-    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) when the event started.
+    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) when the event started (repeat
+    /// summaries: the last repeat).
     pub ktime_ns: u64,
     pub kind: Kind,
     pub source: SourceName,
@@ -257,6 +258,18 @@ pub struct Event {
     /// Syscall duration (attempts seen at entry and exit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ns: Option<u64>,
+    /// Repeat summaries only: this many attempts identical to the one reported at
+    /// `first_time` (same task, syscall, arguments and result, each within the repeat window
+    /// of the previous), aggregated in the kernel instead of reported one by one; `time` and
+    /// `ktime_ns` are the last one's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeat: Option<u64>,
+    /// Repeat summaries: when the burst's first attempt (reported on its own) was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_time: Option<String>,
+    /// Repeat summaries: when the last of the `repeat` attempts was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_time: Option<String>,
     pub pid: u32,
     pub tid: u32,
     pub ppid: Option<u32>,
@@ -314,6 +327,9 @@ impl Event {
             result: None,
             errno: None,
             duration_ns: None,
+            repeat: None,
+            first_time: None,
+            last_time: None,
             pid: std::process::id(),
             tid: std::process::id(),
             ppid: None,
@@ -382,6 +398,8 @@ mod tests {
                 "syscall_tracepoint",
                 "raw_syscalls",
                 "lsm",
+                "kprobe",
+                "sys_exit",
                 "kmodmon"
             ]
         );

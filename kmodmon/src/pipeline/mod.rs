@@ -20,6 +20,7 @@
 //! [`Pipeline::finish`] waits for all of it. See [`accounting`] for the exact identity.
 pub mod accounting;
 pub mod reader;
+pub mod repeats;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -61,6 +62,8 @@ pub struct Inputs {
     pub events: Option<RingBuf<MapData>>,
     pub cgroups: Option<RingBuf<MapData>>,
     pub policy: Option<RingBuf<MapData>>,
+    /// The kernel's open repeat bursts and the repeat window (when attempts are aggregated).
+    pub repeats: Option<(crate::sensor::RepeatMap, Duration)>,
 }
 
 /// Requests to the enrich task.
@@ -144,6 +147,9 @@ impl Pipeline {
             events: register(inputs.events)?,
             cgroups: register(inputs.cgroups)?,
             policy: register(inputs.policy)?,
+            repeats: inputs
+                .repeats
+                .map(|(map, window)| repeats::Repeats::new(map, window)),
         };
         let accounting = Arc::new(Accounting::default());
         accounting.watch_sinks(fanout.counters());

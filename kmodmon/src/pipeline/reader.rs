@@ -1,7 +1,8 @@
 //! The ring-buffer reader: copies records off the monitor's event ring, the cgroup ring and
 //! the enforcement ring, and hands them to the enrich task over a bounded queue. It does no
 //! other I/O; a full queue is a counted loss, never a stall of the reader (a stalled reader
-//! would only move the loss into the kernel's ring).
+//! would only move the loss into the kernel's ring). It also turns repeat records and the
+//! kernel's open bursts into summary records ([`super::repeats`]).
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -11,6 +12,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 
 use super::Accounting;
+use super::repeats::{Repeats, SWEEP};
 use crate::escape::{escape_bytes, until_nul};
 use crate::event::raw_from_bytes;
 
@@ -37,6 +39,8 @@ pub struct Rings {
     pub events: Option<Ring>,
     pub cgroups: Option<Ring>,
     pub policy: Option<Ring>,
+    /// The kernel's open repeat bursts (when attempts are aggregated).
+    pub repeats: Option<Repeats>,
 }
 
 /// Registers a ring buffer with the runtime.
@@ -64,10 +68,19 @@ pub async fn run(
     acc: Arc<Accounting>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut sweep = tokio::time::interval(SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
             _ = stop.changed() => break,
+            _ = sweep.tick(), if rings.repeats.is_some() => {
+                // Drain first: the sweep must follow every record sent before it (repeats.rs).
+                if let Some(r) = rings.events.as_mut() {
+                    drain_events(r.get_mut(), &tx, &acc, false, rings.repeats.as_mut());
+                }
+                sweep_repeats(&mut rings.repeats, &tx, &acc, false);
+            }
             guard = readable(&mut rings.cgroups) => {
                 let Some(mut guard) = guard else { break };
                 drain_cgroups(guard.get_inner_mut(), &tx, &acc);
@@ -79,7 +92,7 @@ pub async fn run(
                 if let Some(c) = rings.cgroups.as_mut() {
                     drain_cgroups(c.get_mut(), &tx, &acc);
                 }
-                drain_events(guard.get_inner_mut(), &tx, &acc, false);
+                drain_events(guard.get_inner_mut(), &tx, &acc, false, rings.repeats.as_mut());
                 guard.clear_ready();
             }
             guard = readable(&mut rings.policy) => {
@@ -87,7 +100,7 @@ pub async fn run(
                 if let Some(c) = rings.cgroups.as_mut() {
                     drain_cgroups(c.get_mut(), &tx, &acc);
                 }
-                drain_events(guard.get_inner_mut(), &tx, &acc, true);
+                drain_events(guard.get_inner_mut(), &tx, &acc, true, None);
                 guard.clear_ready();
             }
         }
@@ -95,14 +108,40 @@ pub async fn run(
             break;
         }
     }
+    // The end: every burst still open is reported as far as it went (records still in the
+    // ring stay unread, like events).
+    sweep_repeats(&mut rings.repeats, &tx, &acc, true);
 }
 
-/// Copies records off the ring in batches (decoding happens on the enrich task).
+/// Sends the summaries of the bursts the kernel's map shows quiet or over (all, at the end).
+fn sweep_repeats(
+    repeats: &mut Option<Repeats>,
+    tx: &mpsc::Sender<Msg>,
+    acc: &Accounting,
+    all: bool,
+) {
+    let Some(r) = repeats.as_mut() else { return };
+    let batch = r.sweep(crate::event::monotonic_ns(), all);
+    if batch.is_empty() {
+        return;
+    }
+    for raw in &batch {
+        acc.summaries.fetch_add(1, Relaxed);
+        acc.repeats.fetch_add(raw.repeat, Relaxed);
+    }
+    for chunk in batch.chunks(BATCH) {
+        send(tx, chunk.to_vec(), acc, false);
+    }
+}
+
+/// Copies records off the ring in batches (decoding happens on the enrich task). Repeat
+/// records become summaries of the repeats not reported before (or nothing).
 fn drain_events(
     ring: &mut RingBuf<MapData>,
     tx: &mpsc::Sender<Msg>,
     acc: &Accounting,
     policy: bool,
+    mut repeats: Option<&mut Repeats>,
 ) {
     let delivered = if policy {
         &acc.delivered_policy
@@ -111,10 +150,26 @@ fn drain_events(
     };
     let mut batch = Vec::with_capacity(BATCH);
     while let Some(item) = ring.next() {
-        delivered.fetch_add(1, Relaxed);
         match raw_from_bytes(&item) {
-            Ok(raw) => batch.push(raw),
+            Ok(mut raw) if raw.repeat > 0 => {
+                acc.repeat_records.fetch_add(1, Relaxed);
+                let new = match repeats.as_deref_mut() {
+                    Some(r) => r.record(&mut raw),
+                    // Not aggregating, yet a repeat record: report it as it is.
+                    None => true,
+                };
+                if new {
+                    acc.summaries.fetch_add(1, Relaxed);
+                    acc.repeats.fetch_add(raw.repeat, Relaxed);
+                    batch.push(raw);
+                }
+            }
+            Ok(raw) => {
+                delivered.fetch_add(1, Relaxed);
+                batch.push(raw);
+            }
             Err(e) => {
+                delivered.fetch_add(1, Relaxed);
                 acc.undecodable.fetch_add(1, Relaxed);
                 log::warn!("undecodable event record: {e}");
             }

@@ -216,6 +216,7 @@ impl KernelBtf {
         cfg.mount_mountpoint = get("mount", "mnt_mountpoint");
         cfg.pt_regs_arg = syscall_arg_offsets(&mut get);
         cfg.pt_regs_syscall_nr = syscall_nr_offset(&mut get);
+        cfg.task_start_time = get("task_struct", "start_time");
         missing
     }
 }
@@ -333,6 +334,7 @@ mod tests {
         for (s, m) in [
             ("task_struct", "real_parent"),
             ("task_struct", "tgid"),
+            ("task_struct", "start_time"),
             ("task_struct", "files"),
             ("files_struct", "fdt"),
             ("fdtable", "fd"),

@@ -6,11 +6,17 @@
 //! Sources, best first:
 //! - module records: `module:module_{load,free,request}` tracepoints (absent without
 //!   CONFIG_MODULES);
-//! - attempts: fexit on `__x64_sys_{init,finit,delete}_module` (no cost to other syscalls) →
-//!   `syscalls:sys_{enter,exit}_*` → `raw_syscalls:sys_{enter,exit}` (every syscall pays);
+//! - attempts, cheapest first: fexit on `__x64_sys_{init,finit,delete}_module` (no cost to
+//!   other syscalls; on a kernel without module support, their ENOSYS stubs) → kprobe +
+//!   tracefs kretprobe on the same functions (no cost either; [`kretprobe`]) → tp_btf on
+//!   sys_exit alone → `syscalls:sys_{enter,exit}_*` → a raw tracepoint on sys_exit alone →
+//!   `raw_syscalls:sys_{enter,exit}` (from tp_btf on, every syscall pays; see
+//!   [`plan::AttemptSource::cost`]); identical repeated attempts aggregated in the kernel
+//!   (`REPEATS`, reported by [`crate::pipeline::repeats`]);
 //! - cgroups: `cgroup:cgroup_{mkdir,rmdir}` (else the cgroup tree is rescanned on a miss).
 pub mod btf;
 pub mod counters;
+pub mod kretprobe;
 pub mod lockdown;
 pub mod lsm;
 pub mod plan;
@@ -20,10 +26,11 @@ use std::process::ExitCode;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, RingBuf},
-    programs::{FExit, RawTracePoint, TracePoint},
+    maps::{HashMap as BpfHashMap, MapData, RingBuf},
+    programs::{BtfTracePoint, FExit, KProbe, RawTracePoint, TracePoint},
 };
 use kmodmon_common::names;
+use kmodmon_common::{RepeatKey, RepeatSlot};
 pub use plan::{AttemptSource, Plan};
 use thiserror::Error;
 
@@ -56,6 +63,8 @@ pub enum SensorError {
     NothingAttachable(String),
     #[error("map {0} missing from the eBPF object")]
     Map(&'static str),
+    #[error("{0}")]
+    Kretprobe(#[from] kretprobe::KretprobeError),
     #[error("{error}; {note}")]
     LockedDown {
         error: Box<SensorError>,
@@ -74,13 +83,23 @@ pub struct Options {
     pub force_raw_syscalls: bool,
     /// Attach only the cgroup programs (enforcement follows containers; no module events).
     pub cgroups_only: bool,
+    /// Identical attempts of a task closer than this are aggregated (`--repeat-window`);
+    /// `None` for [`plan::DEFAULT_REPEAT_WINDOW`], zero to turn aggregation off.
+    pub repeat_window: Option<std::time::Duration>,
 }
+
+/// The open repeat bursts (kernel map `REPEATS`).
+pub type RepeatMap = BpfHashMap<MapData, RepeatKey, RepeatSlot>;
 
 /// Loaded and attached programs.
 pub struct Sensor {
+    /// Dropped first: the return probes are detached and their tracefs events removed before
+    /// the programs go.
+    kretprobes: Vec<kretprobe::TracefsKretprobe>,
     ebpf: Ebpf,
     pub plan: Plan,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    tracefs: std::path::PathBuf,
 }
 
 impl Sensor {
@@ -103,9 +122,10 @@ impl Sensor {
         if let Some(note) = &locked_down {
             plan.notes.push(note.clone());
         }
+        kretprobe::remove_stale(tracefs.root());
         loop {
             let t1 = std::time::Instant::now();
-            let attempt = Self::try_attach(&plan);
+            let attempt = Self::try_attach(&plan, tracefs.root());
             log::debug!(
                 "attach attempt ({}) took {:?}",
                 plan.attempts.as_str(),
@@ -116,7 +136,15 @@ impl Sensor {
                     sensor.plan = plan;
                     return Ok(sensor);
                 }
-                Err(e) => match plan.fallback(&tracefs, &e) {
+                // Without the task-exit program the kernel cannot close a dead task's bursts.
+                Err(SensorError::Attach {
+                    program, reason, ..
+                }) if program == names::program::REPEAT_TASK_EXIT && plan.repeats() => {
+                    plan = plan.without_repeats(&format!(
+                        "attaching {program} to sched_process_exit failed: {reason}"
+                    ));
+                }
+                Err(e) => match plan.fallback(&e) {
                     Some(next) => plan = next,
                     None => {
                         return Err(match locked_down {
@@ -132,10 +160,10 @@ impl Sensor {
         }
     }
 
-    fn try_attach(plan: &Plan) -> Result<Sensor, SensorError> {
-        // aya parses the kernel's BTF itself when asked; only fexit needs it (the programs carry
-        // no CO-RE relocations), so skip that cost otherwise.
-        let aya_btf = if plan.attempts == AttemptSource::Fexit {
+    fn try_attach(plan: &Plan, tracefs: &std::path::Path) -> Result<Sensor, SensorError> {
+        // aya parses the kernel's BTF itself when asked; only fexit and tp_btf need it (the
+        // programs carry no CO-RE relocations), so skip that cost otherwise.
+        let aya_btf = if plan.needs_btf() {
             Some(aya::Btf::from_sys_fs().map_err(|e| SensorError::Btf(e.to_string()))?)
         } else {
             None
@@ -162,11 +190,44 @@ impl Sensor {
             for (program, func) in plan.fexits() {
                 attach_fexit(&mut ebpf, program, &func, aya_btf)?;
             }
+            for (program, tp) in plan.btf_tracepoints() {
+                attach_btf_tracepoint(&mut ebpf, program, tp, aya_btf)?;
+            }
+        }
+        let mut kretprobes = Vec::new();
+        let kprobes = plan.kprobes();
+        if !kprobes.is_empty() {
+            // Returns first: an attempt that enters before its return is probed would stay
+            // parked; a return without its entry is only counted (exit_without_enter).
+            let ret: &mut KProbe = program_mut(&mut ebpf, names::program::KRETPROBE_MODULE)?;
+            ret.load().map_err(|e| SensorError::Attach {
+                program: names::program::KRETPROBE_MODULE.to_string(),
+                target: "kretprobe".into(),
+                reason: format!("{e:#}"),
+            })?;
+            let fd = {
+                use std::os::fd::{AsFd as _, AsRawFd as _};
+                ret.fd()
+                    .map_err(|e| SensorError::Load(format!("{e:#}")))?
+                    .as_fd()
+                    .as_raw_fd()
+            };
+            let maxactive = plan::kretprobe_maxactive();
+            for (_, func) in &kprobes {
+                kretprobes.push(kretprobe::TracefsKretprobe::attach(
+                    tracefs, func, maxactive, fd,
+                )?);
+            }
+            for (program, func) in &kprobes {
+                attach_kprobe(&mut ebpf, program, func)?;
+            }
         }
         Ok(Sensor {
+            kretprobes,
             ebpf,
             plan: plan.clone(),
             logger,
+            tracefs: tracefs.to_path_buf(),
         })
     }
 
@@ -190,7 +251,32 @@ impl Sensor {
             .ebpf
             .take_map(names::map::PENDING)
             .ok_or(SensorError::Map(names::map::PENDING))?;
-        Counters::new(counters, pending)
+        let mut c = Counters::new(counters, pending)?;
+        if !self.kretprobes.is_empty() {
+            c.watch_kretprobes(
+                self.tracefs.clone(),
+                self.kretprobes
+                    .iter()
+                    .map(|k| k.name().to_string())
+                    .collect(),
+            );
+        }
+        Ok(c)
+    }
+
+    /// The open repeat bursts, for the pipeline's sweep; None when attempts are not
+    /// aggregated.
+    pub fn take_repeats(&mut self) -> Result<Option<RepeatMap>, SensorError> {
+        if !self.plan.repeats() {
+            return Ok(None);
+        }
+        let map = self
+            .ebpf
+            .take_map(names::map::REPEATS)
+            .ok_or(SensorError::Map(names::map::REPEATS))?;
+        BpfHashMap::try_from(map)
+            .map(Some)
+            .map_err(|_| SensorError::Map(names::map::REPEATS))
     }
 
     /// Takes the eBPF logger so its ring buffer can be polled.
@@ -226,6 +312,51 @@ where
         .try_into()
         .map_err(|e| err(format!("{e}")))?;
     f(prog).map_err(|e| err(format!("{e:#}")))
+}
+
+/// Program `name` as type `P`.
+fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P, SensorError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let err = |reason: String| SensorError::Attach {
+        program: name.to_string(),
+        target: "load".into(),
+        reason,
+    };
+    ebpf.program_mut(name)
+        .ok_or_else(|| err("program missing from the object".into()))?
+        .try_into()
+        .map_err(|e| err(format!("{e}")))
+}
+
+fn attach_kprobe(ebpf: &mut Ebpf, program: &str, func: &str) -> Result<(), SensorError> {
+    with_program(
+        ebpf,
+        program,
+        format!("kprobe {func}"),
+        |prog: &mut KProbe| {
+            prog.load()?;
+            prog.attach(func, 0).map(drop)
+        },
+    )
+}
+
+fn attach_btf_tracepoint(
+    ebpf: &mut Ebpf,
+    program: &str,
+    tp: &str,
+    btf: &aya::Btf,
+) -> Result<(), SensorError> {
+    with_program(
+        ebpf,
+        program,
+        format!("tp_btf {tp}"),
+        |prog: &mut BtfTracePoint| {
+            prog.load(tp, btf)?;
+            prog.attach().map(drop)
+        },
+    )
 }
 
 fn attach_tracepoint(

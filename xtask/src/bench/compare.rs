@@ -86,12 +86,32 @@ pub fn bench_compare(other: &Path, rounds: usize) -> Result<()> {
     ));
     let [a, b] = &mut figs;
     let rows: [(&str, &mut Vec<f64>, &mut Vec<f64>); 6] = [
-        ("getppid with tail attached (ns/call)", &mut a.getppid_ns, &mut b.getppid_ns),
-        ("syscall → JSON line p50 (µs)", &mut a.lat_p50_us, &mut b.lat_p50_us),
-        ("syscall → JSON line p99 (µs)", &mut a.lat_p99_us, &mut b.lat_p99_us),
-        ("storm: delivered (% of seen)", &mut a.storm_delivered_pct, &mut b.storm_delivered_pct),
+        (
+            "getppid with tail attached (ns/call)",
+            &mut a.getppid_ns,
+            &mut b.getppid_ns,
+        ),
+        (
+            "syscall → JSON line p50 (µs)",
+            &mut a.lat_p50_us,
+            &mut b.lat_p50_us,
+        ),
+        (
+            "syscall → JSON line p99 (µs)",
+            &mut a.lat_p99_us,
+            &mut b.lat_p99_us,
+        ),
+        (
+            "storm: delivered (% of seen)",
+            &mut a.storm_delivered_pct,
+            &mut b.storm_delivered_pct,
+        ),
         ("RSS idle (MB)", &mut a.rss_idle_mb, &mut b.rss_idle_mb),
-        ("RSS peak in the storm (MB)", &mut a.rss_peak_mb, &mut b.rss_peak_mb),
+        (
+            "RSS peak in the storm (MB)",
+            &mut a.rss_peak_mb,
+            &mut b.rss_peak_mb,
+        ),
     ];
     for (name, va, vb) in rows {
         let ma = median(&mut va.clone());
@@ -125,8 +145,9 @@ fn spread(v: &mut [f64]) -> String {
 
 /// CLOCK_MONOTONIC now, in ns (the clock of the events' ktime_ns).
 fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map_or(0, |ts| ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |ts| {
+        ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+    })
 }
 
 /// Paced attempts while `tail --json` runs: (p50, p99) of the time from each event's kernel
