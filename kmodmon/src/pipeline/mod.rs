@@ -41,8 +41,11 @@ use crate::sinks::{Fanout, SinkReport};
 /// Capacity of the reader → enrich queue, in messages (a batch of up to
 /// [`reader::BATCH`] records, or one cgroup record).
 pub const QUEUE: usize = 64;
-/// Capacity of the enrich → sink queue, in events.
-pub const OUT_QUEUE: usize = 1024;
+/// Capacity of the enrich → sink queue, in batches of at most [`OUT_BATCH`] events (1024
+/// events in all: the size the memory budget was measured with).
+pub const OUT_QUEUE: usize = 4;
+/// Most events per message to the sink thread (a message per event cost a wake-up each).
+pub const OUT_BATCH: usize = 256;
 /// How often an idle enrich task turns (captures due, finished modprobe runs, liveness).
 const IDLE_POLL: Duration = Duration::from_millis(250);
 /// How often an idle enrich task tells the sink thread it is alive.
@@ -77,7 +80,7 @@ pub enum Control {
 }
 
 enum Out {
-    Event(Box<Event>),
+    Events(Vec<Event>),
     /// The enrich task is alive (about once a second): periodic work in the sinks.
     Tick,
     /// The audit chain's head, for the sinks that publish it.
@@ -364,16 +367,16 @@ fn handle(
             path,
         } => enricher.cgroup_removed(id, &path),
         Msg::Events(batch) => {
-            for raw in batch {
-                if let Some(mut ev) = decode(&raw, clock, acc) {
+            for raw in &batch {
+                if let Some(mut ev) = decode(raw, clock, acc) {
                     init_names.observe(&mut ev);
                     enricher.handle(ev);
                 }
             }
         }
         Msg::Policy(batch) => {
-            for raw in batch {
-                if let Some(mut ev) = decode(&raw, clock, acc) {
+            for raw in &batch {
+                if let Some(mut ev) = decode(raw, clock, acc) {
                     if let Some(enf) = enforcer {
                         enf.describe(&mut ev);
                     }
@@ -405,17 +408,22 @@ fn follow(enricher: &mut Enricher, enforcer: Option<&mut Enforcer>) {
     }
 }
 
-/// Sends the ready events on; false when the sink thread is gone.
+/// Sends the ready events on, in batches; false when the sink thread is gone.
 async fn forward(enricher: &mut Enricher, out: &mpsc::Sender<Out>, acc: &Accounting) -> bool {
-    let ready = enricher.take_ready();
+    let mut ready = enricher.take_ready();
+    let synthesized = ready
+        .iter()
+        .filter(|ev| matches!(ev.kind, Kind::Expectation | Kind::SelfLoad))
+        .count();
+    acc.synthesized.fetch_add(synthesized as u64, Relaxed);
     let mut gone = 0u64;
-    for ev in ready {
-        if matches!(ev.kind, Kind::Expectation | Kind::SelfLoad) {
-            acc.synthesized.fetch_add(1, Relaxed);
+    while !ready.is_empty() {
+        let rest = ready.split_off(ready.len().min(OUT_BATCH));
+        let n = ready.len() as u64;
+        if gone > 0 || out.send(Out::Events(ready)).await.is_err() {
+            gone += n;
         }
-        if gone > 0 || out.send(Out::Event(Box::new(ev))).await.is_err() {
-            gone += 1;
-        }
+        ready = rest;
     }
     if gone > 0 {
         acc.sinks_gone.fetch_add(gone, Relaxed);
@@ -434,7 +442,11 @@ fn sink_thread(
     while let Some(m) = rx.blocking_recv() {
         acc.sink_turned();
         match m {
-            Out::Event(ev) => fanout.deliver(&ev),
+            Out::Events(batch) => {
+                for ev in &batch {
+                    fanout.deliver(ev);
+                }
+            }
             Out::Tick => fanout.tick(),
             Out::Anchor(a) => fanout.anchor(&a),
         }
