@@ -83,10 +83,15 @@ enum Task {
         refresh: bool,
     },
     /// Measure getppid overhead in the VM (every kernel unless one is named): no monitor,
-    /// kmodmon, kmodmon on raw_syscalls, auditd's module rule.
+    /// kmodmon, kmodmon on raw_syscalls, auditd's module rule; then syscall → JSON line
+    /// latency for a VM process and a runc container.
     VmBench {
         #[arg(long)]
         kernel: Option<String>,
+        /// Run QEMU with `-icount shift=0`: guest time counts instructions (1 ns each), so
+        /// rounds repeat to 0.1 % — a cost model for comparing mechanisms, not wall time.
+        #[arg(long)]
+        icount: bool,
     },
 }
 
@@ -105,7 +110,7 @@ fn main() -> ExitCode {
         Task::VmRun { kernel, script } => vm::vm_run(kernel.as_deref(), &script),
         Task::VmTest { kernel, scenario } => vm::vm_test(kernel.as_deref(), scenario.as_deref()),
         Task::VmFetch { kernel, refresh } => vm::vm_fetch(kernel.as_deref(), refresh),
-        Task::VmBench { kernel } => vm::vm_bench(kernel.as_deref()),
+        Task::VmBench { kernel, icount } => vm::vm_bench(kernel.as_deref(), icount),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,6 +8,9 @@
 //!   (`NAME_<thread>_<i>` each with `distinct`); prints `attempts=<total> seconds=<s>`.
 //! - `paced N MICROS PREFIX`: N `delete_module(PREFIX_<i>)` attempts one every MICROS µs, each
 //!   preceded by a line `sent <i> <CLOCK_MONOTONIC ns>` on stdout.
+//! - `latency PREFIX`: reads `kmodmon tail --json` lines on stdin; for every event whose module
+//!   starts with PREFIX, the time from its `ktime_ns` to the line's arrival; at the end prints
+//!   `p50=<µs> p99=<µs> n=<events>`.
 use std::ffi::CString;
 use std::time::{Duration, Instant};
 
@@ -25,7 +28,7 @@ fn delete_module(name: &CString) {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: kmodmon-vm-bench [CALLS] | getppid CALLS | storm THREADS N NAME [distinct] | paced N MICROS PREFIX"
+        "usage: kmodmon-vm-bench [CALLS] | getppid CALLS | storm THREADS N NAME [distinct] | paced N MICROS PREFIX | latency PREFIX"
     );
     std::process::exit(2);
 }
@@ -122,6 +125,34 @@ fn paced(n: u64, gap: Duration, prefix: &str) {
     let _ = out.flush();
 }
 
+/// The number after `"key":` in a JSON line (kmodmon's own output: no spaces).
+fn json_u64(line: &str, key: &str) -> Option<u64> {
+    let at = line.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let digits: String = line[at..].chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+fn latency(prefix: &str) {
+    use std::io::BufRead as _;
+    let module = format!("\"module\":\"{prefix}");
+    let mut lat: Vec<f64> = Vec::new();
+    for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+        let now = monotonic_ns();
+        if line.contains(&module)
+            && let Some(k) = json_u64(&line, "ktime_ns")
+        {
+            lat.push(now.saturating_sub(k) as f64 / 1000.0);
+        }
+    }
+    lat.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        lat.get(((lat.len().max(1) - 1) as f64 * q) as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    println!("p50={:.1} p99={:.1} n={}", at(0.5), at(0.99), lat.len());
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
@@ -133,6 +164,7 @@ fn main() {
             args.get(4).map_or("kmodmon_vm_storm", String::as_str),
             args.get(5).is_some_and(|a| a == "distinct"),
         ),
+        Some("latency") => latency(args.get(2).map_or("kmodmon_vm_paced", String::as_str)),
         Some("paced") => paced(
             num(&args, 2),
             Duration::from_micros(num(&args, 3)),

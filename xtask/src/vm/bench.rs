@@ -19,6 +19,8 @@ pub struct Samples {
     pub notes: Vec<String>,
     /// mode → CPU clock ticks the monitor itself used during the loops (all rounds).
     pub monitor_ticks: BTreeMap<String, u64>,
+    /// Latency source (host, runc) → rounds of (p50 µs, p99 µs).
+    pub latency: BTreeMap<String, Vec<(f64, f64)>>,
 }
 
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
@@ -48,6 +50,16 @@ pub fn parse(lines: &[String]) -> Samples {
             let ticks = field(rest, "ticks").and_then(|t| t.parse::<u64>().ok());
             if let (Some(m), Some(t)) = (mode, ticks) {
                 *s.monitor_ticks.entry(m.to_string()).or_default() += t;
+            }
+        } else if let Some(rest) = line.strip_prefix("BENCH-LAT ") {
+            let src = field(rest, "source");
+            let p50 = field(rest, "p50").and_then(|v| v.parse::<f64>().ok());
+            let p99 = field(rest, "p99").and_then(|v| v.parse::<f64>().ok());
+            match (src, p50, p99) {
+                (Some(src), Some(a), Some(b)) if a.is_finite() && b.is_finite() => {
+                    s.latency.entry(src.to_string()).or_default().push((a, b));
+                }
+                _ => s.notes.push(format!("no latency: {line}")),
             }
         } else if line.starts_with("BENCH-INFO ") || line.starts_with("BENCH-ERROR ") {
             s.notes.push(line.clone());
@@ -121,20 +133,42 @@ fn percent(ratio: Option<f64>) -> String {
     ratio.map_or("-".to_string(), |r| format!("{:+.1}%", (r - 1.0) * 100.0))
 }
 
-pub fn vm_bench(kernel: Option<&str>) -> Result<()> {
+pub fn vm_bench(kernel: Option<&str>, icount: bool) -> Result<()> {
     let path = workspace_root().join(SCENARIO_DIR).join("bench/bench.sh");
     let script = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     let p = prepare(kernel, true)?;
     let mut env = Vec::new();
-    for var in ["KMODMON_BENCH_CALLS", "KMODMON_BENCH_ROUNDS"] {
+    for var in [
+        "KMODMON_BENCH_CALLS",
+        "KMODMON_BENCH_ROUNDS",
+        "KMODMON_BENCH_LAT_N",
+        "KMODMON_BENCH_LAT_ROUNDS",
+    ] {
         if let Ok(v) = std::env::var(var) {
             env.push((var, v));
         }
     }
+    let cfg = VmConfig {
+        qemu_args: if icount {
+            vec!["-icount".into(), "shift=0".into()]
+        } else {
+            Vec::new()
+        },
+        // A run with icount takes longer in wall time.
+        timeout: VmConfig::default()
+            .timeout
+            .max(std::time::Duration::from_secs(1800)),
+        ..VmConfig::default()
+    };
+    let clock = if icount {
+        "QEMU -icount shift=0: instruction-counted guest time (a cost model, repeatable)"
+    } else {
+        "QEMU TCG wall clock (noisy on a shared host)"
+    };
     // One VM at a time: two TCG guests on this machine's cores would disturb each other.
     for k in &p.kernels {
-        eprintln!("xtask vm-bench: {}", k.label());
-        let (vm, dir) = run_script_env(&p, k, "bench", &script, &VmConfig::default(), &env)?;
+        eprintln!("xtask vm-bench: {} ({clock})", k.label());
+        let (vm, dir) = run_script_env(&p, k, "bench", &script, &cfg, &env)?;
         if let Some(why) = vm.failure() {
             bail!(
                 "the benchmark VM on {} failed: {why}\n  (output in {})",
@@ -151,7 +185,7 @@ pub fn vm_bench(kernel: Option<&str>) -> Result<()> {
             );
         }
         println!(
-            "\nvm-bench on {}: getppid ns per call (mean: median of rounds; best: fastest chunk)",
+            "\nvm-bench on {} [{clock}]: getppid ns per call (mean: median of rounds; vs none: median of per-round ratios; best: fastest chunk)",
             k.label()
         );
         println!(
@@ -187,6 +221,18 @@ pub fn vm_bench(kernel: Option<&str>) -> Result<()> {
             })
             .collect();
         println!("  mean per round: {}", rounds.join("; "));
+        for (src, v) in &samples.latency {
+            let p50: Vec<f64> = v.iter().map(|x| x.0).collect();
+            let p99: Vec<f64> = v.iter().map(|x| x.1).collect();
+            println!(
+                "  latency syscall → JSON line, {src}: p50 {} µs, p99 {} µs (median over {} rounds; min–max p99 {:.0}–{:.0})",
+                median(p50).map_or("-".into(), |m| format!("{m:.0}")),
+                median(p99.clone()).map_or("-".into(), |m| format!("{m:.0}")),
+                v.len(),
+                p99.iter().copied().fold(f64::INFINITY, f64::min),
+                p99.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            );
+        }
         for note in &samples.notes {
             println!("  {note}");
         }
@@ -212,6 +258,8 @@ mod tests {
             "BENCH-INFO mode=kmodmon attempts: fexit",
             "BENCH-CPU mode=kmodmon round=1 ticks=2",
             "BENCH-CPU mode=kmodmon round=2 ticks=1",
+            "BENCH-LAT source=runc round=1 p50=120.5 p99=900.0 n=400",
+            "BENCH-LAT source=runc round=2 p50=NaN p99=NaN n=0",
             "noise",
             "BENCH mode=none round=x ns=1",
         ]
@@ -219,7 +267,8 @@ mod tests {
         .map(|s| s.to_string())
         .collect();
         let s = parse(&lines);
-        assert_eq!(s.notes.len(), 2);
+        assert_eq!(s.notes.len(), 3);
+        assert_eq!(s.latency["runc"], vec![(120.5, 900.0)]);
         assert_eq!(s.monitor_ticks["kmodmon"], 3);
         let t = s.table();
         let modes: Vec<&str> = t.iter().map(|r| r.mode.as_str()).collect();

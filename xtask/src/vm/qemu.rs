@@ -21,6 +21,8 @@ pub struct VmConfig {
     pub echo: bool,
     /// Extra kernel command-line words.
     pub append: String,
+    /// Extra qemu arguments (e.g. `-icount shift=0` for a deterministic instruction clock).
+    pub qemu_args: Vec<String>,
 }
 
 impl Default for VmConfig {
@@ -34,6 +36,7 @@ impl Default for VmConfig {
             timeout: Duration::from_secs(timeout),
             echo: false,
             append: String::new(),
+            qemu_args: Vec::new(),
         }
     }
 }
@@ -163,7 +166,8 @@ pub fn command(kernel: &Kernel, initrd: &Path, console_log: &Path, cfg: &VmConfi
             "chardev:data",
         ])
         .arg("-serial")
-        .arg(format!("file:{}", console_log.display()));
+        .arg(format!("file:{}", console_log.display()))
+        .args(&cfg.qemu_args);
     cmd
 }
 
