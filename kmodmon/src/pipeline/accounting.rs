@@ -39,6 +39,8 @@ pub struct Accounting {
     pub cgroup_queue_full: AtomicU64,
     /// Events lost because the sink thread was gone (it failed).
     pub sinks_gone: AtomicU64,
+    /// Bytes of packed records queued from the reader to the enrich task (not reported).
+    pub queued_bytes: AtomicU64,
     /// Milliseconds since `origin` when the enrich task and the sink thread last turned.
     enrich_turn: AtomicU64,
     sink_turn: AtomicU64,
@@ -59,6 +61,7 @@ impl Default for Accounting {
             queue_full: AtomicU64::new(0),
             cgroup_queue_full: AtomicU64::new(0),
             sinks_gone: AtomicU64::new(0),
+            queued_bytes: AtomicU64::new(0),
             enrich_turn: AtomicU64::new(0),
             sink_turn: AtomicU64::new(0),
             sinks: Mutex::new(Vec::new()),

@@ -11,8 +11,9 @@ use kmodmon_common::{CGROUP_MKDIR, CGROUP_RMDIR, RawCgroupEvent, RawEvent};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 
-use super::Accounting;
+use super::packed::Packed;
 use super::repeats::{Repeats, SWEEP};
+use super::{Accounting, QUEUE_BYTES};
 use crate::escape::{escape_bytes, until_nul};
 use crate::event::raw_from_bytes;
 
@@ -22,9 +23,9 @@ pub const BATCH: usize = 256;
 /// What the reader hands to the enrich task.
 pub enum Msg {
     /// Monitor records copied off the ring in one drain.
-    Events(Vec<RawEvent>),
+    Events(Packed),
     /// Enforcement records (denied / would_deny).
-    Policy(Vec<RawEvent>),
+    Policy(Packed),
     Cgroup {
         mkdir: bool,
         id: u64,
@@ -125,14 +126,19 @@ fn sweep_repeats(
     if batch.is_empty() {
         return;
     }
-    for raw in &batch {
-        acc.summaries.fetch_add(1, Relaxed);
-        acc.repeats.fetch_add(raw.repeat, Relaxed);
-    }
     for chunk in batch.chunks(BATCH) {
-        send(tx, chunk.to_vec(), acc, false);
+        let mut packed = Packed::with_capacity(chunk.len() * PACKED_GUESS);
+        for raw in chunk {
+            acc.summaries.fetch_add(1, Relaxed);
+            acc.repeats.fetch_add(raw.repeat, Relaxed);
+            packed.push(raw);
+        }
+        send(tx, packed, acc, false);
     }
 }
+
+/// Bytes a packed attempt usually takes (a delete_module: about 160).
+const PACKED_GUESS: usize = 200;
 
 /// Copies records off the ring in batches (decoding happens on the enrich task). Repeat
 /// records become summaries of the repeats not reported before (or nothing).
@@ -148,28 +154,32 @@ fn drain_events(
     } else {
         &acc.delivered
     };
-    let mut batch = Vec::with_capacity(BATCH);
+    let mut batch = Packed::with_capacity(BATCH * PACKED_GUESS);
     while let Some(item) = ring.next() {
-        match raw_from_bytes(&item) {
-            Ok(mut raw) if raw.repeat > 0 => {
-                acc.repeat_records.fetch_add(1, Relaxed);
-                let new = match repeats.as_deref_mut() {
-                    Some(r) => r.record(&mut raw),
-                    // Not aggregating, yet a repeat record: report it as it is.
-                    None => true,
-                };
-                if new {
-                    acc.summaries.fetch_add(1, Relaxed);
-                    acc.repeats.fetch_add(raw.repeat, Relaxed);
-                    batch.push(raw);
+        // Repeat records are rare: decoded whole, their count made an increment.
+        if is_repeat_record(&item) {
+            match raw_from_bytes(&item) {
+                Ok(mut raw) => {
+                    acc.repeat_records.fetch_add(1, Relaxed);
+                    let new = match repeats.as_deref_mut() {
+                        Some(r) => r.record(&mut raw),
+                        // Not aggregating, yet a repeat record: report it as it is.
+                        None => true,
+                    };
+                    if new {
+                        acc.summaries.fetch_add(1, Relaxed);
+                        acc.repeats.fetch_add(raw.repeat, Relaxed);
+                        batch.push(&raw);
+                    }
+                }
+                Err(e) => {
+                    acc.undecodable.fetch_add(1, Relaxed);
+                    log::warn!("undecodable repeat record: {e}");
                 }
             }
-            Ok(raw) => {
-                delivered.fetch_add(1, Relaxed);
-                batch.push(raw);
-            }
-            Err(e) => {
-                delivered.fetch_add(1, Relaxed);
+        } else {
+            delivered.fetch_add(1, Relaxed);
+            if let Err(e) = batch.push_bytes(&item) {
                 acc.undecodable.fetch_add(1, Relaxed);
                 log::warn!("undecodable event record: {e}");
             }
@@ -178,7 +188,7 @@ fn drain_events(
         if batch.len() == BATCH {
             send(
                 tx,
-                std::mem::replace(&mut batch, Vec::with_capacity(BATCH)),
+                std::mem::replace(&mut batch, Packed::with_capacity(BATCH * PACKED_GUESS)),
                 acc,
                 policy,
             );
@@ -189,14 +199,38 @@ fn drain_events(
     }
 }
 
-fn send(tx: &mpsc::Sender<Msg>, batch: Vec<RawEvent>, acc: &Accounting, policy: bool) {
+/// Whether a ring record is a repeat record (`repeat` > 0) rather than an event.
+fn is_repeat_record(rec: &[u8]) -> bool {
+    const AT: usize = std::mem::offset_of!(RawEvent, repeat);
+    rec.get(AT..AT + 8)
+        .is_some_and(|b| b.iter().any(|&x| x != 0))
+}
+
+/// Queues a batch for the enrich task. The queue is bounded by the bytes it holds
+/// ([`QUEUE_BYTES`]): a full queue is a counted loss.
+fn send(tx: &mpsc::Sender<Msg>, batch: Packed, acc: &Accounting, policy: bool) {
     let n = batch.len() as u64;
+    if n == 0 {
+        return;
+    }
+    let bytes = batch.byte_len() as u64;
+    let fits = acc
+        .queued_bytes
+        .fetch_update(Relaxed, Relaxed, |q| {
+            (q + bytes <= QUEUE_BYTES).then_some(q + bytes)
+        })
+        .is_ok();
+    if !fits {
+        acc.queue_full.fetch_add(n, Relaxed);
+        return;
+    }
     let msg = if policy {
         Msg::Policy(batch)
     } else {
         Msg::Events(batch)
     };
     if tx.try_send(msg).is_err() {
+        acc.queued_bytes.fetch_sub(bytes, Relaxed);
         acc.queue_full.fetch_add(n, Relaxed);
     }
 }
