@@ -53,13 +53,20 @@ pub struct StormResult {
     pub written: u64,
     pub sink_aggregated: u64,
     pub sink_lost: u64,
-    /// VmHWM, KiB.
+    /// VmHWM in the storm, KiB (the high-water mark reset once attached).
     pub peak_kib: u64,
+    /// VmHWM at start-up (attaching), KiB.
+    pub startup_peak_kib: u64,
     pub identity_holds: bool,
 }
 
 impl StormResult {
-    fn from_summary(s: &Value, rate: f64, peak_kib: u64, sink: &str) -> StormResult {
+    fn from_summary(
+        s: &Value,
+        rate: f64,
+        (startup_peak_kib, peak_kib): (u64, u64),
+        sink: &str,
+    ) -> StormResult {
         let n = |k: &str| s[k].as_u64().unwrap_or(0);
         let sink = s["sinks"]
             .as_array()
@@ -81,6 +88,7 @@ impl StormResult {
             sink_aggregated: sn("aggregated"),
             sink_lost: sn("lost_total"),
             peak_kib,
+            startup_peak_kib,
             identity_holds: false,
         };
         StormResult {
@@ -127,14 +135,23 @@ fn storm_args(storm: Storm) -> Vec<String> {
     a
 }
 
+/// The start-up high-water mark of `pid`, which is then reset (`clear_refs` 5), so that the
+/// next reading is the peak of what follows.
+fn reset_peak(pid: u32) -> u64 {
+    let startup = rss_kib(pid, "VmHWM:").unwrap_or(0);
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+    startup
+}
+
 /// A storm against `tail --json > /dev/null`.
 pub fn storm_tail(kmodmon: &Path, bins: &Bins, storm: Storm) -> Result<StormResult> {
     let (mut child, _) = start_tail(kmodmon, &["--json"])?;
     std::thread::sleep(Duration::from_millis(300));
+    let startup = reset_peak(child.id());
     let out = output_of(Command::new(&bins.load).args(storm_args(storm)))?;
     // The sweep reports the last bursts 200 ms after their threads exit.
     std::thread::sleep(Duration::from_millis(800));
-    let peak = rss_kib(child.id(), "VmHWM:").unwrap_or(0);
+    let peak = (startup, rss_kib(child.id(), "VmHWM:").unwrap_or(0));
     let summary = stop_with_summary(&mut child)?;
     let rate = field(&out, "rate=")
         .and_then(|r| r.parse().ok())
@@ -200,9 +217,10 @@ pub fn storm_daemon(
     let dir = audit_dir();
     let (mut child, rx, _) = start_daemon(kmodmon, &dir, rate_limit)?;
     std::thread::sleep(Duration::from_millis(500));
+    let startup = reset_peak(child.id());
     let out = output_of(Command::new(&bins.load).args(storm_args(storm)))?;
     std::thread::sleep(Duration::from_secs(2));
-    let peak = rss_kib(child.id(), "VmHWM:").unwrap_or(0);
+    let peak = (startup, rss_kib(child.id(), "VmHWM:").unwrap_or(0));
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();

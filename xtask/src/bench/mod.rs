@@ -316,9 +316,18 @@ pub fn bench(rounds: usize) -> Result<()> {
         "| RSS idle, run (audit log) | {} MB |",
         spread(&daemon_idle)
     ));
+    let startup_peak: Vec<f64> = storms
+        .iter()
+        .flatten()
+        .map(|r| r.startup_peak_kib as f64 / 1024.0)
+        .collect();
+    say(format!(
+        "| RSS peak while attaching (VmHWM before the storms) | {} MB |",
+        spread(&startup_peak)
+    ));
     for (i, (consumer, storm, _)) in cases.iter().enumerate() {
         say(format!(
-            "| RSS peak (VmHWM), {consumer}, {} storm | {} MB |",
+            "| RSS peak in the storm (VmHWM reset once attached), {consumer}, {} storm | {} MB |",
             storm.label(),
             spread(&peak(i))
         ));
