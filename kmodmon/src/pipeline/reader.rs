@@ -173,6 +173,10 @@ fn drain_events(
                     }
                 }
                 Err(e) => {
+                    // A summary that entered and was lost: the identities stay exact, its
+                    // repeats show as unreported.
+                    acc.repeat_records.fetch_add(1, Relaxed);
+                    acc.summaries.fetch_add(1, Relaxed);
                     acc.undecodable.fetch_add(1, Relaxed);
                     log::warn!("undecodable repeat record: {e}");
                 }
