@@ -90,6 +90,8 @@ pub struct Row {
     pub mean: f64,
     /// Median over rounds of (this mode's mean / "none"'s mean in the same round).
     pub paired_ratio: Option<f64>,
+    /// The smallest and largest per-round ratio.
+    pub paired_range: Option<(f64, f64)>,
     /// Fastest chunk over all rounds, ns per call: the cost without host interference.
     pub best: Option<f64>,
     /// best / best of "none".
@@ -120,6 +122,12 @@ impl Samples {
             rows.push(Row {
                 mode: mode.clone(),
                 mean,
+                paired_range: (!ratios.is_empty()).then(|| {
+                    (
+                        ratios.iter().copied().fold(f64::INFINITY, f64::min),
+                        ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                    )
+                }),
                 paired_ratio: median(ratios),
                 best,
                 best_ratio: best.zip(none_best).map(|(b, n)| b / n),
@@ -189,8 +197,8 @@ pub fn vm_bench(kernel: Option<&str>, icount: bool) -> Result<()> {
             k.label()
         );
         println!(
-            "  {:<12} {:>8} {:>8} {:>9} {:>8}  monitor CPU",
-            "mode", "mean", "vs none", "best", "vs none"
+            "  {:<12} {:>8} {:>8} {:>15} {:>9} {:>8}  monitor CPU",
+            "mode", "mean", "vs none", "(min–max)", "best", "vs none"
         );
         for row in samples.table() {
             let cpu = samples
@@ -198,16 +206,22 @@ pub fn vm_bench(kernel: Option<&str>, icount: bool) -> Result<()> {
                 .get(&row.mode)
                 .map(|t| format!("{t} ticks"))
                 .unwrap_or_default();
-            let (paired, best_ratio) = if row.mode == "none" {
-                (String::new(), String::new())
+            let (paired, range, best_ratio) = if row.mode == "none" {
+                (String::new(), String::new(), String::new())
             } else {
-                (percent(row.paired_ratio), percent(row.best_ratio))
+                (
+                    percent(row.paired_ratio),
+                    row.paired_range
+                        .map_or("-".into(), |(a, b)| format!("({a:.2}–{b:.2})")),
+                    percent(row.best_ratio),
+                )
             };
             println!(
-                "  {:<12} {:>8.1} {:>8} {:>9} {:>8}  {cpu}",
+                "  {:<12} {:>8.1} {:>8} {:>15} {:>9} {:>8}  {cpu}",
                 row.mode,
                 row.mean,
                 paired,
+                range,
                 row.best.map_or("-".to_string(), |b| format!("{b:.1}")),
                 best_ratio,
             );
@@ -279,6 +293,8 @@ mod tests {
         );
         // kmodmon ratios 1.01, 1.02, 1.0 → median 1.01; best 91.8 vs 90 → +2%
         assert!((t[1].paired_ratio.unwrap() - 1.01).abs() < 1e-9);
+        let (lo, hi) = t[1].paired_range.unwrap();
+        assert!((lo - 1.0).abs() < 1e-9 && (hi - 1.02).abs() < 1e-9);
         assert!((t[1].best_ratio.unwrap() - 1.02).abs() < 1e-9);
         assert_eq!(t[2].mean, 225.0);
         assert!((t[2].paired_ratio.unwrap() - 1.5).abs() < 1e-9);
