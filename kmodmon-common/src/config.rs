@@ -121,6 +121,11 @@ pub struct Config {
     pub sigsys: u32,
     /// syscalls:sys_exit_* `__syscall_nr`.
     pub sys_exit_nr: Field,
+    /// Identical attempts of one task closer than this (µs) are aggregated into repeat
+    /// records; 0 turns aggregation off.
+    pub repeat_window_us: u32,
+    /// While a burst goes on, a repeat record at most this often (µs).
+    pub repeat_report_us: u32,
 }
 
 /// Marks an offset BTF did not provide.
@@ -208,6 +213,8 @@ impl Config {
             seccomp_filter_nargs: 0,
             sigsys: 0,
             sys_exit_nr: Field::UNSET,
+            repeat_window_us: 0,
+            repeat_report_us: 0,
         }
     }
 }

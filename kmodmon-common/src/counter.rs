@@ -1,6 +1,7 @@
 //! The kernel side's per-CPU counters.
 
-/// What a counter counts, for the accounting `seen == delivered + dropped + in_flight` and for
+/// What a counter counts, for the accounting
+/// `seen == delivered + aggregated + dropped + in_flight` and for
 /// what the exit summary and metrics list.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CounterCategory {
@@ -8,6 +9,9 @@ pub enum CounterCategory {
     Seen,
     /// One module event lost (each loss increments exactly one).
     EventDrop,
+    /// One attempt aggregated in the kernel into the repeat count of an identical attempt
+    /// delivered just before (reported by repeat records, see `kmodmon_common::repeat`).
+    Aggregated,
     /// One cgroup mkdir/rmdir record lost (not a module event).
     CgroupDrop,
     /// A failed read or helper call: the event still went out, with the field marked missing.
@@ -69,6 +73,17 @@ contract_enum! {
     IdentityReadFailed = 22 => "identity_read_failed", CounterCategory::Error;
     /// The map that keeps init_module images from being captured twice refused an update.
     IdentityMapFailed = 23 => "identity_map_failed", CounterCategory::Error;
+    /// An attempt identical to the previous one of the same task (same syscall, arguments
+    /// and result, within the repeat window): counted into its burst instead of sent.
+    Aggregated = 24 => "aggregated", CounterCategory::Aggregated;
+    /// Repeat records sent (a burst's count so far, or at its end).
+    RepeatRecord = 25 => "repeat_records", CounterCategory::Other;
+    /// A repeat record was due but the ring buffer was full: the burst stays open and is
+    /// reported later (by a later record or userspace's sweep), nothing is lost.
+    RepeatRecordDeferred = 26 => "repeat_record_deferred", CounterCategory::Other;
+    /// A delivered attempt could not open a burst (the repeat map was full): identical
+    /// attempts after it are delivered one by one.
+    RepeatMapFull = 27 => "repeat_map_full", CounterCategory::Other;
 }
 
 /// Slots of the `COUNTERS` map.
@@ -83,6 +98,11 @@ impl Counter {
     /// Counters that each stand for one module event seen.
     pub const fn is_seen(self) -> bool {
         matches!(self.category(), CounterCategory::Seen)
+    }
+
+    /// Counters that each stand for one attempt aggregated into a repeat count.
+    pub const fn is_aggregated(self) -> bool {
+        matches!(self.category(), CounterCategory::Aggregated)
     }
 }
 

@@ -89,6 +89,12 @@ macro_rules! sources {
             /// The task's exit (raw tracepoint `sched_process_exit`): a task killed by SIGSYS
             /// in a module syscall (seccomp RET_KILL), where no other record exists.
             TaskExit = 7 => "task_exit";
+            /// kprobe on the syscall's kernel function (entry) and a tracefs kretprobe with an
+            /// explicit maxactive (return): no cost to other syscalls where fexit is refused.
+            Kprobe = 8 => "kprobe";
+            /// The syscall-exit hook alone (tp_btf, else a raw tracepoint, on sys_exit): the
+            /// number, arguments and result from the task's saved registers.
+            SysExit = 9 => "sys_exit";
         }
     };
 }
@@ -223,6 +229,15 @@ pub struct RawEvent {
     pub name: [u8; NAME_LEN],
     pub params: [u8; PARAMS_LEN],
     pub path: [u8; PATH_LEN],
+    /// 0 for an event. Non-zero: a repeat record (see [`crate::repeat`]) standing for identical
+    /// attempts aggregated in the kernel: this many of them in the burst that began with the
+    /// attempt delivered at `ktime_ns`, counted since that attempt (cumulative); the last of
+    /// them at `end_ktime_ns`.
+    pub repeat: u64,
+    /// Repeat records: 1 when the burst has ended (no later record for it follows).
+    pub repeat_final: u32,
+    /// Always 0.
+    pub _reserved3: u32,
     /// The task's cgroup in the cgroup v1 hierarchy userspace chose
     /// (`Config::cgroup_v1_ssid`): its kernfs id, which is the directory's inode number in that
     /// hierarchy's mount. 0 when no v1 hierarchy is configured or it could not be read.
@@ -275,6 +290,9 @@ impl RawEvent {
             ancestors: [RawAncestor::zeroed(); ANCESTORS],
             blocked_by: 0,
             signal: 0,
+            repeat: 0,
+            repeat_final: 0,
+            _reserved3: 0,
         }
     }
 }
@@ -285,14 +303,21 @@ const _: () = {
     use core::mem::{offset_of, size_of};
     let fields_end = offset_of!(RawEvent, signal) + 4;
     assert!(fields_end == size_of::<RawEvent>());
-    assert!(offset_of!(RawEvent, cgroup_v1_id) == offset_of!(RawEvent, path) + PATH_LEN);
+    // The repeat fields right after the strings: kmodmon-ebpf repeat.rs skips those words.
+    assert!(offset_of!(RawEvent, repeat) == offset_of!(RawEvent, path) + PATH_LEN);
+    assert!(offset_of!(RawEvent, cgroup_v1_id) == offset_of!(RawEvent, repeat) + 16);
     assert!(
         offset_of!(RawEvent, blocked_by)
             == offset_of!(RawEvent, ancestors) + ANCESTORS * size_of::<RawAncestor>()
     );
     assert!(size_of::<RawAncestor>() == 8 + 4 + 4 + COMM_LEN);
     // The size the ring buffer's sizing comment (kmodmon-ebpf maps.rs) assumes.
-    assert!(size_of::<RawEvent>() == 1144);
+    assert!(size_of::<RawEvent>() == 1160);
+    // kmodmon-ebpf compares attempts word by word and zeroes the strings as one block.
+    assert!(size_of::<RawEvent>().is_multiple_of(8));
+    assert!(offset_of!(RawEvent, name).is_multiple_of(8));
+    assert!(offset_of!(RawEvent, params) == offset_of!(RawEvent, name) + NAME_LEN);
+    assert!(offset_of!(RawEvent, path) == offset_of!(RawEvent, params) + PARAMS_LEN);
     assert!(offset_of!(RawEvent, ktime_ns) == 12 * 4);
     assert!(offset_of!(RawEvent, comm) == 12 * 4 + 5 * 8 + 6 * 4);
 };

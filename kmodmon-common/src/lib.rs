@@ -16,10 +16,10 @@ pub mod macros;
 /// Version of the layouts shared with programs that outlive kmodmon: [`RawEvent`] and the
 /// policy maps ([`policy`]), which the pinned LSM programs write and read. Bump it with every
 /// change to them. kmodmon stores it beside its pins and replaces (never adopts) pinned
-/// programs of another version; version 1 was the layout before versions were stored, 3 added
-/// the cgroup v1 id and the ancestors to [`RawEvent`] (on one branch) or `blocked_by` and
-/// `signal` (on another); 4 has both.
-pub const CONTRACT_VERSION: u32 = 4;
+/// programs of another version; version 1 was the layout before versions were stored; 3 and 4
+/// added the cgroup v1 id, the ancestors, `blocked_by` and `signal` to [`RawEvent`]; 5 the
+/// repeat fields.
+pub const CONTRACT_VERSION: u32 = 5;
 
 pub mod cgroup;
 pub mod config;
@@ -29,6 +29,7 @@ pub mod identity;
 pub mod modname;
 pub mod names;
 pub mod policy;
+pub mod repeat;
 
 pub use cgroup::{
     CGROUP_DFL_HIERARCHY, CGROUP_MKDIR, CGROUP_PATH_LEN, CGROUP_RMDIR, RawCgroupEvent,
@@ -41,6 +42,7 @@ pub use event::{
     ANCESTORS, BlockedBy, COMM_LEN, EventKind, NAME_LEN, Op, PARAMS_LEN, PATH_COMPONENT_LEN,
     PATH_LEN, PATH_MAX_STEPS, PATH_SLOTS, RawAncestor, RawEvent, Source, missing, trunc,
 };
+pub use repeat::{REPEAT_SLOTS, RepeatKey, RepeatSlot};
 
 #[cfg(feature = "user")]
 mod pod {
@@ -56,4 +58,6 @@ mod pod {
     unsafe impl aya::Pod for super::policy::Settings {}
     unsafe impl aya::Pod for super::policy::LsmConfig {}
     unsafe impl aya::Pod for super::identity::IdentityConfig {}
+    unsafe impl aya::Pod for super::repeat::RepeatKey {}
+    unsafe impl aya::Pod for super::repeat::RepeatSlot {}
 }

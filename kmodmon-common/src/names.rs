@@ -24,8 +24,7 @@ pub mod program {
     /// raw_syscalls:sys_enter / sys_exit tracepoints.
     pub const RAW_SYS_ENTER: &str = "raw_sys_enter";
     pub const RAW_SYS_EXIT: &str = "raw_sys_exit";
-    /// Raw tracepoints on sys_enter / sys_exit.
-    pub const RAW_TP_SYS_ENTER: &str = "raw_tp_sys_enter";
+    /// Raw tracepoint on sys_exit (attempts from the saved registers at syscall exit).
     pub const RAW_TP_SYS_EXIT: &str = "raw_tp_sys_exit";
     /// cgroup:cgroup_mkdir / cgroup_rmdir.
     pub const CGROUP_MKDIR: &str = "cgroup_mkdir";
@@ -53,8 +52,20 @@ pub mod program {
     pub const IDENTITY_POST_LOAD_DATA: &str = "identity_post_load_data";
     pub const IDENTITY_MODULE_LOAD: &str = "identity_module_load";
 
+    /// kprobes on the syscalls' kernel functions.
+    pub const KPROBE_INIT_MODULE: &str = "kprobe_init_module";
+    pub const KPROBE_FINIT_MODULE: &str = "kprobe_finit_module";
+    pub const KPROBE_DELETE_MODULE: &str = "kprobe_delete_module";
+    /// Return probe on the same functions (one program, attached to a tracefs kretprobe event
+    /// of each).
+    pub const KRETPROBE_MODULE: &str = "kretprobe_module";
+    /// tp_btf on sys_exit (attempts from the saved registers at syscall exit).
+    pub const TP_BTF_SYS_EXIT: &str = "tp_btf_sys_exit";
+    /// Raw tracepoint on sched_process_exit: marks the exiting task's repeat bursts.
+    pub const REPEAT_TASK_EXIT: &str = "repeat_task_exit";
+
     /// Every program in the object.
-    pub const ALL: [&str; 28] = [
+    pub const ALL: [&str; 33] = [
         MODULE_LOAD,
         MODULE_FREE,
         MODULE_REQUEST,
@@ -67,7 +78,6 @@ pub mod program {
         SYS_EXIT_MODULE,
         RAW_SYS_ENTER,
         RAW_SYS_EXIT,
-        RAW_TP_SYS_ENTER,
         RAW_TP_SYS_EXIT,
         CGROUP_MKDIR,
         CGROUP_RMDIR,
@@ -83,6 +93,12 @@ pub mod program {
         IDENTITY_LOAD_MODULE,
         IDENTITY_POST_LOAD_DATA,
         IDENTITY_MODULE_LOAD,
+        KPROBE_INIT_MODULE,
+        KPROBE_FINIT_MODULE,
+        KPROBE_DELETE_MODULE,
+        KRETPROBE_MODULE,
+        TP_BTF_SYS_EXIT,
+        REPEAT_TASK_EXIT,
     ];
 }
 
@@ -117,8 +133,13 @@ pub mod map {
     /// pid_tgid → init_module image already captured at security_kernel_post_load_data.
     pub const IMAGE_CAPTURED: &str = "IMAGE_CAPTURED";
 
+    /// Open repeat bursts: [`crate::RepeatKey`] → [`crate::RepeatSlot`].
+    pub const REPEATS: &str = "REPEATS";
+    /// Per-CPU staging for a new burst (kernel side only).
+    pub const REPEAT_SCRATCH: &str = "REPEAT_SCRATCH";
+
     /// Every map in the object (not counting the sections of global data).
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 16] = [
         EVENTS,
         CGROUPS,
         COUNTERS,
@@ -133,6 +154,8 @@ pub mod map {
         SECCOMP_SIGNALLED,
         IMAGES,
         IMAGE_CAPTURED,
+        REPEATS,
+        REPEAT_SCRATCH,
     ];
 }
 

@@ -13,7 +13,8 @@ use kmodmon_common::{Counter, EventKind, Field, NAME_LEN, Op, RawEvent, Source, 
 
 use crate::{
     ancestry, cgroup_v1,
-    kernel::{current_ppid, file_of_fd, file_path, read_kernel_str, read_user_str},
+    config::conf,
+    kernel::{current_ppid, file_of_fd, file_path, read_kernel_str, read_ptr, read_user_str},
     maps::{EVENTS, PENDING, SCRATCH, count},
 };
 
@@ -54,11 +55,14 @@ pub fn begin(kind: EventKind, source: Source) -> Option<&'static mut RawEvent> {
     ev.gid = (uid_gid >> 32) as u32;
     ev.path_len = 0;
     ev.comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    ev.name[0] = 0;
-    ev.params[0] = 0;
-    ev.path[0] = 0;
+    // Whole buffers, not just the first byte: an attempt is compared with the previous one
+    // byte for byte (repeat.rs), and nothing of an earlier event may show through.
+    crate::repeat::clear_strings(ev);
     ev.blocked_by = 0;
     ev.signal = 0;
+    ev.repeat = 0;
+    ev.repeat_final = 0;
+    ev._reserved3 = 0;
     let task = unsafe { bpf_get_current_task() };
     match current_ppid(task) {
         Some(ppid) => ev.ppid = ppid,
@@ -79,12 +83,14 @@ pub fn begin(kind: EventKind, source: Source) -> Option<&'static mut RawEvent> {
     Some(ev)
 }
 
-/// Sends a finished event; a full ring buffer is counted, never silent.
+/// Sends a finished event; a full ring buffer is counted, never silent. False when dropped.
 #[inline(always)]
-pub fn emit(ev: &RawEvent) {
+pub fn emit(ev: &RawEvent) -> bool {
     if EVENTS.output::<RawEvent>(ev, 0).is_err() {
         count(Counter::DropRingbufFull);
+        return false;
     }
+    true
 }
 
 /// Reads a `__data_loc char[]` tracepoint field into `dst`.
@@ -214,11 +220,31 @@ pub fn attempt_kind(op: Op) -> EventKind {
     }
 }
 
-/// Syscall entry (tracepoint sources): record the attempt and park it until the exit.
+/// An attempt seen only when its syscall returns (the sys_exit sources): the syscall number,
+/// arguments and result come from the task's saved user registers `regs`. This also sees
+/// attempts a seccomp filter refused before the syscall ran (they never enter it).
+#[inline(always)]
+pub fn exit_attempt(source: Source, op: Op, regs: u64, ret: i64) {
+    let Some(ev) = begin(attempt_kind(op), source) else {
+        return;
+    };
+    let a0 = read_ptr(regs, conf!(pt_regs_arg[0])).unwrap_or(0);
+    let a1 = read_ptr(regs, conf!(pt_regs_arg[1])).unwrap_or(0);
+    let a2 = read_ptr(regs, conf!(pt_regs_arg[2])).unwrap_or(0);
+    fill_attempt(ev, op, a0, a1, a2);
+    ev.ret = ret;
+    // An exit record is also what a seccomp-refused attempt leaves (the filter runs before the
+    // syscall; `ret` is what the caller got): decided before the attempt is delivered or
+    // aggregated.
+    crate::seccomp::classify_exit_only(ev, regs, ret);
+    crate::repeat::deliver(ev);
+}
+
+/// Syscall entry (tracepoint and kprobe sources): record the attempt and park it until the exit.
 #[inline(always)]
 #[expect(
     clippy::needless_borrows_for_generic_args,
-    reason = "`&*ev` keeps the 1144-byte event in map memory; by value it would be copied onto the 512-byte BPF stack"
+    reason = "`&*ev` keeps the 1160-byte event in map memory; by value it would be copied onto the 512-byte BPF stack"
 )]
 pub fn syscall_enter(source: Source, op: Op, a0: u64, a1: u64, a2: u64) {
     let Some(ev) = begin(attempt_kind(op), source) else {
@@ -239,8 +265,8 @@ pub fn syscall_enter(source: Source, op: Op, a0: u64, a1: u64, a2: u64) {
     count(Counter::DropPendingFull);
 }
 
-/// Syscall exit (tracepoint sources): complete the parked attempt with its result and send it.
-/// False when no entry was parked (see `seccomp::unmatched_exit`).
+/// Syscall exit (tracepoint and kretprobe sources): complete the parked attempt with its result
+/// and send it. False when no entry was parked (see `seccomp::unmatched_exit`).
 #[inline(always)]
 pub fn syscall_exit<C: EbpfContext>(ctx: &C, ret: i64) -> bool {
     debug!(ctx, "module syscall returned {}", ret);
@@ -252,7 +278,7 @@ pub fn syscall_exit<C: EbpfContext>(ctx: &C, ret: i64) -> bool {
     let ev = unsafe { &mut *ev };
     ev.ret = ret;
     ev.end_ktime_ns = unsafe { bpf_ktime_get_ns() };
-    emit(ev);
+    crate::repeat::deliver(ev);
     if PENDING.remove(key).is_err() {
         count(Counter::ErrPendingRemove);
     }

@@ -108,6 +108,30 @@ pub fn unmatched_exit(source: Source, nr: u64, regs: Option<u64>, ret: i64) {
     }
 }
 
+/// An attempt seen only at its syscall's exit (the exit-only sources): whether a seccomp
+/// filter refused it. Rolled back registers (`ax == orig_ax`) mean RET_TRAP/RET_KILL (SIGSYS).
+/// An errno from a task under seccomp counts as refused only where the syscall itself can only
+/// fail with ENOSYS (no module support: the stubs return nothing else); where modules exist,
+/// a refusal cannot be told from a failure at the exit alone, and is not claimed.
+#[inline(always)]
+pub fn classify_exit_only(ev: &mut RawEvent, regs: u64, ret: i64) {
+    if conf!(seccomp_attempts) == 0 || conf!(task_seccomp_mode) == OFFSET_UNKNOWN || !confined() {
+        return;
+    }
+    let nr = read_ptr(regs, conf!(pt_regs_syscall_nr)).unwrap_or(u64::MAX);
+    if ret as u64 == nr {
+        mark_signalled();
+        ev.blocked_by = BlockedBy::Seccomp as u32;
+        ev.signal = conf!(sigsys);
+        ev.ret = 0;
+    } else if conf!(have_module_tracepoints) == 0 && ret != -ENOSYS {
+        ev.blocked_by = BlockedBy::Seccomp as u32;
+    }
+}
+
+/// ENOSYS, what a kernel without module support answers every module syscall with.
+const ENOSYS: i64 = 38;
+
 /// Remembers that this task's SIGSYS was reported (see [`SECCOMP_SIGNALLED`]).
 #[inline(always)]
 fn mark_signalled() {
@@ -136,7 +160,8 @@ fn report(source: Source, op: Op, regs: Option<u64>, ret: i64, signal: u32) {
     ev.ret = if signal != 0 { 0 } else { ret };
     // Only the end is seen: no duration.
     ev.end_ktime_ns = ev.ktime_ns;
-    emit(ev);
+    // A container looping on a refused insmod is aggregated like any repeated attempt.
+    crate::repeat::deliver(ev);
 }
 
 #[inline(always)]

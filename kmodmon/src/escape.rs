@@ -27,6 +27,13 @@ mod props;
 /// non-printing Unicode (bidi controls, zero-width and other invisible characters) becomes
 /// `\u{NNNN}`.
 pub fn escape_bytes(bytes: &[u8]) -> String {
+    // The usual case, checked a byte at a time: printable ASCII without a backslash.
+    if bytes
+        .iter()
+        .all(|&b| (0x20..0x7f).contains(&b) && b != b'\\')
+    {
+        return bytes.iter().map(|&b| b as char).collect();
+    }
     let mut out = String::with_capacity(bytes.len());
     for chunk in bytes.utf8_chunks() {
         for c in chunk.valid().chars() {
@@ -104,6 +111,10 @@ pub fn is_invisible(c: char) -> bool {
 /// and leaves everything else (backslashes included) as it is. Borrowed when nothing changes,
 /// which is always the case for text [`escape_bytes`] produced.
 pub fn sanitize(s: &str) -> Cow<'_, str> {
+    // The usual case, checked a byte at a time: printable ASCII.
+    if s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Cow::Borrowed(s);
+    }
     let Some(first) = s.find(is_unsafe) else {
         return Cow::Borrowed(s);
     };
@@ -231,7 +242,9 @@ fn event_strings_mut(ev: &mut Event, f: &mut dyn FnMut(&mut String)) {
 /// container and pod fields, detail...). Borrowed when nothing needs escaping (the usual case:
 /// decoding escaped everything from the kernel already).
 pub fn sanitize_event(ev: &Event) -> Cow<'_, Event> {
-    if !event_strs(ev).any(|s| s.contains(is_unsafe)) {
+    if !event_strs(ev)
+        .any(|s| !s.bytes().all(|b| (0x20..0x7f).contains(&b)) && s.contains(is_unsafe))
+    {
         return Cow::Borrowed(ev);
     }
     let mut owned = ev.clone();

@@ -202,7 +202,9 @@ impl Metrics {
     /// Counts an event that went through the pipeline (after enrichment and policy).
     pub fn event(&self, ev: &Event) {
         let verdict = ev.verdict.map_or("none", Verdict::as_str);
-        self.events.add([ev.kind.as_str(), verdict], 1);
+        // A repeat summary stands for `repeat` attempts, each seen by the kernel.
+        self.events
+            .add([ev.kind.as_str(), verdict], ev.repeat.unwrap_or(1));
         if ev.kind == Kind::Denied {
             self.denials.fetch_add(1, Relaxed);
         }
@@ -728,6 +730,11 @@ mod tests {
         m.event(&e);
         m.event(&e);
         m.event(&Event::synthetic(Kind::Denied, &Clock::new()));
+        // A repeat summary counts the attempts it stands for.
+        let mut r = Event::synthetic(Kind::UnloadAttempt, &Clock::new());
+        r.repeat = Some(41);
+        m.event(&r);
+        m.event(&Event::synthetic(Kind::UnloadAttempt, &Clock::new()));
         m.drop_events("ringbuf_full", 5);
         m.enrichment_miss("container \"x\"\n");
         m.audit.lost_queue_full.fetch_add(2, Relaxed);
@@ -737,6 +744,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("kmodmon_events_total{kind=\"denied\",verdict=\"none\"} 1\n"));
+        assert!(
+            text.contains("kmodmon_events_total{kind=\"unload_attempt\",verdict=\"none\"} 42\n"),
+            "{text}"
+        );
         assert!(text.contains("kmodmon_denials_total 1\n"));
         assert!(text.contains("kmodmon_drops_total{reason=\"ringbuf_full\"} 5\n"));
         assert!(

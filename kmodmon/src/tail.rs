@@ -49,9 +49,14 @@ pub struct TailArgs {
     /// Colour in human output.
     #[arg(long, value_enum, default_value_t = ColorChoice::Auto)]
     pub color: ColorChoice,
-    /// Do not use fexit even where BTF allows it (use syscall tracepoints instead).
+    /// Do not use fexit even where BTF allows it (use the next source in the chain).
     #[arg(long)]
     pub no_fexit: bool,
+    /// Identical attempts of one task (same syscall, arguments and result) closer than this
+    /// are aggregated in the kernel into repeat summaries; "0" reports every attempt on its
+    /// own [default: 1s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub repeat_window: Option<Duration>,
     /// Force the raw_syscalls fallback for attempts (for comparison and testing).
     #[arg(long)]
     pub force_raw_syscalls: bool,
@@ -114,6 +119,7 @@ async fn tail(args: TailArgs, filter: Filter) -> anyhow::Result<ExitCode> {
             cgroups_only: false,
             no_seccomp_attempts: args.no_seccomp_attempts,
             no_identity: args.no_identity,
+            repeat_window: args.repeat_window,
         },
         registry: RegistryOptions {
             modules_dir: args.modules_dir.clone(),

@@ -124,7 +124,8 @@ def check_daemonset(ds, configmaps, kmodmon):
             problem(f"{name}: {probe} must GET {path} on the metrics port {port}")
     ok(f"metrics on :{port}, readiness /ready, liveness /healthz")
 
-    # Host mounts kmodmon reads, read-only except the pins and the audit log.
+    # Host mounts kmodmon reads, read-only except the pins, the audit log and tracefs (the
+    # kretprobe events of the kprobe attempt source are created in its kprobe_events).
     required = {
         "/sys/fs/bpf": "/sys/fs/bpf",
         "/sys/kernel/tracing": "/sys/kernel/tracing",
@@ -137,7 +138,7 @@ def check_daemonset(ds, configmaps, kmodmon):
         if host not in by_host:
             problem(f"{name}: host path {host} is not mounted")
     for host, m in by_host.items():
-        writable = host in ("/sys/fs/bpf", "/var/lib/kmodmon")
+        writable = host in ("/sys/fs/bpf", "/var/lib/kmodmon", "/sys/kernel/tracing")
         if not writable and not m.get("readOnly"):
             problem(f"{name}: host path {host} must be mounted readOnly")
     if by_host.get("/sys/fs/bpf", {}).get("mountPropagation") != "HostToContainer":

@@ -78,7 +78,9 @@ fn sigkill_loop_leaves_a_verifiable_log_without_torn_or_duplicate_records() {
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 let n = issued.fetch_add(1, Ordering::Relaxed);
-                delete_module(&format!("kmodmon_daemon_{n}"));
+                // This process's pid in the name: another test run on the host must not look
+                // like a duplicate.
+                delete_module(&format!("kmodmon_daemon_{}_{n}", std::process::id()));
                 std::thread::sleep(Duration::from_micros(300));
             }
         })
@@ -119,7 +121,7 @@ fn sigkill_loop_leaves_a_verifiable_log_without_torn_or_duplicate_records() {
         .filter(|r| {
             r["module"]
                 .as_str()
-                .is_some_and(|m| m.starts_with("kmodmon_daemon_"))
+                .is_some_and(|m| m.starts_with(&format!("kmodmon_daemon_{}_", std::process::id())))
         })
         .collect();
     assert!(ours.len() > 20, "too few events recorded: {}", ours.len());

@@ -83,7 +83,8 @@ enum Task {
         refresh: bool,
     },
     /// Measure getppid overhead in the VM (every kernel unless one is named): no monitor,
-    /// kmodmon, kmodmon on raw_syscalls, auditd's module rule.
+    /// kmodmon, kmodmon on raw_syscalls, auditd's module rule; then syscall → JSON line
+    /// latency for a VM process and a runc container.
     VmBench {
         #[arg(long)]
         kernel: Option<String>,

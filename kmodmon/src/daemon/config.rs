@@ -29,6 +29,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/kmodmon/kmodmon.toml";
 /// no_fexit = false
 /// seccomp_attempts = true   # report module syscalls refused by seccomp
 /// no_identity = false   # true: no module image capture (sha256, .modinfo, signature)
+/// repeat_window = "1s"  # identical attempts aggregated in the kernel ("0s" = off)
 ///
 /// [policy]
 /// file = "/etc/kmodmon/policy.toml"
@@ -221,6 +222,10 @@ pub struct ProbeConfig {
     /// Report module syscalls a seccomp filter refused before they ran (default true).
     pub seccomp_attempts: bool,
     pub no_identity: bool,
+    /// Identical attempts of one task closer than this are aggregated in the kernel
+    /// (`None`: the default, 1 s; zero: off).
+    #[serde(deserialize_with = "duration_opt")]
+    pub repeat_window: Option<std::time::Duration>,
 }
 
 impl Default for ProbeConfig {
@@ -230,8 +235,18 @@ impl Default for ProbeConfig {
             force_raw_syscalls: false,
             seccomp_attempts: true,
             no_identity: false,
+            repeat_window: None,
         }
     }
+}
+
+fn duration_opt<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::time::Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -268,6 +283,11 @@ pub struct RunArgs {
     /// Do not capture module images: no content identity (sha256, .modinfo, signature).
     #[arg(long)]
     pub no_identity: bool,
+    /// Identical attempts of one task closer than this are aggregated in the kernel into
+    /// repeat summaries; "0" reports every attempt on its own [default: 1s, or
+    /// `[probe] repeat_window`].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub repeat_window: Option<std::time::Duration>,
     /// Audit records of attempts per second and cgroup before they are aggregated into
     /// `rate_limited` records; 0 turns the limit off [default: 20, or `[rate_limit] rate`].
     #[arg(long, value_name = "RATE")]
@@ -355,6 +375,9 @@ fn apply(file: FileConfig, args: &RunArgs, source: Option<PathBuf>) -> Effective
     probe.force_raw_syscalls |= args.force_raw_syscalls;
     probe.seccomp_attempts &= !args.no_seccomp_attempts;
     probe.no_identity |= args.no_identity;
+    if args.repeat_window.is_some() {
+        probe.repeat_window = args.repeat_window;
+    }
     Effective {
         audit: args.audit.apply(file.audit),
         metrics: args.metrics.clone().or(file.metrics.listen),
@@ -411,6 +434,13 @@ mod tests {
                 .probe
                 .seccomp_attempts
         );
+        assert_eq!(cfg.probe.repeat_window, None);
+        let cfg = parse("[probe]\nrepeat_window = \"250ms\"\n").unwrap();
+        assert_eq!(
+            cfg.probe.repeat_window,
+            Some(std::time::Duration::from_millis(250))
+        );
+        assert!(parse("[probe]\nrepeat_window = \"soon\"\n").is_err());
     }
 
     #[test]

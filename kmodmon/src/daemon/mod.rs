@@ -184,6 +184,7 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
             cgroups_only: false,
             no_seccomp_attempts: !cfg.probe.seccomp_attempts,
             no_identity: cfg.probe.no_identity,
+            repeat_window: cfg.probe.repeat_window,
         },
         registry: crate::host::RegistryOptions {
             state: (!cfg.state_dirs.is_empty())

@@ -45,7 +45,7 @@ pub mod pin {
     pub const CONTRACT: &str = "contract";
     /// The denied / would_deny ring: `events_v<CONTRACT_VERSION>`, so a daemon never reads a
     /// ring that programs of another record layout write.
-    pub const EVENTS: &str = "events_v4";
+    pub const EVENTS: &str = "events_v5";
     /// Every events ring pin name starts so (version 1 pinned it as plain `events`).
     pub const EVENTS_PREFIX: &str = "events";
 }

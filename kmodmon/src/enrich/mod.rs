@@ -436,7 +436,9 @@ impl Enricher {
 
     /// Events ready to go on, in order.
     pub fn take_ready(&mut self) -> Vec<Event> {
-        std::mem::take(&mut self.ready)
+        // Room for a batch kept, so a storm does not grow a new Vec from nothing each time.
+        let room = self.ready.len().clamp(16, 256);
+        std::mem::replace(&mut self.ready, Vec::with_capacity(room))
     }
 
     /// Registry changes since the last call, in order (for the enforcer).

@@ -161,11 +161,18 @@ impl Event {
             Some(r) if r < 0 => Some(errno_name((-r) as i32)),
             _ => None,
         };
-        let duration_ns =
-            (attempt && raw.end_ktime_ns > raw.ktime_ns).then(|| raw.end_ktime_ns - raw.ktime_ns);
+        // A repeat summary is dated by its last repeat; its first attempt was reported alone.
+        let repeat = (raw.repeat > 0).then_some(raw.repeat);
+        let duration_ns = (attempt && repeat.is_none() && raw.end_ktime_ns > raw.ktime_ns)
+            .then(|| raw.end_ktime_ns - raw.ktime_ns);
+        let ktime_ns = if repeat.is_some() {
+            raw.end_ktime_ns
+        } else {
+            raw.ktime_ns
+        };
         Ok(Event {
-            time: clock.rfc3339(raw.ktime_ns),
-            ktime_ns: raw.ktime_ns,
+            time: clock.rfc3339(ktime_ns),
+            ktime_ns,
             kind: Kind::from(kind),
             source: SourceName::from(source),
             module,
@@ -183,6 +190,9 @@ impl Event {
             blocked_by: BlockedBy::from_kernel(blocked_by),
             signal,
             duration_ns,
+            repeat,
+            first_time: repeat.map(|_| clock.rfc3339(raw.ktime_ns)),
+            last_time: repeat.map(|_| clock.rfc3339(raw.end_ktime_ns)),
             pid: raw.pid,
             tid: raw.tid,
             ppid: (raw.missing & missing::PPID == 0).then_some(raw.ppid),
@@ -276,6 +286,34 @@ mod tests {
         assert_eq!(e.truncated, vec!["module".to_string()]);
         assert_eq!(e.result, Some(0));
         assert_eq!(e.errno, None);
+    }
+
+    #[test]
+    fn a_repeat_summary_is_dated_by_its_last_repeat() {
+        let mut r = raw(EventKind::UnloadAttempt, Op::DeleteModule);
+        r.source = Source::SysExit as u32;
+        r.name[..1].copy_from_slice(b"x");
+        r.ret = -2;
+        r.repeat = 49_999;
+        r.ktime_ns = 1_000;
+        r.end_ktime_ns = 9_000;
+        let clock = Clock::new();
+        let e = Event::from_raw(&r, &clock).unwrap();
+        assert_eq!(e.repeat, Some(49_999));
+        assert_eq!(e.ktime_ns, 9_000);
+        assert_eq!(e.time, clock.rfc3339(9_000));
+        assert_eq!(e.first_time.as_deref(), Some(clock.rfc3339(1_000).as_str()));
+        assert_eq!(e.last_time.as_deref(), Some(e.time.as_str()));
+        assert_eq!(e.duration_ns, None, "not one syscall's duration");
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["repeat"], 49_999);
+        assert_eq!(json["source"], "sys_exit");
+        // An ordinary event has none of the three.
+        let e = Event::from_raw(&raw(EventKind::UnloadAttempt, Op::DeleteModule), &clock).unwrap();
+        let json = serde_json::to_value(&e).unwrap();
+        for k in ["repeat", "first_time", "last_time"] {
+            assert!(json.get(k).is_none(), "{k} in {json}");
+        }
     }
 
     #[test]

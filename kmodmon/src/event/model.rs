@@ -297,7 +297,8 @@ pub struct Ancestor {
 pub struct Event {
     /// Wall-clock time, RFC 3339 with nanoseconds, UTC.
     pub time: String,
-    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) when the event started.
+    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) when the event started (repeat
+    /// summaries: the last repeat).
     pub ktime_ns: u64,
     pub kind: Kind,
     pub source: SourceName,
@@ -345,6 +346,18 @@ pub struct Event {
     /// Syscall duration (attempts seen at entry and exit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ns: Option<u64>,
+    /// Repeat summaries only: this many attempts identical to the one reported at
+    /// `first_time` (same task, syscall, arguments and result, each within the repeat window
+    /// of the previous), aggregated in the kernel instead of reported one by one; `time` and
+    /// `ktime_ns` are the last one's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeat: Option<u64>,
+    /// Repeat summaries: when the burst's first attempt (reported on its own) was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_time: Option<String>,
+    /// Repeat summaries: when the last of the `repeat` attempts was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_time: Option<String>,
     pub pid: u32,
     pub tid: u32,
     pub ppid: Option<u32>,
@@ -442,6 +455,9 @@ impl Event {
             blocked_by: None,
             signal: None,
             duration_ns: None,
+            repeat: None,
+            first_time: None,
+            last_time: None,
             pid: std::process::id(),
             tid: std::process::id(),
             ppid: None,
@@ -522,6 +538,8 @@ mod tests {
                 "lsm",
                 "seccomp",
                 "task_exit",
+                "kprobe",
+                "sys_exit",
                 "kmodmon"
             ]
         );

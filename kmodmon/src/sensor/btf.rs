@@ -266,6 +266,7 @@ impl KernelBtf {
         cfg.pt_regs_syscall_nr = syscall_nr_offset(&mut get);
         cfg.task_group_leader = get("task_struct", "group_leader");
         cfg.task_start_boottime = get("task_struct", "start_boottime");
+        cfg.task_start_time = get("task_struct", "start_time");
         cfg.task_comm = get("task_struct", "comm");
         missing
     }
@@ -436,6 +437,7 @@ mod tests {
         for (s, m) in [
             ("task_struct", "real_parent"),
             ("task_struct", "tgid"),
+            ("task_struct", "start_time"),
             ("task_struct", "files"),
             ("files_struct", "fdt"),
             ("fdtable", "fd"),

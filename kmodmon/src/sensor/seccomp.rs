@@ -65,7 +65,6 @@ pub fn configure(
     };
     config.task_stack = off("task_struct", "stack");
     config.task_exit_code = off("task_struct", "exit_code");
-    config.task_start_time = off("task_struct", "start_time");
     config.pt_regs_ret = ret_offset(btf);
     config.seccomp_filter_nargs = btf.func_param_count(FILTER_FUNC).unwrap_or(0);
     config.user_regs = if btf.has_enumerator("bpf_func_id", "BPF_FUNC_task_pt_regs")

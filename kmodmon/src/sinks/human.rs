@@ -142,6 +142,14 @@ fn container_text(ev: &Event) -> String {
         let _ = write!(s, " params=\"{}\"", unquote(p));
     }
     let mut rest = String::new();
+    if let (Some(n), Some(first)) = (ev.repeat, &ev.first_time) {
+        let _ = write!(
+            rest,
+            " repeated {n} more time{} since {}",
+            if n == 1 { "" } else { "s" },
+            time_of_day(first)
+        );
+    }
     if !ev.modules.is_empty() {
         let _ = write!(rest, " modules={}", ev.modules.join(","));
     }
@@ -277,6 +285,19 @@ mod tests {
         assert!(l.contains(&format!("{}…", "m".repeat(47))), "{l}");
         assert!(!l.contains(&"m".repeat(48)));
         assert!(l.ends_with("host params=\"a=1\""), "{l}");
+    }
+
+    #[test]
+    fn a_repeat_summary_says_how_many_and_since_when() {
+        let mut e = attempt();
+        e.repeat = Some(49_999);
+        e.first_time = Some("2026-11-22T13:25:54.000000001Z".into());
+        e.last_time = Some(e.time.clone());
+        let l = line(&e, Style { color: false });
+        assert!(
+            l.ends_with("host repeated 49999 more times since 13:25:54.000"),
+            "{l}"
+        );
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! Load generator for `cargo xtask bench` (not a test):
 //!   kmodmon-load getppid N          → ns per getppid() over N calls
-//!   kmodmon-load storm THREADS N    → THREADS threads × N delete_module attempts; prints
+//!   kmodmon-load storm THREADS N [distinct] → THREADS threads × N delete_module attempts
+//!                                     (each a distinct name with `distinct`); prints
 //!                                     "attempts=<total> seconds=<s> rate=<attempts/s>"
-//!   kmodmon-load paced N MICROS NAME → N delete_module(NAME) attempts, one every MICROS µs
+//!   kmodmon-load paced N MICROS PREFIX → N delete_module(PREFIX_<i>) attempts, one every
+//!                                     MICROS µs
 //!   kmodmon-load seccomp ACTION CMD [ARGS...] → runs CMD under a seccomp filter that answers
 //!                                     init_module, finit_module and delete_module with ACTION
 //!                                     (errno[:N], kill-thread, kill-process, trap) and allows
@@ -33,14 +35,20 @@ fn main() {
         Some("storm") => {
             let threads = num(2, 4);
             let n = num(3, 50_000);
+            let distinct = args.get(4).is_some_and(|a| a == "distinct");
             let name = c"kmodmon_bench_storm";
             let start = Instant::now();
             let handles: Vec<_> = (0..threads)
-                .map(|_| {
+                .map(|t| {
                     std::thread::spawn(move || {
-                        for _ in 0..n {
+                        for i in 0..n {
+                            let each = distinct.then(|| {
+                                std::ffi::CString::new(format!("kmodmon_bench_distinct_{t}_{i}"))
+                                    .unwrap_or_default()
+                            });
+                            let p = each.as_deref().unwrap_or(name).as_ptr();
                             // SAFETY: a valid NUL-terminated name; the call only reads it.
-                            unsafe { libc::syscall(libc::SYS_delete_module, name.as_ptr(), 0) };
+                            unsafe { libc::syscall(libc::SYS_delete_module, p, 0) };
                         }
                     })
                 })
@@ -58,14 +66,14 @@ fn main() {
         Some("paced") => {
             let n = num(2, 1000);
             let gap = std::time::Duration::from_micros(num(3, 1000));
-            let name = std::ffi::CString::new(
-                args.get(4)
-                    .cloned()
-                    .unwrap_or_else(|| "kmodmon_bench_paced".to_string()),
-            )
-            .unwrap_or_default();
+            let prefix = args
+                .get(4)
+                .cloned()
+                .unwrap_or_else(|| "kmodmon_bench_paced".to_string());
             let mut next = Instant::now();
-            for _ in 0..n {
+            for i in 0..n {
+                // A name of its own each: identical attempts would be aggregated.
+                let name = std::ffi::CString::new(format!("{prefix}_{i}")).unwrap_or_default();
                 // SAFETY: a valid NUL-terminated name; the call only reads it.
                 unsafe { libc::syscall(libc::SYS_delete_module, name.as_ptr(), 0) };
                 next += gap;
@@ -135,7 +143,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: kmodmon-load getppid N | storm THREADS N | paced N MICROS NAME | \
+                "usage: kmodmon-load getppid N | storm THREADS N [distinct] | paced N MICROS PREFIX | \
                  seccomp ACTION CMD [ARGS...] | delete NAME | finit PATH [PARAMS] | thread-delete NAME"
             );
             std::process::exit(2);

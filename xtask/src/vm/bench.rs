@@ -19,6 +19,8 @@ pub struct Samples {
     pub notes: Vec<String>,
     /// mode → CPU clock ticks the monitor itself used during the loops (all rounds).
     pub monitor_ticks: BTreeMap<String, u64>,
+    /// Latency source (host, runc) → rounds of (p50 µs, p99 µs).
+    pub latency: BTreeMap<String, Vec<(f64, f64)>>,
 }
 
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
@@ -48,6 +50,16 @@ pub fn parse(lines: &[String]) -> Samples {
             let ticks = field(rest, "ticks").and_then(|t| t.parse::<u64>().ok());
             if let (Some(m), Some(t)) = (mode, ticks) {
                 *s.monitor_ticks.entry(m.to_string()).or_default() += t;
+            }
+        } else if let Some(rest) = line.strip_prefix("BENCH-LAT ") {
+            let src = field(rest, "source");
+            let p50 = field(rest, "p50").and_then(|v| v.parse::<f64>().ok());
+            let p99 = field(rest, "p99").and_then(|v| v.parse::<f64>().ok());
+            match (src, p50, p99) {
+                (Some(src), Some(a), Some(b)) if a.is_finite() && b.is_finite() => {
+                    s.latency.entry(src.to_string()).or_default().push((a, b));
+                }
+                _ => s.notes.push(format!("no latency: {line}")),
             }
         } else if line.starts_with("BENCH-INFO ") || line.starts_with("BENCH-ERROR ") {
             s.notes.push(line.clone());
@@ -79,8 +91,8 @@ pub struct Row {
     /// Median over rounds of (this mode's mean / its baseline's mean in the same round): the
     /// baseline is "none", or "none+seccomp" for the modes measured under seccomp.
     pub paired_ratio: Option<f64>,
-    /// The smallest and largest of those per-round ratios.
-    pub ratio_range: Option<(f64, f64)>,
+    /// The smallest and largest per-round ratio.
+    pub paired_range: Option<(f64, f64)>,
     /// Fastest chunk over all rounds, ns per call: the cost without host interference.
     pub best: Option<f64>,
     /// best / best of "none".
@@ -115,17 +127,17 @@ impl Samples {
                 .iter()
                 .filter_map(|(r, (ns, _))| baseline.and_then(|n| n.get(r)).map(|base| ns / base.0))
                 .collect();
-            let range = ratios
-                .iter()
-                .copied()
-                .min_by(f64::total_cmp)
-                .zip(ratios.iter().copied().max_by(f64::total_cmp));
             let best = fastest(rounds);
             rows.push(Row {
                 mode: mode.clone(),
                 mean,
+                paired_range: (!ratios.is_empty()).then(|| {
+                    (
+                        ratios.iter().copied().fold(f64::INFINITY, f64::min),
+                        ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                    )
+                }),
                 paired_ratio: median(ratios),
-                ratio_range: range,
                 best,
                 best_ratio: best.zip(baseline.and_then(fastest)).map(|(b, n)| b / n),
             });
@@ -147,18 +159,36 @@ pub fn vm_bench(kernel: Option<&str>, seccomp: bool, icount: bool) -> Result<()>
     let script = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     let p = prepare(kernel, true)?;
     let mut env = Vec::new();
-    for var in ["KMODMON_BENCH_CALLS", "KMODMON_BENCH_ROUNDS"] {
+    for var in [
+        "KMODMON_BENCH_CALLS",
+        "KMODMON_BENCH_ROUNDS",
+        "KMODMON_BENCH_LAT_N",
+        "KMODMON_BENCH_LAT_ROUNDS",
+    ] {
         if let Ok(v) = std::env::var(var) {
             env.push((var, v));
         }
     }
+    let cfg = VmConfig {
+        qemu_args: if icount {
+            vec!["-icount".into(), "shift=0".into()]
+        } else {
+            Vec::new()
+        },
+        // A run with icount takes longer in wall time.
+        timeout: VmConfig::default()
+            .timeout
+            .max(std::time::Duration::from_secs(1800)),
+        ..VmConfig::default()
+    };
+    let clock = if icount {
+        "QEMU -icount shift=0: instruction-counted guest time (a cost model, repeatable)"
+    } else {
+        "QEMU TCG wall clock (noisy on a shared host)"
+    };
     // One VM at a time: two TCG guests on this machine's cores would disturb each other.
     for k in &p.kernels {
-        eprintln!("xtask vm-bench: {}", k.label());
-        let cfg = VmConfig {
-            icount,
-            ..VmConfig::default()
-        };
+        eprintln!("xtask vm-bench: {} ({clock})", k.label());
         let (vm, dir) = run_script_env(&p, k, "bench", &script, &cfg, &env)?;
         if let Some(why) = vm.failure() {
             bail!(
@@ -176,18 +206,12 @@ pub fn vm_bench(kernel: Option<&str>, seccomp: bool, icount: bool) -> Result<()>
             );
         }
         println!(
-            "\nvm-bench on {}{}: getppid ns per call (mean: median of rounds; vs none: median of \
-             the per-round ratios to no monitor for the same task, min–max; best: fastest chunk)",
-            k.label(),
-            if icount {
-                " (instruction-counted: 1 ns = 1 instruction)"
-            } else {
-                ""
-            }
+            "\nvm-bench on {} [{clock}]: getppid ns per call (mean: median of rounds; vs none: median of per-round ratios; best: fastest chunk)",
+            k.label()
         );
         println!(
-            "  {:<20} {:>8} {:>8} {:>17} {:>9} {:>8}  monitor CPU",
-            "mode", "mean", "vs none", "min–max", "best", "vs none"
+            "  {:<20} {:>8} {:>8} {:>15} {:>9} {:>8}  monitor CPU",
+            "mode", "mean", "vs none", "(min–max)", "best", "vs none"
         );
         for row in samples.table() {
             let cpu = samples
@@ -200,14 +224,13 @@ pub fn vm_bench(kernel: Option<&str>, seccomp: bool, icount: bool) -> Result<()>
             } else {
                 (
                     percent(row.paired_ratio),
-                    row.ratio_range.map_or("-".to_string(), |(lo, hi)| {
-                        format!("{}–{}", percent(Some(lo)), percent(Some(hi)))
-                    }),
+                    row.paired_range
+                        .map_or("-".into(), |(a, b)| format!("({a:.2}–{b:.2})")),
                     percent(row.best_ratio),
                 )
             };
             println!(
-                "  {:<20} {:>8.1} {:>8} {:>17} {:>9} {:>8}  {cpu}",
+                "  {:<20} {:>8.1} {:>8} {:>15} {:>9} {:>8}  {cpu}",
                 row.mode,
                 row.mean,
                 paired,
@@ -225,6 +248,18 @@ pub fn vm_bench(kernel: Option<&str>, seccomp: bool, icount: bool) -> Result<()>
             })
             .collect();
         println!("  mean per round: {}", rounds.join("; "));
+        for (src, v) in &samples.latency {
+            let p50: Vec<f64> = v.iter().map(|x| x.0).collect();
+            let p99: Vec<f64> = v.iter().map(|x| x.1).collect();
+            println!(
+                "  latency syscall → JSON line, {src}: p50 {} µs, p99 {} µs (median over {} rounds; min–max p99 {:.0}–{:.0})",
+                median(p50).map_or("-".into(), |m| format!("{m:.0}")),
+                median(p99.clone()).map_or("-".into(), |m| format!("{m:.0}")),
+                v.len(),
+                p99.iter().copied().fold(f64::INFINITY, f64::min),
+                p99.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            );
+        }
         for note in &samples.notes {
             println!("  {note}");
         }
@@ -250,6 +285,8 @@ mod tests {
             "BENCH-INFO mode=kmodmon attempts: fexit",
             "BENCH-CPU mode=kmodmon round=1 ticks=2",
             "BENCH-CPU mode=kmodmon round=2 ticks=1",
+            "BENCH-LAT source=runc round=1 p50=120.5 p99=900.0 n=400",
+            "BENCH-LAT source=runc round=2 p50=NaN p99=NaN n=0",
             "noise",
             "BENCH mode=none round=x ns=1",
         ]
@@ -257,7 +294,8 @@ mod tests {
         .map(|s| s.to_string())
         .collect();
         let s = parse(&lines);
-        assert_eq!(s.notes.len(), 2);
+        assert_eq!(s.notes.len(), 3);
+        assert_eq!(s.latency["runc"], vec![(120.5, 900.0)]);
         assert_eq!(s.monitor_ticks["kmodmon"], 3);
         let t = s.table();
         let modes: Vec<&str> = t.iter().map(|r| r.mode.as_str()).collect();
@@ -268,14 +306,14 @@ mod tests {
         );
         // kmodmon ratios 1.01, 1.02, 1.0 → median 1.01; best 91.8 vs 90 → +2%
         assert!((t[1].paired_ratio.unwrap() - 1.01).abs() < 1e-9);
+        let (lo, hi) = t[1].paired_range.unwrap();
+        assert!((lo - 1.0).abs() < 1e-9 && (hi - 1.02).abs() < 1e-9);
         assert!((t[1].best_ratio.unwrap() - 1.02).abs() < 1e-9);
         assert_eq!(t[2].mean, 225.0);
         assert!((t[2].paired_ratio.unwrap() - 1.5).abs() < 1e-9);
         assert_eq!(t[2].best, Some(140.0));
         assert_eq!(percent(Some(1.5)), "+50.0%");
         assert_eq!(percent(None), "-");
-        let (lo, hi) = t[1].ratio_range.unwrap();
-        assert!((lo - 1.0).abs() < 1e-9 && (hi - 1.02).abs() < 1e-9);
     }
 
     #[test]
@@ -301,7 +339,7 @@ mod tests {
         );
         // kmodmon+seccomp: 300/200 = 1.5 and 200/200 = 1.0 → median 1.25, range 1.0–1.5.
         assert!((t[3].paired_ratio.unwrap() - 1.25).abs() < 1e-9);
-        assert_eq!(t[3].ratio_range, Some((1.0, 1.5)));
+        assert_eq!(t[3].paired_range, Some((1.0, 1.5)));
         assert!((t[3].best_ratio.unwrap() - 1.5).abs() < 1e-9);
         assert!((t[1].paired_ratio.unwrap() - 1.005).abs() < 1e-9);
     }

@@ -25,6 +25,8 @@ pub struct VmConfig {
     /// instruction executed, so timings inside are deterministic instruction counts (a cost
     /// model for comparing mechanisms, not wall time), free of the host's load.
     pub icount: bool,
+    /// Extra qemu arguments (e.g. `-icount shift=0` for a deterministic instruction clock).
+    pub qemu_args: Vec<String>,
 }
 
 impl Default for VmConfig {
@@ -39,6 +41,7 @@ impl Default for VmConfig {
             echo: false,
             append: String::new(),
             icount: false,
+            qemu_args: Vec::new(),
         }
     }
 }
@@ -168,7 +171,8 @@ pub fn command(kernel: &Kernel, initrd: &Path, console_log: &Path, cfg: &VmConfi
             "chardev:data",
         ])
         .arg("-serial")
-        .arg(format!("file:{}", console_log.display()));
+        .arg(format!("file:{}", console_log.display()))
+        .args(&cfg.qemu_args);
     if cfg.icount {
         cmd.args(["-icount", "shift=0"]);
     }

@@ -37,6 +37,7 @@ const SELF_CHECKING: &[&str] = &[
     "cgroup-v1",
     "seccomp",
     "identity",
+    "storm",
 ];
 
 /// tests/vm/NN-*.sh, in order.
