@@ -87,6 +87,9 @@ impl<'a> Reader<'a> {
         };
         let mut best = 0;
         meta.merge(p, config, runtime, 1, &mut best);
+        // The pod's annotations too (cri-o keeps them with the sandbox): a bundle read before
+        // the runtime wrote its state declares what the state would.
+        self.add_crio_pod(&mut meta);
         meta.finish();
         Some(meta)
     }
