@@ -124,13 +124,15 @@ fn ret_offset(_btf: &KernelBtf) -> u32 {
     OFFSET_UNKNOWN
 }
 
-/// Whether `attempts` already takes the syscall-exit record of refused calls.
+/// Whether `attempts` already takes the syscall-exit record of refused calls (the tracepoint
+/// pairs: an exit without an entry; the exit-only sources: every exit).
 pub fn sees_exit_records(attempts: AttemptSource) -> bool {
     matches!(
         attempts,
         AttemptSource::SyscallTracepoint
             | AttemptSource::RawTracepoint
             | AttemptSource::RawSyscalls
+            | AttemptSource::BtfSysExit
     )
 }
 
