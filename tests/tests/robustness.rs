@@ -303,8 +303,9 @@ fn audit_lost(metrics: &str) -> u64 {
         .sum()
 }
 
-/// The daemon's JSON summary at exit → dropped + in flight + unread (events the kernel saw
-/// that never reached the sinks).
+/// The daemon's JSON summary at exit → events the kernel saw that never reached the sinks,
+/// each counted: dropped in the kernel, in flight or unread at exit, and lost between the ring
+/// and the sinks (the reader's queue full, undecodable, the sink thread gone).
 fn not_delivered(log: &[String]) -> u64 {
     let summary = log
         .iter()
@@ -319,7 +320,12 @@ fn not_delivered(log: &[String]) -> u64 {
             .as_u64()
             .unwrap_or_else(|| panic!("{k} in {summary}"))
     };
-    n("dropped") + n("in_flight") + n("unread")
+    n("dropped")
+        + n("in_flight")
+        + n("unread")
+        + n("queue_full")
+        + n("undecodable")
+        + n("sinks_gone")
 }
 
 /// A small tmpfs, unmounted on drop.
