@@ -273,6 +273,8 @@ pub struct RunArgs {
     pub force_raw_syscalls: bool,
     /// Do not report module syscalls that a seccomp filter refused before they ran (saves
     /// the cost seccomp-confined tasks pay for it on kernels where attempts come from fexit).
+    /// Where attempts come from the syscall exit alone (source sys_exit) they are still
+    /// reported as failed attempts, without blocked_by.
     #[arg(long)]
     pub no_seccomp_attempts: bool,
     /// Runtime state kept outside the runtime's default place, as KIND=DIR (repeatable; adds
