@@ -1,6 +1,7 @@
 //! The kernel side's per-CPU counters.
 
-/// What a counter counts, for the accounting `seen == delivered + dropped + in_flight` and for
+/// What a counter counts, for the accounting
+/// `seen == delivered + aggregated + dropped + in_flight` and for
 /// what the exit summary and metrics list.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CounterCategory {
@@ -8,6 +9,9 @@ pub enum CounterCategory {
     Seen,
     /// One module event lost (each loss increments exactly one).
     EventDrop,
+    /// One attempt aggregated in the kernel into the repeat count of an identical attempt
+    /// delivered just before (reported by repeat records, see `kmodmon_common::repeat`).
+    Aggregated,
     /// One cgroup mkdir/rmdir record lost (not a module event).
     CgroupDrop,
     /// A failed read or helper call: the event still went out, with the field marked missing.
@@ -53,20 +57,47 @@ contract_enum! {
     ErrPendingRemove = 15 => "pending_remove_failed", CounterCategory::Error;
     /// denied / would_deny decisions taken by the LSM programs.
     PolicyDecision = 16 => "policy_decision", CounterCategory::Other;
+    /// A seccomp-refused attempt whose task's saved user registers could not be located: the
+    /// event went out without its arguments.
+    ErrUserRegs = 17 => "user_regs_failed", CounterCategory::Error;
+    /// Remembering that a task's refused attempt was already reported failed: if that task
+    /// then dies of SIGSYS, its exit reports the attempt a second time.
+    ErrSeccompMark = 18 => "seccomp_mark_failed", CounterCategory::Error;
+    /// Module images captured for identity (one per load_module or init_module image).
+    IdentityCaptured = 19 => "identity_captured", CounterCategory::Other;
+    /// An image capture lost chunks (or its header) to a full IMAGES ring: no hash.
+    IdentityRingFull = 20 => "identity_ring_full", CounterCategory::Error;
+    /// An image larger than the capture limit: no hash.
+    IdentityTooLarge = 21 => "identity_too_large", CounterCategory::Error;
+    /// Reading an image (or its pointer) out of kernel memory failed: no hash.
+    IdentityReadFailed = 22 => "identity_read_failed", CounterCategory::Error;
+    /// The map that keeps init_module images from being captured twice refused an update.
+    IdentityMapFailed = 23 => "identity_map_failed", CounterCategory::Error;
+    /// An attempt identical to the previous one of the same task (same syscall, arguments
+    /// and result, within the repeat window): counted into its burst instead of sent.
+    Aggregated = 24 => "aggregated", CounterCategory::Aggregated;
+    /// Repeat records sent (a burst's count so far, or at its end).
+    RepeatRecord = 25 => "repeat_records", CounterCategory::Other;
+    /// A repeat record was due but the ring buffer was full: the burst stays open and is
+    /// reported later (by a later record or userspace's sweep), nothing is lost.
+    RepeatRecordDeferred = 26 => "repeat_record_deferred", CounterCategory::Other;
+    /// A delivered attempt could not open a burst (the repeat map was full): identical
+    /// attempts after it are delivered one by one.
+    RepeatMapFull = 27 => "repeat_map_full", CounterCategory::Other;
     /// LSM: a restricted decision that an unmapped container cgroup got from its name or its
     /// parent's (`[unselected]` before kmodmon mapped it).
-    LsmNameRule = 17 => "lsm_name_rule", CounterCategory::Other;
+    LsmNameRule = 28 => "lsm_name_rule", CounterCategory::Other;
     /// LSM: a crypto manager thread judged by the decision of the task that asked for the
     /// algorithm.
-    LsmCryptoInherited = 18 => "lsm_crypto_inherited", CounterCategory::Other;
+    LsmCryptoInherited = 29 => "lsm_crypto_inherited", CounterCategory::Other;
     /// LSM: recording a task's `crypto-*` request for the crypto manager's threads failed.
-    LsmCryptoRecordFailed = 19 => "lsm_crypto_record_failed", CounterCategory::Error;
+    LsmCryptoRecordFailed = 30 => "lsm_crypto_record_failed", CounterCategory::Error;
     /// LSM: stashing a load's decision and file for its later hooks failed.
-    LsmStashFailed = 20 => "lsm_stash_failed", CounterCategory::Error;
+    LsmStashFailed = 31 => "lsm_stash_failed", CounterCategory::Error;
     /// LSM: the task's cgroup could not be read: the `[unselected]` decision applied.
-    LsmCgroupUnreadable = 21 => "lsm_cgroup_unreadable", CounterCategory::Error;
+    LsmCgroupUnreadable = 32 => "lsm_cgroup_unreadable", CounterCategory::Error;
     /// LSM: a load's later hook found no decision from its first hook: `[unselected]` applied.
-    LsmStashMissed = 22 => "lsm_stash_missed", CounterCategory::Error;
+    LsmStashMissed = 33 => "lsm_stash_missed", CounterCategory::Error;
 }
 
 /// Slots of the `COUNTERS` map.
@@ -81,6 +112,11 @@ impl Counter {
     /// Counters that each stand for one module event seen.
     pub const fn is_seen(self) -> bool {
         matches!(self.category(), CounterCategory::Seen)
+    }
+
+    /// Counters that each stand for one attempt aggregated into a repeat count.
+    pub const fn is_aggregated(self) -> bool {
+        matches!(self.category(), CounterCategory::Aggregated)
     }
 }
 

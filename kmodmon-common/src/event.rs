@@ -17,6 +17,8 @@ pub const PATH_LEN: usize = PATH_SLOTS * PATH_COMPONENT_LEN;
 pub const PATH_MAX_STEPS: usize = 16;
 /// `comm` length (TASK_COMM_LEN).
 pub const COMM_LEN: usize = 16;
+/// How many of the task's ancestors (parent first) each event records.
+pub const ANCESTORS: usize = 4;
 
 /// The kinds of event the kernel side records, one row each (`Variant = value => "name";`).
 /// Calls `$callback! { HEAD ROWS }`: [`EventKind`] is built from it here, and kmodmon's output
@@ -80,6 +82,19 @@ macro_rules! sources {
             RawSyscalls = 4 => "raw_syscalls";
             /// BPF LSM hooks (policy enforcement).
             Lsm = 5 => "lsm";
+            /// fexit on the kernel's seccomp filter function (`__seccomp_filter`): module
+            /// syscalls a seccomp filter refused, on kernels whose attempt source never sees
+            /// them (fexit on the syscall functions).
+            Seccomp = 6 => "seccomp";
+            /// The task's exit (raw tracepoint `sched_process_exit`): a task killed by SIGSYS
+            /// in a module syscall (seccomp RET_KILL), where no other record exists.
+            TaskExit = 7 => "task_exit";
+            /// kprobe on the syscall's kernel function (entry) and a tracefs kretprobe with an
+            /// explicit maxactive (return): no cost to other syscalls where fexit is refused.
+            Kprobe = 8 => "kprobe";
+            /// The syscall-exit hook alone (tp_btf, else a raw tracepoint, on sys_exit): the
+            /// number, arguments and result from the task's saved registers.
+            SysExit = 9 => "sys_exit";
         }
     };
 }
@@ -110,6 +125,16 @@ syscall_ops!(contract_enum! {
     None = 0 => "none";
 });
 
+contract_enum! {
+    /// What refused an attempt before the syscall ran ([`RawEvent::blocked_by`]).
+    pub enum BlockedBy;
+    /// Nothing: the syscall ran (its result is the kernel's).
+    None = 0 => "none";
+    /// A seccomp filter (RET_ERRNO, RET_TRAP, RET_KILL_*, or a tracer / user-notification
+    /// supervisor answering for it): the result is what the filter made the caller see.
+    Seccomp = 1 => "seccomp";
+}
+
 /// Bits of [`RawEvent::truncated`] and friends.
 pub mod trunc {
     pub const NAME: u32 = 1 << 0;
@@ -124,6 +149,34 @@ pub mod missing {
     pub const PATH: u32 = 1 << 2;
     pub const PPID: u32 = 1 << 3;
     pub const RESULT: u32 = 1 << 4;
+    /// A cgroup v1 hierarchy is configured but the task's cgroup in it could not be read.
+    pub const CGROUP_V1: u32 = 1 << 5;
+}
+
+/// One ancestor of the task that caused an event, as the kernel saw it when the event began.
+/// Userspace matches it to `/proc/<tgid>` by its start time, so a reused pid is never taken
+/// for it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RawAncestor {
+    /// The process's start (its thread-group leader's `start_boottime`, CLOCK_BOOTTIME ns):
+    /// `/proc/<tgid>/stat` field 22 is this in clock ticks.
+    pub start_boottime_ns: u64,
+    pub tgid: u32,
+    pub _reserved: u32,
+    /// The thread-group leader's `comm`.
+    pub comm: [u8; COMM_LEN],
+}
+
+impl RawAncestor {
+    pub const fn zeroed() -> Self {
+        Self {
+            start_boottime_ns: 0,
+            tgid: 0,
+            _reserved: 0,
+            comm: [0; COMM_LEN],
+        }
+    }
 }
 
 /// What decided a denied / would_deny (see [`crate::policy`]), one row each (see
@@ -258,6 +311,29 @@ pub struct RawEvent {
     /// `.modinfo` gives when it differs from its `struct module` ([`lsm::MODINFO_MISMATCH`]).
     pub params: [u8; PARAMS_LEN],
     pub path: [u8; PATH_LEN],
+    /// 0 for an event. Non-zero: a repeat record (see [`crate::repeat`]) standing for identical
+    /// attempts aggregated in the kernel: this many of them in the burst that began with the
+    /// attempt delivered at `ktime_ns`, counted since that attempt (cumulative); the last of
+    /// them at `end_ktime_ns`.
+    pub repeat: u64,
+    /// Repeat records: 1 when the burst has ended (no later record for it follows).
+    pub repeat_final: u32,
+    /// Always 0.
+    pub _reserved3: u32,
+    /// The task's cgroup in the cgroup v1 hierarchy userspace chose
+    /// (`Config::cgroup_v1_ssid`): its kernfs id, which is the directory's inode number in that
+    /// hierarchy's mount. 0 when no v1 hierarchy is configured or it could not be read.
+    pub cgroup_v1_id: u64,
+    /// Entries of `ancestors` filled (the walk stops at pid 1 or the idle task).
+    pub ancestors_len: u32,
+    pub _reserved2: u32,
+    /// The task's parent, grandparent, ... (see [`RawAncestor`]).
+    pub ancestors: [RawAncestor; ANCESTORS],
+    /// [`BlockedBy`] as u32: what refused the attempt before the syscall ran.
+    pub blocked_by: u32,
+    /// The signal the caller got instead of a result (SIGSYS: seccomp RET_TRAP / RET_KILL),
+    /// else 0; `ret` is then meaningless.
+    pub signal: u32,
 }
 
 impl RawEvent {
@@ -293,6 +369,15 @@ impl RawEvent {
             name: [0; NAME_LEN],
             params: [0; PARAMS_LEN],
             path: [0; PATH_LEN],
+            cgroup_v1_id: 0,
+            ancestors_len: 0,
+            _reserved2: 0,
+            ancestors: [RawAncestor::zeroed(); ANCESTORS],
+            blocked_by: 0,
+            signal: 0,
+            repeat: 0,
+            repeat_final: 0,
+            _reserved3: 0,
         }
     }
 }
@@ -301,10 +386,23 @@ impl RawEvent {
 /// must not leak uninitialised memory into a record, and userspace reads it field by field).
 const _: () = {
     use core::mem::{offset_of, size_of};
-    let fields_end = offset_of!(RawEvent, path) + PATH_LEN;
+    let fields_end = offset_of!(RawEvent, signal) + 4;
     assert!(fields_end == size_of::<RawEvent>());
+    // The repeat fields right after the strings: kmodmon-ebpf repeat.rs skips those words.
+    assert!(offset_of!(RawEvent, repeat) == offset_of!(RawEvent, path) + PATH_LEN);
+    assert!(offset_of!(RawEvent, cgroup_v1_id) == offset_of!(RawEvent, repeat) + 16);
+    assert!(
+        offset_of!(RawEvent, blocked_by)
+            == offset_of!(RawEvent, ancestors) + ANCESTORS * size_of::<RawAncestor>()
+    );
+    assert!(size_of::<RawAncestor>() == 8 + 4 + 4 + COMM_LEN);
     // The size the ring buffer's sizing comment (kmodmon-ebpf maps.rs) assumes.
-    assert!(size_of::<RawEvent>() == 1008);
+    assert!(size_of::<RawEvent>() == 1176);
+    // kmodmon-ebpf compares attempts word by word and zeroes the strings as one block.
+    assert!(size_of::<RawEvent>().is_multiple_of(8));
+    assert!(offset_of!(RawEvent, name).is_multiple_of(8));
+    assert!(offset_of!(RawEvent, params) == offset_of!(RawEvent, name) + NAME_LEN);
+    assert!(offset_of!(RawEvent, path) == offset_of!(RawEvent, params) + PARAMS_LEN);
     assert!(offset_of!(RawEvent, ktime_ns) == 14 * 4);
     assert!(offset_of!(RawEvent, comm) == 14 * 4 + 6 * 8 + 6 * 4);
 };

@@ -16,33 +16,43 @@ pub mod macros;
 /// Version of the layouts shared with programs that outlive kmodmon: [`RawEvent`] and the
 /// policy maps ([`policy`]), which the pinned LSM programs write and read. Bump it with every
 /// change to them. kmodmon stores it beside its pins and replaces (never adopts) pinned
-/// programs of another version; version 1 was the layout before versions were stored.
-/// Version 3: RawEvent grew `decided_by`, `named_by`, `lsm_flags`, `decided_at`; the policy maps
-/// gained container parents, prefix rules, the crypto-requester and file stash maps, the
-/// acknowledgement array and the pinned counters.
-pub const CONTRACT_VERSION: u32 = 3;
+/// programs of another version; version 1 was the layout before versions were stored; 3 and 4
+/// added the cgroup v1 id, the ancestors, `blocked_by` and `signal` to [`RawEvent`]; 5 the
+/// repeat fields; 6 `decided_by`, `named_by`, `lsm_flags` and `decided_at` in [`RawEvent`],
+/// and the policy maps' container parents, prefix rules, crypto-requester and load stash maps,
+/// acknowledgement array and pinned counters.
+pub const CONTRACT_VERSION: u32 = 6;
 
 pub mod cgroup;
 pub mod config;
 pub mod counter;
 pub mod event;
+pub mod identity;
 pub mod modname;
 pub mod names;
 pub mod policy;
+pub mod repeat;
 
-pub use cgroup::{CGROUP_MKDIR, CGROUP_PATH_LEN, CGROUP_RMDIR, RawCgroupEvent};
-pub use config::{Config, Field, OFFSET_UNKNOWN};
+pub use cgroup::{
+    CGROUP_DFL_HIERARCHY, CGROUP_MKDIR, CGROUP_PATH_LEN, CGROUP_RMDIR, RawCgroupEvent,
+};
+pub use config::{
+    Config, Field, OFFSET_UNKNOWN, USER_REGS_HELPER, USER_REGS_NONE, USER_REGS_STACK,
+};
 pub use counter::{COUNTER_SLOTS, Counter, CounterCategory};
 pub use event::{
-    COMM_LEN, DecidedBy, EventKind, NAME_LEN, NamedBy, Op, PARAMS_LEN, PATH_COMPONENT_LEN,
-    PATH_LEN, PATH_MAX_STEPS, PATH_SLOTS, RawEvent, Source, lsm, missing, trunc,
+    ANCESTORS, BlockedBy, COMM_LEN, DecidedBy, EventKind, NAME_LEN, NamedBy, Op, PARAMS_LEN,
+    PATH_COMPONENT_LEN, PATH_LEN, PATH_MAX_STEPS, PATH_SLOTS, RawAncestor, RawEvent, Source, lsm,
+    missing, trunc,
 };
+pub use repeat::{REPEAT_SLOTS, RepeatKey, RepeatSlot};
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are #[repr(C)], Copy, made only of integers and integer arrays, and
     // every bit pattern is valid for them.
     unsafe impl aya::Pod for super::RawEvent {}
+    unsafe impl aya::Pod for super::RawAncestor {}
     unsafe impl aya::Pod for super::RawCgroupEvent {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::Field {}
@@ -54,4 +64,7 @@ mod pod {
     unsafe impl aya::Pod for super::policy::PrefixRule {}
     unsafe impl aya::Pod for super::policy::CryptoOrigin {}
     unsafe impl aya::Pod for super::policy::LoadStash {}
+    unsafe impl aya::Pod for super::identity::IdentityConfig {}
+    unsafe impl aya::Pod for super::repeat::RepeatKey {}
+    unsafe impl aya::Pod for super::repeat::RepeatSlot {}
 }

@@ -24,8 +24,7 @@ pub mod program {
     /// raw_syscalls:sys_enter / sys_exit tracepoints.
     pub const RAW_SYS_ENTER: &str = "raw_sys_enter";
     pub const RAW_SYS_EXIT: &str = "raw_sys_exit";
-    /// Raw tracepoints on sys_enter / sys_exit.
-    pub const RAW_TP_SYS_ENTER: &str = "raw_tp_sys_enter";
+    /// Raw tracepoint on sys_exit (attempts from the saved registers at syscall exit).
     pub const RAW_TP_SYS_EXIT: &str = "raw_tp_sys_exit";
     /// cgroup:cgroup_mkdir / cgroup_rmdir.
     pub const CGROUP_MKDIR: &str = "cgroup_mkdir";
@@ -37,9 +36,38 @@ pub mod program {
     pub const KERNEL_POST_LOAD_DATA: &str = "kernel_post_load_data";
     pub const KERNEL_POST_READ_FILE: &str = "kernel_post_read_file";
     pub const KERNFS_INIT_SECURITY: &str = "kernfs_init_security";
+    /// fexit on `__seccomp_filter`: module syscalls a seccomp filter refused.
+    pub const FEXIT_SECCOMP_FILTER: &str = "fexit_seccomp_filter";
+    /// The same for the two-parameter `__seccomp_filter` of later kernels.
+    pub const FEXIT_SECCOMP_FILTER_2: &str = "fexit_seccomp_filter_2";
+    /// Raw tracepoint `sched_process_exit`: tasks killed by SIGSYS in a module syscall.
+    pub const SECCOMP_TASK_EXIT: &str = "seccomp_task_exit";
+    /// fentry on `do_exit`: the same, where the dying task's memory is still readable.
+    pub const SECCOMP_DO_EXIT: &str = "seccomp_do_exit";
+    /// Raw tracepoint `sys_enter`, attached for a moment at start-up: where a task's user
+    /// registers lie relative to its stack (kernels without `bpf_task_pt_regs`).
+    pub const CALIBRATE_USER_REGS: &str = "calibrate_user_regs";
+
+    /// Module identity (kmodmon-ebpf identity.rs): fentry on load_module and on
+    /// security_kernel_post_load_data (image capture), raw tracepoint module_load (sig_ok).
+    pub const IDENTITY_LOAD_MODULE: &str = "identity_load_module";
+    pub const IDENTITY_POST_LOAD_DATA: &str = "identity_post_load_data";
+    pub const IDENTITY_MODULE_LOAD: &str = "identity_module_load";
+
+    /// kprobes on the syscalls' kernel functions.
+    pub const KPROBE_INIT_MODULE: &str = "kprobe_init_module";
+    pub const KPROBE_FINIT_MODULE: &str = "kprobe_finit_module";
+    pub const KPROBE_DELETE_MODULE: &str = "kprobe_delete_module";
+    /// Return probe on the same functions (one program, attached to a tracefs kretprobe event
+    /// of each).
+    pub const KRETPROBE_MODULE: &str = "kretprobe_module";
+    /// tp_btf on sys_exit (attempts from the saved registers at syscall exit).
+    pub const TP_BTF_SYS_EXIT: &str = "tp_btf_sys_exit";
+    /// Raw tracepoint on sched_process_exit: marks the exiting task's repeat bursts.
+    pub const REPEAT_TASK_EXIT: &str = "repeat_task_exit";
 
     /// Every program in the object.
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 35] = [
         MODULE_LOAD,
         MODULE_FREE,
         MODULE_REQUEST,
@@ -52,7 +80,6 @@ pub mod program {
         SYS_EXIT_MODULE,
         RAW_SYS_ENTER,
         RAW_SYS_EXIT,
-        RAW_TP_SYS_ENTER,
         RAW_TP_SYS_EXIT,
         CGROUP_MKDIR,
         CGROUP_RMDIR,
@@ -62,6 +89,20 @@ pub mod program {
         KERNEL_POST_LOAD_DATA,
         KERNEL_POST_READ_FILE,
         KERNFS_INIT_SECURITY,
+        FEXIT_SECCOMP_FILTER,
+        FEXIT_SECCOMP_FILTER_2,
+        SECCOMP_TASK_EXIT,
+        SECCOMP_DO_EXIT,
+        CALIBRATE_USER_REGS,
+        IDENTITY_LOAD_MODULE,
+        IDENTITY_POST_LOAD_DATA,
+        IDENTITY_MODULE_LOAD,
+        KPROBE_INIT_MODULE,
+        KPROBE_FINIT_MODULE,
+        KPROBE_DELETE_MODULE,
+        KRETPROBE_MODULE,
+        TP_BTF_SYS_EXIT,
+        REPEAT_TASK_EXIT,
     ];
 }
 
@@ -100,6 +141,19 @@ pub mod map {
     pub const LSM_SCRATCH: &str = "LSM_SCRATCH";
     /// aya-log's ring buffer (aya-log-ebpf defines it; `aya_log::EbpfLogger` finds it).
     pub const AYA_LOGS: &str = "AYA_LOGS";
+    /// Slot 0: offset of a task's saved user registers from its stack (calibrated).
+    pub const USER_REGS_OFFSET: &str = "USER_REGS_OFFSET";
+    /// Thread id → start time of tasks whose seccomp SIGSYS was already reported.
+    pub const SECCOMP_SIGNALLED: &str = "SECCOMP_SIGNALLED";
+    /// Module images for identity ([`crate::identity`] records).
+    pub const IMAGES: &str = "IMAGES";
+    /// pid_tgid → init_module image already captured at security_kernel_post_load_data.
+    pub const IMAGE_CAPTURED: &str = "IMAGE_CAPTURED";
+
+    /// Open repeat bursts: [`crate::RepeatKey`] → [`crate::RepeatSlot`].
+    pub const REPEATS: &str = "REPEATS";
+    /// Per-CPU staging for a new burst (kernel side only).
+    pub const REPEAT_SCRATCH: &str = "REPEAT_SCRATCH";
 
     /// Maps only the LSM programs use (the monitor creates them at their smallest).
     pub const LSM_ONLY: [&str; 9] = [
@@ -115,7 +169,7 @@ pub mod map {
     ];
 
     /// Every map in the object (not counting the sections of global data).
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 22] = [
         EVENTS,
         CGROUPS,
         COUNTERS,
@@ -132,6 +186,12 @@ pub mod map {
         CRYPTO_REQUESTS,
         LOAD_STASH,
         LSM_SCRATCH,
+        USER_REGS_OFFSET,
+        SECCOMP_SIGNALLED,
+        IMAGES,
+        IMAGE_CAPTURED,
+        REPEATS,
+        REPEAT_SCRATCH,
     ];
 }
 
@@ -141,7 +201,9 @@ pub mod global {
     pub const CONFIG: &str = "KMODMON_CONFIG";
     /// [`crate::policy::LsmConfig`].
     pub const LSM_CONFIG: &str = "KMODMON_LSM_CONFIG";
+    /// [`crate::identity::IdentityConfig`].
+    pub const IDENTITY_CONFIG: &str = "KMODMON_IDENTITY_CONFIG";
 
     /// Every global userspace writes.
-    pub const ALL: [&str; 2] = [CONFIG, LSM_CONFIG];
+    pub const ALL: [&str; 3] = [CONFIG, LSM_CONFIG, IDENTITY_CONFIG];
 }

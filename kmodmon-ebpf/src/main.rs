@@ -1,18 +1,28 @@
 //! kmodmon's kernel side. Three kinds of source, attached per kernel by userspace:
 //!
 //! 1. `module:*` tracepoints: the kernel's own record of loads, frees and autoload requests;
-//! 2. attempts (init_module / finit_module / delete_module with their result) from, best first,
-//!    fexit on the syscalls' kernel functions, `syscalls:sys_{enter,exit}_*`, or
-//!    `raw_syscalls:sys_{enter,exit}` filtered here by syscall number;
-//! 3. `cgroup:cgroup_{mkdir,rmdir}`, so userspace can name a cgroup after it is gone.
+//! 2. attempts (init_module / finit_module / delete_module with their result) from, cheapest
+//!    first: fexit on the syscalls' kernel functions, kprobe + kretprobe on them (attempts.rs),
+//!    tp_btf on sys_exit alone (attempts.rs), `syscalls:sys_{enter,exit}_*`, a raw tracepoint
+//!    on sys_exit alone, or `raw_syscalls:sys_{enter,exit}` filtered here by syscall number;
+//!    identical repeated attempts are aggregated (repeat.rs); attempts a seccomp filter refused
+//!    before they ran (seccomp.rs);
+//! 3. `cgroup:cgroup_{mkdir,rmdir}` of cgroup2 and of the cgroup v1 hierarchy userspace
+//!    follows (if any), so userspace can name a cgroup after it is gone.
 #![no_std]
 #![no_main]
 
+mod ancestry;
+mod attempts;
+mod cgroup_v1;
 mod config;
+mod identity;
 mod kernel;
 mod lsm;
 mod maps;
 mod record;
+mod repeat;
+mod seccomp;
 
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
@@ -29,8 +39,8 @@ use crate::{
     kernel::{read_kernel_str, read_ptr},
     maps::{CGROUPS, count},
     record::{
-        Extra, attempt_kind, begin, emit, fill_attempt, module_record, read_field, syscall_enter,
-        syscall_exit,
+        Extra, attempt_kind, begin, exit_attempt, fill_attempt, module_record, read_field,
+        syscall_enter, syscall_exit,
     },
 };
 
@@ -90,7 +100,7 @@ fn fexit_attempt(ctx: &FExitContext, op: Op) {
     // unknown (not the time this program took).
     ev.end_ktime_ns = ev.ktime_ns;
     aya_log_ebpf::debug!(ctx, "fexit attempt op={} ret={}", op as u32, ev.ret);
-    emit(ev);
+    crate::repeat::deliver(ev);
 }
 
 #[fexit]
@@ -143,14 +153,17 @@ pub fn sys_enter_delete_module(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_exit_module(ctx: TracePointContext) -> u32 {
     let ret = read_field(&ctx, conf!(sys_exit_ret)).unwrap_or(0) as i64;
-    syscall_exit(&ctx, ret);
+    if !syscall_exit(&ctx, ret) {
+        let nr = read_field(&ctx, conf!(sys_exit_nr)).unwrap_or(u64::MAX);
+        seccomp::unmatched_exit(Source::SyscallTracepoint, nr, None, ret);
+    }
     0
 }
 
 // ---- 2c. raw_syscalls fallback ----
 
 #[inline(always)]
-fn op_of(nr: u64) -> Option<Op> {
+pub(crate) fn op_of(nr: u64) -> Option<Op> {
     if nr == conf!(nr_finit_module) as u64 {
         Some(Op::FinitModule)
     } else if nr == conf!(nr_init_module) as u64 {
@@ -200,48 +213,37 @@ pub fn raw_sys_exit(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let ret = read_field(&ctx, conf!(raw_exit_ret)).unwrap_or(0) as i64;
-    syscall_exit(&ctx, ret);
+    if !syscall_exit(&ctx, ret) {
+        seccomp::unmatched_exit(Source::RawSyscalls, nr, None, ret);
+    }
     0
 }
 
-// ---- 2d. raw tracepoints on sys_enter / sys_exit (cheaper than 2c: no trace record is built) ----
+// ---- 2d. raw tracepoint on sys_exit alone (no BTF needed; see attempts.rs for tp_btf) ----
 
-/// sys_enter(struct pt_regs *regs, long id)
-#[raw_tracepoint(tracepoint = "sys_enter")]
-pub fn raw_tp_sys_enter(ctx: RawTracePointContext) -> i32 {
-    let nr: u64 = ctx.arg(1);
-    let Some(op) = op_of(nr) else {
-        return 0;
-    };
-    let regs: u64 = ctx.arg(0);
-    let a0 = read_ptr(regs, conf!(pt_regs_arg[0])).unwrap_or(0);
-    let a1 = read_ptr(regs, conf!(pt_regs_arg[1])).unwrap_or(0);
-    let a2 = read_ptr(regs, conf!(pt_regs_arg[2])).unwrap_or(0);
-    syscall_enter(Source::RawSyscalls, op, a0, a1, a2);
-    0
-}
-
-/// sys_exit(struct pt_regs *regs, long ret)
+/// sys_exit(struct pt_regs *regs, long ret): an attempt seen at its exit only. No program on
+/// sys_enter: every other syscall pays for one program instead of two.
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn raw_tp_sys_exit(ctx: RawTracePointContext) -> i32 {
     let regs: u64 = ctx.arg(0);
     let Some(nr) = read_ptr(regs, conf!(pt_regs_syscall_nr)) else {
         return 0;
     };
-    if op_of(nr).is_none() {
+    let Some(op) = op_of(nr) else {
         return 0;
-    }
+    };
     let ret: i64 = ctx.arg(1);
-    syscall_exit(&ctx, ret);
+    exit_attempt(Source::SysExit, op, regs, ret);
     0
 }
 
-// ---- 3. cgroup2 directories ----
+// ---- 3. cgroup directories (cgroup2, and the v1 hierarchy followed) ----
 
 #[inline(always)]
 fn cgroup_record(ctx: &TracePointContext, op: u32) {
     let root = read_field(ctx, conf!(cgroup_root)).unwrap_or(u64::MAX);
-    if root != conf!(cgroup_dfl_hierarchy) as u64 {
+    // Ids are unique only within a hierarchy: the record says which one.
+    if root != conf!(cgroup_dfl_hierarchy) as u64 && root != conf!(cgroup_v1_hierarchy) as u64 {
         return;
     }
     count(Counter::SeenCgroup);
@@ -253,6 +255,8 @@ fn cgroup_record(ctx: &TracePointContext, op: u32) {
     let rec = unsafe { &mut *entry.as_mut_ptr() };
     rec.op = op;
     rec.truncated = 0;
+    rec.hierarchy = root as u32;
+    rec._reserved = 0;
     rec.id = read_field(ctx, conf!(cgroup_id)).unwrap_or(0);
     rec.ktime_ns = unsafe { bpf_ktime_get_ns() };
     rec.path[0] = 0;

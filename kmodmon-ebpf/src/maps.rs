@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use kmodmon_common::{COUNTER_SLOTS, Counter, RawEvent};
 
-/// Module events: 4 MiB holds about 4,190 events (1,000 bytes each with the record header).
+/// Module events: 4 MiB holds about 3,590 events (1,168 bytes each with the record header).
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 

@@ -12,7 +12,9 @@ use aya_log_ebpf::debug;
 use kmodmon_common::{Counter, EventKind, Field, NAME_LEN, Op, RawEvent, Source, missing, trunc};
 
 use crate::{
-    kernel::{current_ppid, file_of_fd, file_path, read_kernel_str, read_user_str},
+    ancestry, cgroup_v1,
+    config::conf,
+    kernel::{current_ppid, file_of_fd, file_path, read_kernel_str, read_ptr, read_user_str},
     maps::{EVENTS, PENDING, SCRATCH, count},
 };
 
@@ -30,53 +32,46 @@ pub fn begin(kind: EventKind, source: Source) -> Option<&'static mut RawEvent> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
     let now = unsafe { bpf_ktime_get_ns() };
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    // Field by field, volatile: merged into one store run, the compiler would call memset,
-    // a byte loop the verifier walks for every record a program can send.
-    macro_rules! set {
-        ($($field:ident = $v:expr;)+) => {
-            // SAFETY: valid, exclusive fields of the per-CPU scratch record.
-            unsafe { $( core::ptr::write_volatile(&mut ev.$field, $v); )+ }
-        };
-    }
-    set! {
-        kind = kind as u32;
-        source = source as u32;
-        op = Op::None as u32;
-        truncated = 0;
-        missing = 0;
-        taints = 0;
-        wait = 0;
-        rule_id = 0;
-        policy_generation = 0;
-        flags = 0;
-        fd = -1;
-        decided_by = 0;
-        named_by = 0;
-        lsm_flags = 0;
-        decided_at = 0;
-        ktime_ns = now;
-        end_ktime_ns = now;
-        len = 0;
-        ret = 0;
-        cgroup_id = cgroup_id;
-        pid = (pid_tgid >> 32) as u32;
-        tid = pid_tgid as u32;
-        uid = uid_gid as u32;
-        gid = (uid_gid >> 32) as u32;
-        path_len = 0;
-    }
+    ev.kind = kind as u32;
+    ev.source = source as u32;
+    ev.op = Op::None as u32;
+    ev.truncated = 0;
+    ev.missing = 0;
+    ev.taints = 0;
+    ev.wait = 0;
+    ev.rule_id = 0;
+    ev.policy_generation = 0;
+    ev.flags = 0;
+    ev.fd = -1;
+    ev.decided_by = 0;
+    ev.named_by = 0;
+    ev.lsm_flags = 0;
+    ev.decided_at = 0;
+    ev.ktime_ns = now;
+    ev.end_ktime_ns = now;
+    ev.len = 0;
+    ev.ret = 0;
+    ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    ev.pid = (pid_tgid >> 32) as u32;
+    ev.tid = pid_tgid as u32;
+    ev.uid = uid_gid as u32;
+    ev.gid = (uid_gid >> 32) as u32;
+    ev.path_len = 0;
     // SAFETY: the helper writes at most COMM_LEN bytes into the record's comm.
     let got = unsafe {
         generated::bpf_get_current_comm(ev.comm.as_mut_ptr().cast(), ev.comm.len() as u32)
     };
     if got < 0 {
-        // SAFETY: as above.
-        unsafe { core::ptr::write_volatile(&mut ev.comm[0], 0) };
+        ev.comm = [0; 16];
     }
-    ev.name[0] = 0;
-    ev.params[0] = 0;
-    ev.path[0] = 0;
+    // Whole buffers, not just the first byte: an attempt is compared with the previous one
+    // byte for byte (repeat.rs), and nothing of an earlier event may show through.
+    crate::repeat::clear_strings(ev);
+    ev.blocked_by = 0;
+    ev.signal = 0;
+    ev.repeat = 0;
+    ev.repeat_final = 0;
+    ev._reserved3 = 0;
     let task = unsafe { bpf_get_current_task() };
     match current_ppid(task) {
         Some(ppid) => ev.ppid = ppid,
@@ -85,15 +80,26 @@ pub fn begin(kind: EventKind, source: Source) -> Option<&'static mut RawEvent> {
             ev.missing |= missing::PPID;
         }
     }
+    ev._reserved2 = 0;
+    ev.cgroup_v1_id = match cgroup_v1::task_id(task) {
+        Ok(id) => id.unwrap_or(0),
+        Err(()) => {
+            ev.missing |= missing::CGROUP_V1;
+            0
+        }
+    };
+    ancestry::fill(task, ev);
     Some(ev)
 }
 
-/// Sends a finished event; a full ring buffer is counted, never silent.
+/// Sends a finished event; a full ring buffer is counted, never silent. False when dropped.
 #[inline(always)]
-pub fn emit(ev: &RawEvent) {
+pub fn emit(ev: &RawEvent) -> bool {
     if EVENTS.output::<RawEvent>(ev, 0).is_err() {
         count(Counter::DropRingbufFull);
+        return false;
     }
+    true
 }
 
 /// Reads a `__data_loc char[]` tracepoint field into `dst`.
@@ -223,11 +229,31 @@ pub fn attempt_kind(op: Op) -> EventKind {
     }
 }
 
-/// Syscall entry (tracepoint sources): record the attempt and park it until the exit.
+/// An attempt seen only when its syscall returns (the sys_exit sources): the syscall number,
+/// arguments and result come from the task's saved user registers `regs`. This also sees
+/// attempts a seccomp filter refused before the syscall ran (they never enter it).
+#[inline(always)]
+pub fn exit_attempt(source: Source, op: Op, regs: u64, ret: i64) {
+    let Some(ev) = begin(attempt_kind(op), source) else {
+        return;
+    };
+    let a0 = read_ptr(regs, conf!(pt_regs_arg[0])).unwrap_or(0);
+    let a1 = read_ptr(regs, conf!(pt_regs_arg[1])).unwrap_or(0);
+    let a2 = read_ptr(regs, conf!(pt_regs_arg[2])).unwrap_or(0);
+    fill_attempt(ev, op, a0, a1, a2);
+    ev.ret = ret;
+    // An exit record is also what a seccomp-refused attempt leaves (the filter runs before the
+    // syscall; `ret` is what the caller got): decided before the attempt is delivered or
+    // aggregated.
+    crate::seccomp::classify_exit_only(ev, regs, ret);
+    crate::repeat::deliver(ev);
+}
+
+/// Syscall entry (tracepoint and kprobe sources): record the attempt and park it until the exit.
 #[inline(always)]
 #[expect(
     clippy::needless_borrows_for_generic_args,
-    reason = "`&*ev` keeps the 992-byte event in map memory; by value it would be copied onto the 512-byte BPF stack"
+    reason = "`&*ev` keeps the 1176-byte event in map memory; by value it would be copied onto the 512-byte BPF stack"
 )]
 pub fn syscall_enter(source: Source, op: Op, a0: u64, a1: u64, a2: u64) {
     let Some(ev) = begin(attempt_kind(op), source) else {
@@ -248,21 +274,22 @@ pub fn syscall_enter(source: Source, op: Op, a0: u64, a1: u64, a2: u64) {
     count(Counter::DropPendingFull);
 }
 
-/// Syscall exit (tracepoint sources): complete the parked attempt with its result and send it.
+/// Syscall exit (tracepoint and kretprobe sources): complete the parked attempt with its result
+/// and send it. False when no entry was parked (see `seccomp::unmatched_exit`).
 #[inline(always)]
-pub fn syscall_exit<C: EbpfContext>(ctx: &C, ret: i64) {
+pub fn syscall_exit<C: EbpfContext>(ctx: &C, ret: i64) -> bool {
     debug!(ctx, "module syscall returned {}", ret);
     let key = bpf_get_current_pid_tgid();
     let Some(ev) = PENDING.get_ptr_mut(key) else {
-        count(Counter::ExitWithoutEnter);
-        return;
+        return false;
     };
     // SAFETY: map value owned by this task until removed below.
     let ev = unsafe { &mut *ev };
     ev.ret = ret;
     ev.end_ktime_ns = unsafe { bpf_ktime_get_ns() };
-    emit(ev);
+    crate::repeat::deliver(ev);
     if PENDING.remove(key).is_err() {
         count(Counter::ErrPendingRemove);
     }
+    true
 }

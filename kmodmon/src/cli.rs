@@ -28,8 +28,12 @@ pub struct Cli {
 pub enum Command {
     /// Stream module events live (human-readable, or JSON lines with --json).
     Tail(crate::tail::TailArgs),
-    /// Show which kernel sources kmodmon would attach here, and why (no attaching).
+    /// Show which kernel sources kmodmon would attach here, and why, and which cgroups
+    /// (cgroup2, a cgroup v1 hierarchy) attribute events (as root it attaches, then detaches).
     Sources,
+    /// What is loaded now: who loaded each module and when (the daemon's ledger, the audit
+    /// log), its identity (sha256, signature, origin), or loaded_before_kmodmon.
+    Modules(crate::modules::ModulesArgs),
     /// The daemon: monitor continuously into the audit log, metrics, stdout and syslog.
     Run(crate::daemon::RunArgs),
     /// Enforcement policy: `kmodmon policy check FILE`, `kmodmon policy show [FILE]`.

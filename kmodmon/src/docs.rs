@@ -128,6 +128,16 @@ const MAIN_SECTIONS: &[(&str, &[(&str, &str)])] = &[
                 "kmodmon's own diagnostics and the eBPF programs' logs, e.g. RUST_LOG=debug.",
             ),
             ("NO_COLOR", "No colour in human output (as --color never)."),
+            (
+                "KMODMON_CGROUP_ROOT",
+                "The host's cgroup2 hierarchy when kmodmon runs in a cgroup namespace of its \
+                 own (a pod): e.g. /host/sys/fs/cgroup/unified.",
+            ),
+            (
+                "KMODMON_CGROUP_V1",
+                "The cgroup v1 controller whose hierarchy attributes events on v1-only and \
+                 hybrid hosts (default: the first of memory, pids, cpu, ... mounted), or off.",
+            ),
         ],
     ),
     (

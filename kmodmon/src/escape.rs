@@ -27,6 +27,13 @@ mod props;
 /// non-printing Unicode (bidi controls, zero-width and other invisible characters) becomes
 /// `\u{NNNN}`.
 pub fn escape_bytes(bytes: &[u8]) -> String {
+    // The usual case, checked a byte at a time: printable ASCII without a backslash.
+    if bytes
+        .iter()
+        .all(|&b| (0x20..0x7f).contains(&b) && b != b'\\')
+    {
+        return bytes.iter().map(|&b| b as char).collect();
+    }
     let mut out = String::with_capacity(bytes.len());
     for chunk in bytes.utf8_chunks() {
         for c in chunk.valid().chars() {
@@ -104,6 +111,10 @@ pub fn is_invisible(c: char) -> bool {
 /// and leaves everything else (backslashes included) as it is. Borrowed when nothing changes,
 /// which is always the case for text [`escape_bytes`] produced.
 pub fn sanitize(s: &str) -> Cow<'_, str> {
+    // The usual case, checked a byte at a time: printable ASCII.
+    if s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Cow::Borrowed(s);
+    }
     let Some(first) = s.find(is_unsafe) else {
         return Cow::Borrowed(s);
     };
@@ -154,6 +165,8 @@ fn event_strs(ev: &Event) -> impl Iterator<Item = &str> {
         ev.errno.as_ref(),
         ev.cgroup_path.as_ref(),
         ev.detail.as_ref(),
+        ev.loaded_at.as_ref(),
+        ev.severity.as_ref(),
     ]
     .into_iter()
     .flatten()
@@ -163,6 +176,7 @@ fn event_strs(ev: &Event) -> impl Iterator<Item = &str> {
     .chain(ev.truncated.iter())
     .chain(ev.missing.iter())
     .map(String::as_str)
+    .chain(ev.identity.iter().flat_map(|i| i.strings()))
 }
 
 /// Every string of an event, for changing.
@@ -177,6 +191,8 @@ fn event_strings_mut(ev: &mut Event, f: &mut dyn FnMut(&mut String)) {
         &mut ev.errno,
         &mut ev.cgroup_path,
         &mut ev.detail,
+        &mut ev.loaded_at,
+        &mut ev.severity,
     ]
     .into_iter()
     .flatten()
@@ -217,18 +233,39 @@ fn event_strings_mut(ev: &mut Event, f: &mut dyn FnMut(&mut String)) {
     {
         f(s);
     }
+    if let Some(i) = ev.identity.as_mut() {
+        i.strings_mut(f);
+    }
 }
 
 /// [`sanitize`] applied to every string of an event (names, paths, parameters, cgroup path,
 /// container and pod fields, detail...). Borrowed when nothing needs escaping (the usual case:
 /// decoding escaped everything from the kernel already).
 pub fn sanitize_event(ev: &Event) -> Cow<'_, Event> {
-    if !event_strs(ev).any(|s| s.contains(is_unsafe)) {
+    if !event_strs(ev)
+        .any(|s| !s.bytes().all(|b| (0x20..0x7f).contains(&b)) && s.contains(is_unsafe))
+    {
         return Cow::Borrowed(ev);
     }
     let mut owned = ev.clone();
     event_strings_mut(&mut owned, &mut sanitize_in_place);
     Cow::Owned(owned)
+}
+
+/// A Prometheus label value from an untrusted string (a file, a container's name): made safe
+/// to show by [`escape_bytes`] (no control characters, every byte recoverable), then `\` and
+/// `"` escaped as the text exposition format requires (a newline cannot remain).
+pub fn prometheus_label(value: &str) -> String {
+    let safe = escape_bytes(value.as_bytes());
+    let mut out = String::with_capacity(safe.len() + 2);
+    for c in safe.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Takes bytes up to the first NUL of a fixed kernel buffer.
@@ -380,6 +417,17 @@ mod tests {
         let all: Vec<u8> = (0..=255u8).collect();
         let s = escape_bytes(&all);
         assert!(!s.chars().any(|c| c.is_control()));
+    }
+
+    #[test]
+    fn prometheus_labels() {
+        assert_eq!(prometheus_label("ip_vs"), "ip_vs");
+        assert_eq!(prometheus_label("a\"b"), "a\\\"b");
+        // The escaped backslash of escape_bytes is escaped again: the scraped value reads
+        // back as escape_bytes' output.
+        assert_eq!(prometheus_label("x\ny"), "x\\\\x0ay");
+        assert_eq!(prometheus_label("\\"), "\\\\\\\\");
+        assert!(!prometheus_label("\u{202e}\x1b").contains(['\n', '\u{202e}', '\x1b']));
     }
 
     #[test]

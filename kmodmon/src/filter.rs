@@ -128,8 +128,14 @@ impl Filter {
             .any(|n| self.modules.iter().any(|m| modname::same(m, n)))
     }
 
+    /// The event's container, or the container its host process acted for
+    /// (`on_behalf_of`); `host` selects events with neither.
     fn container_matches(&self, ev: &Event) -> bool {
-        self.containers.iter().any(|want| match &ev.container {
+        let c = ev
+            .container
+            .as_ref()
+            .or(ev.on_behalf_of.as_ref().map(|b| &b.container));
+        self.containers.iter().any(|want| match c {
             None => want == "host",
             Some(c) => {
                 c.id.to_ascii_lowercase().starts_with(want.as_str())
@@ -194,6 +200,17 @@ mod tests {
         assert!(h.matches(&ev(Kind::Load, "x", None)));
         let n = Filter::new(&[], &[], &["WEB".into()], &[]).unwrap();
         assert!(n.matches(&ev(Kind::Load, "x", Some(&id))));
+        // A hook's load: the host's process, on behalf of the container.
+        let mut hook = ev(Kind::Load, "x", None);
+        hook.on_behalf_of =
+            ev(Kind::Load, "x", Some(&id))
+                .container
+                .map(|container| crate::event::OnBehalfOf {
+                    container,
+                    ..Default::default()
+                });
+        assert!(f.matches(&hook) && n.matches(&hook));
+        assert!(!h.matches(&hook), "not the host's own");
     }
 
     #[test]

@@ -151,9 +151,32 @@ pub struct Metrics {
     pub audit: AuditMetrics,
     /// The pipeline's sinks, whose counters are exported as they are.
     sinks: RwLock<Vec<Arc<SinkCounters>>>,
+    /// The last periodic `check` as gauges (crate::check::prom), appended as it is.
+    check: RwLock<String>,
     pub http: HttpMetrics,
     /// Readiness and liveness, served on /ready and /healthz.
     pub health: Health,
+    /// The opt-in node labels (crate::kube::labels).
+    pub node_labels: NodeLabelMetrics,
+}
+
+/// Node-label requests by result, and the labels kmodmon keeps on the node.
+#[derive(Default)]
+pub struct NodeLabelMetrics {
+    /// API server PATCHes and configuration failures, by result (`ok`, `error`).
+    pub updates: Labeled<1>,
+    /// kmodmon.io/module.* labels on the node after the last successful sync.
+    pub applied: AtomicU64,
+}
+
+impl NodeLabelMetrics {
+    pub fn result(&self, result: &str) {
+        self.updates.add([result], 1);
+    }
+
+    pub fn set_applied(&self, n: usize) {
+        self.applied.store(n as u64, Relaxed);
+    }
 }
 
 impl Default for Metrics {
@@ -173,15 +196,19 @@ impl Metrics {
             tamper: Labeled::default(),
             audit: AuditMetrics::default(),
             sinks: RwLock::new(Vec::new()),
+            check: RwLock::new(String::new()),
             http: HttpMetrics::default(),
             health: Health::default(),
+            node_labels: NodeLabelMetrics::default(),
         }
     }
 
     /// Counts an event that went through the pipeline (after enrichment and policy).
     pub fn event(&self, ev: &Event) {
         let verdict = ev.verdict.map_or("none", Verdict::as_str);
-        self.events.add([ev.kind.as_str(), verdict], 1);
+        // A repeat summary stands for `repeat` attempts, each seen by the kernel.
+        self.events
+            .add([ev.kind.as_str(), verdict], ev.repeat.unwrap_or(1));
         match ev.kind {
             Kind::Denied => {
                 self.denials.fetch_add(1, Relaxed);
@@ -197,6 +224,13 @@ impl Metrics {
             // Denied / would_deny records the LSM programs could not record.
             Kind::Lost => self.drops.add(["policy_ring_full"], ev.count.unwrap_or(0)),
             _ => {}
+        }
+    }
+
+    /// Replaces the gauges of the last periodic check (Prometheus text, already rendered).
+    pub fn set_check(&self, text: String) {
+        if let Ok(mut c) = self.check.write() {
+            *c = text;
         }
     }
 
@@ -260,6 +294,22 @@ impl Metrics {
              self-check found, by what was changed.",
             &["object"],
             &tamper,
+        );
+        let updates = self.node_labels.updates.snapshot();
+        family(
+            &mut out,
+            "kmodmon_node_label_updates_total",
+            "counter",
+            "Node-label updates through the Kubernetes API, by result (ok, error).",
+            &["result"],
+            &updates,
+        );
+        single(
+            &mut out,
+            "kmodmon_node_labels",
+            "gauge",
+            "kmodmon.io/module.* labels on this node after the last successful sync.",
+            self.node_labels.applied.load(Relaxed),
         );
         let misses = self.enrichment_misses.snapshot();
         family(
@@ -452,6 +502,9 @@ impl Metrics {
             &["version"],
             &version,
         );
+        if let Ok(check) = self.check.read() {
+            out.push_str(&check);
+        }
         out
     }
 }
@@ -704,6 +757,11 @@ mod tests {
         m.event(&e);
         m.event(&e);
         m.event(&Event::synthetic(Kind::Denied, &Clock::new()));
+        // A repeat summary counts the attempts it stands for.
+        let mut r = Event::synthetic(Kind::UnloadAttempt, &Clock::new());
+        r.repeat = Some(41);
+        m.event(&r);
+        m.event(&Event::synthetic(Kind::UnloadAttempt, &Clock::new()));
         m.drop_events("ringbuf_full", 5);
         m.enrichment_miss("container \"x\"\n");
         m.audit.lost_queue_full.fetch_add(2, Relaxed);
@@ -713,6 +771,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("kmodmon_events_total{kind=\"denied\",verdict=\"none\"} 1\n"));
+        assert!(
+            text.contains("kmodmon_events_total{kind=\"unload_attempt\",verdict=\"none\"} 42\n"),
+            "{text}"
+        );
         assert!(text.contains("kmodmon_denials_total 1\n"));
         assert!(text.contains("kmodmon_drops_total{reason=\"ringbuf_full\"} 5\n"));
         assert!(

@@ -29,7 +29,7 @@ pub fn is_mounted(dir: &Path, fstype: &str) -> bool {
 /// A mount point as a path. procfs 0.18 undoes the kernel's `\011 \012 \134 \043` escapes but
 /// not `\040` (a space): that one is undone here. (Only a mount point with a literal backslash
 /// before "040" would come out wrong.)
-fn mount_point(m: &MountEntry) -> PathBuf {
+pub fn mount_point(m: &MountEntry) -> PathBuf {
     PathBuf::from(m.fs_file.replace("\\040", " "))
 }
 

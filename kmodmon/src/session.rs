@@ -28,6 +28,8 @@ pub struct SessionOptions {
     pub sensor: Options,
     pub registry: RegistryOptions,
     pub enrich: EnrichOptions,
+    /// Where the module ledger is written (the daemon's), for `kmodmon modules`.
+    pub ledger_file: Option<std::path::PathBuf>,
 }
 
 pub struct Session {
@@ -88,7 +90,15 @@ impl Session {
         let started = Instant::now();
         let mut sensor = Sensor::attach(opts.sensor)?;
         let attach_ms = started.elapsed().as_millis();
-        let registry = Registry::open(opts.registry);
+        let mut registry_opts = opts.registry;
+        // The registry follows the v1 hierarchy the programs read (if any).
+        if registry_opts.cgroup_v1.is_none() {
+            registry_opts.cgroup_v1 = sensor.plan.cgroup_v1.as_ref().map(|v| v.hierarchy.clone());
+        }
+        if registry_opts.cgroup_layout.is_none() {
+            registry_opts.cgroup_layout = Some(sensor.plan.cgroup_layout);
+        }
+        let registry = Registry::open(registry_opts);
         let mut enforcer = enforcer(&registry)?;
         let inputs = Inputs {
             events: (!opts.sensor.cgroups_only)
@@ -100,6 +110,14 @@ impl Session {
                 .then(|| sensor.take_cgroups())
                 .transpose()?,
             policy: enforcer.as_mut().and_then(Enforcer::take_events),
+            images: sensor.take_images(),
+            ledger_file: opts.ledger_file.clone(),
+            repeats: if opts.sensor.cgroups_only {
+                None
+            } else {
+                let window = sensor.plan.repeat_window();
+                sensor.take_repeats()?.map(|m| (m, window))
+            },
         };
         let counters = sensor.take_counters()?;
         spawn_logger(sensor.take_logger());
@@ -170,13 +188,16 @@ impl Session {
 }
 
 /// The exit (and periodic) accounting. Kernel side:
-/// `seen = delivered + dropped + in_flight + unread`. Pipeline, for each sink:
-/// `delivered + delivered_policy + synthesized = lost before the sinks + filtered + skipped
-/// + emitted + aggregated + lost`.
+/// `seen = delivered + aggregated + dropped + in_flight + unread`, and the aggregated attempts
+/// `aggregated = repeats + repeats_unreported` (`repeats`: reported in the `summaries`).
+/// Pipeline, for each sink: `delivered + delivered_policy + synthesized + summaries = lost
+/// before the sinks + filtered + skipped + emitted + aggregated + lost`.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Summary {
     pub seen: u64,
     pub delivered: u64,
+    /// Attempts the kernel counted into repeat bursts instead of sending them.
+    pub aggregated: u64,
     pub dropped: u64,
     pub drops: BTreeMap<String, u64>,
     pub in_flight: u64,
@@ -185,6 +206,14 @@ pub struct Summary {
     pub counters: BTreeMap<&'static str, u64>,
     pub delivered_policy: u64,
     pub synthesized: u64,
+    /// Repeat records read off the ring (their new counts went into `summaries`).
+    pub repeat_records: u64,
+    /// Repeat summaries handed to the sinks, and the aggregated attempts they stand for.
+    pub summaries: u64,
+    pub repeats: u64,
+    /// Aggregated attempts not (yet) in a summary: in a burst still going on at exit, or in a
+    /// repeat record left unread.
+    pub repeats_unreported: u64,
     pub undecodable: u64,
     pub queue_full: u64,
     pub cgroup_queue_full: u64,
@@ -196,9 +225,11 @@ impl Summary {
     pub fn new(snap: &Snapshot, flow: Flow) -> Summary {
         let seen = snap.seen();
         let dropped = snap.dropped();
+        let aggregated = snap.aggregated();
         Summary {
             seen,
             delivered: flow.delivered,
+            aggregated,
             dropped,
             drops: snap
                 .drops()
@@ -206,7 +237,7 @@ impl Summary {
                 .map(|(k, v)| (k.to_string(), v))
                 .collect(),
             in_flight: snap.in_flight,
-            unread: seen.saturating_sub(flow.delivered + dropped + snap.in_flight),
+            unread: seen.saturating_sub(flow.delivered + aggregated + dropped + snap.in_flight),
             errors: snap
                 .errors()
                 .into_iter()
@@ -215,6 +246,10 @@ impl Summary {
             counters: snap.values.clone(),
             delivered_policy: flow.delivered_policy,
             synthesized: flow.synthesized,
+            repeat_records: flow.repeat_records,
+            summaries: flow.summaries,
+            repeats: flow.repeats,
+            repeats_unreported: aggregated.saturating_sub(flow.repeats),
             undecodable: flow.undecodable,
             queue_full: flow.queue_full,
             cgroup_queue_full: flow.cgroup_queue_full,
@@ -228,6 +263,9 @@ impl Summary {
             delivered: self.delivered,
             delivered_policy: self.delivered_policy,
             synthesized: self.synthesized,
+            repeat_records: self.repeat_records,
+            summaries: self.summaries,
+            repeats: self.repeats,
             undecodable: self.undecodable,
             queue_full: self.queue_full,
             cgroup_queue_full: self.cgroup_queue_full,
@@ -286,9 +324,15 @@ impl Summary {
                 .join(", ")
         };
         let mut s = format!(
-            "kernel saw {} = delivered {} + dropped {} + in flight {} + unread at exit {}; drops: {drops}",
-            self.seen, self.delivered, self.dropped, self.in_flight, self.unread
+            "kernel saw {} = delivered {} + aggregated {} + dropped {} + in flight {} + unread at exit {}; drops: {drops}",
+            self.seen, self.delivered, self.aggregated, self.dropped, self.in_flight, self.unread
         );
+        if self.aggregated > 0 || self.summaries > 0 {
+            s.push_str(&format!(
+                "; aggregated {} = in {} repeat summaries {} + unreported {}",
+                self.aggregated, self.summaries, self.repeats, self.repeats_unreported
+            ));
+        }
         let lost_before = self.undecodable + self.queue_full + self.sinks_gone;
         for sink in &self.sinks {
             let lost = if sink.lost.is_empty() {
@@ -304,11 +348,16 @@ impl Summary {
                 )
             };
             s.push_str(&format!(
-                "; {}: delivered {}{}{} = emitted {}{} + filtered {} + skipped {} + lost {}{lost} + lost before the sinks {lost_before}",
+                "; {}: delivered {}{}{}{} = emitted {}{} + filtered {} + skipped {} + lost {}{lost} + lost before the sinks {lost_before}",
                 sink.name,
                 self.delivered,
                 if self.delivered_policy > 0 {
                     format!(" + policy {}", self.delivered_policy)
+                } else {
+                    String::new()
+                },
+                if self.summaries > 0 {
+                    format!(" + summaries {}", self.summaries)
                 } else {
                     String::new()
                 },

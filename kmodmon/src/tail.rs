@@ -49,12 +49,31 @@ pub struct TailArgs {
     /// Colour in human output.
     #[arg(long, value_enum, default_value_t = ColorChoice::Auto)]
     pub color: ColorChoice,
-    /// Do not use fexit even where BTF allows it (use syscall tracepoints instead).
+    /// Do not use fexit even where BTF allows it (use the next source in the chain).
     #[arg(long)]
     pub no_fexit: bool,
+    /// Identical attempts of one task (same syscall, arguments and result) closer than this
+    /// are aggregated in the kernel into repeat summaries; "0" reports every attempt on its
+    /// own [default: 1s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub repeat_window: Option<Duration>,
     /// Force the raw_syscalls fallback for attempts (for comparison and testing).
     #[arg(long)]
     pub force_raw_syscalls: bool,
+    /// Do not report module syscalls that a seccomp filter refused before they ran (saves
+    /// the cost seccomp-confined tasks pay for it on kernels where attempts come from fexit).
+    /// Where attempts come from the syscall exit alone (source sys_exit) they are still
+    /// reported as failed attempts, without blocked_by.
+    #[arg(long)]
+    pub no_seccomp_attempts: bool,
+    /// Runtime state kept outside the runtime's default place, as KIND=DIR (repeatable):
+    /// docker (data-root), docker-exec (exec-root), containerd (state), containers
+    /// (graphroot or runroot), runc / crun (--root), lxc (lxcpath), isulad (root).
+    #[arg(long = "state-dir", value_name = "KIND=DIR")]
+    pub state_dirs: Vec<crate::host::runtime_state::StateDir>,
+    /// Do not capture module images: no content identity (sha256, .modinfo, signature).
+    #[arg(long)]
+    pub no_identity: bool,
     /// Where modules.dep and modules.alias are read from (default /lib/modules/$(uname -r)).
     #[arg(long, value_name = "DIR")]
     pub modules_dir: Option<PathBuf>,
@@ -100,14 +119,20 @@ async fn tail(args: TailArgs, filter: Filter) -> anyhow::Result<ExitCode> {
             no_fexit: args.no_fexit,
             force_raw_syscalls: args.force_raw_syscalls,
             cgroups_only: false,
+            no_seccomp_attempts: args.no_seccomp_attempts,
+            no_identity: args.no_identity,
+            repeat_window: args.repeat_window,
         },
         registry: RegistryOptions {
             modules_dir: args.modules_dir.clone(),
+            state: (!args.state_dirs.is_empty())
+                .then(|| crate::host::runtime_state::StateConfig::detect_with(&args.state_dirs)),
             ..RegistryOptions::default()
         },
         enrich: EnrichOptions {
             load_expected: args.load_expected,
         },
+        ledger_file: None,
     };
     let mut session = Session::start(opts, |_| Ok(None), fanout)?;
     eprintln!(

@@ -124,7 +124,8 @@ def check_daemonset(ds, configmaps, kmodmon):
             problem(f"{name}: {probe} must GET {path} on the metrics port {port}")
     ok(f"metrics on :{port}, readiness /ready, liveness /healthz")
 
-    # Host mounts kmodmon reads, read-only except the pins and the audit log.
+    # Host mounts kmodmon reads, read-only except the pins, the audit log and tracefs (the
+    # kretprobe events of the kprobe attempt source are created in its kprobe_events).
     required = {
         "/sys/fs/bpf": "/sys/fs/bpf",
         "/sys/kernel/tracing": "/sys/kernel/tracing",
@@ -137,7 +138,7 @@ def check_daemonset(ds, configmaps, kmodmon):
         if host not in by_host:
             problem(f"{name}: host path {host} is not mounted")
     for host, m in by_host.items():
-        writable = host in ("/sys/fs/bpf", "/var/lib/kmodmon")
+        writable = host in ("/sys/fs/bpf", "/var/lib/kmodmon", "/sys/kernel/tracing")
         if not writable and not m.get("readOnly"):
             problem(f"{name}: host path {host} must be mounted readOnly")
     if by_host.get("/sys/fs/bpf", {}).get("mountPropagation") != "HostToContainer":
@@ -162,6 +163,93 @@ def check_daemonset(ds, configmaps, kmodmon):
         ok(f"memory request {request}, limit {limit}")
 
 
+API_PORTS = {443, 6443}
+
+
+def is_api_egress(np):
+    """The node labels' policy: egress only (to the API server), no ingress."""
+    spec = np["spec"]
+    return spec.get("policyTypes") == ["Egress"] and not spec.get("ingress")
+
+
+def check_api_egress(np, ds_name):
+    pname = np["metadata"]["name"]
+    if not RBAC_FOR.get(ds_name):
+        problem(f"NetworkPolicy {pname}: opens egress for the node labels, but no RBAC lets "
+                f"{ds_name}'s service account patch nodes")
+    for rule in np["spec"].get("egress", []):
+        for p in rule.get("ports") or [{}]:
+            if p.get("port") not in API_PORTS or p.get("protocol", "TCP") != "TCP":
+                problem(f"NetworkPolicy {pname}: egress {p} is not the API server's (TCP 443/6443)")
+        for peer in rule.get("to") or []:
+            if "ipBlock" not in peer:
+                problem(f"NetworkPolicy {pname}: egress peers may only be ipBlocks of the control plane")
+    ok(f"NetworkPolicy {pname}: egress to the API server only (TCP {sorted(API_PORTS)})")
+
+
+# DaemonSet name -> ClusterRoles bound to its service account (filled by check_rbac).
+RBAC_FOR = {}
+
+
+def check_rbac(ds, docs):
+    """What the DaemonSet's service account may do: at most get and patch nodes (the node
+    labels); and the token is mounted exactly when the node labels are on."""
+    name = ds["metadata"]["name"]
+    ns = ds["metadata"].get("namespace")
+    pod = ds["spec"]["template"]["spec"]
+    sa = pod.get("serviceAccountName", "default")
+    roles = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ClusterRole"}
+    bound = []
+    for b in (d for d in docs if d["kind"] in ("ClusterRoleBinding", "RoleBinding")):
+        if any(s.get("kind") == "ServiceAccount" and s.get("name") == sa
+               and s.get("namespace", b["metadata"].get("namespace")) == ns
+               for s in b.get("subjects", [])):
+            ref = b["roleRef"]
+            if b["kind"] != "ClusterRoleBinding" or ref.get("kind") != "ClusterRole":
+                problem(f"{name}: binding {b['metadata']['name']}: only a ClusterRoleBinding of the node-label ClusterRole is expected")
+                continue
+            role = roles.get(ref["name"])
+            if role is None:
+                problem(f"{name}: binding {b['metadata']['name']} names ClusterRole {ref['name']}, which is not in the manifests")
+                continue
+            for rule in role.get("rules", []):
+                if (rule.get("apiGroups") != [""] or rule.get("resources") != ["nodes"]
+                        or not set(rule.get("verbs", [])) <= {"get", "patch"}
+                        or rule.get("resourceNames")):
+                    problem(f"ClusterRole {ref['name']}: {rule} grants more than get/patch on nodes")
+            bound.append(ref["name"])
+    RBAC_FOR[name] = bound
+    if bound:
+        ok(f"{name}: service account {sa} may get and patch nodes ({', '.join(bound)}), nothing else")
+    env = {e["name"]: e for c in pod["containers"] for e in c.get("env", [])}
+    node = env.get("NODE_NAME")
+    if node and node.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "spec.nodeName":
+        problem(f"{name}: NODE_NAME must come from the downward API's spec.nodeName")
+    return sa
+
+
+def check_node_labels(ds, cfg):
+    """[node_labels] on needs the token, the node name and the RBAC; off needs no token."""
+    name = ds["metadata"]["name"]
+    pod = ds["spec"]["template"]["spec"]
+    enabled = cfg.get("node_labels", {}).get("enabled", False)
+    automount = pod.get("automountServiceAccountToken", True)
+    env = {e["name"] for c in pod["containers"] for e in c.get("env", [])}
+    if enabled:
+        if not automount:
+            problem(f"{name}: [node_labels] is enabled but the service account token is not mounted")
+        if "NODE_NAME" not in env and not cfg["node_labels"].get("node_name"):
+            problem(f"{name}: [node_labels] is enabled but NODE_NAME is not set")
+        if not RBAC_FOR.get(name):
+            problem(f"{name}: [node_labels] is enabled but no RBAC lets it patch nodes")
+        ok(f"{name}: node labels on, with token, node name and RBAC")
+    elif automount:
+        problem(f"{name}: the service account token is mounted but kmodmon does not use it "
+                f"([node_labels] is off): set automountServiceAccountToken: false")
+    else:
+        ok(f"{name}: node labels off, no API token mounted")
+
+
 def check_networkpolicy(ds, policies, listen):
     """The metrics port is reachable only from a selected scraper, and kmodmon opens nothing."""
     name = ds["metadata"]["name"]
@@ -177,7 +265,10 @@ def check_networkpolicy(ds, policies, listen):
         return (np["metadata"].get("namespace") == ns and not sel.get("matchExpressions")
                 and match and all(labels.get(k) == v for k, v in match.items()))
 
-    mine = [np for np in policies if selects(np)]
+    mine = [np for np in policies if selects(np) and not is_api_egress(np)]
+    for np in policies:
+        if selects(np) and is_api_egress(np):
+            check_api_egress(np, name)
     if not mine:
         problem(f"{name}: no NetworkPolicy selects its pods (labels {labels}); the metrics port "
                 f"would be open to every pod")
@@ -224,13 +315,16 @@ def main():
         problem("no DaemonSet in the manifests")
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
     for ds in daemonsets:
+        check_rbac(ds, docs)
         check_daemonset(ds, configmaps, kmodmon)
         import tomllib
         c = [c for c in ds["spec"]["template"]["spec"]["containers"] if c.get("args", [None])[0] == "run"]
         data = {}
         for v in ds["spec"]["template"]["spec"].get("volumes", []):
             data.update(configmaps.get(v.get("configMap", {}).get("name"), {}))
-        listen = tomllib.loads(data.get("kmodmon.toml", "")).get("metrics", {}).get("listen", "") if c else ""
+        cfg = tomllib.loads(data.get("kmodmon.toml", "")) if c else {}
+        check_node_labels(ds, cfg)
+        listen = cfg.get("metrics", {}).get("listen", "")
         if listen and not (listen.startswith("127.") or listen.startswith("[::1]")):
             check_networkpolicy(ds, policies, listen)
     if problems:

@@ -64,6 +64,22 @@ impl Bundle {
         self.dir.path()
     }
 
+    /// Adds OCI annotations to the bundle's config.json (as a CRI runtime records them).
+    pub fn annotate(&self, pairs: &[(&str, &str)]) {
+        let cfg_path = self.path().join("config.json");
+        let mut cfg: Value =
+            serde_json::from_slice(&std::fs::read(&cfg_path).expect("read config"))
+                .expect("parse config");
+        if !cfg["annotations"].is_object() {
+            cfg["annotations"] = Value::Object(Default::default());
+        }
+        for (k, v) in pairs {
+            cfg["annotations"][*k] = Value::from(*v);
+        }
+        std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).expect("json"))
+            .expect("write config");
+    }
+
     /// `runc run` in the foreground; returns when the container exits.
     pub fn run(&self) -> Output {
         let out = Command::new("runc")

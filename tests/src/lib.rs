@@ -1,7 +1,9 @@
 //! Helpers for the end-to-end tests: find the kmodmon binary, require root (skipping loudly
-//! outside CI, failing inside it), run `kmodmon tail --json` and collect what it prints, and
-//! make real runc containers.
+//! outside CI, failing inside it), run `kmodmon tail --json` and collect what it prints, make
+//! real runc containers, and start real container engines ([`engines`]).
 pub mod container;
+pub mod engines;
+pub mod http;
 pub mod tail;
 
 use std::path::PathBuf;

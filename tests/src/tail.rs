@@ -159,7 +159,9 @@ fn lines<R: std::io::Read + Send + 'static>(r: R) -> mpsc::Receiver<String> {
     rx
 }
 
-/// Checks the accounting identity of a summary: seen = delivered + dropped + in_flight + unread.
+/// Checks the accounting identities of a summary: the kernel's
+/// `seen = delivered + aggregated + dropped + in_flight + unread`, and the aggregated attempts'
+/// `aggregated = repeats + repeats_unreported` (`repeats`: reported in repeat summaries).
 pub fn assert_accounting(summary: &Value) {
     let n = |k: &str| {
         summary[k]
@@ -168,7 +170,19 @@ pub fn assert_accounting(summary: &Value) {
     };
     assert_eq!(
         n("seen"),
-        n("delivered") + n("dropped") + n("in_flight") + n("unread"),
+        n("delivered") + n("aggregated") + n("dropped") + n("in_flight") + n("unread"),
         "accounting identity broken: {summary}"
     );
+    assert_eq!(
+        n("aggregated"),
+        n("repeats") + n("repeats_unreported"),
+        "aggregated attempts not all accounted for: {summary}"
+    );
+}
+
+/// Events printed one by one, and the attempts the printed repeat summaries stand for.
+pub fn split_repeats(events: &[Value]) -> (u64, u64) {
+    let repeats: u64 = events.iter().filter_map(|e| e["repeat"].as_u64()).sum();
+    let single = events.iter().filter(|e| e.get("repeat").is_none()).count() as u64;
+    (single, repeats)
 }

@@ -78,7 +78,9 @@ fn sigkill_loop_leaves_a_verifiable_log_without_torn_or_duplicate_records() {
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 let n = issued.fetch_add(1, Ordering::Relaxed);
-                delete_module(&format!("kmodmon_daemon_{n}"));
+                // This process's pid in the name: another test run on the host must not look
+                // like a duplicate.
+                delete_module(&format!("kmodmon_daemon_{}_{n}", std::process::id()));
                 std::thread::sleep(Duration::from_micros(300));
             }
         })
@@ -119,7 +121,7 @@ fn sigkill_loop_leaves_a_verifiable_log_without_torn_or_duplicate_records() {
         .filter(|r| {
             r["module"]
                 .as_str()
-                .is_some_and(|m| m.starts_with("kmodmon_daemon_"))
+                .is_some_and(|m| m.starts_with(&format!("kmodmon_daemon_{}_", std::process::id())))
         })
         .collect();
     assert!(ours.len() > 20, "too few events recorded: {}", ours.len());
@@ -168,29 +170,16 @@ fn daemon_serves_metrics_and_forwards_json_to_stdout() {
         assert!(Instant::now() < deadline, "our event never came");
     };
     assert_eq!(ours["kind"], "unload_attempt");
-    let body = http_get(&addr, "/metrics");
+    let (status, body) = kmodmon_tests::http::get(&addr, "/metrics");
     let _ = child.kill();
     let _ = child.wait();
-    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert_eq!(status, 200, "{body}");
     let line = body
         .lines()
         .find(|l| l.starts_with("kmodmon_events_total{") && l.contains("kind=\"unload_attempt\""))
         .unwrap_or_else(|| panic!("no unload_attempt counter in:\n{body}"));
     let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(n >= 1, "{line}");
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 /// With a policy, the daemon enforces or refuses to start: on a kernel without module support
@@ -219,4 +208,55 @@ fn daemon_with_a_policy_never_pretends_to_enforce() {
         err.contains("no module support") && err.contains("nothing to hook"),
         "{err}"
     );
+}
+
+#[test]
+fn the_daemon_tells_systemd_it_is_ready_alive_and_stopping() {
+    if !require_root("the_daemon_tells_systemd_it_is_ready_alive_and_stopping") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut child = Command::new(kmodmon_bin())
+        .args(["run", "--audit-dir"])
+        .arg(dir.path().join("audit"))
+        .env("NOTIFY_SOCKET", &sock_path)
+        // The watchdog as systemd sets it for WatchdogSec=2s.
+        .env("WATCHDOG_USEC", "2000000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn kmodmon run");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline
+        && !(got.iter().any(|m: &String| m == "READY=1")
+            && got.iter().filter(|m| *m == "WATCHDOG=1").count() >= 2)
+    {
+        let Ok(n) = sock.recv(&mut buf) else { break };
+        got.push(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    while !got.iter().any(|m| m == "STOPPING=1") {
+        let Ok(n) = sock.recv(&mut buf) else { break };
+        got.push(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let ready = got.iter().position(|m| m == "READY=1");
+    let ping = got.iter().position(|m| m == "WATCHDOG=1");
+    assert!(
+        ready.is_some() && ping > ready,
+        "READY=1 first, then watchdog pings: {got:?}"
+    );
+    assert!(got.iter().any(|m| m == "STOPPING=1"), "{got:?}");
 }

@@ -9,7 +9,7 @@
 use std::{
     collections::BTreeSet,
     ffi::CString,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpStream},
     os::unix::net::UnixDatagram,
     path::{Path, PathBuf},
@@ -40,43 +40,7 @@ fn kmodmon(args: &[&str]) -> Output {
         .expect("run kmodmon")
 }
 
-/// A free loopback port (bound and released; the daemon binds it right after).
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    let a = l.local_addr().unwrap();
-    format!("127.0.0.1:{}", a.port())
-}
-
-/// GET over HTTP/1.1 with short timeouts: (status, body); status 0 when nothing came back.
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let addr: SocketAddr = addr.parse().unwrap();
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
-        return (0, String::new());
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
-    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
-    if write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .is_err()
-    {
-        return (0, String::new());
-    }
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let out = text(&out);
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (status, body)
-}
+use kmodmon_tests::http::{free_loopback_addr as free_addr, get as http_get};
 
 /// The value of one sample line `NAME{LABELS} V` (or `NAME V`) in Prometheus text.
 fn sample(metrics: &str, series: &str) -> Option<u64> {
@@ -339,8 +303,9 @@ fn audit_lost(metrics: &str) -> u64 {
         .sum()
 }
 
-/// The daemon's JSON summary at exit → dropped + in flight + unread (events the kernel saw
-/// that never reached the sinks).
+/// The daemon's JSON summary at exit → events the kernel saw that never reached the sinks,
+/// each counted: dropped in the kernel, in flight or unread at exit, and lost between the ring
+/// and the sinks (the reader's queue full, undecodable, the sink thread gone).
 fn not_delivered(log: &[String]) -> u64 {
     let summary = log
         .iter()
@@ -355,7 +320,12 @@ fn not_delivered(log: &[String]) -> u64 {
             .as_u64()
             .unwrap_or_else(|| panic!("{k} in {summary}"))
     };
-    n("dropped") + n("in_flight") + n("unread")
+    n("dropped")
+        + n("in_flight")
+        + n("unread")
+        + n("queue_full")
+        + n("undecodable")
+        + n("sinks_gone")
 }
 
 /// A small tmpfs, unmounted on drop.

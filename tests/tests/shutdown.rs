@@ -2,8 +2,11 @@
 //! SIGTERM in the middle of a storm, and right after a short-lived container's event: every
 //! event taken off the ring is printed / written or counted, per sink:
 //!
-//! `delivered + delivered_policy + synthesized = undecodable + queue_full + sinks_gone
-//!  + emitted + aggregated + filtered + skipped + lost`
+//! `delivered + delivered_policy + synthesized + summaries = undecodable + queue_full
+//!  + sinks_gone + emitted + aggregated + filtered + skipped + lost`
+//!
+//! and the kernel's `seen = delivered + aggregated + dropped + in_flight + unread`, with every
+//! aggregated attempt in a printed repeat summary or counted unreported.
 use std::{
     ffi::CString,
     io::{BufRead as _, BufReader},
@@ -18,7 +21,7 @@ use std::{
 use kmodmon_tests::{
     container::{Bundle, random_id},
     have, kmodmon_bin, require_root,
-    tail::{Tail, assert_accounting},
+    tail::{Tail, assert_accounting, split_repeats},
 };
 use serde_json::Value;
 
@@ -41,8 +44,10 @@ fn n(v: &Value, k: &str) -> u64 {
 
 /// Checks the pipeline identity for every sink of a summary; returns the sinks by name.
 fn assert_pipeline_identity(summary: &Value) -> Vec<(String, Value)> {
-    let entered =
-        n(summary, "delivered") + n(summary, "delivered_policy") + n(summary, "synthesized");
+    let entered = n(summary, "delivered")
+        + n(summary, "delivered_policy")
+        + n(summary, "synthesized")
+        + n(summary, "summaries");
     let before = n(summary, "undecodable") + n(summary, "queue_full") + n(summary, "sinks_gone");
     let sinks = summary["sinks"].as_array().expect("sinks").clone();
     assert!(!sinks.is_empty(), "no sinks in {summary}");
@@ -75,19 +80,25 @@ fn assert_pipeline_identity(summary: &Value) -> Vec<(String, Value)> {
     out
 }
 
-/// A storm of delete_module attempts from 4 threads until `stop`.
+/// A storm of delete_module attempts from 4 threads until `stop`: `name` every time (the
+/// kernel aggregates them), or with `distinct` `name_<thread>_<n>` (each an event of its own).
 fn storm(
     stop: Arc<AtomicBool>,
     issued: Arc<AtomicU64>,
     name: &'static str,
+    distinct: bool,
 ) -> Vec<std::thread::JoinHandle<()>> {
     (0..4)
-        .map(|_| {
+        .map(|t| {
             let (stop, issued) = (stop.clone(), issued.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    delete_module(name);
-                    issued.fetch_add(1, Ordering::Relaxed);
+                    let n = issued.fetch_add(1, Ordering::Relaxed);
+                    if distinct {
+                        delete_module(&format!("{name}_{t}_{n}"));
+                    } else {
+                        delete_module(name);
+                    }
                 }
             })
         })
@@ -112,7 +123,12 @@ fn tail_stopped_mid_storm_prints_or_counts_every_delivered_event() {
         ]);
         let stop = Arc::new(AtomicBool::new(false));
         let issued = Arc::new(AtomicU64::new(0));
-        let threads = storm(stop.clone(), issued.clone(), "kmodmon_shutdown_storm");
+        let threads = storm(
+            stop.clone(),
+            issued.clone(),
+            "kmodmon_shutdown_storm",
+            false,
+        );
         // Let the storm run, then stop kmodmon while it is still going.
         std::thread::sleep(Duration::from_millis(400));
         tail.signal(signal);
@@ -130,11 +146,17 @@ fn tail_stopped_mid_storm_prints_or_counts_every_delivered_event() {
             "printed lines = emitted ({signal}): {summary}"
         );
         assert_eq!(summary["printed"], stdout["emitted"]);
+        // Four threads repeating one attempt: aggregated in the kernel.
         assert!(
-            n(&summary, "delivered") > 1000,
+            n(&summary, "delivered") + n(&summary, "aggregated") > 1000,
             "the storm reached kmodmon ({signal}, {} issued): {summary}",
             issued.load(Ordering::Relaxed)
         );
+        assert!(n(&summary, "aggregated") > 0, "{summary}");
+        // Printed summaries carry exactly the repeats the summary reports; what was still
+        // aggregating at the stop is counted unreported, never lost silently.
+        let (_, repeats) = split_repeats(&events);
+        assert_eq!(repeats, n(&summary, "repeats"), "{summary}");
         for e in &events {
             assert_eq!(e["module"], "kmodmon_shutdown_storm");
         }
@@ -244,7 +266,7 @@ fn run_stopped_mid_storm_writes_or_counts_every_delivered_event() {
     let (mut child, stderr) = start_daemon(&log);
     let stop = Arc::new(AtomicBool::new(false));
     let issued = Arc::new(AtomicU64::new(0));
-    let threads = storm(stop.clone(), issued.clone(), "kmodmon_daemon_storm");
+    let threads = storm(stop.clone(), issued.clone(), "kmodmon_daemon_storm", false);
     std::thread::sleep(Duration::from_millis(500));
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
@@ -267,13 +289,17 @@ fn run_stopped_mid_storm_writes_or_counts_every_delivered_event() {
         .unwrap_or_else(|| panic!("no JSON summary: {lines:#?}"))["summary"]
         .clone();
     assert_accounting(&summary);
+    assert!(n(&summary, "aggregated") > 0, "{summary}");
     let sinks = assert_pipeline_identity(&summary);
     let audit = &sinks
         .iter()
         .find(|(name, _)| name == "audit")
         .unwrap_or_else(|| panic!("no audit sink: {summary}"))
         .1;
-    assert!(n(&summary, "delivered") > 1000, "{summary}");
+    assert!(
+        n(&summary, "delivered") + n(&summary, "aggregated") > 1000,
+        "{summary}"
+    );
     // What the audit sink says it wrote is what the log holds.
     let verify = Command::new(kmodmon_bin())
         .args(["log", "verify"])
@@ -303,7 +329,7 @@ fn a_second_signal_exits_at_once_and_says_how_many_were_not_written() {
     let _serial = serial();
     // stdout is a pipe nobody reads: once it is full, the drain cannot finish.
     let mut child = Command::new(kmodmon_bin())
-        .args(["tail", "--json", "--module", "kmodmon_forced_exit"])
+        .args(["tail", "--json", "--pid", &std::process::id().to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -324,10 +350,12 @@ fn a_second_signal_exits_at_once_and_says_how_many_were_not_written() {
         .starts_with("kmodmon: attached")
     {}
     let stop = Arc::new(AtomicBool::new(false));
+    // Distinct names: identical attempts would be aggregated and never fill the pipe.
     let threads = storm(
         stop.clone(),
         Arc::new(AtomicU64::new(0)),
         "kmodmon_forced_exit",
+        true,
     );
     std::thread::sleep(Duration::from_millis(300));
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);

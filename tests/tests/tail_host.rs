@@ -7,7 +7,7 @@ use std::{ffi::CString, os::fd::AsRawFd as _, time::Duration};
 use kmodmon_tests::{
     container::{Bundle, random_id},
     have, own_cgroup_id, require_root,
-    tail::{Tail, assert_accounting},
+    tail::{Tail, assert_accounting, split_repeats},
 };
 use serde_json::Value;
 
@@ -224,9 +224,14 @@ fn a_storm_is_fully_accounted_for() {
     for t in threads {
         t.join().unwrap();
     }
-    let events = tail.collect_until(WAIT, |e| e.len() >= 2000);
+    // Identical attempts of a thread are aggregated; the repeats come in summaries once the
+    // threads have exited (the sweep runs every 200 ms).
+    let mut events = tail.collect_until(WAIT, |e| {
+        let (single, repeats) = split_repeats(e);
+        single + repeats >= 2000
+    });
     let (rest, summary) = tail.stop();
-    let n = events.len() + rest.len();
+    events.extend(rest);
     assert_accounting(&summary);
     let seen = summary["counters"]["seen_unload_attempt"].as_u64().unwrap();
     assert!(
@@ -234,11 +239,59 @@ fn a_storm_is_fully_accounted_for() {
         "kernel saw {seen} of 2000 attempts: {summary}"
     );
     let k = |key: &str| summary[key].as_u64().unwrap();
-    assert_eq!(
-        n as u64 + k("dropped") + k("in_flight") + k("unread"),
-        k("seen"),
-        "printed + dropped + in flight + unread = seen: {summary}"
+    let (single, repeats) = split_repeats(&events);
+    assert!(
+        k("aggregated") > 0,
+        "identical attempts were aggregated: {summary}"
     );
+    assert_eq!(
+        repeats,
+        k("repeats"),
+        "printed repeats = reported: {summary}"
+    );
+    assert_eq!(
+        single + repeats + k("dropped") + k("in_flight") + k("unread") + k("repeats_unreported"),
+        k("seen"),
+        "printed + repeats + dropped + in flight + unread = seen: {summary}"
+    );
+    for e in events.iter().filter(|e| e.get("repeat").is_some()) {
+        assert_eq!(e["module"], "kmodmon_storm", "{e}");
+        assert!(e["first_time"].as_str() <= e["last_time"].as_str(), "{e}");
+        assert_eq!(e["time"], e["last_time"], "{e}");
+    }
+}
+
+#[test]
+fn distinct_attempts_and_a_zero_window_are_not_aggregated() {
+    if !require_root("distinct_attempts_and_a_zero_window_are_not_aggregated") {
+        return;
+    }
+    let _serial = serial();
+    for (window, names) in [(None, true), (Some("0"), false)] {
+        let pid = std::process::id().to_string();
+        let mut args = vec!["--pid", pid.as_str()];
+        if let Some(w) = window {
+            args.extend(["--repeat-window", w]);
+        }
+        let mut tail = Tail::start(&args);
+        for i in 0..50 {
+            let name = if names {
+                format!("kmodmon_norepeat_{i}")
+            } else {
+                "kmodmon_norepeat".to_string()
+            };
+            delete_module(name.as_bytes(), 0);
+        }
+        let events = tail.collect_until(WAIT, |e| e.len() >= 50);
+        let (rest, summary) = tail.stop();
+        let n = events.len() + rest.len();
+        assert_accounting(&summary);
+        assert_eq!(summary["aggregated"], 0, "window {window:?}: {summary}");
+        assert_eq!(
+            n, 50,
+            "every attempt printed on its own (window {window:?}): {summary}"
+        );
+    }
 }
 
 /// Container scenarios: a busybox container under a cgroup path laid out like each runtime.

@@ -136,10 +136,12 @@ json_list() { # WORDS... -> "a","b"
     done
 }
 
-# Writes bundle /tmp/ctr/NAME/config.json for a container running CMD.
+# Writes bundle /tmp/ctr/NAME/config.json for a container running CMD. $CTR_SECCOMP, when
+# set, is the bundle's `linux.seccomp` object (a JSON profile, as runtimes write it).
 ctr_config() { # NAME CGROUPS_PATH "CAPS" CMD...
-    local name=$1 cgpath=$2 extra=$3 caps= c
+    local name=$1 cgpath=$2 extra=$3 caps= c seccomp=
     shift 3
+    [ -n "$CTR_SECCOMP" ] && seccomp="\"seccomp\": $CTR_SECCOMP,"
     for c in $DOCKER_CAPS $extra; do caps="$caps CAP_$c"; done
     caps=$(json_list $caps)
     mkdir -p "/tmp/ctr/$name"
@@ -168,6 +170,7 @@ ctr_config() { # NAME CGROUPS_PATH "CAPS" CMD...
     {"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro"]}
   ],
   "linux": {
+    $seccomp
     "cgroupsPath": "$cgpath",
     "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "cgroup"}],
     "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list"],

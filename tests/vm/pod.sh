@@ -95,7 +95,7 @@ cat >/tmp/ctr/pod/config.json <<EOF
     {"destination": "/etc/kmodmon", "type": "bind", "source": "/tmp/pod-etc", "options": ["rbind", "ro"]},
     {"destination": "/var/lib/kmodmon", "type": "bind", "source": "/tmp/pod-audit", "options": ["rbind", "rw"]},
     {"destination": "/sys/fs/bpf", "type": "bind", "source": "/sys/fs/bpf", "options": ["rbind", "rw", "rslave"]},
-    {"destination": "/sys/kernel/tracing", "type": "bind", "source": "/sys/kernel/tracing", "options": ["rbind", "ro"]},
+    {"destination": "/sys/kernel/tracing", "type": "bind", "source": "/sys/kernel/tracing", "options": ["rbind", "rw"]},
     {"destination": "/sys/kernel/security", "type": "bind", "source": "/sys/kernel/security", "options": ["rbind", "ro"]},
     {"destination": "/host/sys/fs/cgroup", "type": "bind", "source": "/sys/fs/cgroup", "options": ["rbind", "ro"]},
     {"destination": "/run/runc", "type": "bind", "source": "/run/runc", "options": ["rbind", "ro"]}

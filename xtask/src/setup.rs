@@ -15,7 +15,15 @@ use crate::util::{cargo, output, run, succeeds};
 pub const APT_PACKAGES: &[&str] = &[
     // containers on the host and inside the VM
     "runc",
+    "crun",
     "busybox-static",
+    // the real container engines of the engine end-to-end tests (tests/tests/engine_*.rs),
+    // started by the tests themselves with private roots and no network
+    "docker.io",
+    "podman",
+    // containerd and ctr also carry the CRI annotations of tests/tests/annotations.rs
+    "containerd",
+    "lxc",
     // the VM harness
     "qemu-system-x86",
     "kmod",
@@ -29,6 +37,9 @@ pub const APT_PACKAGES: &[&str] = &[
     // the .deb install test: `man -l`, `systemd-analyze verify`
     "man-db",
     "systemd",
+    // promtool: the alert rules and the dashboard's queries (validate-deploy); prometheus
+    // itself scrapes a running kmodmon in tests/tests/prometheus.rs
+    "prometheus",
 ];
 
 /// Runs the setup once per xtask invocation: every task calls it first, and `test` (lint,
@@ -150,6 +161,16 @@ fn linker_uses_llvm(llvm_dir: &Path, libllvm: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Packages whose maintainer scripts would start a system daemon: docker.io (dockerd, with
+/// its bridge and iptables rules), containerd, lxc (lxc-net's bridge and dnsmasq), podman
+/// (its restart unit). They are installed with service starts denied, so installing them
+/// changes nothing on the machine or its network; the tests start private daemons themselves.
+const NO_START: &[&str] = &["docker.io", "containerd", "lxc", "podman"];
+
+/// Debian's way to keep maintainer scripts from starting services (invoke-rc.d and
+/// deb-systemd-invoke ask it; exit status 101 = "action forbidden").
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+
 fn apt_packages() -> Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
@@ -168,10 +189,26 @@ fn apt_packages() -> Result<()> {
     }
     eprintln!("xtask setup: installing {}", missing.join(" "));
     run(Command::new("apt-get").args(["update", "-q"]))?;
-    run(Command::new("apt-get")
+    // A policy-rc.d of our own only while installing, and only where none exists.
+    let deny_starts =
+        missing.iter().any(|p| NO_START.contains(p)) && !Path::new(POLICY_RC_D).exists();
+    if deny_starts {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::write(
+            POLICY_RC_D,
+            "#!/bin/sh\n# kmodmon xtask setup: no service starts while installing\nexit 101\n",
+        )
+        .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        fs::set_permissions(POLICY_RC_D, fs::Permissions::from_mode(0o755))?;
+    }
+    let installed = run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+        .env("DEBIAN_FRONTEND", "noninteractive"));
+    if deny_starts {
+        fs::remove_file(POLICY_RC_D).with_context(|| format!("removing {POLICY_RC_D}"))?;
+    }
+    installed
 }
 
 fn dpkg_installed(package: &str) -> bool {

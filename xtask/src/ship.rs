@@ -119,7 +119,112 @@ pub fn validate_deploy() -> Result<()> {
         .arg(root.join("tests/package/k8s-check.py"))
         .arg(&bin)
         .args(&manifests))
-    .context("the manifests do not match what kmodmon needs")
+    .context("the manifests do not match what kmodmon needs")?;
+    validate_monitoring()
+}
+
+/// The PrometheusRule's rules with `promtool check rules` and its unit tests with `promtool
+/// test rules` (deploy/prometheus/kmodmon-rules.test.yaml: series in, alerts out); the Grafana
+/// dashboard's queries, made into recording rules, with `promtool check rules` (the PromQL
+/// parses). Which metrics they may name is tested in kmodmon's check::prom tests.
+pub fn validate_monitoring() -> Result<()> {
+    let root = workspace_root();
+    let dir = target_dir(&root)?.join("prometheus");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let rule_src = root.join("deploy/prometheus/kmodmon-rules.yaml");
+    let text =
+        fs::read_to_string(&rule_src).with_context(|| format!("reading {}", rule_src.display()))?;
+    let rules = dir.join("kmodmon-rules.rules.yaml");
+    fs::write(
+        &rules,
+        prometheus_rule_spec(&text).context(rule_src.display().to_string())?,
+    )?;
+    let promtool = which::which("promtool").context(
+        "promtool is missing: `cargo xtask setup` installs it (Debian package prometheus)",
+    )?;
+    run(Command::new(&promtool)
+        .arg("check")
+        .arg("rules")
+        .arg(&rules))
+    .context("promtool check rules failed on deploy/prometheus/kmodmon-rules.yaml")?;
+    fs::copy(
+        root.join("deploy/prometheus/kmodmon-rules.test.yaml"),
+        dir.join("kmodmon-rules.test.yaml"),
+    )?;
+    run(Command::new(&promtool)
+        .current_dir(&dir)
+        .args(["test", "rules", "kmodmon-rules.test.yaml"]))
+    .context("promtool test rules: the alerts do not behave as deploy/prometheus/kmodmon-rules.test.yaml expects")?;
+
+    let dash_src = root.join("deploy/grafana/kmodmon.json");
+    let dash: serde_json::Value = serde_json::from_str(&fs::read_to_string(&dash_src)?)
+        .with_context(|| format!("{} is not JSON", dash_src.display()))?;
+    let mut exprs = Vec::new();
+    for panel in dash["panels"].as_array().into_iter().flatten() {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            if let Some(e) = t["expr"].as_str() {
+                exprs.push(e.to_string());
+            }
+        }
+    }
+    if exprs.is_empty() {
+        bail!("{}: no panel queries", dash_src.display());
+    }
+    // Grafana's variables, as Grafana would substitute them.
+    let mut out = String::from(
+        "groups:
+  - name: grafana-dashboard-queries
+    rules:
+",
+    );
+    for (i, e) in exprs.iter().enumerate() {
+        let e = e
+            .replace("$__rate_interval", "5m")
+            .replace("$__range", "1h")
+            .replace("$instance", ".*");
+        out.push_str(&format!(
+            "      - record: dashboard:query{i}\n        expr: {}\n",
+            serde_json::to_string(&e)?
+        ));
+    }
+    let dash_rules = dir.join("dashboard-queries.rules.yaml");
+    fs::write(&dash_rules, out)?;
+    run(Command::new(&promtool)
+        .arg("check")
+        .arg("rules")
+        .arg(&dash_rules))
+    .context("a query of deploy/grafana/kmodmon.json is not valid PromQL")?;
+    eprintln!(
+        "xtask: alert rules checked and unit-tested with promtool; {} dashboard queries parse",
+        exprs.len()
+    );
+    Ok(())
+}
+
+/// The `spec:` of a PrometheusRule manifest as a plain rules file (what promtool reads): the
+/// lines under `spec:`, one indentation level less. Every one must be indented.
+fn prometheus_rule_spec(manifest: &str) -> Result<String> {
+    let mut lines = manifest.lines().skip_while(|l| *l != "spec:");
+    if lines.next().is_none() {
+        bail!("no top-level `spec:`");
+    }
+    let mut out = String::new();
+    for l in lines {
+        if l.trim().is_empty() {
+            out.push('\n');
+            continue;
+        }
+        let Some(rest) = l.strip_prefix("  ") else {
+            bail!("a line after spec: is not indented under it: {l:?}");
+        };
+        out.push_str(rest);
+        out.push('\n');
+    }
+    if !out.starts_with("groups:") {
+        bail!("spec: does not start with groups:");
+    }
+    Ok(out)
 }
 
 /// cargo-deb, pinned; installed from crates.io when missing or of another version.

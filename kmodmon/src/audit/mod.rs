@@ -45,7 +45,7 @@ pub use verify::{
     ANCHOR_TAG, Anchor, AnchorCheck, Failure, Problem, VerifyReport, anchors_in, newest_anchor,
     verify,
 };
-pub use writer::{AuditLog, AuditStats, OpenReport};
+pub use writer::{AuditLog, AuditStats, OpenReport, event_body};
 
 /// Audit-log errors (I/O on a named file, or the log's state).
 #[derive(Debug, thiserror::Error)]

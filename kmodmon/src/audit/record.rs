@@ -36,12 +36,34 @@ pub fn chain_hash(prev: &Hash, canonical: &[u8]) -> Hash {
 
 /// Lowercase hex of a hash.
 pub fn to_hex(hash: &Hash) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(64);
-    for b in hash {
-        let _ = write!(s, "{b:02x}");
+    let mut s = Vec::with_capacity(64);
+    push_hex(&mut s, hash);
+    // Only ASCII hex digits were pushed.
+    String::from_utf8(s).unwrap_or_default()
+}
+
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
     }
-    s
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// Appends the lowercase hex of `hash` (a table lookup per nibble: this runs for every record).
+fn push_hex(out: &mut Vec<u8>, hash: &Hash) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in hash {
+        out.push(DIGITS[usize::from(b >> 4)]);
+        out.push(DIGITS[usize::from(b & 0xf)]);
+    }
 }
 
 /// Parses 64 hex digits (either case).
@@ -76,24 +98,39 @@ pub struct Encoded {
 /// Builds the line for record `seq` whose body is the serialised JSON object `body`, chained to
 /// `prev`.
 pub fn encode(seq: u64, body: &[u8], prev: &Hash) -> Result<Encoded, EncodeError> {
+    let mut line = Vec::with_capacity(body.len() + 32 + HASH_TAIL_LEN);
+    let hash = encode_into(&mut line, seq, body, prev)?;
+    Ok(Encoded { line, hash })
+}
+
+/// [`encode`] appending the line to `out` (records written together share one buffer);
+/// returns the record's hash. On an error `out` is left as it was.
+pub fn encode_into(
+    out: &mut Vec<u8>,
+    seq: u64,
+    body: &[u8],
+    prev: &Hash,
+) -> Result<Hash, EncodeError> {
     let inner = body
         .strip_prefix(b"{")
         .and_then(|b| b.strip_suffix(b"}"))
         .ok_or(EncodeError::NotAnObject)?;
     let inner_is_empty = inner.iter().all(u8::is_ascii_whitespace);
-    let mut line = Vec::with_capacity(body.len() + 32 + HASH_TAIL_LEN);
-    line.extend_from_slice(format!("{{\"seq\":{seq}").as_bytes());
+    let start = out.len();
+    out.reserve(body.len() + 32 + HASH_TAIL_LEN);
+    out.extend_from_slice(b"{\"seq\":");
+    push_decimal(out, seq);
     if !inner_is_empty {
-        line.push(b',');
-        line.extend_from_slice(inner);
+        out.push(b',');
+        out.extend_from_slice(inner);
     }
-    line.push(b'}');
-    let hash = chain_hash(prev, &line);
-    line.pop();
-    line.extend_from_slice(HASH_MEMBER);
-    line.extend_from_slice(to_hex(&hash).as_bytes());
-    line.extend_from_slice(b"\"}\n");
-    Ok(Encoded { line, hash })
+    out.push(b'}');
+    let hash = chain_hash(prev, &out[start..]);
+    out.pop();
+    out.extend_from_slice(HASH_MEMBER);
+    push_hex(out, &hash);
+    out.extend_from_slice(b"\"}\n");
+    Ok(hash)
 }
 
 /// Splits a line (without its newline) into its canonical bytes and its stored hash; `None`
@@ -286,6 +323,25 @@ mod tests {
         assert_ne!(b.hash, b_other_prev.hash);
         let edited = encode(1, br#"{"x":9}"#, &GENESIS).unwrap();
         assert_ne!(edited.hash, a.hash);
+    }
+
+    #[test]
+    fn records_encoded_into_one_buffer_are_the_lines_encode_makes() {
+        let mut buf = b"before".to_vec();
+        let h1 = encode_into(&mut buf, u64::MAX, br#"{"a":1}"#, &GENESIS).unwrap();
+        let h2 = encode_into(&mut buf, 0, b"{}", &h1).unwrap();
+        let one = encode(u64::MAX, br#"{"a":1}"#, &GENESIS).unwrap();
+        let two = encode(0, b"{}", &one.hash).unwrap();
+        assert_eq!((h1, h2), (one.hash, two.hash));
+        assert_eq!(buf, [&b"before"[..], &one.line, &two.line].concat());
+        assert!(
+            String::from_utf8(one.line)
+                .unwrap()
+                .starts_with("{\"seq\":18446744073709551615,")
+        );
+        let before = buf.clone();
+        assert!(encode_into(&mut buf, 1, b"[]", &GENESIS).is_err());
+        assert_eq!(buf, before, "nothing appended on an error");
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub(crate) struct Shared {
     pub lost_suspended: AtomicU64,
     pub lost_notes: AtomicU64,
     pub unsure: AtomicU64,
+    /// Events queued for the writer and not taken yet (bounded by the `queue` setting).
+    pub queued: AtomicU64,
     /// Seq and hash of the last record an fsync covered.
     pub head: Mutex<Option<Anchor>>,
     #[cfg(test)]

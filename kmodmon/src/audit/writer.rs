@@ -48,6 +48,8 @@ const TICK: Duration = Duration::from_millis(500);
 const RETENTION_EVERY: Duration = Duration::from_secs(30);
 /// Most messages handled between two fsyncs under the every-record policy.
 const BATCH: usize = 256;
+/// Most events written together (with one write(2)); bounds the writer's memory.
+const GROUP: usize = 1024;
 
 /// What [`AuditLog::open`] found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -96,6 +98,8 @@ impl AuditStats {
 
 enum Msg {
     Event(Box<Event>),
+    /// Events already serialised ([`event_body`]), written together.
+    Bodies(Vec<Vec<u8>>),
     Note(String),
     Summary(Box<Summary>),
     Sync(mpsc::Sender<u64>),
@@ -107,6 +111,8 @@ enum Msg {
 pub struct AuditLog {
     tx: SyncSender<Msg>,
     shared: Arc<Shared>,
+    /// Events the queue holds at most.
+    queue: u64,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -132,6 +138,7 @@ impl AuditLog {
             lost_suspended: AtomicU64::new(0),
             lost_notes: AtomicU64::new(0),
             unsure: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
             head: Mutex::new(None),
             #[cfg(test)]
             fail_fsyncs: AtomicU32::new(0),
@@ -221,6 +228,7 @@ impl AuditLog {
         report.next_seq = w.next_seq;
         w.publish_bytes();
         let (tx, rx) = mpsc::sync_channel(w.cfg.queue.max(1));
+        let queue = w.cfg.queue.max(1) as u64;
         let dir = w.cfg.dir.clone();
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
@@ -230,24 +238,79 @@ impl AuditLog {
             AuditLog {
                 tx,
                 shared,
+                queue,
                 thread: Mutex::new(Some(thread)),
             },
             report,
         ))
     }
 
+    /// Takes room for `n` events in the queue; how many fit.
+    fn reserve(&self, n: u64) -> u64 {
+        let mut got = 0;
+        let _ = self.shared.queued.fetch_update(Relaxed, Relaxed, |q| {
+            got = n.min(self.queue.saturating_sub(q));
+            Some(q + got)
+        });
+        got
+    }
+
+    fn count_queue_full(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.shared.lost_queue_full.fetch_add(n, Relaxed);
+        self.shared
+            .metrics
+            .audit
+            .lost_queue_full
+            .fetch_add(n, Relaxed);
+    }
+
+    /// Queues events serialised by [`event_body`] without blocking, to be written together
+    /// (one write(2) and, per the fsync policy, one fdatasync for all of them). Those beyond
+    /// the queue's room are counted lost (queue full); returns how many were queued.
+    pub fn submit_bodies(&self, mut bodies: Vec<Vec<u8>>) -> u64 {
+        let n = bodies.len() as u64;
+        if n == 0 {
+            return 0;
+        }
+        let got = self.reserve(n);
+        bodies.truncate(got as usize);
+        self.count_queue_full(n - got);
+        if got == 0 {
+            return 0;
+        }
+        if self.tx.try_send(Msg::Bodies(bodies)).is_err() {
+            self.shared.queued.fetch_sub(got, Relaxed);
+            self.count_queue_full(got);
+            return 0;
+        }
+        got
+    }
+
+    /// Counts an event that could not be serialised as lost (a write error).
+    pub fn count_unwritable(&self, n: u64) {
+        self.shared.lost_write_error.fetch_add(n, Relaxed);
+        self.shared
+            .metrics
+            .audit
+            .lost_write_error
+            .fetch_add(n, Relaxed);
+    }
+
     /// Queues an event without blocking. Returns false, and counts the event as lost, when
     /// the queue is full or the writer has stopped.
     pub fn submit(&self, event: Event) -> bool {
+        if self.reserve(1) == 0 {
+            self.count_queue_full(1);
+            return false;
+        }
         match self.tx.try_send(Msg::Event(Box::new(event))) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.shared.lost_queue_full.fetch_add(1, Relaxed);
-                self.shared
-                    .metrics
-                    .audit
-                    .lost_queue_full
-                    .fetch_add(1, Relaxed);
+                self.shared.queued.fetch_sub(1, Relaxed);
+                self.count_queue_full(1);
                 false
             }
         }
@@ -255,9 +318,12 @@ impl AuditLog {
 
     /// Queues an event, waiting for room. For tools and benchmarks, not for the event reader.
     pub fn submit_blocking(&self, event: Event) -> Result<(), AuditError> {
-        self.tx
-            .send(Msg::Event(Box::new(event)))
-            .map_err(|_| AuditError::WriterGone)
+        // The wait is on the channel; the event count may run over the queue setting here.
+        self.shared.queued.fetch_add(1, Relaxed);
+        self.tx.send(Msg::Event(Box::new(event))).map_err(|_| {
+            self.shared.queued.fetch_sub(1, Relaxed);
+            AuditError::WriterGone
+        })
     }
 
     /// Queues a `note` record (daemon start/stop, drops, policy reload), without blocking.
@@ -348,6 +414,17 @@ impl Drop for AuditLog {
     }
 }
 
+/// An event as the audit log writes it: sanitised (every string made safe to show) and
+/// serialised as a JSON object. The sink does this on its own thread, the writer only chains
+/// and writes.
+pub fn event_body(ev: &Event) -> io::Result<Vec<u8>> {
+    // An attempt's record is about 600 bytes: one allocation, no regrowth.
+    let mut body = Vec::with_capacity(1024);
+    serde_json::to_writer(&mut body, &*crate::escape::sanitize_event(ev))
+        .map_err(io::Error::other)?;
+    Ok(body)
+}
+
 fn lock_dir(dir: &std::path::Path) -> Result<Flock<File>, AuditError> {
     let path = dir.join(segment::LOCK_FILE);
     let file = OpenOptions::new()
@@ -421,18 +498,42 @@ impl Writer {
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => break,
             };
-            // Group commit: take what is already queued, then fsync once for all of it. No
-            // record counts as durable before the fsync that covers it.
+            // Group commit: take what is already queued, write the events among it together
+            // (one write(2)), then fsync once for all of it. No record counts as durable before
+            // the fsync that covers it.
             let mut taken = 0;
+            let mut bodies: Vec<Vec<u8>> = Vec::new();
             while let Some(msg) = next.take() {
-                if !self.handle(msg) {
-                    break 'run;
+                match msg {
+                    Msg::Event(ev) => {
+                        self.shared.queued.fetch_sub(1, Relaxed);
+                        match event_body(&ev) {
+                            Ok(b) => bodies.push(b),
+                            Err(e) => self.write_failed(&e, true),
+                        }
+                    }
+                    Msg::Bodies(b) => {
+                        self.shared.queued.fetch_sub(b.len() as u64, Relaxed);
+                        if bodies.is_empty() {
+                            bodies = b;
+                        } else {
+                            bodies.extend(b);
+                        }
+                    }
+                    other => {
+                        // In order: what came before is written first.
+                        self.write_bodies(std::mem::take(&mut bodies));
+                        if !self.handle(other) {
+                            break 'run;
+                        }
+                    }
                 }
                 taken += 1;
-                if taken < BATCH {
+                if taken < BATCH && bodies.len() < GROUP {
                     next = rx.try_recv().ok();
                 }
             }
+            self.write_bodies(bodies);
             if self.cfg.fsync == FsyncPolicy::EveryRecord && self.dirty_since.is_some() {
                 self.sync();
             }
@@ -449,7 +550,17 @@ impl Writer {
     /// Handles one message; false to stop.
     fn handle(&mut self, msg: Msg) -> bool {
         match msg {
-            Msg::Event(ev) => self.write_event(&ev),
+            Msg::Event(ev) => {
+                self.shared.queued.fetch_sub(1, Relaxed);
+                match event_body(&ev) {
+                    Ok(b) => self.write_bodies(vec![b]),
+                    Err(e) => self.write_failed(&e, true),
+                }
+            }
+            Msg::Bodies(b) => {
+                self.shared.queued.fetch_sub(b.len() as u64, Relaxed);
+                self.write_bodies(b);
+            }
             Msg::Note(message) => {
                 if self.suspended_since.is_some() {
                     self.shared.count_lost_note();
@@ -536,25 +647,101 @@ impl Writer {
             - self.reported_notes
     }
 
-    fn write_event(&mut self, ev: &Event) {
-        if self.suspended_since.is_some() {
-            self.shared.count_lost_suspended(1);
+    /// Writes events (serialised by [`event_body`]): all of them with one write(2) when nothing
+    /// else is due first, else one by one (rotation, reports, a full disk are handled there).
+    fn write_bodies(&mut self, bodies: Vec<Vec<u8>>) {
+        if bodies.is_empty() {
             return;
         }
-        let body = match serde_json::to_vec(&*crate::escape::sanitize_event(ev)) {
-            Ok(b) => b,
-            Err(e) => {
-                self.write_failed(&io::Error::other(e), true);
-                return;
-            }
+        let done = if self.suspended_since.is_none() {
+            self.append_group(&bodies)
+        } else {
+            0
         };
-        match self.write_body(&body) {
-            Ok(()) => {
-                self.shared.events.fetch_add(1, Relaxed);
-                self.shared.metrics.audit.events.fetch_add(1, Relaxed);
+        self.count_events(done as u64);
+        for body in &bodies[done..] {
+            if self.suspended_since.is_some() {
+                self.shared.count_lost_suspended(1);
+                continue;
             }
-            Err(e) => self.write_failed(&e, true),
+            match self.write_body(body) {
+                Ok(()) => self.count_events(1),
+                Err(e) => self.write_failed(&e, true),
+            }
         }
+    }
+
+    fn count_events(&self, n: u64) {
+        if n > 0 {
+            self.shared.events.fetch_add(n, Relaxed);
+            self.shared.metrics.audit.events.fetch_add(n, Relaxed);
+        }
+    }
+
+    /// Whether the active segment is due to be closed before `extra` more bytes.
+    fn rotation_due(&self, extra: u64) -> bool {
+        let Some(seg) = &self.seg else {
+            return true;
+        };
+        let full = seg.len + extra >= self.cfg.segment_size;
+        let old = self
+            .cfg
+            .segment_age
+            .is_some_and(|a| seg.started.elapsed().is_ok_and(|e| e >= a));
+        full || (seg.records > 1 && old)
+    }
+
+    /// The fast path: appends every body with a single write(2), when the segment is open and
+    /// sound, no other record is waiting to go first and the batch fits the segment. Returns
+    /// how many were written (0 or all: on any failure the segment is cut back and the slow
+    /// path writes them one by one, with its handling of full disks and rotation).
+    fn append_group(&mut self, bodies: &[Vec<u8>]) -> usize {
+        if !self.pending.is_empty() || self.pending_lost() > 0 {
+            return 0;
+        }
+        match &self.seg {
+            Some(seg) if !seg.needs_repair => {}
+            _ => return 0,
+        }
+        let mut buf = Vec::with_capacity(bodies.iter().map(|b| b.len() + 128).sum());
+        let (mut seq, mut hash) = (self.next_seq, self.last_hash);
+        for body in bodies {
+            let start = buf.len();
+            match record::encode_into(&mut buf, seq, body, &hash) {
+                Ok(h) if buf.len() - start <= segment::MAX_LINE => hash = h,
+                _ => return 0,
+            }
+            seq += 1;
+        }
+        if self.rotation_due(buf.len() as u64) {
+            return 0;
+        }
+        let Some(seg) = self.seg.as_mut() else {
+            return 0;
+        };
+        if seg.file.write_all(&buf).is_err() {
+            if seg.file.set_len(seg.len).is_err() {
+                seg.needs_repair = true;
+            }
+            return 0;
+        }
+        let n = bodies.len();
+        seg.len += buf.len() as u64;
+        seg.records += n as u64;
+        seg.dirty = true;
+        self.room_exhausted = false;
+        self.shared.last_seq.store(seq - 1, Relaxed);
+        self.next_seq = seq;
+        self.last_hash = hash;
+        self.shared.records.fetch_add(n as u64, Relaxed);
+        self.shared
+            .metrics
+            .audit
+            .records
+            .fetch_add(n as u64, Relaxed);
+        self.publish_bytes();
+        self.dirty_since.get_or_insert_with(Instant::now);
+        n
     }
 
     fn write_failed(&mut self, e: &io::Error, lost: bool) {

@@ -6,7 +6,9 @@ use serde::Serialize;
 use super::Warning;
 use super::cmdline::{KernelCmdline, PROC_CMDLINE};
 use super::conf::{self, ConfFile, FileState};
+use super::early::{self, Generator};
 use super::init::{self, ETC_MODULES, EtcModulesReader, InitInfo};
+use super::legacy::{self, LegacyLoader, LegacyScript};
 use crate::escape::escape_bytes;
 use crate::host::moddb::RootFs;
 use crate::modname;
@@ -20,6 +22,14 @@ pub enum SourceKind {
     KernelCmdline,
     /// /etc/modules, read directly (not through a modules-load.d link).
     EtcModules,
+    /// A `modprobe`/`insmod` line of an /etc/sysconfig/modules/*.modules script (RHEL family).
+    SysconfigModules,
+    /// A `modprobe`/`insmod` line of /etc/rc.modules (RHEL family).
+    RcModules,
+    /// /etc/initramfs-tools/modules (must be in the initramfs).
+    InitramfsTools,
+    /// dracut.conf(.d) `add_drivers`/`force_drivers` (must be in the initramfs).
+    DracutConf,
 }
 
 /// Where a module is configured to load at boot.
@@ -46,8 +56,14 @@ impl Source {
     /// "/etc/modules-load.d/k8s.conf:3", "/etc/modules-load.d/modules.conf -> /etc/modules:2",
     /// "kernel command line modules-load=".
     pub fn describe(&self) -> String {
-        if let Some(key) = &self.key {
-            return format!("kernel command line {key}=");
+        if let Some(key) = &self.key
+            && self.kind == SourceKind::KernelCmdline
+        {
+            return if self.path == PROC_CMDLINE {
+                format!("kernel command line {key}=")
+            } else {
+                format!("{key}= on the command line of {}", self.path)
+            };
         }
         let mut out = self.path.clone();
         if let Some(target) = &self.target {
@@ -56,6 +72,9 @@ impl Source {
         }
         if let Some(line) = self.line {
             out.push_str(&format!(":{line}"));
+        }
+        if let Some(key) = &self.key {
+            out.push_str(&format!(" ({key})"));
         }
         out
     }
@@ -80,9 +99,20 @@ pub struct EtcModules {
     pub reader: EtcModulesReader,
 }
 
+/// The RHEL family's legacy scripts and whether they run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Legacy {
+    #[serde(flatten)]
+    pub loader: LegacyLoader,
+    pub scripts: Vec<LegacyScript>,
+}
+
 #[derive(Clone, Debug)]
 pub struct BootConfig {
     pub init: InitInfo,
+    pub legacy: Legacy,
+    /// The tool that builds the initramfs, and why that is believed.
+    pub initramfs_generator: (Generator, String),
     pub modules_load: Vec<ConfFile>,
     pub etc_modules: EtcModules,
     /// Whether a kernel command line was found (not on an offline root).
@@ -96,8 +126,14 @@ impl BootConfig {
         let modules_load = conf::collect(root, &conf::MODULES_LOAD_DIRS, true)?;
         let init = init::detect_init(root, cmdline);
         let reader = init::etc_modules_reader(root, &init, &modules_load);
+        let legacy = Legacy {
+            loader: legacy::loader(root, &init),
+            scripts: legacy::scripts(root),
+        };
         let mut cfg = BootConfig {
             init,
+            legacy,
+            initramfs_generator: early::detect_generator(root),
             etc_modules: EtcModules {
                 path: ETC_MODULES,
                 exists: false,
@@ -146,8 +182,22 @@ impl BootConfig {
                     .push(Warning::at(ETC_MODULES, None, format!("cannot read: {e}")))
             }
         }
+        for script in cfg.legacy.scripts.clone() {
+            cfg.add_legacy_script(root, &script);
+        }
         if let Some(cmdline) = cmdline {
-            for key in ["modules-load", "rd.modules-load"] {
+            let dracut = cfg.initramfs_generator.0 == Generator::Dracut;
+            let not_dracut = format!(
+                "read by dracut's initramfs, which this system does not use ({})",
+                cfg.initramfs_generator.1
+            );
+            for key in [
+                "modules-load",
+                "rd.modules-load",
+                "rd.driver.pre",
+                "rd.driver.post",
+            ] {
+                let by_dracut = key.starts_with("rd.driver");
                 for request in cmdline.list(key) {
                     let source = Source {
                         kind: SourceKind::KernelCmdline,
@@ -155,14 +205,64 @@ impl BootConfig {
                         target: None,
                         line: None,
                         key: Some(key.into()),
-                        read_at_boot: true,
-                        note: None,
+                        read_at_boot: !by_dracut || dracut,
+                        note: (by_dracut && !dracut).then(|| not_dracut.clone()),
                     };
                     cfg.add(&request, source);
                 }
             }
         }
         Ok(cfg)
+    }
+
+    /// The modules a legacy script loads; they count when the loader runs and the script is
+    /// executable.
+    fn add_legacy_script(&mut self, root: &RootFs, script: &LegacyScript) {
+        let text = match root.read_text(&script.path) {
+            Ok(Some(t)) => t,
+            Ok(None) => return,
+            Err(e) => {
+                self.warnings.push(Warning::at(
+                    &escape_bytes(script.path.as_bytes()),
+                    None,
+                    format!("cannot read: {e}"),
+                ));
+                return;
+            }
+        };
+        let kind = if script.path == legacy::RC_MODULES {
+            SourceKind::RcModules
+        } else {
+            SourceKind::SysconfigModules
+        };
+        let path = escape_bytes(script.path.as_bytes());
+        let (found, unclear) = legacy::modules_in_script(&text);
+        for (line, reason) in unclear {
+            self.warnings.push(Warning::at(&path, Some(line), reason));
+        }
+        let loader = &self.legacy.loader;
+        let note = if !loader.read_at_boot {
+            Some(loader.why.clone())
+        } else if !script.executable {
+            Some(format!(
+                "{} runs only executable scripts and this one is not: chmod +x {path}",
+                loader.read_by.as_deref().unwrap_or("the loader")
+            ))
+        } else {
+            None
+        };
+        for (line, request) in found {
+            let source = Source {
+                kind,
+                path: path.clone(),
+                target: None,
+                line: Some(line),
+                key: None,
+                read_at_boot: note.is_none(),
+                note: note.clone(),
+            };
+            self.add(&request, source);
+        }
     }
 
     /// Lines of a modules-load.d file: each whole line is one module name or alias.

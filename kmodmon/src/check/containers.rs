@@ -7,7 +7,11 @@ use serde::{Deserialize, Serialize};
 use super::{CheckError, Warning};
 use crate::escape::escape_bytes;
 use crate::host::moddb::RootFs;
-use crate::host::runtime_state::{self, StateConfig};
+use std::time::{Duration, Instant};
+
+use crate::host::runtime_state::StateConfig;
+use crate::host::tracking::DeclState;
+use crate::host::{Registry, RegistryOptions};
 use crate::modname;
 
 /// One container and the modules it declares.
@@ -20,6 +24,10 @@ pub struct ContainerExpectation {
     pub name: Option<String>,
     /// Module names as declared (normalised by the check).
     pub modules: Vec<String>,
+    /// Where they were declared: `KERNEL_MODULES`, or `annotation KEY` (absent in a
+    /// `--containers-file` that does not say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub declared_in: Option<String>,
 }
 
 impl ContainerExpectation {
@@ -46,48 +54,81 @@ pub struct ContainerInputs {
     pub warnings: Vec<Warning>,
 }
 
-/// Running containers of the root, from the runtimes' state directories (under the root for
-/// an offline root).
-///
-/// WIRING POINT: this is where the container enumeration of `crate::host::runtime_state`
-/// feeds the check. Anything else that can list containers with their expected modules can
-/// be plugged in here (or passed in as a file with `--containers-file`).
+/// Running containers of the root, as the host registry knows them (runtime state under the
+/// root for an offline root), with what each declares.
 pub fn from_runtime_state(root: &RootFs) -> ContainerInputs {
-    let cfg = if root.is_host() {
-        StateConfig::detect()
+    let opts = if root.is_host() {
+        RegistryOptions {
+            no_moddb: true,
+            ..RegistryOptions::default()
+        }
     } else {
-        StateConfig::under(root.dir())
+        RegistryOptions {
+            state: Some(StateConfig::under(root.dir())),
+            cgroup_root: Some(root.dir().join("sys/fs/cgroup")),
+            live_root: Some(root.dir().to_path_buf()),
+            no_moddb: true,
+            ..RegistryOptions::default()
+        }
     };
-    let (running, problems) = runtime_state::running_containers(&cfg);
+    let mut registry = Registry::open(opts);
+    registry.settle(Instant::now() + SETTLE);
+    from_registry(&registry)
+}
+
+/// The running containers a registry knows (the daemon passes its live one), with what each
+/// declares; declarations still being read are left out with a warning.
+pub fn from_registry(registry: &Registry) -> ContainerInputs {
+    let running = registry.running();
     let mut out = ContainerInputs {
         source: "runtime state".into(),
         running: running.len(),
         ..Default::default()
     };
-    for problem in problems {
+    for problem in registry.state_problems() {
         out.warnings
             .push(Warning::general(format!("container state: {problem}")));
     }
-    for rc in running {
+    for t in running {
         let expectation = ContainerExpectation {
-            container_id: rc.container.id.clone(),
-            runtime: rc.container.runtime.clone(),
-            name: rc.container.name.clone(),
-            modules: rc.expected_modules().to_vec(),
+            container_id: t.container.id.clone(),
+            runtime: t.container.runtime.clone(),
+            name: t.container.name.clone(),
+            modules: t.declared_modules().to_vec(),
+            declared_in: match &t.state {
+                DeclState::Known(d) if d.declared => Some(d.what()),
+                _ => None,
+            },
         };
-        if let Err(e) = &rc.declaration {
-            out.warnings.push(Warning::general(format!(
-                "container {}: cannot read its KERNEL_MODULES: {e}",
-                expectation.describe()
-            )));
-        }
-        for bad in rc.bad_entries() {
-            out.warnings.push(Warning::general(format!(
-                "container {}: KERNEL_MODULES entry {:?} ignored: {}",
-                expectation.describe(),
-                bad.entry,
-                bad.reason
-            )));
+        match &t.state {
+            DeclState::Known(d) => {
+                for bad in &d.expected.bad {
+                    out.warnings.push(Warning::general(format!(
+                        "container {}: {} entry {:?} ignored: {}",
+                        expectation.describe(),
+                        d.what(),
+                        bad.entry,
+                        bad.reason
+                    )));
+                }
+                for line in d.disagreements() {
+                    out.warnings.push(Warning::general(format!(
+                        "container {}: {line}",
+                        expectation.describe()
+                    )));
+                }
+            }
+            DeclState::Failed(e)
+            | DeclState::Pending {
+                last_error: Some(e),
+                ..
+            } => {
+                out.warnings.push(Warning::general(format!(
+                    "container {}: cannot read its KERNEL_MODULES: {e}",
+                    expectation.describe()
+                )));
+            }
+            DeclState::Pending { .. } => {}
         }
         if !expectation.modules.is_empty() {
             out.list.push(expectation);
@@ -95,6 +136,9 @@ pub fn from_runtime_state(root: &RootFs) -> ContainerInputs {
     }
     out
 }
+
+/// How long the check waits for running containers' declarations.
+const SETTLE: Duration = Duration::from_secs(2);
 
 /// A JSON array of [`ContainerExpectation`] objects (`--containers-file`).
 pub fn from_file(path: &Path) -> Result<ContainerInputs, CheckError> {

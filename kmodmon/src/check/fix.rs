@@ -5,10 +5,8 @@
 use std::io::Write as _;
 use std::path::Path;
 
-use serde::Serialize;
-
 use super::conf::FileState;
-use super::report::Report;
+use super::report::{FixSummary, Report};
 use super::{CheckError, Status};
 use crate::host::moddb::RootFs;
 
@@ -27,14 +25,6 @@ pub struct FixPlan {
     pub skipped: Vec<(String, String)>,
     pub old: String,
     pub new: String,
-}
-
-/// What `--fix` did, for the JSON report.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct FixSummary {
-    pub path: String,
-    pub added: Vec<String>,
-    pub written: bool,
 }
 
 /// The plan, or `None` when nothing needs adding.

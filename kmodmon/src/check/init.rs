@@ -159,6 +159,14 @@ pub fn etc_modules_reader(
             };
         }
     }
+    let rhel = rhel_family(root)
+        .map(|id| {
+            format!(
+                "; on this RHEL-family system ({id}) nothing reads {ETC_MODULES}: modules load at boot \
+                 from /etc/modules-load.d/ (or /etc/sysconfig/modules/*.modules)"
+            )
+        })
+        .unwrap_or_default();
     let why = match init.system {
         InitSystem::Systemd => {
             let scripts_note = if scripts.is_empty() {
@@ -170,7 +178,7 @@ pub fn etc_modules_reader(
             };
             format!(
                 "systemd boots this system ({}) and systemd-modules-load reads only modules-load.d, \
-                 where no file links to {ETC_MODULES}{scripts_note}",
+                 where no file links to {ETC_MODULES}{scripts_note}{rhel}",
                 init.evidence
             )
         }
@@ -185,6 +193,26 @@ pub fn etc_modules_reader(
         read_by: None,
         why,
     }
+}
+
+/// `ID=centos` when /etc/os-release (or /usr/lib/os-release) says the root is of the RHEL
+/// family (ID or ID_LIKE naming rhel, fedora or centos).
+pub fn rhel_family(root: &RootFs) -> Option<String> {
+    let text = ["/etc/os-release", "/usr/lib/os-release"]
+        .iter()
+        .find_map(|p| root.read_text(p).ok().flatten())?;
+    let value = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .map(|v| v.trim().trim_matches(['"', '\'']).to_string())
+    };
+    let id = value("ID").unwrap_or_default();
+    let like = value("ID_LIKE").unwrap_or_default();
+    let family = ["rhel", "fedora", "centos"];
+    let is = std::iter::once(id.as_str())
+        .chain(like.split_whitespace())
+        .any(|w| family.contains(&w));
+    is.then(|| format!("ID={}", crate::escape::escape_bytes(id.as_bytes())))
 }
 
 /// Scripts in /etc/init.d whose text names /etc/modules itself (not /etc/modules-load.d).

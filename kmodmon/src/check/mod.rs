@@ -6,12 +6,18 @@
 //! Library use: [`gather`] builds a [`Report`] for a root; [`run`] is the CLI.
 pub mod analyze;
 pub mod boot;
+pub mod bootloader;
 pub mod cmdline;
 pub mod conf;
 pub mod containers;
+pub mod early;
 pub mod fix;
 pub mod init;
+pub mod initramfs;
+pub mod legacy;
 pub mod modprobe;
+pub mod nextboot;
+pub mod prom;
 pub mod report;
 
 #[cfg(test)]
@@ -57,6 +63,31 @@ pub struct CheckArgs {
     /// Do not look at running containers.
     #[arg(long)]
     pub no_containers: bool,
+    /// Only the reboot question: judge the boot configuration against the kernel that boots
+    /// next (the boot loader's default entry, else the newest installed module tree).
+    #[arg(long, conflicts_with = "fix")]
+    pub next_boot: bool,
+    /// Also judge the boot configuration against every installed kernel.
+    #[arg(long)]
+    pub all_kernels: bool,
+}
+
+/// What [`gather_with`] computes besides the running kernel's check.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// The next-boot section (`next_boot`).
+    pub next_boot: bool,
+    /// A section per installed kernel (`all_kernels`).
+    pub all_kernels: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            next_boot: true,
+            all_kernels: false,
+        }
+    }
 }
 
 #[derive(Debug, Error)]
@@ -138,12 +169,22 @@ pub fn choose_kernel(root: &RootFs, explicit: Option<&str>) -> (Option<String>, 
     }
 }
 
-/// Reads everything under `root` and compares. `containers` is the container list to check
-/// (see [`containers::from_runtime_state`]).
+/// Reads everything under `root` and compares, with the next-boot section. `containers` is the
+/// container list to check (see [`containers::from_runtime_state`]).
 pub fn gather(
     root: &RootFs,
     kernel: Option<&str>,
     containers: ContainerInputs,
+) -> Result<Report, CheckError> {
+    gather_with(root, kernel, containers, Options::default())
+}
+
+/// [`gather`], choosing the sections.
+pub fn gather_with(
+    root: &RootFs,
+    kernel: Option<&str>,
+    containers: ContainerInputs,
+    opts: Options,
 ) -> Result<Report, CheckError> {
     if !root.dir().is_dir() {
         return Err(CheckError::RootNotDir(root.dir().to_path_buf()));
@@ -182,6 +223,48 @@ pub fn gather(
         live: &live,
         kernel: &kernel_name,
     });
+    let (next_boot, all_kernels) = if opts.next_boot || opts.all_kernels {
+        let mut warnings = Vec::new();
+        let menu = bootloader::discover(root, &mut warnings);
+        let running = moddb::running_kernel(root);
+        let running_db = running
+            .as_deref()
+            .and_then(|k| ModDb::for_kernel(root, k).ok());
+        let inp = nextboot::Inputs {
+            root,
+            boot: &boot,
+            containers: &containers.list,
+            live: &live,
+            running: running.as_deref(),
+            running_db: running_db.as_ref(),
+            running_cmdline: cmdline.as_ref(),
+        };
+        let mut next = nextboot::judge(&inp, menu.next.clone(), true);
+        next.warnings.splice(0..0, warnings);
+        let all = opts.all_kernels.then(|| {
+            let mut versions = moddb::installed_kernels(root);
+            for e in &menu.entries {
+                if let Some(v) = &e.version
+                    && !versions.contains(v)
+                {
+                    versions.push(v.clone());
+                }
+            }
+            versions
+                .iter()
+                .map(|v| {
+                    if Some(v) == menu.next.version.as_ref() {
+                        next.clone()
+                    } else {
+                        nextboot::judge(&inp, nextboot::installed(v, menu.entry_for(v)), false)
+                    }
+                })
+                .collect()
+        });
+        (Some(next), all)
+    } else {
+        (None, None)
+    };
     Ok(Report::new(report::Parts {
         root,
         kernel,
@@ -192,6 +275,8 @@ pub fn gather(
         modprobe,
         containers,
         modules,
+        next_boot,
+        all_kernels,
     }))
 }
 
@@ -211,7 +296,24 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
             containers::from_runtime_state(&root)
         })
     };
-    let report = gather(&root, args.kernel.as_deref(), containers()?).context("kmodmon check")?;
+    let opts = Options {
+        next_boot: true,
+        all_kernels: args.all_kernels,
+    };
+    let report =
+        gather_with(&root, args.kernel.as_deref(), containers()?, opts).context("kmodmon check")?;
+    if args.next_boot {
+        if args.json {
+            println!("{}", report.next_boot_json());
+        } else {
+            print!("{}", report.next_boot_human());
+        }
+        return Ok(if report.next_boot_problems() > 0 {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
     if !args.fix {
         print_report(&report, args.json);
         return Ok(exit_code(&report));
@@ -271,7 +373,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         return Ok(exit_code(&report));
     }
     plan.write(&root)?;
-    let after = gather(&root, args.kernel.as_deref(), containers()?)
+    let after = gather_with(&root, args.kernel.as_deref(), containers()?, opts)
         .context("kmodmon check after --fix")?;
     if args.json {
         print_report(&after.clone().with_fix(plan.summary(true)), true);
@@ -306,9 +408,10 @@ fn print_report(report: &Report, json: bool) {
     }
 }
 
-/// 1 when any expected module has a problem status, else 0.
+/// 1 when any expected module has a problem status, now or at the next boot (or, with
+/// --all-kernels, with any installed kernel), else 0.
 pub fn exit_code(report: &Report) -> ExitCode {
-    if report.summary.problems > 0 {
+    if report.summary.problems > 0 || report.next_boot_problems() > 0 {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS

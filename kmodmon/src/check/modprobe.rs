@@ -61,9 +61,14 @@ impl ModprobeConfig {
 
     /// Adds `modprobe.blacklist=` (kmod) and `module_blacklist=` (the kernel refuses them).
     pub fn add_cmdline(&mut self, cmdline: &KernelCmdline) {
+        self.add_cmdline_from(cmdline, PROC_CMDLINE);
+    }
+
+    /// [`Self::add_cmdline`] for a command line read from `origin` (a boot entry).
+    pub fn add_cmdline_from(&mut self, cmdline: &KernelCmdline, origin: &str) {
         for key in ["modprobe.blacklist", "module_blacklist"] {
             for name in cmdline.list(key) {
-                self.block(&name, format!("{key}={name}"), PROC_CMDLINE, None);
+                self.block(&name, format!("{key}={name}"), origin, None);
             }
         }
     }

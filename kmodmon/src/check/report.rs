@@ -4,12 +4,12 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::analyze::{ModuleReport, Status};
-use super::boot::{BootConfig, EtcModules};
+use super::boot::{BootConfig, EtcModules, Legacy};
 use super::conf::ConfFile;
 use super::containers::ContainerInputs;
-use super::fix::FixSummary;
 use super::init::InitInfo;
 use super::modprobe::ModprobeConfig;
+use super::nextboot::NextBoot;
 use super::{KernelChoice, Warning};
 use crate::host::moddb::{LiveState, Loaded, ModDb, RootFs};
 
@@ -107,6 +107,14 @@ impl Summary {
     }
 }
 
+/// What `--fix` did (written by [`super::fix`], which depends on this module, not the reverse).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FixSummary {
+    pub path: String,
+    pub added: Vec<String>,
+    pub written: bool,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     /// The directory checked as `/`.
@@ -115,6 +123,8 @@ pub struct Report {
     pub loaded: LoadedInfo,
     pub init: InitInfo,
     pub etc_modules: EtcModules,
+    /// RHEL-family /etc/sysconfig/modules/*.modules and /etc/rc.modules, and what runs them.
+    pub legacy_scripts: Legacy,
     /// Whether a kernel command line was read (ROOT/proc/cmdline).
     pub kernel_cmdline: bool,
     pub modules_load_d: Vec<ConfFile>,
@@ -123,6 +133,12 @@ pub struct Report {
     pub modules: Vec<ModuleReport>,
     pub warnings: Vec<Warning>,
     pub summary: Summary,
+    /// The reboot question (README "kmodmon check", next boot).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_boot: Option<NextBoot>,
+    /// With --all-kernels: the same judgement for every installed kernel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub all_kernels: Option<Vec<NextBoot>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fix: Option<FixSummary>,
 }
@@ -138,6 +154,8 @@ pub struct Parts<'a> {
     pub modprobe: ModprobeConfig,
     pub containers: ContainerInputs,
     pub modules: Vec<ModuleReport>,
+    pub next_boot: Option<NextBoot>,
+    pub all_kernels: Option<Vec<NextBoot>>,
 }
 
 impl Report {
@@ -175,6 +193,7 @@ impl Report {
             loaded: LoadedInfo { source, count },
             init: p.boot.init,
             etc_modules: p.boot.etc_modules,
+            legacy_scripts: p.boot.legacy,
             kernel_cmdline: p.boot.cmdline_read,
             modules_load_d: p.boot.modules_load,
             modprobe_d: p.modprobe.files,
@@ -186,8 +205,53 @@ impl Report {
             summary: Summary::count(&p.modules),
             modules: p.modules,
             warnings,
+            next_boot: p.next_boot,
+            all_kernels: p.all_kernels,
             fix: None,
         }
+    }
+
+    /// Problems at the next boot, and with --all-kernels with any installed kernel.
+    pub fn next_boot_problems(&self) -> usize {
+        self.next_boot.as_ref().map_or(0, |n| n.summary.problems)
+            + self
+                .all_kernels
+                .iter()
+                .flatten()
+                .filter(|n| !n.kernel.boots_next)
+                .map(|n| n.summary.problems)
+                .sum::<usize>()
+    }
+
+    /// `--next-boot --json`: the root, the next boot and, with --all-kernels, every kernel.
+    pub fn next_boot_json(&self) -> String {
+        let v = serde_json::json!({
+            "root": self.root,
+            "next_boot": self.next_boot,
+            "all_kernels": self.all_kernels,
+        });
+        serde_json::to_string_pretty(&v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    /// The next-boot sections for people.
+    pub fn next_boot_human(&self) -> String {
+        let mut o = String::new();
+        if let Some(n) = &self.next_boot {
+            o.push_str(&n.human("Next boot"));
+        }
+        for k in self
+            .all_kernels
+            .iter()
+            .flatten()
+            .filter(|k| !k.kernel.boots_next)
+        {
+            o.push('\n');
+            o.push_str(&k.human(&format!(
+                "Installed kernel {}",
+                k.kernel.kernel.version.as_deref().unwrap_or("?")
+            )));
+        }
+        o
     }
 
     pub fn with_fix(mut self, fix: FixSummary) -> Report {
@@ -325,7 +389,24 @@ impl Report {
                 let _ = writeln!(o, "  {at}{}", w.message);
             }
         }
+        let next = self.next_boot_human();
+        if !next.is_empty() {
+            o.push('\n');
+            o.push_str(&next);
+        }
         let _ = writeln!(o, "\nResult: {}", self.summary.sentence());
+        if let Some(n) = &self.next_boot {
+            let _ = writeln!(
+                o,
+                "Result at the next boot ({}): {}",
+                n.kernel
+                    .kernel
+                    .version
+                    .as_deref()
+                    .unwrap_or("no kernel found"),
+                n.summary.sentence()
+            );
+        }
         if self.modules.iter().any(|m| m.fixable) {
             let names: Vec<&str> = self
                 .modules

@@ -257,6 +257,7 @@ fn containers_expectations_join_the_check() {
         runtime: "docker".into(),
         name: Some("dind".into()),
         modules: vec!["iptable-nat".into(), "overlay".into()],
+        declared_in: Some("KERNEL_MODULES".into()),
     };
     let r = check(dir.path(), vec![web]);
     assert_eq!(

@@ -27,14 +27,33 @@ pub const DEFAULT_CONFIG: &str = "/etc/kmodmon/kmodmon.toml";
 ///
 /// [probe]
 /// no_fexit = false
+/// seccomp_attempts = true   # report module syscalls refused by seccomp
+/// no_identity = false   # true: no module image capture (sha256, .modinfo, signature)
+/// repeat_window = "1s"  # identical attempts aggregated in the kernel ("0s" = off)
 ///
 /// [policy]
 /// file = "/etc/kmodmon/policy.toml"
+///
+/// [check]               # `kmodmon check` every interval, as gauges on /metrics
+/// interval = "15m"      # "0s" turns it off
+///
+/// [containers]          # runtime state outside the runtimes' default places
+/// state_dirs = ["docker=/srv/docker", "docker-exec=/run/docker"]
+///
+/// [ledger]              # the module ledger `kmodmon modules` reads
+/// file = "/var/lib/kmodmon/modules.json"
 ///
 /// [rate_limit]          # audit records of attempts, per cgroup (0 = off)
 /// rate = 20
 /// burst = 200
 /// summary_every = "10s"
+///
+/// [node_labels]         # kmodmon.io/module.NAME labels on this node (Kubernetes, opt-in)
+/// enabled = false
+/// node_name = ""        # default: $NODE_NAME (the downward API's spec.nodeName)
+/// interval = "10s"      # how often the declared, loaded modules are compared
+/// min_interval = "30s"  # at most one PATCH this often
+/// # api_server, token_file, ca_file: default from the pod's service account
 /// ```
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -47,6 +66,118 @@ pub struct FileConfig {
     /// `[rate_limit]`: audit records of attempts per cgroup; beyond it they are aggregated
     /// into counted `rate_limited` records.
     pub rate_limit: crate::ratelimit::RateLimitConfig,
+    pub check: CheckConfig,
+    pub node_labels: NodeLabelsConfig,
+    pub containers: ContainersConfig,
+    /// `[ledger]`: where the module ledger is kept for `kmodmon modules`.
+    pub ledger: LedgerConfig,
+}
+
+/// `[ledger]`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// Default [`crate::ledger::DEFAULT_FILE`].
+    pub file: Option<PathBuf>,
+}
+
+/// `[containers]`: where runtimes keep their state when not in their default places
+/// (`KIND=DIR`, as `--state-dir`).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ContainersConfig {
+    pub state_dirs: Vec<crate::host::runtime_state::StateDir>,
+}
+
+/// `[node_labels]`: KMM-style `kmodmon.io/module.NAME` labels on this node through the
+/// Kubernetes API (README "Node labels"). Off unless `enabled`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeLabelsConfig {
+    pub enabled: bool,
+    /// The node's name; empty: the `NODE_NAME` environment variable.
+    pub node_name: String,
+    #[serde(with = "humantime_serde_opt")]
+    pub interval: std::time::Duration,
+    #[serde(with = "humantime_serde_opt")]
+    pub min_interval: std::time::Duration,
+    /// `https://HOST:PORT`; default from KUBERNETES_SERVICE_HOST/PORT.
+    pub api_server: Option<String>,
+    /// Default: the service account's token.
+    pub token_file: Option<PathBuf>,
+    /// Default: the service account's ca.crt.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for NodeLabelsConfig {
+    fn default() -> Self {
+        NodeLabelsConfig {
+            enabled: false,
+            node_name: String::new(),
+            interval: std::time::Duration::from_secs(10),
+            min_interval: std::time::Duration::from_secs(30),
+            api_server: None,
+            token_file: None,
+            ca_file: None,
+        }
+    }
+}
+
+impl NodeLabelsConfig {
+    /// The node name and the API configuration, from this section and the pod's environment.
+    pub fn resolve(&self) -> anyhow::Result<(String, crate::kube::ApiConfig)> {
+        let node = if self.node_name.is_empty() {
+            std::env::var("NODE_NAME").map_err(|_| {
+                anyhow::anyhow!(
+                    "[node_labels]: no node name: set NODE_NAME from the downward API (spec.nodeName) or node_name"
+                )
+            })?
+        } else {
+            self.node_name.clone()
+        };
+        let in_cluster = crate::kube::ApiConfig::in_cluster();
+        let server = match (&self.api_server, &in_cluster) {
+            (Some(s), _) => s.clone(),
+            (None, Ok(c)) => c.server.clone(),
+            (None, Err(e)) => anyhow::bail!("[node_labels]: {e}"),
+        };
+        let sa = std::path::Path::new(crate::kube::SERVICE_ACCOUNT_DIR);
+        Ok((
+            node,
+            crate::kube::ApiConfig {
+                server,
+                token_file: self.token_file.clone().unwrap_or_else(|| sa.join("token")),
+                ca_file: self.ca_file.clone().unwrap_or_else(|| sa.join("ca.crt")),
+            },
+        ))
+    }
+}
+
+/// `[check]`: the daemon runs `kmodmon check` (running kernel and next boot, containers from
+/// its live registry) every `interval` and serves the result as gauges on /metrics.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckConfig {
+    #[serde(with = "humantime_serde_opt")]
+    pub interval: std::time::Duration,
+}
+
+impl Default for CheckConfig {
+    fn default() -> Self {
+        CheckConfig {
+            interval: std::time::Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+/// `"15m"` ↔ Duration (humantime).
+mod humantime_serde_opt {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
 }
 
 /// `[policy]`: enforcement (see README "Enforcement").
@@ -83,11 +214,39 @@ impl Default for ForwardConfig {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProbeConfig {
     pub no_fexit: bool,
     pub force_raw_syscalls: bool,
+    /// Report module syscalls a seccomp filter refused before they ran (default true).
+    pub seccomp_attempts: bool,
+    pub no_identity: bool,
+    /// Identical attempts of one task closer than this are aggregated in the kernel
+    /// (`None`: the default, 1 s; zero: off).
+    #[serde(deserialize_with = "duration_opt")]
+    pub repeat_window: Option<std::time::Duration>,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        ProbeConfig {
+            no_fexit: false,
+            force_raw_syscalls: false,
+            seccomp_attempts: true,
+            no_identity: false,
+            repeat_window: None,
+        }
+    }
+}
+
+fn duration_opt<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::time::Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -112,6 +271,25 @@ pub struct RunArgs {
     /// Force the raw_syscalls fallback for attempts.
     #[arg(long)]
     pub force_raw_syscalls: bool,
+    /// Do not report module syscalls that a seccomp filter refused before they ran (saves
+    /// the cost seccomp-confined tasks pay for it on kernels where attempts come from fexit).
+    /// Where attempts come from the syscall exit alone (source sys_exit) they are still
+    /// reported as failed attempts, without blocked_by.
+    #[arg(long)]
+    pub no_seccomp_attempts: bool,
+    /// Runtime state kept outside the runtime's default place, as KIND=DIR (repeatable; adds
+    /// to `[containers] state_dirs`). KIND: docker, docker-exec, containerd, containers, runc,
+    /// crun, lxc, isulad.
+    #[arg(long = "state-dir", value_name = "KIND=DIR")]
+    pub state_dirs: Vec<crate::host::runtime_state::StateDir>,
+    /// Do not capture module images: no content identity (sha256, .modinfo, signature).
+    #[arg(long)]
+    pub no_identity: bool,
+    /// Identical attempts of one task closer than this are aggregated in the kernel into
+    /// repeat summaries; "0" reports every attempt on its own [default: 1s, or
+    /// `[probe] repeat_window`].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub repeat_window: Option<std::time::Duration>,
     /// Audit records of attempts per second and cgroup before they are aggregated into
     /// `rate_limited` records; 0 turns the limit off [default: 20, or `[rate_limit] rate`].
     #[arg(long, value_name = "RATE")]
@@ -119,6 +297,10 @@ pub struct RunArgs {
     /// Enforce this policy (BPF LSM); its `mode` decides enforce or audit.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
+    /// Where the module ledger (loads, loaders, identities) is kept for `kmodmon modules`
+    /// [default: /var/lib/kmodmon/modules.json, or `[ledger] file`].
+    #[arg(long, value_name = "FILE")]
+    pub ledger_file: Option<PathBuf>,
     /// Only check the configuration (the config file, the flags, the policy file it names) and
     /// exit: 0 when valid, 2 with the file, line and column of the first error.
     #[arg(long)]
@@ -134,7 +316,11 @@ pub struct Effective {
     pub probe: ProbeConfig,
     pub policy: Option<PathBuf>,
     pub rate_limit: crate::ratelimit::RateLimitConfig,
+    pub check: CheckConfig,
+    pub node_labels: NodeLabelsConfig,
+    pub state_dirs: Vec<crate::host::runtime_state::StateDir>,
     pub source: Option<PathBuf>,
+    pub ledger_file: PathBuf,
 }
 
 /// Reads the config file (if any) and applies the flags on top.
@@ -189,6 +375,11 @@ fn apply(file: FileConfig, args: &RunArgs, source: Option<PathBuf>) -> Effective
     let mut probe = file.probe;
     probe.no_fexit |= args.no_fexit;
     probe.force_raw_syscalls |= args.force_raw_syscalls;
+    probe.seccomp_attempts &= !args.no_seccomp_attempts;
+    probe.no_identity |= args.no_identity;
+    if args.repeat_window.is_some() {
+        probe.repeat_window = args.repeat_window;
+    }
     Effective {
         audit: args.audit.apply(file.audit),
         metrics: args.metrics.clone().or(file.metrics.listen),
@@ -199,7 +390,20 @@ fn apply(file: FileConfig, args: &RunArgs, source: Option<PathBuf>) -> Effective
             rate: args.audit_rate_limit.unwrap_or(file.rate_limit.rate),
             ..file.rate_limit
         },
+        check: file.check,
+        node_labels: file.node_labels,
+        state_dirs: file
+            .containers
+            .state_dirs
+            .into_iter()
+            .chain(args.state_dirs.iter().cloned())
+            .collect(),
         source,
+        ledger_file: args
+            .ledger_file
+            .clone()
+            .or(file.ledger.file)
+            .unwrap_or_else(|| PathBuf::from(crate::ledger::DEFAULT_FILE)),
     }
 }
 
@@ -220,6 +424,25 @@ mod tests {
         );
         assert_eq!(cfg.metrics.listen.as_deref(), Some(":9464"));
         assert!(cfg.forward.stdout && cfg.probe.no_fexit);
+        assert!(cfg.probe.seccomp_attempts, "on unless turned off");
+        let off = parse("[probe]\nseccomp_attempts = false\n").unwrap();
+        assert!(!off.probe.seccomp_attempts);
+        let args = RunArgs {
+            no_seccomp_attempts: true,
+            ..Default::default()
+        };
+        assert!(
+            !apply(FileConfig::default(), &args, None)
+                .probe
+                .seccomp_attempts
+        );
+        assert_eq!(cfg.probe.repeat_window, None);
+        let cfg = parse("[probe]\nrepeat_window = \"250ms\"\n").unwrap();
+        assert_eq!(
+            cfg.probe.repeat_window,
+            Some(std::time::Duration::from_millis(250))
+        );
+        assert!(parse("[probe]\nrepeat_window = \"soon\"\n").is_err());
     }
 
     #[test]

@@ -108,6 +108,9 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
             None
         }
     };
+    // Tasks that run as long as the daemon: one ending is a failure (non-zero exit, so the
+    // service manager restarts kmodmon), never a quiet degradation.
+    let mut essential: Vec<(&str, tokio::task::JoinHandle<()>)> = Vec::new();
     let syslog = if cfg.forward.syslog {
         let facility = cfg
             .forward
@@ -133,11 +136,14 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("serving metrics on {addr}"))?;
         log::info!("metrics on http://{}/metrics", server.local_addr()?);
         let m = metrics.clone();
-        tokio::spawn(async move {
-            if let Err(e) = server.serve(m).await {
-                log::error!("metrics server stopped: {e}");
-            }
-        });
+        essential.push((
+            "the metrics server",
+            tokio::spawn(async move {
+                if let Err(e) = server.serve(m).await {
+                    log::error!("metrics server stopped: {e}");
+                }
+            }),
+        ));
     }
     // A policy is validated (and the BPF LSM checked) before anything is attached: if it
     // cannot be enforced, refuse to start rather than pretend.
@@ -176,7 +182,16 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
             no_fexit: cfg.probe.no_fexit,
             force_raw_syscalls: cfg.probe.force_raw_syscalls,
             cgroups_only: false,
+            no_seccomp_attempts: !cfg.probe.seccomp_attempts,
+            no_identity: cfg.probe.no_identity,
+            repeat_window: cfg.probe.repeat_window,
         },
+        registry: crate::host::RegistryOptions {
+            state: (!cfg.state_dirs.is_empty())
+                .then(|| crate::host::runtime_state::StateConfig::detect_with(&cfg.state_dirs)),
+            ..crate::host::RegistryOptions::default()
+        },
+        ledger_file: Some(cfg.ledger_file.clone()),
         ..SessionOptions::default()
     };
     let policy = cfg.policy.clone();
@@ -211,10 +226,25 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
         log.note(started);
     }
     metrics.health.set_attached();
+    if !cfg.check.interval.is_zero() {
+        essential.push((
+            "the periodic check",
+            spawn_check(&session.pipeline, metrics.clone(), cfg.check.interval),
+        ));
+    }
+    if cfg.node_labels.enabled
+        && let Some(task) = spawn_node_labels(&session.pipeline, metrics.clone(), &cfg.node_labels)
+    {
+        essential.push(("the node labels", task));
+    }
+    // systemd (Type=notify): ready now; WATCHDOG=1 only while the pipeline turns.
+    let watchdog = sd_notify::watchdog_enabled();
+    notify(&[sd_notify::NotifyState::Ready]);
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut anchor_tick = tokio::time::interval(ANCHOR_EVERY);
     let mut last_anchor = None;
+    let mut task_failure: Option<String> = None;
     loop {
         tokio::select! {
             _ = anchor_tick.tick() => {
@@ -232,8 +262,19 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
                 if session.pipeline.has_failed() {
                     break;
                 }
-                if session.pipeline.accounting.stalled_ms() < 5_000 {
+                if let Some((what, _)) = essential.iter().find(|(_, h)| h.is_finished()) {
+                    task_failure = Some(format!("{what} stopped"));
+                    break;
+                }
+                let stalled = session.pipeline.accounting.stalled_ms();
+                if stalled < 5_000 {
                     metrics.health.beat();
+                }
+                // A stuck pipeline stops the pings: systemd kills and restarts the daemon.
+                if let Some(w) = watchdog
+                    && u128::from(stalled) < w.as_millis() / 2
+                {
+                    notify(&[sd_notify::NotifyState::Watchdog]);
                 }
                 for (reason, n) in session.new_losses() {
                     metrics.drop_events(&reason, n);
@@ -262,6 +303,7 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
             },
         }
     }
+    notify(&[sd_notify::NotifyState::Stopping]);
     let (finished, summary) = session.finish(&mut signals).await;
     let text = format!("stopping: {}", summary.describe());
     eprintln!("kmodmon: {text}");
@@ -289,8 +331,131 @@ async fn daemon(cfg: config::Effective) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    if let Some(why) = finished.failure {
+    if let Some(why) = finished.failure.or(task_failure) {
         anyhow::bail!("{why}; kmodmon stopped (a supervisor should restart it)");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `kmodmon check` now and every `interval`, with the containers of the live registry,
+/// and serves the result as gauges on /metrics (the fleet view: configured modules missing at
+/// the next boot, declared modules not loaded).
+fn spawn_check(
+    pipeline: &crate::pipeline::Pipeline,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+) -> tokio::task::JoinHandle<()> {
+    use crate::check::{self, containers};
+    use crate::host::moddb::RootFs;
+    let registry = pipeline.registry_handle();
+    tokio::spawn(async move {
+        // The first check a little after start, out of the way of attaching.
+        let first = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut tick = tokio::time::interval_at(first, interval);
+        loop {
+            tick.tick().await;
+            let Some(inputs) = registry.with(containers::from_registry).await else {
+                return; // the pipeline has stopped
+            };
+            let report = tokio::task::spawn_blocking(move || {
+                check::gather(&RootFs::host(), None, inputs)
+                    .map(|r| check::prom::render(&r, std::time::SystemTime::now()))
+            })
+            .await;
+            match report {
+                Ok(Ok(text)) => metrics.set_check(text),
+                Ok(Err(e)) => log::warn!("periodic check: {e}"),
+                Err(e) => log::warn!("periodic check failed: {e}"),
+            }
+        }
+    })
+}
+
+/// Tells systemd (Type=notify) about the daemon's state; nothing when not run by systemd.
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        log::warn!("sd_notify: {e}");
+    }
+}
+
+/// Keeps this node's `kmodmon.io/module.NAME` labels equal to the modules its running
+/// containers declare and the kernel has (see [`crate::kube::labels`]). A task of its own:
+/// the API server never holds up the event pipeline. A configuration that cannot work is
+/// logged and counted, and monitoring goes on without labels (`None`). The task ends only
+/// when the pipeline stops.
+fn spawn_node_labels(
+    pipeline: &crate::pipeline::Pipeline,
+    metrics: Arc<Metrics>,
+    cfg: &config::NodeLabelsConfig,
+) -> Option<tokio::task::JoinHandle<()>> {
+    use crate::host::moddb::{LiveState, RootFs};
+    use crate::kube::{ApiClient, labels};
+    let client = cfg
+        .resolve()
+        .and_then(|(node, api)| Ok((node, ApiClient::new(api)?)));
+    let (node, client) = match client {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("node labels are off: {e:#}");
+            metrics.node_labels.result("error");
+            return None;
+        }
+    };
+    log::info!("node labels: node {node} through {}", client.server());
+    let registry = pipeline.registry_handle();
+    let (interval, min_interval) = (cfg.interval, cfg.min_interval);
+    Some(tokio::spawn(async move {
+        let mut labeler = labels::NodeLabeler::new(client, node, min_interval);
+        let mut tick = tokio::time::interval(interval.max(Duration::from_secs(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut warned = std::collections::BTreeSet::new();
+        loop {
+            tick.tick().await;
+            let Some(declared) = registry
+                .with(|r| {
+                    r.running()
+                        .iter()
+                        .flat_map(|t| t.declared_modules().iter().cloned())
+                        .collect::<std::collections::BTreeSet<String>>()
+                })
+                .await
+            else {
+                return; // the pipeline has stopped
+            };
+            let live = match LiveState::read(&RootFs::host()) {
+                Ok(l) => l,
+                Err(e) => {
+                    log::warn!("node labels: cannot tell which modules are loaded: {e}");
+                    continue;
+                }
+            };
+            let (desired, unlabelable) = labels::desired(&declared, &live);
+            for m in unlabelable {
+                if warned.insert(m.clone()) {
+                    log::warn!(
+                        "node labels: module {m} has a name no label can carry; not labelled"
+                    );
+                }
+            }
+            match labeler.sync(&desired, std::time::Instant::now()).await {
+                Ok(labels::Outcome::Patched { set, removed }) => {
+                    metrics.node_labels.result("ok");
+                    metrics.node_labels.set_applied(desired.len());
+                    log::info!(
+                        "node labels: node {}: {set} set, {removed} removed ({} now)",
+                        labeler.node(),
+                        desired.len()
+                    );
+                }
+                Ok(labels::Outcome::Unchanged) => {
+                    metrics.node_labels.set_applied(desired.len());
+                }
+                Ok(labels::Outcome::Deferred) => {}
+                Err(e) => {
+                    metrics.node_labels.result("error");
+                    log::warn!("node labels: node {}: {e}", labeler.node());
+                }
+            }
+        }
+    }))
 }

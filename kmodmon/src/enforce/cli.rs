@@ -75,7 +75,7 @@ pub fn run(args: EnforceArgs) -> anyhow::Result<ExitCode> {
             if foreground {
                 return foreground_run(opts, off_on_exit);
             }
-            let mut registry = Registry::open(RegistryOptions::default());
+            let mut registry = Registry::open(RegistryOptions::detect());
             // Read what the running containers declare (trust_kernel_modules needs it).
             registry.settle(Instant::now() + SETTLE);
             let enforcer = match Enforcer::start(opts, &registry) {

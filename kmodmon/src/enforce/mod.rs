@@ -89,6 +89,46 @@ pub enum EnforceError {
         "enforcement is not installed (no pins under {0}); run `kmodmon enforce on` or `kmodmon run` with a policy"
     )]
     NotInstalled(String),
+    #[error(
+        "{0}. kmodmon's LSM programs decide by a task's cgroup2 cgroup and do not yet decide \
+         on cgroup v1, so every such container would be decided as the host: nothing was \
+         installed. Boot with the unified hierarchy (systemd.unified_cgroup_hierarchy=1 on \
+         the kernel command line), or have the runtime place containers in cgroup2 as well \
+         (hybrid hosts); monitoring (`kmodmon tail`, `kmodmon run` without a policy) \
+         attributes cgroup v1 containers"
+    )]
+    CgroupV1(String),
+}
+
+/// Why enforcement cannot tell containers apart on this host, if it cannot: a v1-only
+/// layout (every task is in the cgroup2 root), or running containers that are in cgroup v1
+/// only (hybrid hosts whose runtime uses only the v1 controllers).
+pub fn cgroup_v1_refusal(registry: &Registry) -> Option<String> {
+    if registry.cgroup_layout() == crate::host::cgroup_v1::CgroupLayout::Legacy {
+        return Some(
+            "this host has only cgroup v1 hierarchies (no cgroup2 is mounted): every task, \
+             containers included, is in the cgroup2 root"
+                .to_string(),
+        );
+    }
+    let v1_only: Vec<String> = registry
+        .running()
+        .into_iter()
+        .filter(|t| t.cgroup_id == 0 && t.cgroup_v1_id != 0)
+        .map(|t| {
+            format!(
+                "{} ({})",
+                t.container.id,
+                t.cgroup_v1_path.as_deref().unwrap_or("?")
+            )
+        })
+        .collect();
+    (!v1_only.is_empty()).then(|| {
+        format!(
+            "containers in cgroup v1 only (their cgroup2 is their parent's): {}",
+            v1_only.join(", ")
+        )
+    })
 }
 
 /// How to start.
@@ -121,7 +161,7 @@ impl StartOptions {
 pub struct ContainerInfo {
     pub container: Container,
     pub labels: BTreeMap<String, String>,
-    /// Valid names from its KERNEL_MODULES.
+    /// Valid names it declared (annotation or KERNEL_MODULES, see host::declaration).
     pub declared: Vec<String>,
     /// Its cgroup2 path (to find the containers it encloses).
     pub cgroup_path: Option<String>,
@@ -211,6 +251,9 @@ impl Enforcer {
     /// nothing.
     pub fn start(opts: StartOptions, registry: &Registry) -> Result<Enforcer, EnforceError> {
         let policy = Policy::load(&opts.policy_path)?;
+        if let Some(why) = cgroup_v1_refusal(registry) {
+            return Err(EnforceError::CgroupV1(why));
+        }
         preflight(opts.force)?;
         if !module_support() {
             log::warn!("{}", host::NO_MODULES_EXPLANATION);
@@ -512,6 +555,17 @@ impl Enforcer {
     pub fn follow(&mut self, change: &Change, registry: &Registry) {
         let result = match change {
             Change::Appeared { key, .. } | Change::Updated { key } | Change::Settled { key } => {
+                if let Change::Appeared { .. } = change
+                    && let Some(t) = registry.container(key)
+                    && t.cgroup_id == 0
+                    && t.cgroup_v1_id != 0
+                {
+                    log::error!(
+                        "container {key} is in cgroup v1 only ({}): the policy cannot be \
+                         applied to it, it is decided as its cgroup2 parent (the host)",
+                        t.cgroup_v1_path.as_deref().unwrap_or("?")
+                    );
+                }
                 match registry.container(key) {
                     Some(t) if t.gone_at.is_none() => match CgroupView::key_of(t) {
                         Some(cg) => self.container_appeared(cg, ContainerInfo::of(t)),
@@ -760,6 +814,73 @@ impl Enforcer {
     fn with_deps(&self, eff: Effective) -> Effective {
         with_deps(self.moddb.as_ref(), eff)
     }
+}
+
+impl Enforcer {
+    /// The policy's identity requirements (`sha256:` pins, `signed = true`) for a successful
+    /// load: the kernel decided by name; this checks the identity of what it loaded and returns
+    /// an `identity_mismatch` event when the policy does not allow that image.
+    pub fn verify_identity(&self, ev: &Event) -> Option<Event> {
+        let eff = match ev.container.as_ref().and_then(|c| {
+            self.subjects
+                .values()
+                .find(|i| i.container.id == c.id)
+                .map(|i| self.decide_for(i, true))
+        }) {
+            Some(e) => e,
+            None => self.policy.host_decision(),
+        };
+        identity_mismatch(&self.policy, &eff, ev)
+    }
+}
+
+/// The `identity_mismatch` event for a successful load whose identity `eff` does not allow.
+pub fn identity_mismatch(policy: &Policy, eff: &Effective, ev: &Event) -> Option<Event> {
+    let loaded = match ev.kind {
+        Kind::LoadAttempt => {
+            ev.result == Some(0)
+                && matches!(
+                    ev.syscall,
+                    Some(crate::event::Syscall::InitModule | crate::event::Syscall::FinitModule)
+                )
+        }
+        _ => false,
+    };
+    if !loaded || (eff.pins.is_empty() && !eff.signed) {
+        return None;
+    }
+    let id = ev.identity.as_deref();
+    let mut why = Vec::new();
+    if !eff.pins.is_empty() {
+        match id.and_then(|i| i.sha256.as_deref()) {
+            Some(h) if eff.pins.contains(h) => {}
+            Some(h) => why.push(format!("sha256 {h} is not pinned")),
+            None => why.push("its image could not be hashed, so no pin can match".to_string()),
+        }
+    }
+    if eff.signed {
+        match id.and_then(|i| i.sig_ok) {
+            Some(true) => {}
+            Some(false) => why.push("the kernel did not verify a signature (sig_ok false)".into()),
+            None => why.push("the kernel's signature verdict is unknown".into()),
+        }
+    }
+    if why.is_empty() {
+        return None;
+    }
+    let mut m = ev.clone();
+    m.kind = Kind::IdentityMismatch;
+    m.source = crate::event::SourceName::Kmodmon;
+    m.severity = Some("high".to_string());
+    m.loaded_at = Some(ev.time.clone());
+    m.rule_id = Some(Policy::rule_id(eff.rule));
+    m.detail = Some(format!(
+        "loaded (allowed in the kernel by name), but {}: {}; kmodmon verifies identity after the \
+         load, it did not stop it",
+        policy.describe_rule(Policy::rule_id(eff.rule)),
+        why.join("; ")
+    ));
+    Some(m)
 }
 
 fn with_deps(db: Option<&ModDb>, mut eff: Effective) -> Effective {

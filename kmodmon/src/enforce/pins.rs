@@ -38,18 +38,18 @@ use crate::sensor::lsm::{self, Loaded, PROGRAMS};
 /// Pin names of the maps (under `maps/`; bpffs refuses names with a '.'). Each carries the
 /// contract version, so programs of one layout never share a map with another's.
 pub mod pin {
-    pub const POLICY_CGROUPS: &str = "policy_cgroups_v3";
-    pub const POLICY_ALLOW: &str = "policy_allow_v3";
-    pub const POLICY_SETTINGS: &str = "policy_settings_v3";
-    pub const POLICY_PARENTS: &str = "policy_parents_v3";
-    pub const POLICY_PREFIXES: &str = "policy_prefixes_v3";
-    pub const POLICY_ACK: &str = "policy_ack_v3";
-    pub const CRYPTO_REQUESTS: &str = "crypto_requests_v3";
-    pub const LOAD_STASH: &str = "load_stash_v3";
+    pub const POLICY_CGROUPS: &str = "policy_cgroups_v6";
+    pub const POLICY_ALLOW: &str = "policy_allow_v6";
+    pub const POLICY_SETTINGS: &str = "policy_settings_v6";
+    pub const POLICY_PARENTS: &str = "policy_parents_v6";
+    pub const POLICY_PREFIXES: &str = "policy_prefixes_v6";
+    pub const POLICY_ACK: &str = "policy_ack_v6";
+    pub const CRYPTO_REQUESTS: &str = "crypto_requests_v6";
+    pub const LOAD_STASH: &str = "load_stash_v6";
     /// The LSM programs' counters (drops, decisions, errors).
-    pub const COUNTERS: &str = "counters_v3";
+    pub const COUNTERS: &str = "counters_v6";
     /// The denied / would_deny ring.
-    pub const EVENTS: &str = "events_v3";
+    pub const EVENTS: &str = "events_v6";
     /// The contract version of the pinned programs (the same name in every version).
     pub const CONTRACT: &str = "contract";
     /// Every events ring pin name starts so (version 1 pinned it as plain `events`).

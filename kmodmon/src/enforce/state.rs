@@ -787,6 +787,8 @@ mod tests {
             restrict: true,
             allowed: names.iter().map(|s| s.to_string()).collect(),
             from_declaration: BTreeSet::new(),
+            pins: BTreeSet::new(),
+            signed: false,
         }
     }
 

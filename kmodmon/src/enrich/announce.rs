@@ -4,7 +4,7 @@
 use std::sync::mpsc;
 
 use crate::event::{Clock, Container, Event, Kind};
-use crate::host::declaration::{Declaration, ENV_VAR};
+use crate::host::declaration::Declaration;
 use crate::host::moddb::{LiveState, ModDb, RootFs};
 
 /// What the running kernel has, for "is it missing?".
@@ -87,9 +87,8 @@ pub fn expectation_event(
     let mut parts = Vec::new();
     if !missing.is_empty() {
         parts.push(format!(
-            "{ENV_VAR}={} ({}): not loaded: {}",
-            decl.expected.modules.join(","),
-            decl.source,
+            "{}: not loaded: {}",
+            decl.describe(),
             missing.join(", ")
         ));
     }
@@ -100,8 +99,9 @@ pub fn expectation_event(
             .iter()
             .map(|b| format!("{:?}: {}", b.entry, b.reason))
             .collect();
-        parts.push(format!("bad {ENV_VAR} entries: {}", bad.join("; ")));
+        parts.push(format!("bad {} entries: {}", decl.what(), bad.join("; ")));
     }
+    parts.extend(decl.disagreements());
     ev.detail = Some(parts.join("; "));
     Some(ev)
 }
@@ -114,11 +114,18 @@ pub struct LoadResult {
     pub loaded: Vec<String>,
     /// Module and why it failed.
     pub failed: Vec<(String, String)>,
+    /// `KERNEL_MODULES`, or the annotation the modules were declared in.
+    pub declared_in: String,
 }
 
 /// Runs `modprobe NAME` for each module on a thread of its own (modprobe can take seconds);
 /// the result arrives on `tx`.
-pub fn spawn_modprobe(key: String, modules: Vec<String>, tx: mpsc::Sender<LoadResult>) {
+pub fn spawn_modprobe(
+    key: String,
+    modules: Vec<String>,
+    declared_in: String,
+    tx: mpsc::Sender<LoadResult>,
+) {
     let spawned = std::thread::Builder::new()
         .name("kmodmon-modprobe".to_string())
         .spawn(move || {
@@ -126,6 +133,7 @@ pub fn spawn_modprobe(key: String, modules: Vec<String>, tx: mpsc::Sender<LoadRe
                 key,
                 loaded: Vec::new(),
                 failed: Vec::new(),
+                declared_in,
             };
             for m in modules {
                 // Names were validated and normalized: no leading '-', no spaces, no '/'.
@@ -155,7 +163,10 @@ pub fn spawn_modprobe(key: String, modules: Vec<String>, tx: mpsc::Sender<LoadRe
 pub fn self_load_event(s: &Subject<'_>, r: &LoadResult, clock: &Clock) -> Event {
     let mut ev = base(Kind::SelfLoad, s, clock);
     ev.modules = r.loaded.clone();
-    let mut detail = format!("--load-expected: modprobe for {ENV_VAR} of this container");
+    let mut detail = format!(
+        "--load-expected: modprobe for {} of this container",
+        r.declared_in
+    );
     if !r.failed.is_empty() {
         let f: Vec<String> = r.failed.iter().map(|(m, w)| format!("{m}: {w}")).collect();
         detail.push_str(&format!("; failed: {}", f.join("; ")));
@@ -182,6 +193,7 @@ mod tests {
             declared: true,
             expected: Expected::parse(v),
             source: Source::Environ(42),
+            overridden: Vec::new(),
         }
     }
 
@@ -264,6 +276,7 @@ mod tests {
                 "nope".into(),
                 "modprobe: FATAL: Module nope not found".into(),
             )],
+            declared_in: "KERNEL_MODULES".into(),
         };
         let ev = self_load_event(&subject(&c), &r, &clock);
         assert_eq!(ev.kind, Kind::SelfLoad);

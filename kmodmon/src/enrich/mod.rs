@@ -1,6 +1,8 @@
 //! Enrichment: each event gets its cgroup path, its container (from the host
-//! [`Registry`]) and a verdict against that container's declared modules, plus the autoload
-//! join (`requested_by`) and kmodmon's own `expectation` / `self_load` events.
+//! [`Registry`]: by cgroup2, else by the cgroup v1 hierarchy followed, else — for a host
+//! process an OCI runtime started, such as a hook — `on_behalf_of` the container that runtime
+//! works on) and a verdict against that container's declared modules, plus the autoload join
+//! (`requested_by`) and kmodmon's own `expectation` / `self_load` events.
 //!
 //! The [`Enricher`] runs on the pipeline's enrich task (never on the ring-buffer reader). Use
 //! it as a stream stage: [`Enricher::cgroup_created`] / [`Enricher::cgroup_removed`] for every
@@ -22,7 +24,7 @@ use std::time::{Duration, Instant};
 use self::announce::{Live, LoadResult, Subject};
 use self::autoload::{AutoloadJoin, ModuleResolver, NameOnly, Request};
 pub use self::verdict::add_detail;
-use crate::event::{Clock, Event, Kind};
+use crate::event::{CgroupV1, Clock, Event, Kind};
 use crate::host::registry::{Change, Registry};
 use crate::host::tracking::DeclState;
 use crate::host::{declaration, moddb::ModDb};
@@ -104,6 +106,18 @@ impl Enricher {
         self.follow_registry();
     }
 
+    /// The kernel created a cgroup in the v1 hierarchy `hierarchy`.
+    pub fn cgroup_v1_created(&mut self, hierarchy: u32, id: u64, path: &str) {
+        self.registry.cgroup_v1_created(hierarchy, id, path);
+        self.follow_registry();
+    }
+
+    /// The kernel removed a cgroup in the v1 hierarchy `hierarchy`.
+    pub fn cgroup_v1_removed(&mut self, hierarchy: u32, id: u64, path: &str) {
+        self.registry.cgroup_v1_removed(hierarchy, id, path);
+        self.follow_registry();
+    }
+
     /// Fills cgroup path, container, verdict and `requested_by` at once (no holding back:
     /// a declaration still being read is judged as unknown). [`Enricher::handle`] is the
     /// stream version.
@@ -149,12 +163,25 @@ impl Enricher {
         } else {
             ev.container.as_ref().map(|c| c.id.clone())
         };
+        let mut own = self.attribute_v1(ev, own);
+        if ev.container.is_none()
+            && let Some(b) = self.registry.on_behalf_of(&ev.ancestors)
+        {
+            // A host process a container runtime started for a container (an OCI hook):
+            // judged against that container's declaration.
+            ev.on_behalf_of = Some(b.on_behalf_of);
+            own = Some(b.key);
+        }
         match (ev.kind, ev.module.as_deref()) {
             (Kind::Request, Some(name)) => {
                 let resolver: &dyn ModuleResolver = match self.registry.moddb() {
                     Some(db) => db,
                     None => &NameOnly,
                 };
+                let container = ev
+                    .container
+                    .as_ref()
+                    .or(ev.on_behalf_of.as_ref().map(|b| &b.container));
                 self.autoload.request(
                     Request {
                         ktime_ns: ev.ktime_ns,
@@ -162,13 +189,15 @@ impl Enricher {
                         pid: ev.pid,
                         comm: &ev.comm,
                         cgroup_id: ev.cgroup_id,
-                        container: ev.container.as_ref(),
+                        container,
                     },
                     resolver,
                 );
                 own
             }
-            (Kind::Load | Kind::LoadAttempt, Some(m)) if ev.container.is_none() => {
+            (Kind::Load | Kind::LoadAttempt, Some(m))
+                if ev.container.is_none() && ev.on_behalf_of.is_none() =>
+            {
                 match self.autoload.on_load(m, ev.kind, ev.ktime_ns) {
                     Some(a) => {
                         if a.requests > 1 {
@@ -184,7 +213,59 @@ impl Enricher {
         }
     }
 
+    /// The task's cgroup v1 where its cgroup2 names no container: the container it names,
+    /// or, where the cgroup2 is the root (a v1-only layout), where the task is. `ev.cgroup_v1`
+    /// stays only where it decided attribution.
+    fn attribute_v1(&mut self, ev: &mut Event, own: Option<String>) -> Option<String> {
+        let Some(h) = self.registry.cgroup_v1().cloned() else {
+            ev.cgroup_v1 = None;
+            return own;
+        };
+        let Some(v1) = ev.cgroup_v1.as_mut() else {
+            return own;
+        };
+        if ev.container.is_some() || v1.path.is_some() {
+            ev.cgroup_v1 = None;
+            return own;
+        }
+        let a = self.registry.attribute_v1(v1.id, ev.pid, ev.ppid);
+        v1.hierarchy = h.hierarchy_id;
+        v1.controller = h.controller;
+        v1.path = a.cgroup_path;
+        if a.container.is_some() {
+            ev.container = a.container;
+            return a.key;
+        }
+        let in_cgroup2_root = ev.cgroup_id <= 1 || ev.cgroup_path.as_deref() == Some("/");
+        if !in_cgroup2_root {
+            // The task's own cgroup2 cgroup decided (the host's).
+            ev.cgroup_v1 = None;
+        }
+        own
+    }
+
     fn judge(&self, ev: &mut Event, key: Option<&str>) {
+        if key.is_none()
+            && ev.container.is_none()
+            && let Some(v1) = ev.cgroup_v1.as_ref().filter(|v| v.path.is_none())
+        {
+            // Only the v1 cgroup could say where the task is, and it is not in the tree.
+            let (id, controller) = (v1.id, v1.controller.clone());
+            add_detail(
+                ev,
+                &format!(
+                    "cgroup v1 {id} ({controller}) not found under {}: no verdict (host or \
+                     container unknown)",
+                    self.registry
+                        .cgroup_v1()
+                        .map_or("(no v1 mount)".to_string(), |h| h
+                            .mount
+                            .display()
+                            .to_string())
+                ),
+            );
+            return;
+        }
         if key.is_none() && ev.container.is_none() && ev.cgroup_path.is_none() && ev.cgroup_id > 1 {
             // Not in the root cgroup and not found in the tree kmodmon reads: it may be a
             // container kmodmon cannot see, so "host" would be a guess.
@@ -202,8 +283,8 @@ impl Enricher {
             );
             return;
         }
-        let state = key.map(|k| self.registry.container(k).map(|t| &t.state));
-        verdict::judge_event(ev, state, self.resolver());
+        let state = key.map(|k| self.registry.declaration_state(k));
+        verdict::judge_event(ev, state.as_ref().map(Option::as_ref), self.resolver());
     }
 
     /// Takes the registry's changes: a settled declaration releases its held events and is
@@ -226,6 +307,9 @@ impl Enricher {
             match self.registry.container(key).map(|t| &t.state) {
                 Some(DeclState::Known(d)) if d.declared => {
                     let d = d.clone();
+                    for line in d.disagreements() {
+                        log::warn!("container {key}: {line}");
+                    }
                     self.announce(key, &d);
                 }
                 Some(DeclState::Failed(why)) => {
@@ -238,6 +322,13 @@ impl Enricher {
             }
         }
         for mut ev in held {
+            // What the registry learnt about the container while its events waited (its
+            // name, from runtime state written meanwhile).
+            if let (Some(c), Some(t)) = (ev.container.as_mut(), self.registry.container(key))
+                && c.id == t.container.id
+            {
+                *c = t.container.clone();
+            }
             self.judge(&mut ev, Some(key));
             self.ready.push(ev);
         }
@@ -270,7 +361,7 @@ impl Enricher {
                 }
             }
             self.loading.insert(key.to_string());
-            announce::spawn_modprobe(key.to_string(), missing, self.loads_tx.clone());
+            announce::spawn_modprobe(key.to_string(), missing, d.what(), self.loads_tx.clone());
             return;
         }
         self.push_expectation(key, d, &missing);
@@ -285,9 +376,22 @@ impl Enricher {
             cgroup_id: t.cgroup_id,
             cgroup_path: t.cgroup_path.as_deref(),
         };
-        if let Some(ev) = announce::expectation_event(&s, d, missing, &self.clock) {
+        if let Some(mut ev) = announce::expectation_event(&s, d, missing, &self.clock) {
+            ev.cgroup_v1 = self.v1_only_cgroup(t);
             self.ready.push(ev);
         }
+    }
+
+    /// The v1 cgroup of a container that has no cgroup2 cgroup of its own (for kmodmon's own
+    /// events about it).
+    fn v1_only_cgroup(&self, t: &crate::host::tracking::Tracked) -> Option<CgroupV1> {
+        let h = self.registry.cgroup_v1()?;
+        (t.cgroup_id == 0 && t.cgroup_v1_id != 0).then(|| CgroupV1 {
+            hierarchy: h.hierarchy_id,
+            controller: h.controller.clone(),
+            id: t.cgroup_v1_id,
+            path: t.cgroup_v1_path.clone(),
+        })
     }
 
     /// Due capture retries, candidate cgroups, finished modprobe runs.
@@ -309,8 +413,9 @@ impl Enricher {
             cgroup_id: t.cgroup_id,
             cgroup_path: t.cgroup_path.as_deref(),
         };
-        self.ready
-            .push(announce::self_load_event(&s, &r, &self.clock));
+        let mut ev = announce::self_load_event(&s, &r, &self.clock);
+        ev.cgroup_v1 = self.v1_only_cgroup(t);
+        self.ready.push(ev);
         if let DeclState::Known(d) = &t.state {
             let d = d.clone();
             let live = Live::read(self.registry.live_root(), self.registry.moddb());
@@ -337,7 +442,9 @@ impl Enricher {
 
     /// Events ready to go on, in order.
     pub fn take_ready(&mut self) -> Vec<Event> {
-        std::mem::take(&mut self.ready)
+        // Room for a batch kept, so a storm does not grow a new Vec from nothing each time.
+        let room = self.ready.len().clamp(16, 256);
+        std::mem::replace(&mut self.ready, Vec::with_capacity(room))
     }
 
     /// Registry changes since the last call, in order (for the enforcer).
@@ -362,5 +469,7 @@ impl Enricher {
     }
 }
 
+#[cfg(test)]
+mod observe_tests;
 #[cfg(test)]
 mod tests;

@@ -31,6 +31,10 @@ pub fn judge_event(
         return;
     };
     let empty = Expected::default();
+    let what = match state {
+        Some(DeclState::Known(d)) => d.what(),
+        _ => ENV_VAR.to_string(),
+    };
     let (expected, note) = match state {
         Some(DeclState::Known(d)) => (&d.expected, None),
         Some(DeclState::Failed(why)) => (&empty, Some(format!("{ENV_VAR} unknown: {why}"))),
@@ -57,12 +61,12 @@ pub fn judge_event(
         return;
     };
     let deps = |m: &str| resolver.dependencies(m);
-    let mut j = declaration::judge(&module, Some(expected), &deps);
+    let mut j = declaration::judge_as(&module, Some(expected), &deps, &what);
     if ev.kind == Kind::Request && j.verdict == Verdict::Unexpected {
         // A request names an alias (`net-pf-10`, `fs-xfs`): judge what it resolves to.
         let targets = resolver.resolve_request(&module);
         for t in targets.iter().filter(|t| !modname::same(t, &module)) {
-            let jt = declaration::judge(t, Some(expected), &deps);
+            let jt = declaration::judge_as(t, Some(expected), &deps, &what);
             if jt.verdict == Verdict::Expected {
                 j = declaration::Judgement {
                     verdict: jt.verdict,
@@ -115,6 +119,7 @@ mod tests {
             declared: true,
             expected: Expected::parse(v),
             source: Source::Environ(1),
+            overridden: Vec::new(),
         })
     }
 

@@ -1,12 +1,12 @@
 //! Kernel records → [`Event`]: the RawEvent layout read out of a ring-buffer record, then
 //! decoded field by field. Enrichment (cgroup path, container, verdict) comes later.
 use kmodmon_common::{
-    DecidedBy, EventKind, NamedBy, Op, PATH_COMPONENT_LEN, PATH_SLOTS, RawEvent, Source, lsm,
-    missing, trunc,
+    ANCESTORS, DecidedBy, EventKind, NamedBy, Op, PATH_COMPONENT_LEN, PATH_SLOTS, RawEvent, Source,
+    lsm, missing, trunc,
 };
 
 use super::clock::Clock;
-use super::model::{Event, Kind, SourceName, Syscall};
+use super::model::{Ancestor, BlockedBy, CgroupV1, Event, Kind, SourceName, Syscall};
 use crate::escape::{escape_bytes, until_nul};
 use crate::modname;
 
@@ -79,6 +79,16 @@ pub enum DecodeError {
     Source(u32),
     #[error("unknown syscall op {0}")]
     Op(u32),
+    #[error("unknown blocked_by {0}")]
+    BlockedBy(u32),
+}
+
+/// The name of a signal ("SIGSYS"), or "signal N" when unknown.
+pub fn signal_name(signal: u32) -> String {
+    i32::try_from(signal)
+        .ok()
+        .and_then(|n| nix::sys::signal::Signal::try_from(n).ok())
+        .map_or_else(|| format!("signal {signal}"), |s| s.as_str().to_string())
 }
 
 /// Reads a RawEvent out of a ring-buffer record without assuming alignment.
@@ -97,6 +107,8 @@ impl Event {
         let kind = EventKind::from_u32(raw.kind).ok_or(DecodeError::Kind(raw.kind))?;
         let source = Source::from_u32(raw.source).ok_or(DecodeError::Source(raw.source))?;
         let op = Op::from_u32(raw.op).ok_or(DecodeError::Op(raw.op))?;
+        let blocked_by = kmodmon_common::BlockedBy::from_u32(raw.blocked_by)
+            .ok_or(DecodeError::BlockedBy(raw.blocked_by))?;
         let mut truncated = Vec::new();
         let mut missing_fields = Vec::new();
         let name_bytes = until_nul(&raw.name);
@@ -143,22 +155,34 @@ impl Event {
             (missing::PATH, "path"),
             (missing::PPID, "ppid"),
             (missing::RESULT, "result"),
+            (missing::CGROUP_V1, "cgroup_v1"),
         ] {
             if raw.missing & bit != 0 {
                 missing_fields.push(field.to_string());
             }
         }
+        // A caller that got a signal instead of a result (seccomp TRAP / KILL) saw no result.
+        let signal = (attempt && raw.signal != 0).then(|| signal_name(raw.signal));
         // A denial fails what it denied: its result is the errno the caller saw.
-        let result = (attempt || kind == EventKind::Denied).then_some(raw.ret);
+        let result = ((attempt && signal.is_none() && raw.missing & missing::RESULT == 0)
+            || kind == EventKind::Denied)
+            .then_some(raw.ret);
         let errno = match result {
             Some(r) if r < 0 => Some(errno_name((-r) as i32)),
             _ => None,
         };
-        let duration_ns =
-            (attempt && raw.end_ktime_ns > raw.ktime_ns).then(|| raw.end_ktime_ns - raw.ktime_ns);
+        // A repeat summary is dated by its last repeat; its first attempt was reported alone.
+        let repeat = (raw.repeat > 0).then_some(raw.repeat);
+        let duration_ns = (attempt && repeat.is_none() && raw.end_ktime_ns > raw.ktime_ns)
+            .then(|| raw.end_ktime_ns - raw.ktime_ns);
+        let ktime_ns = if repeat.is_some() {
+            raw.end_ktime_ns
+        } else {
+            raw.ktime_ns
+        };
         Ok(Event {
-            time: clock.rfc3339(raw.ktime_ns),
-            ktime_ns: raw.ktime_ns,
+            time: clock.rfc3339(ktime_ns),
+            ktime_ns,
             kind: Kind::from(kind),
             source: SourceName::from(source),
             module,
@@ -173,7 +197,12 @@ impl Event {
             wait: (kind == EventKind::Request).then_some(raw.wait != 0),
             result,
             errno,
+            blocked_by: BlockedBy::from_kernel(blocked_by),
+            signal,
             duration_ns,
+            repeat,
+            first_time: repeat.map(|_| clock.rfc3339(raw.ktime_ns)),
+            last_time: repeat.map(|_| clock.rfc3339(raw.end_ktime_ns)),
             pid: raw.pid,
             tid: raw.tid,
             ppid: (raw.missing & missing::PPID == 0).then_some(raw.ppid),
@@ -207,6 +236,26 @@ impl Event {
             missing: missing_fields,
             // Enforcer::describe replaces this with the rule's name (from `rule_id`).
             detail: decision.then(|| format!("policy rule #{}", raw.rule_id)),
+            // Enrichment keeps it where it decided attribution (and fills the rest).
+            cgroup_v1: (raw.cgroup_v1_id != 0).then(|| CgroupV1 {
+                id: raw.cgroup_v1_id,
+                ..CgroupV1::default()
+            }),
+            on_behalf_of: None,
+            ancestors: raw
+                .ancestors
+                .iter()
+                .take((raw.ancestors_len as usize).min(ANCESTORS))
+                .map(|a| Ancestor {
+                    pid: a.tgid,
+                    start_boottime_ns: a.start_boottime_ns,
+                    comm: escape_bytes(until_nul(&a.comm)),
+                })
+                .collect(),
+            identity: None,
+            cross_view: None,
+            loaded_at: None,
+            severity: None,
         })
     }
 }
@@ -262,6 +311,34 @@ mod tests {
         assert_eq!(e.truncated, vec!["module".to_string()]);
         assert_eq!(e.result, Some(0));
         assert_eq!(e.errno, None);
+    }
+
+    #[test]
+    fn a_repeat_summary_is_dated_by_its_last_repeat() {
+        let mut r = raw(EventKind::UnloadAttempt, Op::DeleteModule);
+        r.source = Source::SysExit as u32;
+        r.name[..1].copy_from_slice(b"x");
+        r.ret = -2;
+        r.repeat = 49_999;
+        r.ktime_ns = 1_000;
+        r.end_ktime_ns = 9_000;
+        let clock = Clock::new();
+        let e = Event::from_raw(&r, &clock).unwrap();
+        assert_eq!(e.repeat, Some(49_999));
+        assert_eq!(e.ktime_ns, 9_000);
+        assert_eq!(e.time, clock.rfc3339(9_000));
+        assert_eq!(e.first_time.as_deref(), Some(clock.rfc3339(1_000).as_str()));
+        assert_eq!(e.last_time.as_deref(), Some(e.time.as_str()));
+        assert_eq!(e.duration_ns, None, "not one syscall's duration");
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["repeat"], 49_999);
+        assert_eq!(json["source"], "sys_exit");
+        // An ordinary event has none of the three.
+        let e = Event::from_raw(&raw(EventKind::UnloadAttempt, Op::DeleteModule), &clock).unwrap();
+        let json = serde_json::to_value(&e).unwrap();
+        for k in ["repeat", "first_time", "last_time"] {
+            assert!(json.get(k).is_none(), "{k} in {json}");
+        }
     }
 
     #[test]
@@ -324,6 +401,39 @@ mod tests {
             raw_from_bytes(&[0u8; 10]),
             Err(DecodeError::Short(10, _))
         ));
+    }
+
+    #[test]
+    fn ancestors_and_the_v1_cgroup_are_decoded() {
+        let mut r = raw(EventKind::LoadAttempt, Op::FinitModule);
+        r.cgroup_v1_id = 5216;
+        r.ancestors_len = 2;
+        r.ancestors[0].tgid = 900;
+        r.ancestors[0].start_boottime_ns = 12_340_000_000;
+        r.ancestors[0].comm[..2].copy_from_slice(b"sh");
+        r.ancestors[1].tgid = 800;
+        r.ancestors[1].comm[..4].copy_from_slice(b"ru\x1bc");
+        // Stale entries beyond ancestors_len are ignored.
+        r.ancestors[2].tgid = 700;
+        let e = Event::from_raw(&r, &Clock::new()).unwrap();
+        assert_eq!(e.cgroup_v1.as_ref().map(|c| c.id), Some(5216));
+        assert_eq!(e.ancestors.len(), 2);
+        assert_eq!(
+            (e.ancestors[0].pid, e.ancestors[0].start_boottime_ns),
+            (900, 12_340_000_000)
+        );
+        assert_eq!(e.ancestors[1].comm, "ru\\x1bc");
+        let json = serde_json::to_value(&e).unwrap();
+        assert!(json.get("ancestors").is_none(), "not part of the schema");
+        r.ancestors_len = 99;
+        r.missing = missing::CGROUP_V1;
+        r.cgroup_v1_id = 0;
+        let e = Event::from_raw(&r, &Clock::new()).unwrap();
+        assert_eq!(e.ancestors.len(), kmodmon_common::ANCESTORS);
+        assert_eq!(
+            (e.cgroup_v1, e.missing),
+            (None, vec!["cgroup_v1".to_string()])
+        );
     }
 
     #[test]

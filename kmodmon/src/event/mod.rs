@@ -10,4 +10,7 @@ mod model;
 
 pub use clock::{Clock, monotonic_ns, parse_event_time};
 pub use decode::{DecodeError, errno_name, path_from_components, raw_from_bytes, taint_letters};
-pub use model::{Container, Event, Kind, RequestedBy, SourceName, Syscall, Verdict};
+pub use model::{
+    Ancestor, BlockedBy, CgroupV1, Container, CrossView, Event, Kind, OnBehalfOf, RequestedBy,
+    SourceName, Syscall, Verdict,
+};

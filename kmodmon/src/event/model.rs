@@ -127,6 +127,15 @@ kmodmon_common::event_kinds!(mirror_enum! {
         Expectation => "expectation";
         /// kmodmon itself loaded a module (`--load-expected`).
         SelfLoad => "self_load";
+        /// A module the ledger saw load and never free is missing from the kernel's module
+        /// list (or is in /sys/module but not in /proc/modules): it hides. High severity.
+        HiddenModule => "hidden_module";
+        /// A module appeared in /proc/modules after kmodmon started without a load kmodmon
+        /// saw.
+        UnseenLoad => "unseen_load";
+        /// A load the kernel allowed by name whose identity the policy does not allow
+        /// (sha256 pin or `signed = true`), found after the load.
+        IdentityMismatch => "identity_mismatch";
         /// Enforcement's self-check found a pinned link, program, map or map content that is
         /// not what kmodmon installed (`object`, `detail`, `repaired`).
         Tamper => "tamper";
@@ -187,6 +196,30 @@ impl std::fmt::Display for Verdict {
     }
 }
 
+/// What refused an attempt before the syscall ran (the JSON `blocked_by`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockedBy {
+    /// A seccomp filter (e.g. Docker's or Kubernetes' default profile).
+    Seccomp,
+}
+
+impl BlockedBy {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            BlockedBy::Seccomp => "seccomp",
+        }
+    }
+
+    /// The output value for the kernel's; `None` for "not blocked".
+    pub const fn from_kernel(k: kmodmon_common::BlockedBy) -> Option<BlockedBy> {
+        match k {
+            kmodmon_common::BlockedBy::None => None,
+            kmodmon_common::BlockedBy::Seccomp => Some(BlockedBy::Seccomp),
+        }
+    }
+}
+
 /// A container, as far as kmodmon could tell.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Container {
@@ -217,12 +250,61 @@ pub struct RequestedBy {
     pub container: Option<Container>,
 }
 
+/// The task's cgroup in the cgroup v1 hierarchy kmodmon follows (see
+/// [`crate::host::cgroup_v1`]), on events where it decided attribution.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupV1 {
+    /// The hierarchy id (/proc/cgroups).
+    pub hierarchy: u32,
+    /// The controller whose hierarchy it is (`memory`).
+    pub controller: String,
+    /// The cgroup's id: its directory's inode number in that hierarchy's mount.
+    pub id: u64,
+    /// Its path in the hierarchy (`/isulad/<id>`); null when not found.
+    pub path: Option<String>,
+}
+
+/// The container a host process acted for: a process a container runtime started while
+/// creating, starting, running or deleting that container (an OCI hook, a runtime helper),
+/// found through the process's ancestors as the kernel recorded them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnBehalfOf {
+    pub container: Container,
+    /// How the container was found: `runtime_cmdline` (the runtime process's command line
+    /// names the container and its bundle), `runtime_state` (it names the container, whose
+    /// bundle the runtime's state on disk gives).
+    pub how: String,
+    /// The OCI runtime program (`runc`, `crun`), from its command line.
+    pub program: String,
+    /// The runtime process among the ancestors: pid, comm (as the kernel recorded it), its
+    /// subcommand (`create`, `run`, `start`, `exec`, `delete`, ...) and how many generations
+    /// above the event's task it is (1: the parent).
+    pub pid: u32,
+    pub comm: String,
+    pub command: String,
+    pub depth: u32,
+    /// The container's OCI bundle, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<String>,
+}
+
+/// One ancestor of an event's task, as the kernel recorded it (not serialised).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ancestor {
+    pub pid: u32,
+    /// CLOCK_BOOTTIME ns of the process's start (`/proc/<pid>/stat` starttime, in ns).
+    pub start_boottime_ns: u64,
+    /// Escaped.
+    pub comm: String,
+}
+
 /// One module event. Field names are the stable JSON schema.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// Wall-clock time, RFC 3339 with nanoseconds, UTC.
     pub time: String,
-    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) when the event started.
+    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) when the event started (repeat
+    /// summaries: the last repeat).
     pub ktime_ns: u64,
     pub kind: Kind,
     pub source: SourceName,
@@ -260,9 +342,28 @@ pub struct Event {
     /// Symbolic errno of a failed attempt ("ENOSYS").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub errno: Option<String>,
+    /// Attempts refused before the syscall ran: by what (`seccomp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked_by: Option<BlockedBy>,
+    /// The signal the caller got instead of a result ("SIGSYS": seccomp RET_TRAP or
+    /// RET_KILL); `result` is then absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
     /// Syscall duration (attempts seen at entry and exit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ns: Option<u64>,
+    /// Repeat summaries only: this many attempts identical to the one reported at
+    /// `first_time` (same task, syscall, arguments and result, each within the repeat window
+    /// of the previous), aggregated in the kernel instead of reported one by one; `time` and
+    /// `ktime_ns` are the last one's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeat: Option<u64>,
+    /// Repeat summaries: when the burst's first attempt (reported on its own) was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_time: Option<String>,
+    /// Repeat summaries: when the last of the `repeat` attempts was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_time: Option<String>,
     pub pid: u32,
     pub tid: u32,
     pub ppid: Option<u32>,
@@ -323,6 +424,44 @@ pub struct Event {
     /// Free-form explanation (policy rule, enrichment notes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The task's cgroup v1, where it decided attribution (see [`CgroupV1`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_v1: Option<CgroupV1>,
+    /// The container a host process acted for (see [`OnBehalfOf`]); the verdict is then
+    /// judged against that container's declaration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_behalf_of: Option<OnBehalfOf>,
+    /// The task's ancestors, parent first, as the kernel recorded them (input to
+    /// enrichment; not part of the schema).
+    #[serde(skip)]
+    pub ancestors: Vec<Ancestor>,
+    /// What exactly was loaded (load, load_attempt, denied, would_deny; hidden_module ...):
+    /// hash of the image the kernel received, `.modinfo`, signature, origin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<Box<crate::identity::Identity>>,
+    /// hidden_module / unseen_load: where the module was seen and where not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_view: Option<CrossView>,
+    /// hidden_module / identity_mismatch: when the module was loaded (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loaded_at: Option<String>,
+    /// `high` (hidden_module, identity_mismatch) or `medium` (unseen_load).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub severity: Option<String>,
+}
+
+/// Which of the kernel's views list a module.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CrossView {
+    /// Listed in /proc/modules (the kernel's module list).
+    pub proc_modules: bool,
+    /// /sys/module/NAME/initstate exists (the module's sysfs directory).
+    pub sys_module: bool,
+    /// /proc/kallsyms has symbols tagged `[NAME]` (null: not read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kallsyms: Option<bool>,
+    /// The ledger saw the module load (and no free).
+    pub ledger: bool,
 }
 
 impl Event {
@@ -346,7 +485,12 @@ impl Event {
             wait: None,
             result: None,
             errno: None,
+            blocked_by: None,
+            signal: None,
             duration_ns: None,
+            repeat: None,
+            first_time: None,
+            last_time: None,
             pid: std::process::id(),
             tid: std::process::id(),
             ppid: None,
@@ -372,6 +516,13 @@ impl Event {
             truncated: Vec::new(),
             missing: Vec::new(),
             detail: None,
+            cgroup_v1: None,
+            on_behalf_of: None,
+            ancestors: Vec::new(),
+            identity: None,
+            cross_view: None,
+            loaded_at: None,
+            severity: None,
         }
     }
 
@@ -413,6 +564,9 @@ mod tests {
                 "would_deny",
                 "expectation",
                 "self_load",
+                "hidden_module",
+                "unseen_load",
+                "identity_mismatch",
                 "tamper",
                 "lost"
             ]
@@ -425,6 +579,10 @@ mod tests {
                 "syscall_tracepoint",
                 "raw_syscalls",
                 "lsm",
+                "seccomp",
+                "task_exit",
+                "kprobe",
+                "sys_exit",
                 "kmodmon"
             ]
         );

@@ -66,6 +66,8 @@ pub struct Attribution {
     pub scans: u64,
     /// Lookups answered from the cache.
     pub hits: u64,
+    /// State files the last rescan could not read or parse.
+    pub problems: Vec<String>,
 }
 
 impl Attribution {
@@ -80,6 +82,7 @@ impl Attribution {
             not_it: HashSet::new(),
             scans: 0,
             hits: 0,
+            problems: Vec::new(),
         };
         a.rescan();
         a
@@ -103,7 +106,13 @@ impl Attribution {
         let started = Instant::now();
         self.index = StateIndex::scan(&self.cfg);
         self.not_it.clear();
-        for p in self.index.problems.drain(..) {
+        self.problems = self
+            .index
+            .problems
+            .drain(..)
+            .map(|p| p.to_string())
+            .collect();
+        for p in &self.problems {
             log::debug!("runtime state: {p}");
         }
         self.scan_cost = started.elapsed();
@@ -161,7 +170,19 @@ impl Attribution {
 
     /// Path → container, with runtime state (no caching).
     pub fn resolve_path(&mut self, path: &str) -> Resolved {
-        let parsed = parse_cgroup_path(path);
+        // A name-keyed container (LXC, nspawn) counts only when its runtime's state confirms
+        // it: the cgroup's name alone is whatever its creator chose.
+        let parsed = parse_cgroup_path(path).filter(|c| {
+            let ok = self.cfg.named.confirms(&c.runtime, &c.id);
+            if !ok {
+                log::debug!(
+                    "cgroup {path} looks like {} container {:?}, but no runtime state confirms it",
+                    c.runtime,
+                    c.id
+                );
+            }
+            ok
+        });
         let meta = self.find_meta(path, parsed.as_ref()).map(Arc::new);
         let container = match (parsed, &meta) {
             (Some(mut c), Some(m)) => {
@@ -381,6 +402,31 @@ mod tests {
         std::thread::sleep(MIN_RESCAN);
         let r = a.resolve(&mut cgroups, mimic);
         assert_eq!(r.container.unwrap().name.as_deref(), Some("late"));
+    }
+
+    #[test]
+    fn lxc_and_nspawn_names_count_only_with_runtime_state() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        let lxc = cgroup(root, "/lxc.payload.web");
+        let forged = cgroup(root, "/user.slice/user-1000.slice/lxc.payload.evil");
+        let machine = cgroup(root, "/machine.slice/machine-box.scope/payload");
+        let fake_machine = cgroup(root, "/machine.slice/machine-ghost.scope");
+        std::fs::create_dir_all(root.join("var/lib/lxc/web")).unwrap();
+        std::fs::write(root.join("var/lib/lxc/web/config"), "lxc.uts.name = web\n").unwrap();
+        std::fs::create_dir_all(root.join("run/systemd/machines")).unwrap();
+        std::fs::write(root.join("run/systemd/machines/box"), "NAME=box\n").unwrap();
+        let mut cgroups = CgroupCache::with_root(Some(root.join("sys/fs/cgroup/unified")));
+        let mut a = Attribution::new(StateConfig::under(root));
+        let c = a.resolve(&mut cgroups, lxc).container.unwrap();
+        assert_eq!((c.runtime.as_str(), c.id.as_str()), ("lxc", "web"));
+        assert!(a.resolve(&mut cgroups, forged).container.is_none());
+        let c = a.resolve(&mut cgroups, machine).container.unwrap();
+        assert_eq!(
+            (c.runtime.as_str(), c.id.as_str()),
+            ("systemd-nspawn", "box")
+        );
+        assert!(a.resolve(&mut cgroups, fake_machine).container.is_none());
     }
 
     #[test]

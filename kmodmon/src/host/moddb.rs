@@ -255,6 +255,11 @@ impl ModDb {
         self.modules.get(&modname::normalize(name))
     }
 
+    /// Every loadable module of this kernel (in no particular order).
+    pub fn modules(&self) -> impl Iterator<Item = &Module> {
+        self.modules.values()
+    }
+
     /// Every module `name` needs, transitively, nearest first, without duplicates and without
     /// `name` itself. Empty for an unknown or built-in module.
     pub fn deps_of(&self, name: &str) -> Vec<String> {

@@ -23,10 +23,14 @@ use crate::escape::escape_bytes;
 use crate::event::Container;
 use crate::host::cgroup::cgroup2_mount;
 use crate::host::container::{self, is_generic_runtime, parse_cgroup_path};
-use crate::host::declaration::{self, BadEntry, Declaration, ExpectError};
+#[cfg(test)]
+use crate::host::declaration::BadEntry;
+use crate::host::declaration::{self, Annotated, Declaration, ExpectError};
 
+mod extra;
 mod formats;
 mod reader;
+pub use extra::{StateDir, StateDirKind};
 use formats::Partial;
 pub use reader::pid_alive;
 use reader::{Reader, check_id};
@@ -94,6 +98,47 @@ pub struct StateConfig {
     /// cgroup2 mount points, most specific first, to turn runc's absolute cgroup dirs into
     /// cgroup paths.
     pub cgroup2_mounts: Vec<PathBuf>,
+    /// Where runtimes that name containers by a name, not an ID, record them: a cgroup
+    /// named like one of their containers counts only when this state confirms it (anyone
+    /// with a delegated cgroup subtree can name a cgroup `lxc.payload.x`).
+    pub named: NamedState,
+}
+
+/// State directories of the name-keyed runtimes (root-owned on a sane host).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamedState {
+    /// LXC container directories (`<dir>/<name>/config`).
+    pub lxc: Vec<PathBuf>,
+    /// systemd-machined's registry (`<dir>/<name>`), nspawn machines.
+    pub machines: PathBuf,
+    /// libvirt-lxc domains (`<dir>/<name>.xml`).
+    pub libvirt_lxc: PathBuf,
+}
+
+impl NamedState {
+    /// Whether runtime state confirms that a container of this name-keyed runtime exists.
+    /// Runtimes keyed by ID are not this function's business (true).
+    pub fn confirms(&self, runtime: &str, name: &str) -> bool {
+        if check_id(name).is_err() {
+            return false;
+        }
+        match runtime {
+            container::LXC => self
+                .lxc
+                .iter()
+                .any(|d| d.join(name).join("config").is_file()),
+            container::NSPAWN => self.machines.join(name).is_file(),
+            container::LIBVIRT_LXC => {
+                // `lxc-<pid>-<name>`: libvirt names its scope after the domain.
+                let domain = name
+                    .strip_prefix("lxc-")
+                    .and_then(|r| r.split_once('-'))
+                    .map_or(name, |(_, d)| d);
+                self.libvirt_lxc.join(format!("{domain}.xml")).is_file()
+            }
+            _ => true,
+        }
+    }
 }
 
 impl Default for StateConfig {
@@ -149,6 +194,11 @@ impl StateConfig {
             ],
             proc_root: at("/proc"),
             cgroup2_mounts: vec![at("/sys/fs/cgroup/unified"), at("/sys/fs/cgroup")],
+            named: NamedState {
+                lxc: vec![at("/var/lib/lxc")],
+                machines: at("/run/systemd/machines"),
+                libvirt_lxc: at("/run/libvirt/lxc"),
+            },
         }
     }
 
@@ -207,6 +257,10 @@ pub struct ContainerMeta {
     pub env: Option<(PathBuf, Vec<String>)>,
     /// OCI annotations and engine labels (raw).
     pub annotations: BTreeMap<String, String>,
+    /// The pod's annotations as its sandbox's state recorded them (cri-o: the sandbox
+    /// config's `io.kubernetes.cri-o.Annotations`), and that file. Empty when unknown.
+    pub pod_annotations: BTreeMap<String, String>,
+    pub pod_config_path: Option<PathBuf>,
     /// Files this was read from.
     pub sources: Vec<PathBuf>,
 }
@@ -270,15 +324,37 @@ impl ContainerMeta {
         }
     }
 
-    /// The container's `KERNEL_MODULES` declaration: from the OCI config's `process.env`,
-    /// else from the environ of `pid` (or the init pid).
+    /// The container's declaration (see [`declaration::resolve`]): its annotations, else
+    /// `KERNEL_MODULES` from the OCI config's `process.env`, else from the environ of `pid`
+    /// (or the init pid).
     pub fn declaration(
         &self,
         proc_root: &Path,
         pid: Option<u32>,
     ) -> Result<Declaration, ExpectError> {
         let env = self.env.as_ref().map(|(p, e)| (p.as_path(), e.as_slice()));
-        declaration::declaration(env, self.pid.or(pid), proc_root)
+        declaration::resolve(
+            self.annotated_declarations(),
+            declaration::declaration(env, self.pid.or(pid), proc_root),
+        )
+    }
+
+    /// Its annotations, as the declaration reads them.
+    pub fn annotated(&self) -> Annotated<'_> {
+        Annotated {
+            own: &self.annotations,
+            own_file: self
+                .config_path
+                .as_deref()
+                .or_else(|| self.sources.first().map(PathBuf::as_path)),
+            pod: &self.pod_annotations,
+            pod_file: self.pod_config_path.as_deref(),
+        }
+    }
+
+    /// The declarations its annotations make, most specific first.
+    pub fn annotated_declarations(&self) -> Vec<declaration::Found> {
+        declaration::from_annotations(&self.annotated())
     }
 
     fn merge(&mut self, p: Partial, source: PathBuf, runtime: &str, rank: u8, best: &mut u8) {
@@ -299,6 +375,10 @@ impl ContainerMeta {
         self.config_path = self.config_path.take().or(p.config_path);
         for (k, v) in p.labels {
             self.annotations.entry(k).or_insert(v);
+        }
+        if self.pod_config_path.is_none() && p.pod_config_path.is_some() {
+            self.pod_annotations = p.pod_annotations;
+            self.pod_config_path = p.pod_config_path;
         }
         self.sources.push(source);
     }
@@ -348,6 +428,18 @@ pub struct Lookup {
 pub fn lookup(cfg: &StateConfig, id: &str) -> Lookup {
     let mut reader = Reader::new(cfg);
     let meta = reader.lookup(id);
+    Lookup {
+        meta,
+        problems: reader.problems,
+    }
+}
+
+/// What container `id`'s OCI bundle says, for a container its runtime (`runc`, `crun`) is
+/// still creating and has written no state for: env (the declaration), annotations and
+/// `linux.cgroupsPath` (default: none; a runtime then picks `/<id>`-like paths itself).
+pub fn from_bundle(cfg: &StateConfig, id: &str, runtime: &str, bundle: &Path) -> Lookup {
+    let mut reader = Reader::new(cfg);
+    let meta = reader.bundle(id, runtime, bundle);
     Lookup {
         meta,
         problems: reader.problems,
@@ -454,7 +546,9 @@ impl StateIndex {
         self.by_id.is_empty()
     }
 
-    /// Each running container with its declaration (reads configs and /proc), sorted by ID.
+    /// Each running container with its declaration (reads configs and /proc), sorted by ID
+    /// (for tests of the state readers; the product reads containers through the registry).
+    #[cfg(test)]
     pub fn running_containers(&self, cfg: &StateConfig) -> Vec<RunningContainer> {
         let mut out: Vec<RunningContainer> = self
             .by_id
@@ -472,7 +566,8 @@ impl StateIndex {
     }
 }
 
-/// A running container and what it declares (for `kmodmon check` and startup).
+/// A running container and what it declares (tests of the state readers).
+#[cfg(test)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunningContainer {
     pub container: Container,
@@ -482,6 +577,7 @@ pub struct RunningContainer {
     pub declaration: Result<Declaration, String>,
 }
 
+#[cfg(test)]
 impl RunningContainer {
     /// Declared valid module names (empty when nothing or nothing readable was declared).
     pub fn expected_modules(&self) -> &[String] {
@@ -498,7 +594,9 @@ impl RunningContainer {
     }
 }
 
-/// Every running container with its declaration, and the state files that could not be read.
+/// Every running container with its declaration, and the state files that could not be read
+/// (tests of the state readers).
+#[cfg(test)]
 pub fn running_containers(cfg: &StateConfig) -> (Vec<RunningContainer>, Vec<StateError>) {
     let index = StateIndex::scan(cfg);
     let list = index.running_containers(cfg);

@@ -59,6 +59,8 @@ pub enum DeclState {
 #[derive(Debug)]
 pub struct Tracked {
     pub container: Container,
+    /// Its cgroup2 id; 0 when it has no cgroup2 cgroup of its own (seen only in cgroup v1, or
+    /// only as the container an OCI hook ran for).
     pub cgroup_id: u64,
     pub cgroup_path: Option<String>,
     pub meta: Option<Arc<ContainerMeta>>,
@@ -68,6 +70,16 @@ pub struct Tracked {
     pub gone_at: Option<Instant>,
     /// When kmodmon first saw it.
     pub since: Instant,
+    /// Its cgroup in the v1 hierarchy kmodmon follows (0: none seen), and that cgroup's path.
+    pub cgroup_v1_id: u64,
+    pub cgroup_v1_path: Option<String>,
+}
+
+/// Which hierarchy a cgroup id belongs to (ids are unique only within one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CgroupRef {
+    V2(u64),
+    V1(u64),
 }
 
 /// The tracked containers, by container ID.
@@ -78,6 +90,8 @@ pub struct Expectations {
     pending: HashSet<String>,
     proc_root: PathBuf,
     cgroup_root: Option<PathBuf>,
+    /// The mount of the cgroup v1 hierarchy followed (where `cgroup_v1_path`s are).
+    cgroup_v1_root: Option<PathBuf>,
     /// Capture attempts made.
     pub attempts: u64,
 }
@@ -89,8 +103,15 @@ impl Expectations {
             pending: HashSet::new(),
             proc_root,
             cgroup_root,
+            cgroup_v1_root: None,
             attempts: 0,
         }
+    }
+
+    /// Where the v1 hierarchy followed is mounted (its processes are read for declarations
+    /// of containers that have no cgroup2 cgroup of their own).
+    pub fn set_cgroup_v1_root(&mut self, root: Option<PathBuf>) {
+        self.cgroup_v1_root = root;
     }
 
     pub fn get(&self, key: &str) -> Option<&Tracked> {
@@ -109,9 +130,20 @@ impl Expectations {
         self.map.is_empty()
     }
 
-    /// Starts tracking the container a cgroup resolved to (no-op for the host). Returns its
-    /// key. A known container gets the metadata it lacked.
+    /// Starts tracking the container a cgroup2 cgroup resolved to (no-op for the host).
+    /// Returns its key. A known container gets the metadata it lacked.
     pub fn track(&mut self, r: &Resolved, cgroup_id: u64) -> Option<String> {
+        self.track_in(r, CgroupRef::V2(cgroup_id))
+    }
+
+    /// [`Expectations::track`] for a cgroup of the v1 hierarchy followed.
+    pub fn track_v1(&mut self, r: &Resolved, v1_id: u64) -> Option<String> {
+        self.track_in(r, CgroupRef::V1(v1_id))
+    }
+
+    /// Tracks the container `r` resolved to from a cgroup of either hierarchy. A known
+    /// container gets the metadata, and the cgroup of the other hierarchy, it lacked.
+    pub fn track_in(&mut self, r: &Resolved, cg: CgroupRef) -> Option<String> {
         let c = r.container.as_ref()?;
         let key = c.id.clone();
         if !self.map.contains_key(&key) {
@@ -122,8 +154,8 @@ impl Expectations {
         }
         let t = self.map.entry(key.clone()).or_insert_with(|| Tracked {
             container: c.clone(),
-            cgroup_id,
-            cgroup_path: r.path.clone(),
+            cgroup_id: 0,
+            cgroup_path: None,
             meta: None,
             state: DeclState::Pending {
                 attempts: 0,
@@ -133,12 +165,40 @@ impl Expectations {
             pids: Vec::new(),
             gone_at: None,
             since: Instant::now(),
+            cgroup_v1_id: 0,
+            cgroup_v1_path: None,
         });
+        match cg {
+            CgroupRef::V2(id) if t.cgroup_id == 0 && (id != 0 || t.cgroup_path.is_none()) => {
+                t.cgroup_id = id;
+                if r.path.is_some() {
+                    t.cgroup_path = r.path.clone();
+                }
+            }
+            CgroupRef::V1(id) if t.cgroup_v1_id == 0 && id != 0 => {
+                t.cgroup_v1_id = id;
+                t.cgroup_v1_path = r.path.clone();
+            }
+            _ => {}
+        }
         if t.meta.is_none() && r.meta.is_some() {
             t.meta = r.meta.clone();
             t.container = c.clone();
         }
         Some(key)
+    }
+
+    /// Gives a container the runtime metadata it lacked (its bundle, found through an OCI
+    /// hook's runtime process before the runtime wrote its state); true when it had none.
+    pub fn adopt_meta(&mut self, key: &str, meta: &Arc<ContainerMeta>) -> bool {
+        match self.map.get_mut(key) {
+            Some(t) if t.meta.is_none() => {
+                super::attribution::complete(&mut t.container, meta);
+                t.meta = Some(meta.clone());
+                true
+            }
+            _ => false,
+        }
     }
 
     /// A cgroup of the container was created (again): it is not gone.
@@ -159,13 +219,27 @@ impl Expectations {
         }
     }
 
-    /// The cgroup of a container was removed; returns the keys of the containers that went
-    /// with it (each once).
+    /// The cgroup2 cgroup of a container was removed; returns the keys of the containers that
+    /// went with it (each once).
     pub fn cgroup_gone(&mut self, cgroup_id: u64) -> Vec<String> {
+        self.gone(CgroupRef::V2(cgroup_id))
+    }
+
+    /// A v1 cgroup was removed: the containers that had only it (no cgroup2 cgroup of their
+    /// own) are gone.
+    pub fn cgroup_v1_gone(&mut self, v1_id: u64) -> Vec<String> {
+        self.gone(CgroupRef::V1(v1_id))
+    }
+
+    fn gone(&mut self, cg: CgroupRef) -> Vec<String> {
         let now = Instant::now();
         let mut gone = Vec::new();
         for (k, t) in self.map.iter_mut() {
-            if t.cgroup_id == cgroup_id && t.gone_at.is_none() {
+            let its = match cg {
+                CgroupRef::V2(id) => t.cgroup_id == id && id != 0,
+                CgroupRef::V1(id) => t.cgroup_v1_id == id && t.cgroup_id == 0,
+            };
+            if its && t.gone_at.is_none() {
                 t.gone_at = Some(now);
                 gone.push(k.clone());
             }
@@ -238,8 +312,11 @@ impl Expectations {
         };
         self.attempts += 1;
         let cgroup_dir = match (&self.cgroup_root, &t.cgroup_path) {
-            (Some(root), Some(p)) => Some(root.join(p.trim_start_matches('/'))),
-            _ => None,
+            (Some(root), Some(p)) if t.cgroup_id != 0 => Some(root.join(p.trim_start_matches('/'))),
+            _ => match (&self.cgroup_v1_root, &t.cgroup_v1_path) {
+                (Some(root), Some(p)) => Some(root.join(p.trim_start_matches('/'))),
+                _ => None,
+            },
         };
         let result = capture(
             t.meta.as_deref(),
@@ -291,11 +368,25 @@ pub fn retry_delay(done: usize) -> Option<Duration> {
     RETRY_DELAYS.get(done - FAST_RETRIES).copied()
 }
 
-/// Reads a container's declaration once: the OCI config from runtime state, else the environ
-/// of its init pid, of the processes in its cgroup, then of `pids`. A process that is still
-/// becoming the container's program gives [`ExpectError::Starting`] (retry), and so does an
-/// existing but empty cgroup.
+/// Reads a container's declaration once (see [`declaration::resolve`]): its annotations
+/// from runtime state, else `KERNEL_MODULES` from the OCI config, else from the environ of its
+/// init pid, of the processes in its cgroup, then of `pids`. A process that is still becoming
+/// the container's program gives [`ExpectError::Starting`] (retry), and so does an existing
+/// but empty cgroup.
 pub fn capture(
+    meta: Option<&ContainerMeta>,
+    cgroup_dir: Option<&Path>,
+    pids: &[u32],
+    proc_root: &Path,
+) -> Result<Declaration, ExpectError> {
+    let annotated = meta
+        .map(ContainerMeta::annotated_declarations)
+        .unwrap_or_default();
+    declaration::resolve(annotated, capture_env(meta, cgroup_dir, pids, proc_root))
+}
+
+/// `KERNEL_MODULES`, from the OCI config or a process of the container.
+fn capture_env(
     meta: Option<&ContainerMeta>,
     cgroup_dir: Option<&Path>,
     pids: &[u32],

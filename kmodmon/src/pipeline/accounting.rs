@@ -1,8 +1,12 @@
 //! What happened to every record the pipeline took off a ring buffer, and to every event it
 //! made itself. For each sink, exactly:
 //!
-//! `delivered + delivered_policy + synthesized = undecodable + queue_full + in_pipeline
-//!  + filtered + skipped + emitted + aggregated + lost + pending`
+//! `delivered + delivered_policy + synthesized + summaries = undecodable + queue_full
+//!  + in_pipeline + filtered + skipped + emitted + aggregated + lost + pending`
+//!
+//! `summaries` are the repeat summaries the reader made (from the kernel's repeat records and
+//! its open bursts, see [`super::repeats`]); `repeats` is the attempts they stand for, which
+//! the kernel counted as `aggregated`.
 //!
 //! where `in_pipeline` is zero once the pipeline has finished (a forced exit reports it as
 //! not written), and `pending` is zero once the sinks are closed.
@@ -21,6 +25,12 @@ pub struct Accounting {
     pub delivered_policy: AtomicU64,
     /// Events kmodmon made (expectation, self_load).
     pub synthesized: AtomicU64,
+    /// Repeat records taken off the monitor's ring (not events: see `summaries`).
+    pub repeat_records: AtomicU64,
+    /// Repeat summaries handed on (each stands for `repeat` identical attempts).
+    pub summaries: AtomicU64,
+    /// The attempts those summaries stand for.
+    pub repeats: AtomicU64,
     /// Records that could not be decoded.
     pub undecodable: AtomicU64,
     /// Records lost because the enrich task's queue was full.
@@ -29,6 +39,11 @@ pub struct Accounting {
     pub cgroup_queue_full: AtomicU64,
     /// Events lost because the sink thread was gone (it failed).
     pub sinks_gone: AtomicU64,
+    /// Image records (identity) that fit no capture, or finished captures the enrich queue
+    /// had no room for: the loads they belong to say they have no identity.
+    pub identity_stray: AtomicU64,
+    /// Bytes of packed records queued from the reader to the enrich task (not reported).
+    pub queued_bytes: AtomicU64,
     /// Milliseconds since `origin` when the enrich task and the sink thread last turned.
     enrich_turn: AtomicU64,
     sink_turn: AtomicU64,
@@ -42,10 +57,15 @@ impl Default for Accounting {
             delivered: AtomicU64::new(0),
             delivered_policy: AtomicU64::new(0),
             synthesized: AtomicU64::new(0),
+            repeat_records: AtomicU64::new(0),
+            summaries: AtomicU64::new(0),
+            repeats: AtomicU64::new(0),
             undecodable: AtomicU64::new(0),
             queue_full: AtomicU64::new(0),
             cgroup_queue_full: AtomicU64::new(0),
             sinks_gone: AtomicU64::new(0),
+            identity_stray: AtomicU64::new(0),
+            queued_bytes: AtomicU64::new(0),
             enrich_turn: AtomicU64::new(0),
             sink_turn: AtomicU64::new(0),
             sinks: Mutex::new(Vec::new()),
@@ -59,6 +79,9 @@ pub struct Flow {
     pub delivered: u64,
     pub delivered_policy: u64,
     pub synthesized: u64,
+    pub repeat_records: u64,
+    pub summaries: u64,
+    pub repeats: u64,
     pub undecodable: u64,
     pub queue_full: u64,
     pub cgroup_queue_full: u64,
@@ -69,7 +92,7 @@ pub struct Flow {
 impl Flow {
     /// Everything that entered the pipeline.
     pub fn entered(&self) -> u64 {
-        self.delivered + self.delivered_policy + self.synthesized
+        self.delivered + self.delivered_policy + self.synthesized + self.summaries
     }
 
     /// Lost before reaching any sink.
@@ -111,6 +134,9 @@ impl Accounting {
             delivered: self.delivered.load(Relaxed),
             delivered_policy: self.delivered_policy.load(Relaxed),
             synthesized: self.synthesized.load(Relaxed),
+            repeat_records: self.repeat_records.load(Relaxed),
+            summaries: self.summaries.load(Relaxed),
+            repeats: self.repeats.load(Relaxed),
             undecodable: self.undecodable.load(Relaxed),
             queue_full: self.queue_full.load(Relaxed),
             cgroup_queue_full: self.cgroup_queue_full.load(Relaxed),

@@ -19,14 +19,16 @@
 //! was not read), and the sink thread writes everything and closes the sinks.
 //! [`Pipeline::finish`] waits for all of it. See [`accounting`] for the exact identity.
 pub mod accounting;
+pub mod packed;
 pub mod reader;
+pub mod repeats;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use aya::maps::{MapData, RingBuf};
-use kmodmon_common::RawEvent;
+use kmodmon_common::{CGROUP_DFL_HIERARCHY, RawEvent};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -34,14 +36,23 @@ pub use self::accounting::{Accounting, Flow};
 use self::reader::{Msg, Rings};
 use crate::enforce::Enforcer;
 use crate::enrich::{Enricher, init_names::InitNames};
-use crate::event::{Clock, Event, Kind};
+use crate::event::{Clock, Event, SourceName};
+use crate::identity::join::IdentityJoin;
+use crate::ledger::Ledger;
 use crate::sinks::{Fanout, SinkReport};
 
 /// Capacity of the reader → enrich queue, in messages (a batch of up to
 /// [`reader::BATCH`] records, or one cgroup record).
-pub const QUEUE: usize = 256;
-/// Capacity of the enrich → sink queue, in events.
-pub const OUT_QUEUE: usize = 4096;
+pub const QUEUE: usize = 4096;
+/// Bytes of packed records the reader → enrich queue holds at most: the 16 MiB of the 64
+/// batches of 256 whole records the memory budget was measured with, which hold five times as
+/// many records packed ([`packed`]).
+pub const QUEUE_BYTES: u64 = 16 << 20;
+/// Capacity of the enrich → sink queue, in batches of at most [`OUT_BATCH`] events (1024
+/// events in all: the size the memory budget was measured with).
+pub const OUT_QUEUE: usize = 4;
+/// Most events per message to the sink thread (a message per event cost a wake-up each).
+pub const OUT_BATCH: usize = 256;
 /// How often an idle enrich task turns (captures due, finished modprobe runs, liveness).
 const IDLE_POLL: Duration = Duration::from_millis(250);
 /// How often an idle enrich task tells the sink thread it is alive.
@@ -61,6 +72,13 @@ pub struct Inputs {
     pub events: Option<RingBuf<MapData>>,
     pub cgroups: Option<RingBuf<MapData>>,
     pub policy: Option<RingBuf<MapData>>,
+    /// Module images (identity).
+    pub images: Option<RingBuf<MapData>>,
+    /// Where the module ledger is written for `kmodmon modules` (the daemon's); the ledger
+    /// itself runs whenever the monitor's events are read.
+    pub ledger_file: Option<std::path::PathBuf>,
+    /// The kernel's open repeat bursts and the repeat window (when attempts are aggregated).
+    pub repeats: Option<(crate::sensor::RepeatMap, Duration)>,
 }
 
 /// Requests to the enrich task.
@@ -69,14 +87,38 @@ pub enum Control {
     ReloadPolicy {
         reply: oneshot::Sender<Result<String, String>>,
     },
+    /// Runs a function with the live registry (read-only), on the enrich task.
+    WithRegistry(Box<dyn FnOnce(&crate::host::Registry) + Send>),
 }
 
 enum Out {
-    Event(Box<Event>),
+    Events(Vec<Event>),
     /// The enrich task is alive (about once a second): periodic work in the sinks.
     Tick,
     /// The audit chain's head, for the sinks that publish it.
     Anchor(crate::audit::Anchor),
+}
+
+/// Reads the live registry from another task: the function runs on the enrich task, between
+/// two events (so the registry is never shared across threads).
+#[derive(Clone)]
+pub struct RegistryHandle {
+    control: mpsc::Sender<Control>,
+}
+
+impl RegistryHandle {
+    /// `None` once the pipeline has stopped.
+    pub async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&crate::host::Registry) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        let job = Box::new(move |r: &crate::host::Registry| {
+            let _ = tx.send(f(r));
+        });
+        self.control.send(Control::WithRegistry(job)).await.ok()?;
+        rx.await.ok()
+    }
 }
 
 /// What the pipeline ended with.
@@ -116,10 +158,19 @@ impl Pipeline {
                 .transpose()
                 .map_err(PipelineError::Poll)
         };
+        let identity = inputs.images.is_some();
+        let ledger = inputs
+            .events
+            .is_some()
+            .then(|| Ledger::start("/", inputs.ledger_file.clone()));
         let rings = Rings {
             events: register(inputs.events)?,
             cgroups: register(inputs.cgroups)?,
             policy: register(inputs.policy)?,
+            images: register(inputs.images)?,
+            repeats: inputs
+                .repeats
+                .map(|(map, window)| repeats::Repeats::new(map, window)),
         };
         let accounting = Arc::new(Accounting::default());
         accounting.watch_sinks(fanout.counters());
@@ -135,7 +186,13 @@ impl Pipeline {
             .map_err(PipelineError::Thread)?;
         let reader = tokio::spawn(reader::run(rings, raw_tx, accounting.clone(), stop_rx));
         let to_sinks = Some(out_tx.clone());
+        let identities = if identity {
+            IdentityJoin::default()
+        } else {
+            IdentityJoin::disabled()
+        };
         let enrich = tokio::spawn(enrich_task(
+            (identities, ledger),
             raw_rx,
             ctl_rx,
             enricher,
@@ -172,6 +229,13 @@ impl Pipeline {
         }
         rx.await
             .unwrap_or_else(|_| Err("the pipeline has stopped".into()))
+    }
+
+    /// A handle for reading the live registry from another task.
+    pub fn registry_handle(&self) -> RegistryHandle {
+        RegistryHandle {
+            control: self.control.clone(),
+        }
     }
 
     /// Publishes the audit chain's head through the sinks that publish it (in order with
@@ -220,7 +284,9 @@ impl Pipeline {
 
 /// Decodes, enriches and hands events on until the reader is gone; then releases what is
 /// held and hands back the enforcer.
+/// `stages`: the identity join and the module ledger.
 async fn enrich_task(
+    stages: (IdentityJoin, Option<Ledger>),
     mut rx: mpsc::Receiver<Msg>,
     mut control: mpsc::Receiver<Control>,
     mut enricher: Enricher,
@@ -230,6 +296,7 @@ async fn enrich_task(
 ) -> Option<Enforcer> {
     let clock = Clock::new();
     let mut init_names = InitNames::default();
+    let (mut identities, mut ledger) = stages;
     let mut last_tick = Instant::now();
     // The changes of the registry's start-up scan reach the enforcer (it synced with the
     // registry when it started, so this only repeats what it knows); what it found at start
@@ -249,7 +316,7 @@ async fn enrich_task(
             .min(Instant::now() + IDLE_POLL);
         tokio::select! {
             msg = rx.recv() => match msg {
-                Some(m) => handle(m, &mut enricher, enforcer.as_ref(), &mut init_names, &clock, &acc),
+                Some(m) => handle(m, &mut enricher, enforcer.as_ref(), &mut init_names, &mut identities, &clock, &acc),
                 None => break,
             },
             Some(c) = control.recv() => match c {
@@ -260,12 +327,21 @@ async fn enrich_task(
                     };
                     let _ = reply.send(answer);
                 }
+                Control::WithRegistry(f) => f(enricher.registry()),
             },
             _ = tokio::time::sleep_until(wakeup.into()) => {}
         }
         enricher.poll();
         follow(&mut enricher, enforcer.as_mut());
-        if !forward(&mut enricher, &out, &acc).await {
+        if !forward(
+            &mut enricher,
+            ledger.as_mut(),
+            enforcer.as_ref(),
+            &out,
+            &acc,
+        )
+        .await
+        {
             sinks_dead = true;
             break;
         }
@@ -278,7 +354,15 @@ async fn enrich_task(
                     enricher.inject(ev);
                 }
             }
-            if !forward(&mut enricher, &out, &acc).await {
+            if !forward(
+                &mut enricher,
+                ledger.as_mut(),
+                enforcer.as_ref(),
+                &out,
+                &acc,
+            )
+            .await
+            {
                 sinks_dead = true;
                 break;
             }
@@ -295,7 +379,7 @@ async fn enrich_task(
         while let Ok(m) = rx.try_recv() {
             lost += match m {
                 Msg::Events(b) | Msg::Policy(b) => b.len() as u64,
-                Msg::Cgroup { .. } => 0,
+                Msg::Cgroup { .. } | Msg::Image(_) | Msg::Verdict(_) => 0,
             };
         }
         acc.sinks_gone.fetch_add(lost, Relaxed);
@@ -308,15 +392,30 @@ async fn enrich_task(
             &mut enricher,
             enforcer.as_ref(),
             &mut init_names,
+            &mut identities,
             &clock,
             &acc,
         );
         follow(&mut enricher, enforcer.as_mut());
-        forward(&mut enricher, &out, &acc).await;
+        forward(
+            &mut enricher,
+            ledger.as_mut(),
+            enforcer.as_ref(),
+            &out,
+            &acc,
+        )
+        .await;
     }
     enricher.flush();
     follow(&mut enricher, enforcer.as_mut());
-    forward(&mut enricher, &out, &acc).await;
+    forward(
+        &mut enricher,
+        ledger.as_mut(),
+        enforcer.as_ref(),
+        &out,
+        &acc,
+    )
+    .await;
     enforcer
 }
 
@@ -325,34 +424,42 @@ fn handle(
     enricher: &mut Enricher,
     enforcer: Option<&Enforcer>,
     init_names: &mut InitNames,
+    identities: &mut IdentityJoin,
     clock: &Clock,
     acc: &Accounting,
 ) {
     match msg {
+        Msg::Image(img) => identities.image(*img),
+        Msg::Verdict(v) => identities.verdict(v),
         Msg::Cgroup {
-            mkdir: true,
+            mkdir,
+            hierarchy,
             id,
             path,
-        } => enricher.cgroup_created(id, &path),
-        Msg::Cgroup {
-            mkdir: false,
-            id,
-            path,
-        } => enricher.cgroup_removed(id, &path),
+        } => match (mkdir, hierarchy == CGROUP_DFL_HIERARCHY) {
+            (true, true) => enricher.cgroup_created(id, &path),
+            (false, true) => enricher.cgroup_removed(id, &path),
+            (true, false) => enricher.cgroup_v1_created(hierarchy, id, &path),
+            (false, false) => enricher.cgroup_v1_removed(hierarchy, id, &path),
+        },
         Msg::Events(batch) => {
-            for raw in batch {
+            acc.queued_bytes.fetch_sub(batch.byte_len() as u64, Relaxed);
+            for raw in batch.iter() {
                 if let Some(mut ev) = decode(&raw, clock, acc) {
                     init_names.observe(&mut ev);
+                    identities.observe(&mut ev);
                     enricher.handle(ev);
                 }
             }
         }
         Msg::Policy(batch) => {
-            for raw in batch {
+            acc.queued_bytes.fetch_sub(batch.byte_len() as u64, Relaxed);
+            for raw in batch.iter() {
                 if let Some(mut ev) = decode(&raw, clock, acc) {
                     if let Some(enf) = enforcer {
                         enf.describe(&mut ev);
                     }
+                    identities.observe(&mut ev);
                     enricher.handle(ev);
                 }
             }
@@ -381,20 +488,43 @@ fn follow(enricher: &mut Enricher, enforcer: Option<&mut Enforcer>) {
     }
 }
 
-/// Sends the ready events on; false when the sink thread is gone.
-async fn forward(enricher: &mut Enricher, out: &mpsc::Sender<Out>, acc: &Accounting) -> bool {
-    let ready = enricher.take_ready();
+/// Sends the ready events on, in batches; false when the sink thread is gone.
+async fn forward(
+    enricher: &mut Enricher,
+    ledger: Option<&mut Ledger>,
+    enforcer: Option<&Enforcer>,
+    out: &mpsc::Sender<Out>,
+    acc: &Accounting,
+) -> bool {
+    let mut ready = enricher.take_ready();
+    if let Some(enf) = enforcer {
+        // The policy's identity requirements, verified now that the identity is known.
+        let mismatches: Vec<Event> = ready
+            .iter()
+            .filter_map(|ev| enf.verify_identity(ev))
+            .collect();
+        ready.extend(mismatches);
+    }
+    if let Some(l) = ledger {
+        for ev in &ready {
+            l.observe(ev);
+        }
+        ready.extend(l.check());
+    }
+    // Events kmodmon made itself (expectation, self_load, the module ledger's).
+    let synthesized = ready
+        .iter()
+        .filter(|ev| ev.source == SourceName::Kmodmon)
+        .count();
+    acc.synthesized.fetch_add(synthesized as u64, Relaxed);
     let mut gone = 0u64;
-    for ev in ready {
-        if matches!(
-            ev.kind,
-            Kind::Expectation | Kind::SelfLoad | Kind::Tamper | Kind::Lost
-        ) {
-            acc.synthesized.fetch_add(1, Relaxed);
+    while !ready.is_empty() {
+        let rest = ready.split_off(ready.len().min(OUT_BATCH));
+        let n = ready.len() as u64;
+        if gone > 0 || out.send(Out::Events(ready)).await.is_err() {
+            gone += n;
         }
-        if gone > 0 || out.send(Out::Event(Box::new(ev))).await.is_err() {
-            gone += 1;
-        }
+        ready = rest;
     }
     if gone > 0 {
         acc.sinks_gone.fetch_add(gone, Relaxed);
@@ -413,7 +543,11 @@ fn sink_thread(
     while let Some(m) = rx.blocking_recv() {
         acc.sink_turned();
         match m {
-            Out::Event(ev) => fanout.deliver(&ev),
+            Out::Events(batch) => {
+                for ev in &batch {
+                    fanout.deliver(ev);
+                }
+            }
             Out::Tick => fanout.tick(),
             Out::Anchor(a) => fanout.anchor(&a),
         }

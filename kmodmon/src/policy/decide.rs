@@ -43,6 +43,10 @@ pub struct Effective {
     pub allowed: BTreeSet<String>,
     /// Names that came from the container's own KERNEL_MODULES (a subset of `allowed`).
     pub from_declaration: BTreeSet<String>,
+    /// Images every load must be one of (empty: any); verified after the load.
+    pub pins: BTreeSet<String>,
+    /// Every load must carry a signature the kernel verified; verified after the load.
+    pub signed: bool,
 }
 
 impl Policy {
@@ -98,6 +102,15 @@ impl Policy {
 impl Effective {
     /// At most what both allow: restricted if either is, the allowed names both allow.
     pub fn capped_by(mut self, cap: &Effective) -> Effective {
+        // The enclosing container's identity requirements hold inside it too.
+        self.signed |= cap.signed;
+        if !cap.pins.is_empty() {
+            if self.pins.is_empty() {
+                self.pins = cap.pins.clone();
+            } else {
+                self.pins.retain(|h| cap.pins.contains(h));
+            }
+        }
         if !cap.restrict {
             return self;
         }
@@ -130,6 +143,8 @@ fn effective(rule: RuleRef, a: &Allowance, declared: &[String]) -> Effective {
         restrict: a.restrict,
         allowed: if a.restrict { allowed } else { BTreeSet::new() },
         from_declaration,
+        pins: a.pins.clone(),
+        signed: a.signed,
     }
 }
 
@@ -266,14 +281,31 @@ impl<'t> Validator<'t> {
         v.as_ref().map_or(default, |b| *b.get_ref())
     }
 
+    /// Module names and `sha256:HEX` pins of an `allow` list.
     fn names(
         &mut self,
         list: &[Spanned<String>],
         restrict: bool,
         restrict_at: Option<usize>,
-    ) -> BTreeSet<String> {
+    ) -> (BTreeSet<String>, BTreeSet<String>) {
         let mut out = BTreeSet::new();
+        let mut pins = BTreeSet::new();
+        let mut first_name = None;
         for n in list {
+            if let Some(hex) = n.get_ref().strip_prefix("sha256:") {
+                if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    pins.insert(hex.to_ascii_lowercase());
+                } else {
+                    self.problem(
+                        n.span().start,
+                        "allow: a sha256 pin is \"sha256:\" and 64 hex digits (sha256sum of the \
+                         module image, decompressed)"
+                            .to_string(),
+                    );
+                }
+                continue;
+            }
+            first_name.get_or_insert(n.span().start);
             match modname::validate(n.get_ref()) {
                 Ok(v) => {
                     out.insert(v);
@@ -281,29 +313,45 @@ impl<'t> Validator<'t> {
                 Err(e) => self.problem(n.span().start, format!("allow: {e}")),
             }
         }
-        if !restrict && let Some(first) = list.first() {
+        if !restrict && let Some(first) = first_name {
             let why = match restrict_at {
                 Some(at) => format!("line {}", line_col(self.text, at).0),
                 None => "the default".to_string(),
             };
             self.problem(
-                first.span().start,
+                first,
                 format!(
                     "allow has no effect with restrict = false ({why}): either list modules and \
                      set restrict = true, or drop the list"
                 ),
             );
         }
-        out
+        if restrict
+            && out.is_empty()
+            && let Some(p) = list.first()
+            && !pins.is_empty()
+        {
+            self.problem(
+                p.span().start,
+                "sha256 pins need the modules' names in allow too: the kernel decides by name \
+                 before it has read (and kmodmon hashed) the image; pins are checked right after \
+                 the load"
+                    .to_string(),
+            );
+        }
+        (out, pins)
     }
 
     fn host(&mut self, h: HostSection) -> Allowance {
         let restrict = Self::flag(&h.restrict, false);
         let at = h.restrict.as_ref().map(|r| r.span().start);
+        let (allow, pins) = self.names(&h.allow, restrict, at);
         Allowance {
             restrict,
-            allow: self.names(&h.allow, restrict, at),
+            allow,
             trust_kernel_modules: false,
+            pins,
+            signed: Self::flag(&h.signed, false),
         }
     }
 
@@ -320,10 +368,13 @@ impl<'t> Validator<'t> {
                 "trust_kernel_modules has no effect with restrict = false".to_string(),
             );
         }
+        let (allow, pins) = self.names(&b.allow, restrict, at);
         Allowance {
             restrict,
-            allow: self.names(&b.allow, restrict, at),
+            allow,
             trust_kernel_modules: trust,
+            pins,
+            signed: Self::flag(&b.signed, false),
         }
     }
 
@@ -382,6 +433,7 @@ impl<'t> Validator<'t> {
                 restrict: r.restrict,
                 allow: r.allow,
                 trust_kernel_modules: r.trust_kernel_modules,
+                signed: r.signed,
             },
             true,
         );

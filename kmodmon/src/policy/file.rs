@@ -29,6 +29,8 @@ pub struct HostSection {
     pub restrict: Option<Spanned<bool>>,
     #[serde(default)]
     pub allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub signed: Option<Spanned<bool>>,
 }
 
 /// What a rule (or `[unselected]`) allows.
@@ -42,6 +44,8 @@ pub struct RuleBody {
     pub allow: Vec<Spanned<String>>,
     #[serde(default)]
     pub trust_kernel_modules: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub signed: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,4 +71,6 @@ pub struct RuleSection {
     pub allow: Vec<Spanned<String>>,
     #[serde(default)]
     pub trust_kernel_modules: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub signed: Option<Spanned<bool>>,
 }

@@ -19,9 +19,14 @@
 //! container_name = "lb-*"       # also: runtime, container_id (prefix), k8s_namespace, pod_labels
 //! allow = ["ip_vs"]
 //! trust_kernel_modules = true   # also allow what the container's KERNEL_MODULES declares
+//! signed = true                 # and every module must carry a signature the kernel verified
 //!
 //! container_parents = ["/ci-runners"]  # (top level) cgroups whose children are containers
 //! ```
+//!
+//! `allow` may also pin images: `"sha256:<64 hex>"`. The kernel decides by name before it has
+//! read the image, so pins and `signed` are verified right after each load from the image's
+//! identity (crate::identity) and a violation is an `identity_mismatch` event.
 mod decide;
 mod file;
 mod show;
@@ -77,6 +82,12 @@ pub struct Allowance {
     pub allow: BTreeSet<String>,
     /// Whether the container's own KERNEL_MODULES joins `allow`.
     pub trust_kernel_modules: bool,
+    /// `sha256:HEX` entries of `allow`: every module loaded under this allowance must be one
+    /// of these images (checked after the load: the kernel decides by name first).
+    pub pins: BTreeSet<String>,
+    /// `signed = true`: every module loaded under this allowance must carry a signature the
+    /// kernel verified (`sig_ok`; checked after the load).
+    pub signed: bool,
 }
 
 /// Which containers a rule selects: every given field must match.

@@ -4,6 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Args, Subcommand};
 
 use super::{DEFAULT_PATH, Effective, Policy, RuleRef, Subject};
+use crate::host::tracking::DeclState;
 use crate::host::{Registry, RegistryOptions};
 
 #[derive(Args, Debug)]
@@ -63,7 +64,7 @@ pub fn run(args: PolicyArgs) -> anyhow::Result<ExitCode> {
 fn show(policy: &Policy) {
     println!("mode: {}", policy.mode);
     println!("{}", summary(policy, &policy.host_decision()));
-    let mut registry = Registry::open(RegistryOptions::default());
+    let mut registry = Registry::open(RegistryOptions::detect());
     registry.settle(std::time::Instant::now() + std::time::Duration::from_secs(2));
     let list = registry.running();
     if list.is_empty() {
@@ -78,8 +79,14 @@ fn show(policy: &Policy) {
         };
         let eff = policy.decide(&subject);
         let c = &t.container;
+        let declared_in = match &t.state {
+            DeclState::Known(d) if d.declared && !eff.from_declaration.is_empty() => {
+                format!(" [declared in {}]", d.what())
+            }
+            _ => String::new(),
+        };
         println!(
-            "container {} ({}{}): {}",
+            "container {} ({}{}): {}{declared_in}",
             short_id(&c.id),
             if c.runtime.is_empty() {
                 "unknown runtime"
@@ -119,7 +126,7 @@ pub fn summary(policy: &Policy, e: &Effective) -> String {
     };
     if !e.from_declaration.is_empty() {
         s.push_str(&format!(
-            " ({} from its KERNEL_MODULES)",
+            " ({} from its declaration)",
             e.from_declaration
                 .iter()
                 .cloned()

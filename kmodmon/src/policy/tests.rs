@@ -214,16 +214,43 @@ fn capping_keeps_what_both_allow() {
         restrict,
         allowed: names.iter().map(|s| s.to_string()).collect(),
         from_declaration: Default::default(),
+        pins: Default::default(),
+        signed: false,
     };
     let capped = e(true, &["a", "b"]).capped_by(&e(true, &["b", "c"]));
     assert!(capped.restrict);
     assert_eq!(capped.allowed.iter().collect::<Vec<_>>(), ["b"]);
     let capped = e(false, &[]).capped_by(&e(true, &["c"]));
-    assert!(capped.restrict, "an unrestricted container inside a restricted one is restricted");
+    assert!(
+        capped.restrict,
+        "an unrestricted container inside a restricted one is restricted"
+    );
     assert_eq!(capped.allowed.iter().collect::<Vec<_>>(), ["c"]);
     let capped = e(true, &["a"]).capped_by(&e(false, &[]));
-    assert_eq!(capped, e(true, &["a"]), "an unrestricted container caps nothing");
-    assert_eq!(capped.rule, RuleRef::Unselected, "the rule stays the container's own");
+    assert_eq!(
+        capped,
+        e(true, &["a"]),
+        "an unrestricted container caps nothing"
+    );
+    assert_eq!(
+        capped.rule,
+        RuleRef::Unselected,
+        "the rule stays the container's own"
+    );
+    // Identity requirements of the enclosing container hold inside it.
+    let mut outer = e(false, &[]);
+    outer.signed = true;
+    outer.pins = ["aa".repeat(32), "bb".repeat(32)].into_iter().collect();
+    let mut inner = e(true, &["a"]);
+    inner.pins = ["bb".repeat(32), "cc".repeat(32)].into_iter().collect();
+    let capped = inner.capped_by(&outer);
+    assert!(capped.signed, "the enclosing container asks for signatures");
+    assert_eq!(capped.pins.iter().collect::<Vec<_>>(), [&"bb".repeat(32)]);
+    let capped = e(true, &["a"]).capped_by(&outer);
+    assert_eq!(
+        capped.pins, outer.pins,
+        "no pins of its own: the enclosing ones"
+    );
 }
 
 /// `container_parents`: absolute paths of plain components; errors located.
@@ -254,4 +281,87 @@ fn container_parents_are_validated() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("listed twice"), "{err}");
+}
+
+#[test]
+fn sha256_pins_and_signed_are_identity_requirements() {
+    let pin = "ab".repeat(32);
+    let text = format!(
+        "mode = \"enforce\"\n[host]\nsigned = true\n[[rule]]\nname = \"lb\"\ncontainer_name = \"lb\"\nallow = [\"ip_vs\", \"sha256:{}\"]\n",
+        pin.to_uppercase()
+    );
+    let p = Policy::parse(&text, "p.toml").unwrap();
+    let a = &p.rules[0].allowance;
+    assert_eq!(
+        a.allow.iter().collect::<Vec<_>>(),
+        ["ip_vs"],
+        "pins are not names"
+    );
+    assert!(a.pins.contains(&pin), "pins are kept in lower case");
+    assert!(p.host.signed && !a.signed);
+
+    let e = Policy::parse(
+        "mode = \"enforce\"\n[[rule]]\nname = \"x\"\nruntime = \"runc\"\nallow = [\"sha256:12\"]\n",
+        "p.toml",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("64 hex digits"), "{e}");
+    let e = Policy::parse(
+        &format!(
+            "mode = \"enforce\"\n[[rule]]\nname = \"x\"\nruntime = \"runc\"\nallow = [\"sha256:{pin}\"]\n"
+        ),
+        "p.toml",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("need the modules' names"), "{e}");
+}
+
+#[test]
+fn identity_mismatch_names_what_the_policy_does_not_allow() {
+    use crate::enforce::identity_mismatch;
+    use crate::event::{Clock, Event, Kind, Syscall};
+    use crate::identity::Identity;
+    let pin = "ab".repeat(32);
+    let p = Policy::parse(
+        &format!(
+            "mode = \"enforce\"\n[unselected]\nallow = [\"ip_vs\", \"sha256:{pin}\"]\nsigned = true\n"
+        ),
+        "p.toml",
+    )
+    .unwrap();
+    let c = container(Some("x"), "docker");
+    let labels = BTreeMap::new();
+    let eff = p.decide(&Subject {
+        container: &c,
+        labels: &labels,
+        declared: &[],
+    });
+    let mut ev = Event::synthetic(Kind::LoadAttempt, &Clock::new());
+    ev.syscall = Some(Syscall::FinitModule);
+    ev.result = Some(0);
+    ev.identity = Some(Box::new(Identity {
+        sha256: Some(pin.clone()),
+        sig_ok: Some(true),
+        ..Identity::default()
+    }));
+    assert!(
+        identity_mismatch(&p, &eff, &ev).is_none(),
+        "pinned and signed"
+    );
+    ev.identity = Some(Box::new(Identity {
+        sha256: Some("cd".repeat(32)),
+        sig_ok: Some(false),
+        ..Identity::default()
+    }));
+    let m = identity_mismatch(&p, &eff, &ev).expect("a mismatch");
+    assert_eq!(m.kind, Kind::IdentityMismatch);
+    assert_eq!(m.severity.as_deref(), Some("high"));
+    let d = m.detail.unwrap();
+    assert!(
+        d.contains("is not pinned") && d.contains("sig_ok false"),
+        "{d}"
+    );
+    assert!(m.identity.is_some(), "the decision carries the identity");
+    ev.result = Some(-1);
+    assert!(identity_mismatch(&p, &eff, &ev).is_none(), "only loads");
 }

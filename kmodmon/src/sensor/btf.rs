@@ -10,14 +10,14 @@ pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 const BTF_MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
 const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
-const KIND_ENUM: u32 = 6;
 const KIND_FUNC: u32 = 12;
-const KIND_ENUM64: u32 = 19;
 const KIND_TYPE_TAG: u32 = 18;
+const KIND_ENUM64: u32 = 19;
 
 /// The kernel's BTF, indexed just enough to answer "offset of member M in struct S" and "does
 /// function F exist". A full BTF library (btf-rs) materialises all ~150k types of a distro
@@ -151,27 +151,6 @@ impl KernelBtf {
         })
     }
 
-    /// The value of enumerator `member` of `enum name` (the kernel's, from BTF: never assumed).
-    pub fn enum_value(&self, name: &str, member: &str) -> Option<u64> {
-        self.types_named(name, &[KIND_ENUM, KIND_ENUM64])
-            .find_map(|t| {
-                let size = if t.kind == KIND_ENUM { 8 } else { 12 };
-                (0..t.vlen as usize).find_map(|i| {
-                    let at = t.pos + 12 + size * i;
-                    let name_off = read_u32(&self.data, at)?;
-                    if self.name(name_off) != member.as_bytes() {
-                        return None;
-                    }
-                    let lo = read_u32(&self.data, at + 4)? as u64;
-                    if t.kind == KIND_ENUM {
-                        return Some(lo);
-                    }
-                    let hi = read_u32(&self.data, at + 8)? as u64;
-                    Some(lo | (hi << 32))
-                })
-            })
-    }
-
     /// Byte offset of `member` in `struct name`, looking through anonymous structs/unions.
     pub fn member_offset(&self, name: &str, member: &str) -> Option<u32> {
         self.types_named(name, &[KIND_STRUCT])
@@ -220,6 +199,52 @@ impl KernelBtf {
         None
     }
 
+    /// The value of `variant` in `enum name` (`cgroup_subsys_id`, `memory_cgrp_id`).
+    pub fn enum_value(&self, name: &str, variant: &str) -> Option<i64> {
+        self.types_named(name, &[KIND_ENUM, KIND_ENUM64])
+            .find_map(|t| {
+                // btf_enum { name_off, s32 val }; btf_enum64 { name_off, val_lo32, val_hi32 }.
+                let stride = if t.kind == KIND_ENUM64 { 12 } else { 8 };
+                let signed = t.kind_flag;
+                (0..t.vlen as usize).find_map(|i| {
+                    let at = t.pos + 12 + stride * i;
+                    if self.name(read_u32(&self.data, at)?) != variant.as_bytes() {
+                        return None;
+                    }
+                    let lo = read_u32(&self.data, at + 4)?;
+                    Some(if t.kind == KIND_ENUM64 {
+                        let hi = read_u32(&self.data, at + 8)?;
+                        ((u64::from(hi) << 32) | u64::from(lo)) as i64
+                    } else if signed {
+                        i64::from(lo as i32)
+                    } else {
+                        i64::from(lo)
+                    })
+                })
+            })
+    }
+
+    /// How many parameters function `name` takes (its BTF prototype), if BTF has it.
+    pub fn func_param_count(&self, name: &str) -> Option<u32> {
+        const KIND_FUNC_PROTO: u32 = 13;
+        let func = self.types_named(name, &[KIND_FUNC]).next()?;
+        let proto = self.header(func.size_or_type)?;
+        (proto.kind == KIND_FUNC_PROTO).then_some(proto.vlen)
+    }
+
+    /// Whether enum `name` has an enumerator `value` (e.g. a helper in `enum bpf_func_id`).
+    pub fn has_enumerator(&self, name: &str, value: &str) -> bool {
+        const KIND_ENUM: u32 = 6;
+        const KIND_ENUM64: u32 = 19;
+        self.types_named(name, &[KIND_ENUM, KIND_ENUM64]).any(|t| {
+            let stride = if t.kind == KIND_ENUM { 8 } else { 12 };
+            (0..t.vlen as usize).any(|i| {
+                read_u32(&self.data, t.pos + 12 + stride * i)
+                    .is_some_and(|off| self.name(off) == value.as_bytes())
+            })
+        })
+    }
+
     /// Fills the kernel-structure part of the programs' configuration.
     pub fn fill(&self, cfg: &mut Config) -> Vec<String> {
         let mut missing = Vec::new();
@@ -247,7 +272,63 @@ impl KernelBtf {
         cfg.mount_mountpoint = get("mount", "mnt_mountpoint");
         cfg.pt_regs_arg = syscall_arg_offsets(&mut get);
         cfg.pt_regs_syscall_nr = syscall_nr_offset(&mut get);
+        cfg.task_group_leader = get("task_struct", "group_leader");
+        cfg.task_start_boottime = get("task_struct", "start_boottime");
+        cfg.task_start_time = get("task_struct", "start_time");
+        cfg.task_comm = get("task_struct", "comm");
         missing
+    }
+
+    /// Fills the cgroup v1 walk (`task->cgroups->subsys[ssid]->cgroup->kn->id`, `css->parent`)
+    /// for `controller`'s hierarchy; returns the subsystem id (`<controller>_cgrp_id` in `enum
+    /// cgroup_subsys_id`), or what BTF lacks. The configuration is left unchanged on error.
+    pub fn fill_cgroup_v1(&self, cfg: &mut Config, controller: &str) -> Result<u32, String> {
+        // The kernel names the io controller's v1 hierarchy by its legacy name, blkio.
+        let subsys = if controller == "blkio" {
+            "io"
+        } else {
+            controller
+        };
+        let variant = format!("{subsys}_cgrp_id");
+        let ssid = self
+            .enum_value("cgroup_subsys_id", &variant)
+            .ok_or_else(|| format!("enum cgroup_subsys_id has no {variant}"))?;
+        let count = self
+            .enum_value("cgroup_subsys_id", "CGROUP_SUBSYS_COUNT")
+            .ok_or("enum cgroup_subsys_id has no CGROUP_SUBSYS_COUNT")?;
+        if ssid < 0 || ssid >= count || ssid >= 64 {
+            return Err(format!(
+                "{variant} = {ssid} is outside subsys[CGROUP_SUBSYS_COUNT = {count}]"
+            ));
+        }
+        let mut missing = Vec::new();
+        let mut get = |s: &str, m: &str| -> u32 {
+            self.member_offset(s, m).unwrap_or_else(|| {
+                missing.push(format!("{s}.{m}"));
+                OFFSET_UNKNOWN
+            })
+        };
+        let offsets = [
+            get("task_struct", "cgroups"),
+            get("css_set", "subsys"),
+            get("cgroup_subsys_state", "cgroup"),
+            get("cgroup_subsys_state", "parent"),
+            get("cgroup", "kn"),
+            get("kernfs_node", "id"),
+        ];
+        if !missing.is_empty() {
+            return Err(format!("BTF lacks {}", missing.join(", ")));
+        }
+        cfg.cgroup_v1_ssid = ssid as u32;
+        [
+            cfg.task_cgroups,
+            cfg.css_set_subsys,
+            cfg.css_cgroup,
+            cfg.css_parent,
+            cfg.cgroup_kn,
+            cfg.kernfs_node_id,
+        ] = offsets;
+        Ok(ssid as u32)
     }
 }
 
@@ -364,6 +445,7 @@ mod tests {
         for (s, m) in [
             ("task_struct", "real_parent"),
             ("task_struct", "tgid"),
+            ("task_struct", "start_time"),
             ("task_struct", "files"),
             ("files_struct", "fdt"),
             ("fdtable", "fd"),
@@ -406,6 +488,12 @@ mod tests {
         assert!(cfg.task_tgid != OFFSET_UNKNOWN && cfg.task_tgid > 0);
         assert!(btf.member_offset("task_struct", "no_such_member").is_none());
         assert!(btf.has_func("schedule"));
+        // include/linux/kernel_read_file.h: READING_MODULE is 2 in every kernel since 5.7.
+        assert_eq!(
+            btf.enum_value("kernel_read_file_id", "READING_MODULE"),
+            Some(2)
+        );
+        assert_eq!(btf.enum_value("kernel_read_file_id", "NO_SUCH_VALUE"), None);
         assert!(!btf.has_func("kmodmon_no_such_function"));
         assert!(btf.func_id("schedule").is_some());
         assert_eq!(btf.func_id("kmodmon_no_such_function"), None);
@@ -423,7 +511,7 @@ mod tests {
                 .into_iter()
                 .find_map(|t| match t {
                     btf_rs::Type::Enum(en) => en.members.iter().find_map(|x| {
-                        (theirs.resolve_name(x).ok()? == m).then_some(x.val() as u64)
+                        (theirs.resolve_name(x).ok()? == m).then_some(x.val() as i64)
                     }),
                     _ => None,
                 });
@@ -431,5 +519,45 @@ mod tests {
             assert!(want.is_some(), "{e}::{m} in BTF");
         }
         assert_eq!(btf.enum_value("bpf_attach_type", "NO_SUCH"), None);
+        assert!(cfg.task_start_boottime != OFFSET_UNKNOWN && cfg.task_comm != OFFSET_UNKNOWN);
+    }
+
+    /// `enum cgroup_subsys_id` of this kernel agrees with /proc/cgroups, which lists the
+    /// controllers in subsystem-id order; the v1 walk's offsets are all there.
+    #[test]
+    fn cgroup_subsys_ids_from_btf_match_proc_cgroups() {
+        let Ok(btf) = KernelBtf::load() else {
+            eprintln!("SKIP: no {VMLINUX} on this machine");
+            return;
+        };
+        let text = std::fs::read_to_string("/proc/cgroups").expect("/proc/cgroups");
+        let names: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert!(!names.is_empty());
+        for (i, name) in names.iter().enumerate() {
+            let subsys = if *name == "blkio" { "io" } else { name };
+            assert_eq!(
+                btf.enum_value("cgroup_subsys_id", &format!("{subsys}_cgrp_id")),
+                Some(i as i64),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            btf.enum_value("cgroup_subsys_id", "CGROUP_SUBSYS_COUNT"),
+            Some(names.len() as i64)
+        );
+        assert_eq!(btf.enum_value("cgroup_subsys_id", "no_such_cgrp_id"), None);
+        let mut cfg = Config::unset();
+        assert_eq!(
+            btf.fill_cgroup_v1(&mut cfg, "memory"),
+            Ok(cfg.cgroup_v1_ssid)
+        );
+        assert!(cfg.kernfs_node_id != OFFSET_UNKNOWN && cfg.css_parent != OFFSET_UNKNOWN);
+        let before = cfg.cgroup_v1_ssid;
+        assert!(btf.fill_cgroup_v1(&mut cfg, "no_such").is_err());
+        assert_eq!(cfg.cgroup_v1_ssid, before, "unchanged on error");
     }
 }

@@ -1,5 +1,5 @@
 //! The kernel side's per-CPU counters, summed, and the accounting identity
-//! `seen == delivered + dropped + in_flight` that `tail` checks at exit.
+//! `seen == delivered + aggregated + dropped + in_flight` that `tail` checks at exit.
 use std::collections::BTreeMap;
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
@@ -10,14 +10,19 @@ use super::SensorError;
 pub struct Counters {
     counters: PerCpuArray<MapData, u64>,
     pending: HashMap<MapData, u64, RawEvent>,
+    /// tracefs and kmodmon's kretprobe events, whose missed returns kprobe_profile counts.
+    kretprobes: Option<(std::path::PathBuf, Vec<String>)>,
 }
 
 /// A snapshot of all counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub values: BTreeMap<&'static str, u64>,
-    /// Attempts entered but not yet returned (tracepoint sources).
+    /// Attempts entered but not yet returned (tracepoint and kprobe sources).
     pub in_flight: u64,
+    /// Returns the kernel did not probe (kretprobe instances all busy): their attempts stay
+    /// in flight until the task's next one replaces them (`pending_lost`).
+    pub kretprobe_missed: u64,
 }
 
 impl Snapshot {
@@ -29,6 +34,15 @@ impl Snapshot {
         Counter::ALL
             .iter()
             .filter(|c| c.is_seen())
+            .map(|c| self.get(*c))
+            .sum()
+    }
+
+    /// Attempts aggregated into repeat counts.
+    pub fn aggregated(&self) -> u64 {
+        Counter::ALL
+            .iter()
+            .filter(|c| c.is_aggregated())
             .map(|c| self.get(*c))
             .sum()
     }
@@ -48,7 +62,11 @@ impl Snapshot {
 
     /// Error counters that are not zero (events still delivered, a field marked missing).
     pub fn errors(&self) -> Vec<(&'static str, u64)> {
-        self.nonzero(|c| c == CounterCategory::Error)
+        let mut v = self.nonzero(|c| c == CounterCategory::Error);
+        if self.kretprobe_missed > 0 {
+            v.push(("kretprobe_missed", self.kretprobe_missed));
+        }
+        v
     }
 
     fn nonzero(&self, category: impl Fn(CounterCategory) -> bool) -> Vec<(&'static str, u64)> {
@@ -74,6 +92,9 @@ impl Snapshot {
                 })
                 .collect(),
             in_flight: self.in_flight,
+            kretprobe_missed: self
+                .kretprobe_missed
+                .saturating_sub(earlier.kretprobe_missed),
         }
     }
 }
@@ -85,7 +106,13 @@ impl Counters {
                 .map_err(|_| SensorError::Map(names::map::COUNTERS))?,
             pending: HashMap::try_from(pending)
                 .map_err(|_| SensorError::Map(names::map::PENDING))?,
+            kretprobes: None,
         })
+    }
+
+    /// Reads the missed returns of these kretprobe events with every snapshot.
+    pub(super) fn watch_kretprobes(&mut self, tracefs: std::path::PathBuf, events: Vec<String>) {
+        self.kretprobes = Some((tracefs, events));
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -99,7 +126,16 @@ impl Counters {
             values.insert(c.name(), v);
         }
         let in_flight = self.pending.keys().filter(|k| k.is_ok()).count() as u64;
-        Snapshot { values, in_flight }
+        let kretprobe_missed = self
+            .kretprobes
+            .as_ref()
+            .and_then(|(t, e)| super::kretprobe::missed(t, e))
+            .unwrap_or(0);
+        Snapshot {
+            values,
+            in_flight,
+            kretprobe_missed,
+        }
     }
 }
 
@@ -111,6 +147,7 @@ mod tests {
         Snapshot {
             values: pairs.iter().map(|(c, v)| (c.name(), *v)).collect(),
             in_flight: 0,
+            kretprobe_missed: 0,
         }
     }
 
@@ -125,8 +162,11 @@ mod tests {
             (Counter::SeenCgroup, 100),
             (Counter::DropCgroupRingbufFull, 4),
             (Counter::PolicyDecision, 9),
+            (Counter::Aggregated, 11),
+            (Counter::RepeatRecord, 3),
         ]);
         assert_eq!(s.seen(), 7);
+        assert_eq!(s.aggregated(), 11);
         assert_eq!(s.dropped(), 3);
         assert_eq!(
             s.drops(),

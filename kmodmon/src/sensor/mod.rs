@@ -6,25 +6,34 @@
 //! Sources, best first:
 //! - module records: `module:module_{load,free,request}` tracepoints (absent without
 //!   CONFIG_MODULES);
-//! - attempts: fexit on `__x64_sys_{init,finit,delete}_module` (no cost to other syscalls) →
-//!   `syscalls:sys_{enter,exit}_*` → `raw_syscalls:sys_{enter,exit}` (every syscall pays);
+//! - attempts, cheapest first: fexit on `__x64_sys_{init,finit,delete}_module` (no cost to
+//!   other syscalls; on a kernel without module support, their ENOSYS stubs) → kprobe +
+//!   tracefs kretprobe on the same functions (no cost either; [`kretprobe`]) → tp_btf on
+//!   sys_exit alone → `syscalls:sys_{enter,exit}_*` → a raw tracepoint on sys_exit alone →
+//!   `raw_syscalls:sys_{enter,exit}` (from tp_btf on, every syscall pays; see
+//!   [`plan::AttemptSource::cost`]); identical repeated attempts aggregated in the kernel
+//!   (`REPEATS`, reported by [`crate::pipeline::repeats`]);
 //! - cgroups: `cgroup:cgroup_{mkdir,rmdir}` (else the cgroup tree is rescanned on a miss).
 pub mod btf;
 pub mod counters;
+pub mod identity;
+pub mod kretprobe;
 pub mod lockdown;
 pub mod lsm;
 pub mod plan;
+pub mod seccomp;
 pub mod tracefs;
 
 use std::process::ExitCode;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, RingBuf},
-    programs::{FExit, RawTracePoint, TracePoint},
+    maps::{HashMap as BpfHashMap, MapData, RingBuf},
+    programs::{BtfTracePoint, FExit, KProbe, RawTracePoint, TracePoint},
 };
 use kmodmon_common::names;
-pub use plan::{AttemptSource, Plan};
+use kmodmon_common::{RepeatKey, RepeatSlot};
+pub use plan::{AttemptSource, CgroupV1Plan, Plan};
 use thiserror::Error;
 
 use self::{btf::KernelBtf, counters::Counters, tracefs::Tracefs};
@@ -56,6 +65,8 @@ pub enum SensorError {
     NothingAttachable(String),
     #[error("map {0} missing from the eBPF object")]
     Map(&'static str),
+    #[error("{0}")]
+    Kretprobe(#[from] kretprobe::KretprobeError),
     #[error("{error}; {note}")]
     LockedDown {
         error: Box<SensorError>,
@@ -74,13 +85,28 @@ pub struct Options {
     pub force_raw_syscalls: bool,
     /// Attach only the cgroup programs (enforcement follows containers; no module events).
     pub cgroups_only: bool,
+    /// Do not report module syscalls refused by seccomp (see [`seccomp`]).
+    pub no_seccomp_attempts: bool,
+    /// Do not capture module images (no content identity).
+    pub no_identity: bool,
+    /// Identical attempts of a task closer than this are aggregated (`--repeat-window`);
+    /// `None` for [`plan::DEFAULT_REPEAT_WINDOW`], zero to turn aggregation off.
+    pub repeat_window: Option<std::time::Duration>,
 }
+
+/// The open repeat bursts (kernel map `REPEATS`).
+pub type RepeatMap = BpfHashMap<MapData, RepeatKey, RepeatSlot>;
 
 /// Loaded and attached programs.
 pub struct Sensor {
+    /// Dropped first: the return probes are detached and their tracefs events removed before
+    /// the programs go.
+    kretprobes: Vec<kretprobe::TracefsKretprobe>,
     ebpf: Ebpf,
     pub plan: Plan,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    seccomp: seccomp::Attached,
+    tracefs: std::path::PathBuf,
 }
 
 impl Sensor {
@@ -103,9 +129,12 @@ impl Sensor {
         if let Some(note) = &locked_down {
             plan.notes.push(note.clone());
         }
+        kretprobe::remove_stale(tracefs.root());
+        // Parsed at most once however many sources are tried.
+        let mut aya_btf: Option<aya::Btf> = None;
         loop {
             let t1 = std::time::Instant::now();
-            let attempt = Self::try_attach(&plan);
+            let attempt = Self::try_attach(&plan, tracefs.root(), &mut aya_btf);
             log::debug!(
                 "attach attempt ({}) took {:?}",
                 plan.attempts.as_str(),
@@ -113,10 +142,26 @@ impl Sensor {
             );
             match attempt {
                 Ok(mut sensor) => {
-                    sensor.plan = plan;
+                    // The sensor's plan is this one, with what attaching the identity and
+                    // seccomp programs found.
+                    sensor.plan.seccomp = std::mem::take(&mut sensor.seccomp.describe);
+                    let mut notes = std::mem::take(&mut sensor.seccomp.notes);
+                    sensor.plan.notes.append(&mut notes);
+                    // aya's parse of the kernel BTF (fexit, tp_btf) leaves tens of MB of freed
+                    // heap behind: give it back (measured idle RSS 47 MB before, see below).
+                    drop(aya_btf);
+                    trim_heap();
                     return Ok(sensor);
                 }
-                Err(e) => match plan.fallback(&tracefs, &e) {
+                // Without the task-exit program the kernel cannot close a dead task's bursts.
+                Err(SensorError::Attach {
+                    program, reason, ..
+                }) if program == names::program::REPEAT_TASK_EXIT && plan.repeats() => {
+                    plan = plan.without_repeats(&format!(
+                        "attaching {program} to sched_process_exit failed: {reason}"
+                    ));
+                }
+                Err(e) => match plan.fallback(&e) {
                     Some(next) => plan = next,
                     None => {
                         return Err(match locked_down {
@@ -132,18 +177,27 @@ impl Sensor {
         }
     }
 
-    fn try_attach(plan: &Plan) -> Result<Sensor, SensorError> {
-        // aya parses the kernel's BTF itself when asked; only fexit needs it (the programs carry
-        // no CO-RE relocations), so skip that cost otherwise.
-        let aya_btf = if plan.attempts == AttemptSource::Fexit {
-            Some(aya::Btf::from_sys_fs().map_err(|e| SensorError::Btf(e.to_string()))?)
-        } else {
-            None
-        };
+    fn try_attach(
+        plan: &Plan,
+        tracefs: &std::path::Path,
+        btf_cache: &mut Option<aya::Btf>,
+    ) -> Result<Sensor, SensorError> {
+        // aya parses the kernel's BTF itself when asked; only fexit and tp_btf need it (the
+        // programs carry no CO-RE relocations), so skip that cost otherwise.
+        if plan.needs_btf() && btf_cache.is_none() {
+            *btf_cache =
+                Some(aya::Btf::from_sys_fs().map_err(|e| SensorError::Btf(e.to_string()))?);
+        }
+        let aya_btf = btf_cache.as_ref().filter(|_| plan.needs_btf());
         let mut loader = EbpfLoader::new();
         loader
-            .btf(aya_btf.as_ref())
+            .btf(aya_btf)
             .override_global(names::global::CONFIG, &plan.config, true);
+        if let Some(icfg) = &plan.identity {
+            loader
+                .override_global(names::global::IDENTITY_CONFIG, icfg, true)
+                .map_max_entries(names::map::IMAGES, identity::RING_BYTES);
+        }
         // The enforcement maps are created with every load of the object; the monitor's
         // copies are never used.
         for m in names::map::LSM_ONLY {
@@ -165,21 +219,89 @@ impl Sensor {
         for (program, tp) in plan.raw_tracepoints() {
             attach_raw_tracepoint(&mut ebpf, program, tp)?;
         }
-        if let Some(aya_btf) = &aya_btf {
+        if let Some(aya_btf) = aya_btf {
             for (program, func) in plan.fexits() {
                 attach_fexit(&mut ebpf, program, &func, aya_btf)?;
             }
+            for (program, tp) in plan.btf_tracepoints() {
+                attach_btf_tracepoint(&mut ebpf, program, tp, aya_btf)?;
+            }
         }
+        let mut kretprobes = Vec::new();
+        let kprobes = plan.kprobes();
+        if !kprobes.is_empty() {
+            // Returns first: an attempt that enters before its return is probed would stay
+            // parked; a return without its entry is only counted (exit_without_enter).
+            let ret: &mut KProbe = program_mut(&mut ebpf, names::program::KRETPROBE_MODULE)?;
+            ret.load().map_err(|e| SensorError::Attach {
+                program: names::program::KRETPROBE_MODULE.to_string(),
+                target: "kretprobe".into(),
+                reason: format!("{e:#}"),
+            })?;
+            let fd = {
+                use std::os::fd::{AsFd as _, AsRawFd as _};
+                ret.fd()
+                    .map_err(|e| SensorError::Load(format!("{e:#}")))?
+                    .as_fd()
+                    .as_raw_fd()
+            };
+            let maxactive = plan::kretprobe_maxactive();
+            for (_, func) in &kprobes {
+                kretprobes.push(kretprobe::TracefsKretprobe::attach(
+                    tracefs, func, maxactive, fd,
+                )?);
+            }
+            for (program, func) in &kprobes {
+                attach_kprobe(&mut ebpf, program, func)?;
+            }
+        }
+        let mut plan = plan.clone();
+        if plan.identity.is_some()
+            && let Some(aya_btf) = aya_btf
+        {
+            // Identity is an addition: when this kernel refuses its programs, monitoring
+            // goes on without it and says so.
+            let attached = KernelBtf::load()
+                .map_err(|e| SensorError::Btf(e.to_string()))
+                .and_then(|kbtf| identity::attach(&mut ebpf, aya_btf, &kbtf));
+            match attached {
+                Ok(notes) => plan.notes.extend(notes),
+                Err(e) => {
+                    log::debug!("identity programs: {e}");
+                    plan.notes.push(format!(
+                        "identity off: {}",
+                        e.to_string().lines().next().unwrap_or_default()
+                    ));
+                    plan.identity = None;
+                }
+            }
+        }
+        let seccomp = seccomp::attach(
+            &mut ebpf,
+            &plan.config,
+            plan.attempts,
+            plan.seccomp_exit_fentry,
+            aya_btf,
+        );
         Ok(Sensor {
+            kretprobes,
             ebpf,
-            plan: plan.clone(),
+            plan,
             logger,
+            seccomp,
+            tracefs: tracefs.to_path_buf(),
         })
     }
 
     /// The module-event ring buffer.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, SensorError> {
         take_ringbuf(&mut self.ebpf, names::map::EVENTS)
+    }
+
+    /// The module-image ring buffer (identity), when the identity programs are attached.
+    pub fn take_images(&mut self) -> Option<RingBuf<MapData>> {
+        self.plan.identity.as_ref()?;
+        take_ringbuf(&mut self.ebpf, names::map::IMAGES).ok()
     }
 
     /// The cgroup mkdir/rmdir ring buffer.
@@ -197,7 +319,32 @@ impl Sensor {
             .ebpf
             .take_map(names::map::PENDING)
             .ok_or(SensorError::Map(names::map::PENDING))?;
-        Counters::new(counters, pending)
+        let mut c = Counters::new(counters, pending)?;
+        if !self.kretprobes.is_empty() {
+            c.watch_kretprobes(
+                self.tracefs.clone(),
+                self.kretprobes
+                    .iter()
+                    .map(|k| k.name().to_string())
+                    .collect(),
+            );
+        }
+        Ok(c)
+    }
+
+    /// The open repeat bursts, for the pipeline's sweep; None when attempts are not
+    /// aggregated.
+    pub fn take_repeats(&mut self) -> Result<Option<RepeatMap>, SensorError> {
+        if !self.plan.repeats() {
+            return Ok(None);
+        }
+        let map = self
+            .ebpf
+            .take_map(names::map::REPEATS)
+            .ok_or(SensorError::Map(names::map::REPEATS))?;
+        BpfHashMap::try_from(map)
+            .map(Some)
+            .map_err(|_| SensorError::Map(names::map::REPEATS))
     }
 
     /// Takes the eBPF logger so its ring buffer can be polled.
@@ -213,7 +360,7 @@ fn take_ringbuf(ebpf: &mut Ebpf, name: &'static str) -> Result<RingBuf<MapData>,
 
 /// Runs `f` on program `name` of type `P`, turning every failure into an attach error naming
 /// the program and its target.
-fn with_program<P>(
+pub(crate) fn with_program<P>(
     ebpf: &mut Ebpf,
     program: &str,
     target: String,
@@ -233,6 +380,51 @@ where
         .try_into()
         .map_err(|e| err(format!("{e}")))?;
     f(prog).map_err(|e| err(format!("{e:#}")))
+}
+
+/// Program `name` as type `P`.
+fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P, SensorError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let err = |reason: String| SensorError::Attach {
+        program: name.to_string(),
+        target: "load".into(),
+        reason,
+    };
+    ebpf.program_mut(name)
+        .ok_or_else(|| err("program missing from the object".into()))?
+        .try_into()
+        .map_err(|e| err(format!("{e}")))
+}
+
+fn attach_kprobe(ebpf: &mut Ebpf, program: &str, func: &str) -> Result<(), SensorError> {
+    with_program(
+        ebpf,
+        program,
+        format!("kprobe {func}"),
+        |prog: &mut KProbe| {
+            prog.load()?;
+            prog.attach(func, 0).map(drop)
+        },
+    )
+}
+
+fn attach_btf_tracepoint(
+    ebpf: &mut Ebpf,
+    program: &str,
+    tp: &str,
+    btf: &aya::Btf,
+) -> Result<(), SensorError> {
+    with_program(
+        ebpf,
+        program,
+        format!("tp_btf {tp}"),
+        |prog: &mut BtfTracePoint| {
+            prog.load(tp, btf)?;
+            prog.attach().map(drop)
+        },
+    )
 }
 
 fn attach_tracepoint(
@@ -280,6 +472,15 @@ fn attach_fexit(
     )
 }
 
+/// Returns freed heap memory to the system (glibc keeps it otherwise).
+fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory of the allocator's own heap.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
 fn raise_memlock() -> nix::Result<()> {
     use nix::sys::resource::{Resource, setrlimit};
@@ -297,6 +498,7 @@ pub fn explain() -> anyhow::Result<ExitCode> {
     if nix::unistd::geteuid().is_root() {
         let sensor = Sensor::attach(Options::default())?;
         println!("{}", sensor.plan.describe());
+        println!("{}", sensor.plan.describe_cgroups());
         for n in &sensor.plan.notes {
             println!("note: {n}");
         }
@@ -310,6 +512,7 @@ pub fn explain() -> anyhow::Result<ExitCode> {
     let btf = KernelBtf::load();
     let plan = Plan::make(&tracefs, btf.as_ref().ok(), Options::default())?;
     println!("{} (planned without loading: not root)", plan.describe());
+    println!("{}", plan.describe_cgroups());
     if let Err(e) = btf {
         println!("note: {e}");
     }

@@ -1,7 +1,8 @@
-//! The audit log as a sink: events are queued to its writer thread (never blocking the
-//! pipeline), attempts beyond a cgroup's rate limit are aggregated into `rate_limited` summary
-//! records ([`crate::ratelimit`]); the writer's own counts then say how many were written,
-//! aggregated and lost.
+//! The audit log as a sink: events are serialised here (on the sink thread) and queued to its
+//! writer thread in batches (never blocking the pipeline; the writer chains and writes a batch
+//! with one write(2)), attempts beyond a cgroup's rate limit are aggregated into `rate_limited`
+//! summary records ([`crate::ratelimit`]); the writer's own counts then say how many were
+//! written, aggregated and lost.
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
@@ -16,7 +17,12 @@ pub struct AuditSink {
     limiter: Option<RateLimiter>,
     /// The writer's counts when this sink started (the log may have written notes before).
     start: AuditStats,
+    /// Serialised events not handed to the writer yet.
+    batch: Vec<Vec<u8>>,
 }
+
+/// Events handed to the writer at once at most (more wait for the next flush).
+const BATCH: usize = 256;
 
 /// The writer's queue was full (the disk does not keep up).
 pub const QUEUE_FULL: &str = "audit_queue_full";
@@ -32,6 +38,15 @@ impl AuditSink {
             log,
             limiter,
             start,
+            batch: Vec::with_capacity(BATCH),
+        }
+    }
+
+    /// Hands the batch to the writer (what its queue cannot take is counted lost by the log).
+    fn submit(&mut self) {
+        if !self.batch.is_empty() {
+            let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
+            self.log.submit_bodies(batch);
         }
     }
 
@@ -70,16 +85,27 @@ impl Sink for AuditSink {
         c.pending.fetch_add(1, Relaxed);
         let admit = self.limiter.as_mut().map_or(Admit::Record, |l| l.admit(ev));
         if admit == Admit::Record {
-            // Never blocks: a full queue or a failing disk is counted by the log as lost.
-            self.log.submit(ev.clone());
+            match crate::audit::event_body(ev) {
+                Ok(body) => self.batch.push(body),
+                Err(e) => {
+                    log::error!("audit log: cannot serialise an event: {e}");
+                    self.log.count_unwritable(1);
+                }
+            }
+            if self.batch.len() >= BATCH {
+                // Never blocks: a full queue or a failing disk is counted by the log as lost.
+                self.submit();
+            }
         }
     }
 
     fn flush(&mut self, c: &SinkCounters) {
+        self.submit();
         self.settle(c);
     }
 
     fn tick(&mut self, c: &SinkCounters) {
+        self.submit();
         if let Some(l) = self.limiter.as_mut() {
             let due = l.due(Instant::now());
             self.submit_summaries(due);
@@ -88,6 +114,7 @@ impl Sink for AuditSink {
     }
 
     fn close(mut self: Box<Self>, c: &SinkCounters) {
+        self.submit();
         if let Some(l) = self.limiter.as_mut() {
             let rest = l.flush();
             self.submit_summaries(rest);

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use crate::event::{Event, Kind};
 
 pub const HEADER: [&str; 6] = ["TIME", "KIND", "MODULE", "RESULT", "PID/COMM", "CONTAINER"];
-const WIDTHS: [usize; 5] = [12, 14, 24, 10, 24];
+const WIDTHS: [usize; 5] = [12, 14, 24, 14, 24];
 
 #[derive(Clone, Copy, Debug)]
 pub struct Style {
@@ -55,6 +55,18 @@ fn time_of_day(rfc3339: &str) -> &str {
 }
 
 fn result_text(ev: &Event) -> String {
+    let text = plain_result_text(ev);
+    match ev.blocked_by {
+        // `EPERM/seccomp`: the filter answered, the syscall never ran.
+        Some(by) => format!("{text}/{}", by.as_str()),
+        None => text,
+    }
+}
+
+fn plain_result_text(ev: &Event) -> String {
+    if let Some(signal) = &ev.signal {
+        return signal.clone();
+    }
     match (ev.kind, ev.result, &ev.errno) {
         (_, Some(_), Some(errno)) => errno.clone(),
         (_, Some(0), None) => "ok".into(),
@@ -95,16 +107,25 @@ const MODULE_DISPLAY_MAX: usize = 48;
 
 fn container_text(ev: &Event) -> String {
     let mut s = String::new();
-    let mut text = match &ev.container {
-        None => "host".to_string(),
-        Some(c) => {
-            let short = c.id.get(..12).unwrap_or(&c.id);
-            match (&c.pod_namespace, &c.pod_name, &c.name) {
-                (Some(ns), Some(pod), _) => format!("{}:{short} ({ns}/{pod})", c.runtime),
-                (_, _, Some(name)) => format!("{}:{short} ({name})", c.runtime),
-                _ => format!("{}:{short}", c.runtime),
-            }
+    let name = |c: &crate::event::Container| {
+        let short = c.id.get(..12).unwrap_or(&c.id);
+        match (&c.pod_namespace, &c.pod_name, &c.name) {
+            (Some(ns), Some(pod), _) => format!("{}:{short} ({ns}/{pod})", c.runtime),
+            (_, _, Some(name)) => format!("{}:{short} ({name})", c.runtime),
+            _ => format!("{}:{short}", c.runtime),
         }
+    };
+    let mut text = match (&ev.container, &ev.on_behalf_of) {
+        (Some(c), _) => name(c),
+        // A hook's (or runtime helper's) event: the host's process, for a container.
+        (None, Some(b)) => format!(
+            "host for {} via {} {}[{}]",
+            name(&b.container),
+            b.program,
+            b.command,
+            b.pid
+        ),
+        (None, None) => "host".to_string(),
     };
     if let Some(v) = &ev.verdict {
         let _ = write!(text, " [{v}]");
@@ -121,6 +142,14 @@ fn container_text(ev: &Event) -> String {
         let _ = write!(s, " params=\"{}\"", unquote(p));
     }
     let mut rest = String::new();
+    if let (Some(n), Some(first)) = (ev.repeat, &ev.first_time) {
+        let _ = write!(
+            rest,
+            " repeated {n} more time{} since {}",
+            if n == 1 { "" } else { "s" },
+            time_of_day(first)
+        );
+    }
     if !ev.modules.is_empty() {
         let _ = write!(rest, " modules={}", ev.modules.join(","));
     }
@@ -145,7 +174,14 @@ fn kind_color(ev: &Event) -> &'static str {
         Kind::Load | Kind::SelfLoad => "32",
         Kind::Unload => "33",
         Kind::Request => "36",
-        Kind::Denied | Kind::WouldDeny | Kind::Expectation | Kind::Tamper | Kind::Lost => "1;31",
+        Kind::Denied
+        | Kind::WouldDeny
+        | Kind::Expectation
+        | Kind::HiddenModule
+        | Kind::UnseenLoad
+        | Kind::IdentityMismatch
+        | Kind::Tamper
+        | Kind::Lost => "1;31",
         Kind::LoadAttempt | Kind::UnloadAttempt => "0",
     }
 }
@@ -183,6 +219,20 @@ pub fn line(ev: &Event, style: Style) -> String {
         s.push(' ');
     }
     s.push_str(&container_text(ev));
+    // Identity, short: the first 16 hex digits of the image's hash, and its signer.
+    if let Some(id) = &ev.identity {
+        if let Some(h) = &id.sha256 {
+            s.push_str(&format!(" sha256:{}", &h[..h.len().min(16)]));
+        }
+        match (
+            id.sig_ok,
+            id.signature.as_ref().and_then(|g| g.signer.as_deref()),
+        ) {
+            (Some(true), Some(signer)) => s.push_str(&format!(" signed:{}", unquote(signer))),
+            (Some(false), _) => s.push_str(" unsigned/unverified"),
+            _ => {}
+        }
+    }
     s
 }
 
@@ -200,6 +250,19 @@ mod tests {
         e.pid = 4242;
         e.comm = "insmod".into();
         e
+    }
+
+    #[test]
+    fn seccomp_refusals_say_so_in_the_result_column() {
+        let mut e = attempt();
+        e.result = Some(-1);
+        e.errno = Some("EPERM".into());
+        e.blocked_by = Some(crate::event::BlockedBy::Seccomp);
+        assert!(line(&e, Style { color: false }).contains(" EPERM/seccomp "));
+        e.result = None;
+        e.errno = None;
+        e.signal = Some("SIGSYS".into());
+        assert!(line(&e, Style { color: false }).contains(" SIGSYS/seccomp "));
     }
 
     #[test]
@@ -227,6 +290,19 @@ mod tests {
     }
 
     #[test]
+    fn a_repeat_summary_says_how_many_and_since_when() {
+        let mut e = attempt();
+        e.repeat = Some(49_999);
+        e.first_time = Some("2026-11-22T13:25:54.000000001Z".into());
+        e.last_time = Some(e.time.clone());
+        let l = line(&e, Style { color: false });
+        assert!(
+            l.ends_with("host repeated 49999 more times since 13:25:54.000"),
+            "{l}"
+        );
+    }
+
+    #[test]
     fn color_only_when_asked() {
         let l = line(&attempt(), Style { color: true });
         assert!(l.contains("\x1b[31m"));
@@ -248,6 +324,23 @@ mod tests {
         let l = line(&e, Style { color: false });
         assert!(l.contains("ip_vs…"));
         assert!(l.contains("docker:0123456789ab [unexpected]"));
+        // A hook's load: the host's process, for the container its runtime works on.
+        e.on_behalf_of = e
+            .container
+            .take()
+            .map(|container| crate::event::OnBehalfOf {
+                container,
+                program: "runc".into(),
+                command: "create".into(),
+                pid: 77,
+                ..Default::default()
+            });
+        e.verdict = Some(Verdict::Expected);
+        let l = line(&e, Style { color: false });
+        assert!(
+            l.contains("host for docker:0123456789ab via runc create[77] [expected]"),
+            "{l}"
+        );
     }
 
     #[test]

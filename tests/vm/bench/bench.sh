@@ -1,7 +1,9 @@
 # `cargo xtask vm-bench`: the cost of module monitoring for an unrelated syscall (getppid),
 # paired in one boot: each round measures every mode in turn (in a rotating order), so slow
 # phases of the host hit all modes alike. Prints `BENCH mode=M round=R ns=MEAN best=FASTEST_CHUNK`
-# lines for xtask/src/vm/bench.rs.
+# lines for xtask/src/vm/bench.rs; then the latency from a module syscall to its JSON line,
+# for attempts from a VM process and from a runc container (`BENCH-LAT source=S round=R
+# p50=µs p99=µs n=N`).
 #   none         no monitor
 #   kmodmon      kmodmon tail --json (its best sources on this kernel)
 #   kmodmon-raw  kmodmon tail --json --force-raw-syscalls (the raw_syscalls fallback)
@@ -89,3 +91,40 @@ for round in $(seq 1 "$ROUNDS"); do
     done_modes=
 done
 echo "BENCH-INFO calls=$CALLS rounds=$ROUNDS audit=$AUDIT"
+
+# Latency: paced delete_module attempts (a name each) while `tail --json` runs, read by
+# `kmodmon-vm-bench latency`, which timestamps each line as it arrives.
+LAT_N=${KMODMON_BENCH_LAT_N:-400}
+latency_round() { # SOURCE ROUND
+    local prefix="kmodmon_lat_$1_$2" i=0 pid
+    rm -f "$OUT/lat.err" "$OUT/lat.out"
+    (kmodmon tail --json 2>"$OUT/lat.err" | kmodmon-vm-bench latency "$prefix" >"$OUT/lat.out") &
+    while ! grep -q '^kmodmon: attached' "$OUT/lat.err" 2>/dev/null; do
+        i=$((i + 1))
+        if [ "$i" -gt 1200 ]; then
+            echo "BENCH-ERROR latency: kmodmon did not attach: $(head -c 300 "$OUT/lat.err")"
+            return 0
+        fi
+        usleep 100000
+    done
+    case $1 in
+    host) kmodmon-vm-bench paced "$LAT_N" 2000 "$prefix" >/dev/null ;;
+    runc) runc exec latbench kmodmon-vm-bench paced "$LAT_N" 2000 "$prefix" >/dev/null ;;
+    esac
+    sleep 1
+    pid=$(pidof kmodmon)
+    [ -n "$pid" ] && kill -INT $pid
+    wait
+    echo "BENCH-LAT source=$1 round=$2 $(cat "$OUT/lat.out")"
+}
+LAT_CTR=no
+if ctr_start latbench "/docker/$(printf 'b%.0s' $(seq 64))" "" >/dev/null 2>&1; then
+    LAT_CTR=yes
+else
+    echo "BENCH-ERROR latency: runc container did not start: $(head -c 300 "$OUT/ctr.latbench.log")"
+fi
+for round in $(seq 1 "${KMODMON_BENCH_LAT_ROUNDS:-3}"); do
+    latency_round host "$round"
+    [ "$LAT_CTR" = yes ] && latency_round runc "$round"
+done
+[ "$LAT_CTR" = yes ] && runc delete -f latbench >/dev/null 2>&1

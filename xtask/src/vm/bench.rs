@@ -19,6 +19,8 @@ pub struct Samples {
     pub notes: Vec<String>,
     /// mode → CPU clock ticks the monitor itself used during the loops (all rounds).
     pub monitor_ticks: BTreeMap<String, u64>,
+    /// Latency source (host, runc) → rounds of (p50 µs, p99 µs).
+    pub latency: BTreeMap<String, Vec<(f64, f64)>>,
 }
 
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
@@ -49,6 +51,16 @@ pub fn parse(lines: &[String]) -> Samples {
             if let (Some(m), Some(t)) = (mode, ticks) {
                 *s.monitor_ticks.entry(m.to_string()).or_default() += t;
             }
+        } else if let Some(rest) = line.strip_prefix("BENCH-LAT ") {
+            let src = field(rest, "source");
+            let p50 = field(rest, "p50").and_then(|v| v.parse::<f64>().ok());
+            let p99 = field(rest, "p99").and_then(|v| v.parse::<f64>().ok());
+            match (src, p50, p99) {
+                (Some(src), Some(a), Some(b)) if a.is_finite() && b.is_finite() => {
+                    s.latency.entry(src.to_string()).or_default().push((a, b));
+                }
+                _ => s.notes.push(format!("no latency: {line}")),
+            }
         } else if line.starts_with("BENCH-INFO ") || line.starts_with("BENCH-ERROR ") {
             s.notes.push(line.clone());
         }
@@ -76,8 +88,11 @@ pub struct Row {
     pub mode: String,
     /// Median over rounds of the mean ns per call.
     pub mean: f64,
-    /// Median over rounds of (this mode's mean / "none"'s mean in the same round).
+    /// Median over rounds of (this mode's mean / its baseline's mean in the same round): the
+    /// baseline is "none", or "none+seccomp" for the modes measured under seccomp.
     pub paired_ratio: Option<f64>,
+    /// The smallest and largest per-round ratio.
+    pub paired_range: Option<(f64, f64)>,
     /// Fastest chunk over all rounds, ns per call: the cost without host interference.
     pub best: Option<f64>,
     /// best / best of "none".
@@ -85,32 +100,46 @@ pub struct Row {
 }
 
 impl Samples {
-    /// One row per mode, "none" first and "auditd" last.
+    /// One row per mode, "none" first and "auditd" last; modes measured under seccomp
+    /// (`+seccomp`) follow the unconfined ones and are paired with "none+seccomp".
     pub fn table(&self) -> Vec<Row> {
-        let none = self.by_mode.get("none");
         let fastest = |rounds: &BTreeMap<u32, (f64, Option<f64>)>| {
             rounds.values().filter_map(|r| r.1).min_by(f64::total_cmp)
         };
-        let none_best = none.and_then(fastest);
         let mut modes: Vec<&String> = self.by_mode.keys().collect();
-        modes.sort_by_key(|m| (m.as_str() != "none", m.as_str() == "auditd", m.to_string()));
+        modes.sort_by_key(|m| {
+            let confined = m.ends_with("+seccomp");
+            let base = m.trim_end_matches("+seccomp");
+            (confined, base != "none", base == "auditd", m.to_string())
+        });
         let mut rows = Vec::new();
         for mode in modes {
+            let baseline = self.by_mode.get(if mode.ends_with("+seccomp") {
+                "none+seccomp"
+            } else {
+                "none"
+            });
             let rounds = &self.by_mode[mode];
             let Some(mean) = median(rounds.values().map(|r| r.0).collect()) else {
                 continue;
             };
             let ratios: Vec<f64> = rounds
                 .iter()
-                .filter_map(|(r, (ns, _))| none.and_then(|n| n.get(r)).map(|base| ns / base.0))
+                .filter_map(|(r, (ns, _))| baseline.and_then(|n| n.get(r)).map(|base| ns / base.0))
                 .collect();
             let best = fastest(rounds);
             rows.push(Row {
                 mode: mode.clone(),
                 mean,
+                paired_range: (!ratios.is_empty()).then(|| {
+                    (
+                        ratios.iter().copied().fold(f64::INFINITY, f64::min),
+                        ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                    )
+                }),
                 paired_ratio: median(ratios),
                 best,
-                best_ratio: best.zip(none_best).map(|(b, n)| b / n),
+                best_ratio: best.zip(baseline.and_then(fastest)).map(|(b, n)| b / n),
             });
         }
         rows
@@ -121,20 +150,46 @@ fn percent(ratio: Option<f64>) -> String {
     ratio.map_or("-".to_string(), |r| format!("{:+.1}%", (r - 1.0) * 100.0))
 }
 
-pub fn vm_bench(kernel: Option<&str>) -> Result<()> {
-    let path = workspace_root().join(SCENARIO_DIR).join("bench/bench.sh");
+pub fn vm_bench(kernel: Option<&str>, seccomp: bool, icount: bool) -> Result<()> {
+    let path = workspace_root().join(SCENARIO_DIR).join(if seccomp {
+        "bench/seccomp.sh"
+    } else {
+        "bench/bench.sh"
+    });
     let script = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     let p = prepare(kernel, true)?;
     let mut env = Vec::new();
-    for var in ["KMODMON_BENCH_CALLS", "KMODMON_BENCH_ROUNDS"] {
+    for var in [
+        "KMODMON_BENCH_CALLS",
+        "KMODMON_BENCH_ROUNDS",
+        "KMODMON_BENCH_LAT_N",
+        "KMODMON_BENCH_LAT_ROUNDS",
+    ] {
         if let Ok(v) = std::env::var(var) {
             env.push((var, v));
         }
     }
+    let cfg = VmConfig {
+        qemu_args: if icount {
+            vec!["-icount".into(), "shift=0".into()]
+        } else {
+            Vec::new()
+        },
+        // A run with icount takes longer in wall time.
+        timeout: VmConfig::default()
+            .timeout
+            .max(std::time::Duration::from_secs(1800)),
+        ..VmConfig::default()
+    };
+    let clock = if icount {
+        "QEMU -icount shift=0: instruction-counted guest time (a cost model, repeatable)"
+    } else {
+        "QEMU TCG wall clock (noisy on a shared host)"
+    };
     // One VM at a time: two TCG guests on this machine's cores would disturb each other.
     for k in &p.kernels {
-        eprintln!("xtask vm-bench: {}", k.label());
-        let (vm, dir) = run_script_env(&p, k, "bench", &script, &VmConfig::default(), &env)?;
+        eprintln!("xtask vm-bench: {} ({clock})", k.label());
+        let (vm, dir) = run_script_env(&p, k, "bench", &script, &cfg, &env)?;
         if let Some(why) = vm.failure() {
             bail!(
                 "the benchmark VM on {} failed: {why}\n  (output in {})",
@@ -151,12 +206,12 @@ pub fn vm_bench(kernel: Option<&str>) -> Result<()> {
             );
         }
         println!(
-            "\nvm-bench on {}: getppid ns per call (mean: median of rounds; best: fastest chunk)",
+            "\nvm-bench on {} [{clock}]: getppid ns per call (mean: median of rounds; vs none: median of per-round ratios; best: fastest chunk)",
             k.label()
         );
         println!(
-            "  {:<12} {:>8} {:>8} {:>9} {:>8}  monitor CPU",
-            "mode", "mean", "vs none", "best", "vs none"
+            "  {:<20} {:>8} {:>8} {:>15} {:>9} {:>8}  monitor CPU",
+            "mode", "mean", "vs none", "(min–max)", "best", "vs none"
         );
         for row in samples.table() {
             let cpu = samples
@@ -164,16 +219,22 @@ pub fn vm_bench(kernel: Option<&str>) -> Result<()> {
                 .get(&row.mode)
                 .map(|t| format!("{t} ticks"))
                 .unwrap_or_default();
-            let (paired, best_ratio) = if row.mode == "none" {
-                (String::new(), String::new())
+            let (paired, range, best_ratio) = if row.mode.trim_end_matches("+seccomp") == "none" {
+                (String::new(), String::new(), String::new())
             } else {
-                (percent(row.paired_ratio), percent(row.best_ratio))
+                (
+                    percent(row.paired_ratio),
+                    row.paired_range
+                        .map_or("-".into(), |(a, b)| format!("({a:.2}–{b:.2})")),
+                    percent(row.best_ratio),
+                )
             };
             println!(
-                "  {:<12} {:>8.1} {:>8} {:>9} {:>8}  {cpu}",
+                "  {:<20} {:>8.1} {:>8} {:>15} {:>9} {:>8}  {cpu}",
                 row.mode,
                 row.mean,
                 paired,
+                range,
                 row.best.map_or("-".to_string(), |b| format!("{b:.1}")),
                 best_ratio,
             );
@@ -187,6 +248,18 @@ pub fn vm_bench(kernel: Option<&str>) -> Result<()> {
             })
             .collect();
         println!("  mean per round: {}", rounds.join("; "));
+        for (src, v) in &samples.latency {
+            let p50: Vec<f64> = v.iter().map(|x| x.0).collect();
+            let p99: Vec<f64> = v.iter().map(|x| x.1).collect();
+            println!(
+                "  latency syscall → JSON line, {src}: p50 {} µs, p99 {} µs (median over {} rounds; min–max p99 {:.0}–{:.0})",
+                median(p50).map_or("-".into(), |m| format!("{m:.0}")),
+                median(p99.clone()).map_or("-".into(), |m| format!("{m:.0}")),
+                v.len(),
+                p99.iter().copied().fold(f64::INFINITY, f64::min),
+                p99.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            );
+        }
         for note in &samples.notes {
             println!("  {note}");
         }
@@ -212,6 +285,8 @@ mod tests {
             "BENCH-INFO mode=kmodmon attempts: fexit",
             "BENCH-CPU mode=kmodmon round=1 ticks=2",
             "BENCH-CPU mode=kmodmon round=2 ticks=1",
+            "BENCH-LAT source=runc round=1 p50=120.5 p99=900.0 n=400",
+            "BENCH-LAT source=runc round=2 p50=NaN p99=NaN n=0",
             "noise",
             "BENCH mode=none round=x ns=1",
         ]
@@ -219,7 +294,8 @@ mod tests {
         .map(|s| s.to_string())
         .collect();
         let s = parse(&lines);
-        assert_eq!(s.notes.len(), 2);
+        assert_eq!(s.notes.len(), 3);
+        assert_eq!(s.latency["runc"], vec![(120.5, 900.0)]);
         assert_eq!(s.monitor_ticks["kmodmon"], 3);
         let t = s.table();
         let modes: Vec<&str> = t.iter().map(|r| r.mode.as_str()).collect();
@@ -230,12 +306,42 @@ mod tests {
         );
         // kmodmon ratios 1.01, 1.02, 1.0 → median 1.01; best 91.8 vs 90 → +2%
         assert!((t[1].paired_ratio.unwrap() - 1.01).abs() < 1e-9);
+        let (lo, hi) = t[1].paired_range.unwrap();
+        assert!((lo - 1.0).abs() < 1e-9 && (hi - 1.02).abs() < 1e-9);
         assert!((t[1].best_ratio.unwrap() - 1.02).abs() < 1e-9);
         assert_eq!(t[2].mean, 225.0);
         assert!((t[2].paired_ratio.unwrap() - 1.5).abs() < 1e-9);
         assert_eq!(t[2].best, Some(140.0));
         assert_eq!(percent(Some(1.5)), "+50.0%");
         assert_eq!(percent(None), "-");
+    }
+
+    #[test]
+    fn confined_modes_pair_with_the_confined_baseline() {
+        let lines: Vec<String> = [
+            "BENCH mode=none round=1 ns=100 best=90",
+            "BENCH mode=kmodmon round=1 ns=101 best=90",
+            "BENCH mode=none+seccomp round=1 ns=200 best=180",
+            "BENCH mode=kmodmon+seccomp round=1 ns=300 best=270",
+            "BENCH mode=none round=2 ns=110",
+            "BENCH mode=kmodmon round=2 ns=110",
+            "BENCH mode=none+seccomp round=2 ns=200",
+            "BENCH mode=kmodmon+seccomp round=2 ns=200",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let t = parse(&lines).table();
+        let modes: Vec<&str> = t.iter().map(|r| r.mode.as_str()).collect();
+        assert_eq!(
+            modes,
+            ["none", "kmodmon", "none+seccomp", "kmodmon+seccomp"]
+        );
+        // kmodmon+seccomp: 300/200 = 1.5 and 200/200 = 1.0 → median 1.25, range 1.0–1.5.
+        assert!((t[3].paired_ratio.unwrap() - 1.25).abs() < 1e-9);
+        assert_eq!(t[3].paired_range, Some((1.0, 1.5)));
+        assert!((t[3].best_ratio.unwrap() - 1.5).abs() < 1e-9);
+        assert!((t[1].paired_ratio.unwrap() - 1.005).abs() < 1e-9);
     }
 
     #[test]

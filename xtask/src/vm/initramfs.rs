@@ -1,7 +1,7 @@
 //! The VM's initramfs, as concatenated cpio newc archives (the kernel unpacks them in order):
 //!
 //! 1. userland (target/vm/initramfs/userland.cpio): busybox-static with its applets, kmod's
-//!    tools, runc, iptables-legacy with its xtables modules, auditd/auditctl, their shared
+//!    tools, runc, crun, iptables-legacy with its xtables modules, auditd/auditctl, their shared
 //!    libraries (found with ldd), /init and a read-only rootfs for runc containers;
 //!    rebuilt only when its inputs change;
 //! 2. modules (target/vm/kernels/<series>/modules.cpio): the kernel's /lib/modules tree;
@@ -44,6 +44,7 @@ const REQUIRED: &[(&str, &str)] = &[
     ("/usr/sbin/depmod", "kmod"),
     ("/usr/sbin/modinfo", "kmod"),
     ("/usr/sbin/runc", "runc"),
+    ("/usr/bin/crun", "crun"),
     ("/usr/sbin/iptables-legacy", "iptables"),
     ("/usr/sbin/iptables-legacy-save", "iptables"),
     ("/usr/sbin/iptables-legacy-restore", "iptables"),

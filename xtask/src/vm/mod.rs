@@ -22,6 +22,7 @@ mod protocol;
 mod qemu;
 mod runner;
 mod scenarios;
+mod testmods;
 
 use std::{
     collections::BTreeMap,
@@ -89,6 +90,16 @@ pub fn prepare(kernel: Option<&str>, all: bool) -> Result<Prepared> {
         "usr/bin/kmodmon-vm-tool".to_string(),
         build_std_tool(&root, &vm_dir, "tools/vmtool.rs", "kmodmon-vm-tool")?,
     );
+    files.insert(
+        "usr/bin/kmt-load".to_string(),
+        testmods::build_loader(&vm_dir)?,
+    );
+    // Test modules built against each kernel's own headers (identity tests, testmods.rs).
+    for k in &kernels {
+        for (name, path) in testmods::build(k, &vm_dir)? {
+            files.insert(format!("usr/lib/kmodmon-test/{}/{name}", k.release), path);
+        }
+    }
     let ramfs_dir = vm_dir.join("initramfs");
     let userland = initramfs::userland(&ramfs_dir)?;
     let payload = initramfs::payload(&ramfs_dir, &files)?;

@@ -21,6 +21,12 @@ pub struct VmConfig {
     pub echo: bool,
     /// Extra kernel command-line words.
     pub append: String,
+    /// Instruction counting (`-icount shift=0`): the guest's clock advances one nanosecond per
+    /// instruction executed, so timings inside are deterministic instruction counts (a cost
+    /// model for comparing mechanisms, not wall time), free of the host's load.
+    pub icount: bool,
+    /// Extra qemu arguments (e.g. `-icount shift=0` for a deterministic instruction clock).
+    pub qemu_args: Vec<String>,
 }
 
 impl Default for VmConfig {
@@ -34,6 +40,8 @@ impl Default for VmConfig {
             timeout: Duration::from_secs(timeout),
             echo: false,
             append: String::new(),
+            icount: false,
+            qemu_args: Vec::new(),
         }
     }
 }
@@ -163,7 +171,11 @@ pub fn command(kernel: &Kernel, initrd: &Path, console_log: &Path, cfg: &VmConfi
             "chardev:data",
         ])
         .arg("-serial")
-        .arg(format!("file:{}", console_log.display()));
+        .arg(format!("file:{}", console_log.display()))
+        .args(&cfg.qemu_args);
+    if cfg.icount {
+        cmd.args(["-icount", "shift=0"]);
+    }
     cmd
 }
 

@@ -29,7 +29,16 @@ struct Scenario {
 }
 
 /// tests/vm scripts that check themselves and exit non-zero on a failure.
-const SELF_CHECKING: &[&str] = &["check", "enforce", "pod"];
+const SELF_CHECKING: &[&str] = &[
+    "check",
+    "enforce",
+    "pod",
+    "hooks",
+    "cgroup-v1",
+    "seccomp",
+    "identity",
+    "storm",
+];
 
 /// tests/vm/NN-*.sh, in order.
 fn discover(filter: Option<&str>) -> Result<Vec<Scenario>> {

@@ -20,6 +20,9 @@ pub(super) struct Partial {
     pub labels: BTreeMap<String, String>,
     pub env: Option<(PathBuf, Vec<String>)>,
     pub config_path: Option<PathBuf>,
+    /// The pod's annotations from its sandbox's config (cri-o), and that file.
+    pub pod_annotations: BTreeMap<String, String>,
+    pub pod_config_path: Option<PathBuf>,
 }
 
 /// libcontainer's state.json (runc): `<root>/<id>/state.json`.
@@ -79,6 +82,22 @@ pub(super) struct OciProcess {
 #[serde(default, rename_all = "camelCase")]
 pub(super) struct OciLinux {
     pub cgroups_path: String,
+}
+
+/// cri-o records the kubelet's annotations of a pod sandbox (the pod's annotations) as one
+/// JSON object in this annotation of the sandbox's config.json (and of a container's own
+/// annotations in the container's).
+pub(super) const CRIO_ANNOTATIONS: &str = "io.kubernetes.cri-o.Annotations";
+/// cri-o: the pod sandbox a container belongs to (its ID is the sandbox's storage ID).
+pub(super) const CRIO_SANDBOX_ID: &str = "io.kubernetes.cri-o.SandboxID";
+
+/// The pod annotations a cri-o sandbox config records: the JSON object in
+/// [`CRIO_ANNOTATIONS`]. `None` when absent; an error when it is not a JSON string map.
+pub(super) fn crio_pod_annotations(
+    sandbox: &OciConfig,
+) -> Option<Result<BTreeMap<String, String>, serde_json::Error>> {
+    let text = sandbox.annotations.get(CRIO_ANNOTATIONS)?;
+    Some(serde_json::from_str(text))
 }
 
 /// Docker's `/var/lib/docker/containers/<id>/config.v2.json`.

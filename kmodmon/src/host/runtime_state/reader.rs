@@ -61,8 +61,37 @@ impl<'a> Reader<'a> {
                 found = true;
             }
         }
+        if found {
+            self.add_crio_pod(&mut meta);
+        }
         meta.finish();
         found.then_some(meta)
+    }
+
+    /// What an OCI bundle's config.json says about container `id` of `runtime` (no state
+    /// written yet: the runtime is still creating it). `None` when there is no config.
+    pub fn bundle(&mut self, id: &str, runtime: &str, bundle: &Path) -> Option<ContainerMeta> {
+        if let Err(e) = check_id(id) {
+            self.problems.push(e);
+            return None;
+        }
+        let config = bundle.join("config.json");
+        let mut p = Partial {
+            bundle: Some(bundle.to_path_buf()),
+            ..Partial::default()
+        };
+        p.add_oci(&config, self.json(&config)?);
+        let mut meta = ContainerMeta {
+            id: id.to_string(),
+            ..ContainerMeta::default()
+        };
+        let mut best = 0;
+        meta.merge(p, config, runtime, 1, &mut best);
+        // The pod's annotations too (cri-o keeps them with the sandbox): a bundle read before
+        // the runtime wrote its state declares what the state would.
+        self.add_crio_pod(&mut meta);
+        meta.finish();
+        Some(meta)
     }
 
     /// `<dir>/<id>` or `<dir>/<ns>/<id>` for each namespace, where it exists.
@@ -167,6 +196,40 @@ impl<'a> Reader<'a> {
             }
         }
         Some(p)
+    }
+
+    /// cri-o keeps a pod's annotations only in its sandbox's config.json: find it in the
+    /// containers/storage roots by the container's `io.kubernetes.cri-o.SandboxID`.
+    fn add_crio_pod(&mut self, meta: &mut ContainerMeta) {
+        let Some(sandbox) = meta.annotations.get(formats::CRIO_SANDBOX_ID).cloned() else {
+            return;
+        };
+        if sandbox == meta.id || meta.pod_config_path.is_some() || check_id(&sandbox).is_err() {
+            return;
+        }
+        let roots: Vec<PathBuf> = self
+            .cfg
+            .roots
+            .iter()
+            .filter(|r| r.kind == StateKind::Storage)
+            .map(|r| r.dir.clone())
+            .collect();
+        for root in roots {
+            let path = root.join(&sandbox).join("userdata").join("config.json");
+            let Some(config) = self.json::<formats::OciConfig>(&path) else {
+                continue;
+            };
+            match formats::crio_pod_annotations(&config) {
+                Some(Ok(map)) => {
+                    meta.pod_annotations = map;
+                    meta.pod_config_path = Some(path.clone());
+                    meta.sources.push(path);
+                    return;
+                }
+                Some(Err(source)) => self.problems.push(StateError::Parse { path, source }),
+                None => {}
+            }
+        }
     }
 
     fn storage_name(&mut self, root: &Path, dir: &Path) -> Option<String> {

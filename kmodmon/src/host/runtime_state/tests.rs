@@ -634,3 +634,303 @@ fn real_spec(cgroup: &str, env: &[&str]) -> String {
         env = env.join(",")
     )
 }
+
+/// An OCI config.json with these annotations (serde builds it, so any value is escaped as the
+/// runtimes' Go encoders escape it), env and cgroupsPath: the shape containerd's CRI and cri-o
+/// write (trimmed: mounts, capabilities, seccomp and resources left out).
+fn cri_config(env: &[&str], annotations: &[(&str, String)], cgroups_path: &str) -> String {
+    let ann: serde_json::Map<String, serde_json::Value> = annotations
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.clone())))
+        .collect();
+    serde_json::json!({
+        "ociVersion": "1.1.0",
+        "process": {
+            "user": {"uid": 0, "gid": 0},
+            "args": ["/usr/local/bin/lb"],
+            "env": env,
+            "cwd": "/",
+            "oomScoreAdj": 1000
+        },
+        "root": {"path": "rootfs"},
+        "hostname": "web-0",
+        "annotations": ann,
+        "linux": {
+            "cgroupsPath": cgroups_path,
+            "namespaces": [{"type": "pid"}, {"type": "ipc", "path": "/proc/4000/ns/ipc"}]
+        }
+    })
+    .to_string()
+}
+
+const SANDBOX: &str = "9d5a1b2c3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b";
+
+/// containerd's CRI with the runtime handler's `pod_annotations = ["*kmodmon.io/*",
+/// "io.katacontainers.*"]`: the matching pod annotations are copied into every container's
+/// OCI spec (and the sandbox's), beside containerd's own `io.kubernetes.cri.*` ones.
+#[test]
+fn containerd_records_passed_through_pod_annotations() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let cfg = cfg(t);
+    let tasks = t.join("run/containerd/io.containerd.runtime.v2.task/k8s.io");
+    let cgroup = |id: &str| format!("/kubepods/besteffort/pod{UID}/{id}");
+    let pod = |extra: &[(&'static str, String)]| {
+        let mut a = vec![
+            ("io.kubernetes.cri.sandbox-id", SANDBOX.to_string()),
+            ("io.kubernetes.cri.sandbox-name", "lb-0".to_string()),
+            ("io.kubernetes.cri.sandbox-namespace", "edge".to_string()),
+            ("io.kubernetes.cri.sandbox-uid", UID.to_string()),
+            // Passed through: the pod's annotations that match pod_annotations.
+            ("kmodmon.io/kernel-modules", "ip_vs, ip_vs_wrr".to_string()),
+            (
+                "kernel-modules.kmodmon.io/sidecar",
+                "nf_conntrack".to_string(),
+            ),
+            (
+                "io.katacontainers.config.agent.kernel_modules",
+                "ip_vs; ip_vs_wrr weight=2".to_string(),
+            ),
+        ];
+        a.extend(extra.iter().cloned());
+        a
+    };
+    // The pause container: declares nothing of the pod's.
+    write(
+        &tasks.join(SANDBOX).join("config.json"),
+        &cri_config(
+            &["PATH=/bin"],
+            &pod(&[
+                ("io.kubernetes.cri.container-type", "sandbox".to_string()),
+                (
+                    "io.kubernetes.cri.sandbox-log-directory",
+                    format!("/var/log/pods/edge_lb-0_{UID}"),
+                ),
+            ]),
+            &cgroup(SANDBOX),
+        ),
+    );
+    write(&tasks.join(SANDBOX).join("init.pid"), "4000");
+    fake_proc(t, 4000, 1);
+    // The main container: the pod-wide annotation, and an image that sets KERNEL_MODULES too.
+    write(
+        &tasks.join(CID).join("config.json"),
+        &cri_config(
+            &["PATH=/bin", "KERNEL_MODULES=ip_vs,ip_vs_sh"],
+            &pod(&[
+                ("io.kubernetes.cri.container-type", "container".to_string()),
+                ("io.kubernetes.cri.container-name", "lb".to_string()),
+                (
+                    "io.kubernetes.cri.image-name",
+                    "registry.example/lb:1.2".to_string(),
+                ),
+            ]),
+            &cgroup(CID),
+        ),
+    );
+    write(&tasks.join(CID).join("init.pid"), "4001");
+    fake_proc(t, 4001, 2);
+    // The sidecar: its own annotation wins over the pod-wide one.
+    write(
+        &tasks.join(HEX).join("config.json"),
+        &cri_config(
+            &["PATH=/bin"],
+            &pod(&[
+                ("io.kubernetes.cri.container-type", "container".to_string()),
+                ("io.kubernetes.cri.container-name", "sidecar".to_string()),
+            ]),
+            &cgroup(HEX),
+        ),
+    );
+    write(&tasks.join(HEX).join("init.pid"), "4002");
+    fake_proc(t, 4002, 3);
+
+    let (list, problems) = running_containers(&cfg);
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(list.len(), 3);
+    let by = |id: &str| list.iter().find(|r| r.meta.id == id).unwrap();
+
+    let pause = by(SANDBOX).declaration.as_ref().unwrap();
+    assert!(!pause.declared, "{pause:?}");
+
+    let lb = by(CID);
+    assert_eq!(lb.container.runtime, "containerd");
+    assert_eq!(lb.container.name.as_deref(), Some("lb"));
+    let d = lb.declaration.as_ref().unwrap();
+    assert_eq!(d.expected.modules, ["ip_vs", "ip_vs_wrr"]);
+    let config = tasks.join(CID).join("config.json");
+    assert_eq!(
+        d.source,
+        Source::Annotation {
+            key: "kmodmon.io/kernel-modules".into(),
+            file: Some(config.clone())
+        }
+    );
+    assert_eq!(d.what(), "annotation kmodmon.io/kernel-modules");
+    // KERNEL_MODULES says something else and loses; Kata's agrees and is not mentioned.
+    assert_eq!(d.overridden.len(), 1, "{:?}", d.overridden);
+    assert_eq!(d.overridden[0].source, Source::Config(config.clone()));
+    assert_eq!(d.overridden[0].modules, ["ip_vs", "ip_vs_sh"]);
+    let lines = d.disagreements();
+    assert!(
+        lines[0].starts_with("KERNEL_MODULES (")
+            && lines[0].ends_with("says ip_vs,ip_vs_sh; annotation kmodmon.io/kernel-modules wins"),
+        "{lines:?}"
+    );
+
+    let side = by(HEX).declaration.as_ref().unwrap();
+    assert_eq!(side.expected.modules, ["nf_conntrack"]);
+    assert!(
+        matches!(&side.source, Source::Annotation { key, .. } if key == "kernel-modules.kmodmon.io/sidecar")
+    );
+    assert_eq!(
+        side.overridden.len(),
+        2,
+        "pod-wide and Kata: {:?}",
+        side.overridden
+    );
+}
+
+/// cri-o keeps the pod's annotations only in the sandbox's config.json (raw, and as one JSON
+/// object in `io.kubernetes.cri-o.Annotations`); a container's config.json carries the
+/// kubelet's container annotations and `io.kubernetes.cri-o.SandboxID`.
+#[test]
+fn crio_reads_pod_annotations_from_the_sandbox_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let cfg = cfg(t);
+    let storage = t.join("run/containers/storage/overlay-containers");
+    let cgroup = |id: &str| {
+        format!(
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/crio-{id}.scope",
+            UID.replace('-', "_")
+        )
+    };
+    let pod_annotations = serde_json::json!({
+        "kubernetes.io/config.seen": "2026-12-01T10:00:00.000000000Z",
+        "kubernetes.io/config.source": "api",
+        "io.katacontainers.config.agent.kernel_modules": "wireguard; udp_tunnel",
+    });
+    let sandbox_name = format!("k8s_vpn-0_net_{UID}_0");
+    let mut sandbox_ann = vec![
+        (
+            "io.kubernetes.cri-o.Annotations",
+            pod_annotations.to_string(),
+        ),
+        ("io.kubernetes.cri-o.ContainerType", "sandbox".to_string()),
+        ("io.kubernetes.cri-o.KubeName", "vpn-0".to_string()),
+        ("io.kubernetes.cri-o.Namespace", "net".to_string()),
+        ("io.kubernetes.cri-o.Name", sandbox_name.clone()),
+        ("io.kubernetes.cri-o.SandboxID", SANDBOX.to_string()),
+        ("io.kubernetes.cri-o.RuntimeHandler", String::new()),
+        ("io.kubernetes.pod.name", "vpn-0".to_string()),
+        ("io.kubernetes.pod.namespace", "net".to_string()),
+        ("io.kubernetes.pod.uid", UID.to_string()),
+        ("io.kubernetes.container.name", "POD".to_string()),
+    ];
+    // The raw pod annotations too, as cri-o adds them to the sandbox spec.
+    sandbox_ann.push((
+        "io.katacontainers.config.agent.kernel_modules",
+        "wireguard; udp_tunnel".to_string(),
+    ));
+    write(
+        &storage.join(SANDBOX).join("userdata/config.json"),
+        &cri_config(
+            &[],
+            &sandbox_ann,
+            &format!(
+                "kubepods-besteffort-pod{}.slice:crio:{SANDBOX}",
+                UID.replace('-', "_")
+            ),
+        ),
+    );
+    let container_annotations = serde_json::json!({
+        "io.kubernetes.container.hash": "5f2e8a1b",
+        "io.kubernetes.container.restartCount": "0",
+        "io.kubernetes.container.terminationMessagePath": "/dev/termination-log",
+        "io.kubernetes.pod.terminationGracePeriod": "30",
+    });
+    let userdata = storage.join(CID).join("userdata");
+    write(
+        &userdata.join("config.json"),
+        &cri_config(
+            &["PATH=/usr/bin", "HOSTNAME=vpn-0"],
+            &[
+                ("io.container.manager", "cri-o".to_string()),
+                (
+                    "io.kubernetes.cri-o.Annotations",
+                    container_annotations.to_string(),
+                ),
+                ("io.kubernetes.cri-o.ContainerID", CID.to_string()),
+                ("io.kubernetes.cri-o.ContainerType", "container".to_string()),
+                (
+                    "io.kubernetes.cri-o.Labels",
+                    r#"{"io.kubernetes.container.name":"wg","io.kubernetes.pod.name":"vpn-0"}"#
+                        .to_string(),
+                ),
+                (
+                    "io.kubernetes.cri-o.Metadata",
+                    r#"{"name":"wg"}"#.to_string(),
+                ),
+                (
+                    "io.kubernetes.cri-o.Name",
+                    format!("k8s_wg_vpn-0_net_{UID}_0"),
+                ),
+                ("io.kubernetes.cri-o.SandboxID", SANDBOX.to_string()),
+                ("io.kubernetes.cri-o.SandboxName", sandbox_name),
+                ("io.kubernetes.container.hash", "5f2e8a1b".to_string()),
+                ("io.kubernetes.container.name", "wg".to_string()),
+                ("io.kubernetes.pod.name", "vpn-0".to_string()),
+                ("io.kubernetes.pod.namespace", "net".to_string()),
+                ("io.kubernetes.pod.uid", UID.to_string()),
+            ],
+            &format!(
+                "kubepods-besteffort-pod{}.slice:crio:{CID}",
+                UID.replace('-', "_")
+            ),
+        ),
+    );
+    // conmon runs it with runc, whose state names the bundle.
+    write(
+        &t.join(format!("run/runc/{CID}/state.json")),
+        &runc_state(CID, 700, 5, &userdata, &cgroup(CID), &[]),
+    );
+    fake_proc(t, 700, 5);
+
+    let l = lookup_cgroup(&cfg, &cgroup(CID));
+    assert!(l.problems.is_empty(), "{:?}", l.problems);
+    let m = l.meta.unwrap();
+    assert_eq!(m.runtime, "cri-o");
+    let sandbox_config = storage.join(SANDBOX).join("userdata/config.json");
+    assert_eq!(m.pod_config_path.as_ref(), Some(&sandbox_config));
+    assert_eq!(
+        m.pod_annotations
+            .get("kubernetes.io/config.source")
+            .map(String::as_str),
+        Some("api")
+    );
+    let d = m.declaration(&cfg.proc_root, None).unwrap();
+    assert!(d.declared);
+    assert_eq!(d.expected.modules, ["wireguard", "udp_tunnel"]);
+    assert_eq!(
+        d.source,
+        Source::Annotation {
+            key: "io.katacontainers.config.agent.kernel_modules".into(),
+            file: Some(sandbox_config.clone())
+        }
+    );
+    assert!(d.describe().starts_with(
+        "io.katacontainers.config.agent.kernel_modules=wireguard,udp_tunnel (annotation in "
+    ));
+
+    // A sandbox whose annotation object is broken is reported, not fatal.
+    let mut broken: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&sandbox_config).unwrap()).unwrap();
+    broken["annotations"]["io.kubernetes.cri-o.Annotations"] = "{not json".into();
+    std::fs::write(&sandbox_config, broken.to_string()).unwrap();
+    let l = lookup(&cfg, CID);
+    assert_eq!(l.problems.len(), 1, "{:?}", l.problems);
+    let m = l.meta.unwrap();
+    assert!(m.pod_config_path.is_none());
+    assert!(!m.declaration(&cfg.proc_root, None).unwrap().declared);
+}
