@@ -32,6 +32,8 @@ struct Scenario {
 const SELF_CHECKING: &[&str] = &[
     "check",
     "enforce",
+    "enforce-new",
+    "enforce-names",
     "pod",
     "hooks",
     "cgroup-v1",
