@@ -365,6 +365,13 @@ fn stash(s: &mut Scratch, a: &Applies, file: u64) {
 /// `[unselected]`, counted, fail closed).
 #[inline(always)]
 fn stashed(s: &mut Scratch) -> Option<(Applies, u64)> {
+    stashed_or(s, true)
+}
+
+/// [`stashed`], where a missing stash is `[unselected]` (`fail_closed`, counted) or no
+/// decision at all (`None`: not a load whose first hook ran).
+#[inline(always)]
+fn stashed_or(s: &mut Scratch, fail_closed: bool) -> Option<(Applies, u64)> {
     let key = bpf_get_current_pid_tgid();
     let fresh = match LOAD_STASH.get_ptr(key) {
         // SAFETY: map values are valid for the program's run.
@@ -388,7 +395,7 @@ fn stashed(s: &mut Scratch) -> Option<(Applies, u64)> {
     let mode_now = unsafe { core::ptr::read_volatile(&settings.mode) };
     let (file, generation, mode) = match fresh {
         Some(f) => f,
-        None if mode_now == MODE_OFF => return None,
+        None if mode_now == MODE_OFF || !fail_closed => return None,
         None => {
             count(Counter::LsmStashMissed);
             walk::set_unselected(s);
@@ -628,25 +635,15 @@ pub fn kernfs_init_security(ctx: LsmContext) -> i32 {
     if read_ptr(dir, lconf!(kn_id)) != Some(want) {
         return 0;
     }
-    let key = bpf_get_current_pid_tgid();
     let Some(s) = scratch() else { return 0 };
-    // The file this thread's finit_module read, if any (and recent).
-    let (file, fresh) = match LOAD_STASH.get_ptr(key) {
-        // SAFETY: map values are valid for the program's run.
-        Some(p) => unsafe {
-            let st = &*p;
-            words::copy(&mut s.stem, &st.stem);
-            (
-                st.file,
-                st.file != 0 && bpf_ktime_get_ns().wrapping_sub(st.ktime_ns) < STASH_WINDOW_NS,
-            )
-        },
-        None => (0, false),
-    };
-    let _ = LOAD_STASH.remove(key);
-    let Some(a) = current_decision(s) else {
+    // The decision the first hook of this load made (no second cgroup walk: a program that
+    // walks here exceeds 6.12's verifier budget). No stash: this directory is not made by a
+    // module load a first hook saw (every load passes kernel_read_file or kernel_load_data,
+    // whose failure to stash is counted there), e.g. a built-in driver's, so nothing to judge.
+    let Some((a, file)) = stashed_or(s, false) else {
         return 0;
     };
+    let _ = LOAD_STASH.remove(bpf_get_current_pid_tgid());
     if !a.restricted() {
         return 0;
     }
@@ -661,7 +658,7 @@ pub fn kernfs_init_security(ctx: LsmContext) -> i32 {
     let mut r = Report::new(Op::None, NamedBy::Kernel);
     r.errno = -ENOMEM;
     r.cut = cut;
-    if fresh {
+    if file != 0 {
         r.op = Op::FinitModule;
         r.file = file;
         if !words::same(&s.stem, &s.key.name) {

@@ -36,7 +36,7 @@ pub use self::accounting::{Accounting, Flow};
 use self::reader::{Msg, Rings};
 use crate::enforce::Enforcer;
 use crate::enrich::{Enricher, init_names::InitNames};
-use crate::event::{Clock, Event, SourceName};
+use crate::event::{Clock, Event, Kind, SourceName};
 use crate::identity::join::IdentityJoin;
 use crate::ledger::Ledger;
 use crate::sinks::{Fanout, SinkReport};
@@ -511,10 +511,11 @@ async fn forward(
         }
         ready.extend(l.check());
     }
-    // Events kmodmon made itself (expectation, self_load, the module ledger's).
+    // Events kmodmon made itself (expectation, self_load, the module ledger's, enforcement's
+    // tamper and lost: a `lost` event names the LSM as its source, yet no record carried it).
     let synthesized = ready
         .iter()
-        .filter(|ev| ev.source == SourceName::Kmodmon)
+        .filter(|ev| ev.source == SourceName::Kmodmon || matches!(ev.kind, Kind::Lost))
         .count();
     acc.synthesized.fetch_add(synthesized as u64, Relaxed);
     let mut gone = 0u64;

@@ -267,6 +267,7 @@ pub fn load(map_pins: &[(&str, PathBuf)], only: Option<&[&str]>) -> Result<Loade
             .ok_or_else(|| err("finding", "missing from the eBPF object".into()))?
             .try_into()
             .map_err(|e| err("typing", format!("{e}")))?;
+        let started = std::time::Instant::now();
         let mut result = prog.load(hook, &btf);
         for _ in 0..3 {
             match &result {
@@ -289,6 +290,10 @@ pub fn load(map_pins: &[(&str, PathBuf)], only: Option<&[&str]>) -> Result<Loade
             }
             err("loading", msg)
         })?;
+        log::info!(
+            "{name}: loaded (verified) in {} ms",
+            started.elapsed().as_millis()
+        );
     }
     Ok(Loaded { ebpf, btf, plan })
 }

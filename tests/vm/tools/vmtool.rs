@@ -10,6 +10,8 @@
 //!   kmodmon-vm-tool mapset PIN OFFSET VALUE writes the u32 VALUE at byte OFFSET of slot 0 of
 //!                                           the pinned array map PIN (tampering, on purpose)
 //!   kmodmon-vm-tool patch FILE FROM TO      replaces the first FROM in FILE by TO (same length)
+//!   kmodmon-vm-tool detach PIN              BPF_LINK_DETACH on the pinned link PIN (tampering,
+//!                                           on purpose); prints the result, exits 1 on failure
 use std::{ffi::CString, os::raw::c_long, process::ExitCode};
 
 unsafe extern "C" {
@@ -157,6 +159,27 @@ fn mapset(pin: &str, offset: usize, value: u32) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn detach(pin: &str) -> ExitCode {
+    let p = CString::new(pin).unwrap_or_default();
+    let mut attr = [0u8; 128];
+    attr[0..8].copy_from_slice(&(p.as_ptr() as u64).to_ne_bytes());
+    // BPF_OBJ_GET
+    let fd = bpf(7, &mut attr);
+    if fd < 0 {
+        println!("detach {pin}: open: {}", err_name(errno()));
+        return ExitCode::from(2);
+    }
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(fd as u32).to_ne_bytes());
+    // BPF_LINK_DETACH
+    if bpf(34, &mut attr) < 0 {
+        println!("detach {pin}: {}", err_name(errno()));
+        return ExitCode::from(1);
+    }
+    println!("detach {pin}: ok");
+    ExitCode::SUCCESS
+}
+
 fn patch(file: &str, from: &str, to: &str) -> ExitCode {
     let (f, t) = (from.as_bytes(), to.as_bytes());
     if f.len() != t.len() || f.is_empty() {
@@ -190,8 +213,9 @@ fn main() -> ExitCode {
         "algbind" => algbind(&arg(2), &arg(3)),
         "mapset" => mapset(&arg(2), num(3) as usize, num(4) as u32),
         "patch" => patch(&arg(2), &arg(3), &arg(4)),
+        "detach" => detach(&arg(2)),
         _ => {
-            eprintln!("usage: kmodmon-vm-tool flood|finit|algbind|mapset|patch ... (see the source)");
+            eprintln!("usage: kmodmon-vm-tool flood|finit|algbind|mapset|patch|detach ... (see the source)");
             ExitCode::from(2)
         }
     }

@@ -34,6 +34,7 @@ const SELF_CHECKING: &[&str] = &[
     "enforce",
     "enforce-new",
     "enforce-names",
+    "enforce-guard",
     "pod",
     "hooks",
     "cgroup-v1",
