@@ -24,37 +24,38 @@ pub fn fill(task: u64, ev: &mut RawEvent) {
         && tgid_off != OFFSET_UNKNOWN
         && start_off != OFFSET_UNKNOWN
         && comm_off != OFFSET_UNKNOWN;
-    let mut cur = if usable { task } else { 0 };
-    let mut n = 0u32;
+    // Cleared first, then walked with one way out: a walk that ends early leaves no
+    // per-iteration branches behind for the verifier to explore (the LSM programs, which
+    // share this with their own decision code, must stay far below its instruction limit).
     for a in ev.ancestors.iter_mut() {
         a.tgid = 0;
         a._reserved = 0;
         a.start_boottime_ns = 0;
         a.comm[0] = 0;
+    }
+    let mut cur = if usable { task } else { 0 };
+    let mut n = 0u32;
+    for a in ev.ancestors.iter_mut() {
         if cur == 0 {
-            continue;
+            break;
         }
         let parent = read_ptr(cur, parent_off).unwrap_or(0);
-        if parent == 0 || parent == cur {
-            cur = 0;
-            continue;
-        }
         // real_parent may be any thread of the parent process (the one that forked): the
         // process is its thread-group leader.
-        let leader = match read_ptr(parent, leader_off) {
-            Some(l) if l != 0 => l,
-            _ => parent,
+        let leader = read_ptr(parent, leader_off).unwrap_or(0);
+        let leader = if leader == 0 { parent } else { leader };
+        let tgid = if parent == 0 || parent == cur {
+            0
+        } else {
+            read_u32(leader, tgid_off).unwrap_or(0)
         };
-        let tgid = read_u32(leader, tgid_off).unwrap_or(0);
         if tgid == 0 {
-            cur = 0;
-            continue;
+            break;
         }
         a.tgid = tgid;
         a.start_boottime_ns = read_ptr(leader, start_off).unwrap_or(0);
-        if read_kernel_str(leader + comm_off as u64, &mut a.comm).is_none() {
-            a.comm[0] = 0;
-        }
+        // The helper zero-fills the buffer when the read fails: an empty comm.
+        let _ = read_kernel_str(leader + comm_off as u64, &mut a.comm);
         n += 1;
         cur = if tgid == 1 { 0 } else { leader };
     }

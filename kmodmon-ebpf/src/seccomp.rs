@@ -95,9 +95,11 @@ pub fn unmatched_exit(source: Source, nr: u64, regs: Option<u64>, ret: i64) {
         count(Counter::ExitWithoutEnter);
         return;
     }
+    // 0: unknown. Plain integers, not Options, from here on: the verifier rejects the spill
+    // of a None's undefined payload that the compiler may emit.
     let regs = match regs {
-        Some(r) => Some(r),
-        None => current_user_regs(),
+        Some(r) => r,
+        None => current_user_regs().unwrap_or(0),
     };
     // Rolled back (`ax == orig_ax`): RET_TRAP or RET_KILL, the caller gets SIGSYS.
     if ret as u64 == nr {
@@ -150,7 +152,7 @@ fn mark_signalled() {
 /// Sends a refused attempt: arguments from the user registers (missing without them), the
 /// result the caller saw, or the signal it got instead.
 #[inline(always)]
-fn report(source: Source, op: Op, regs: Option<u64>, ret: i64, signal: u32) {
+fn report(source: Source, op: Op, regs: u64, ret: i64, signal: u32) {
     let Some(ev) = begin(attempt_kind(op), source) else {
         return;
     };
@@ -165,23 +167,20 @@ fn report(source: Source, op: Op, regs: Option<u64>, ret: i64, signal: u32) {
 }
 
 #[inline(always)]
-fn fill_from_regs(ev: &mut RawEvent, op: Op, regs: Option<u64>) {
-    match regs {
-        Some(r) => {
-            let a0 = read_ptr(r, conf!(pt_regs_arg[0])).unwrap_or(0);
-            let a1 = read_ptr(r, conf!(pt_regs_arg[1])).unwrap_or(0);
-            let a2 = read_ptr(r, conf!(pt_regs_arg[2])).unwrap_or(0);
-            fill_attempt(ev, op, a0, a1, a2);
-        }
-        None => {
-            ev.op = op as u32;
-            ev.missing |= match op {
-                Op::InitModule => missing::PARAMS,
-                Op::FinitModule => missing::PARAMS | missing::PATH,
-                Op::DeleteModule => missing::NAME,
-                Op::None => 0,
-            };
-        }
+fn fill_from_regs(ev: &mut RawEvent, op: Op, regs: u64) {
+    if regs != 0 {
+        let a0 = read_ptr(regs, conf!(pt_regs_arg[0])).unwrap_or(0);
+        let a1 = read_ptr(regs, conf!(pt_regs_arg[1])).unwrap_or(0);
+        let a2 = read_ptr(regs, conf!(pt_regs_arg[2])).unwrap_or(0);
+        fill_attempt(ev, op, a0, a1, a2);
+    } else {
+        ev.op = op as u32;
+        ev.missing |= match op {
+            Op::InitModule => missing::PARAMS,
+            Op::FinitModule => missing::PARAMS | missing::PATH,
+            Op::DeleteModule => missing::NAME,
+            Op::None => 0,
+        };
     }
 }
 
@@ -189,22 +188,38 @@ fn fill_from_regs(ev: &mut RawEvent, op: Op, regs: Option<u64>) {
 #[inline(always)]
 fn filter_returned(nr: u64, verdict: i32) {
     // Every syscall of every task under seccomp comes through here: leave at once.
+    if op_of(nr).is_none() || verdict != -1 {
+        // Not a module syscall, or allowed: the syscall runs and the attempt source reports it.
+        return;
+    }
+    refused(nr, current_user_regs().unwrap_or(0));
+}
+
+/// The filter refused syscall `nr` of the current task, whose saved user registers are at
+/// `regs` (0: unknown).
+#[inline(always)]
+fn refused(nr: u64, regs: u64) {
     let Some(op) = op_of(nr) else {
         return;
     };
-    if verdict != -1 {
-        // Allowed: the syscall runs, and the attempt source reports it.
-        return;
+    // Both registers or neither, as plain integers (see unmatched_exit).
+    let mut known = false;
+    let mut ax = 0u64;
+    let mut orig = 0u64;
+    if regs != 0
+        && let Some(a) = read_ptr(regs, conf!(pt_regs_ret))
+        && let Some(o) = read_ptr(regs, conf!(pt_regs_syscall_nr))
+    {
+        known = true;
+        ax = a;
+        orig = o;
     }
-    let regs = current_user_regs();
-    let ax = regs.and_then(|r| read_ptr(r, conf!(pt_regs_ret)));
-    let orig = regs.and_then(|r| read_ptr(r, conf!(pt_regs_syscall_nr)));
-    match (ax, orig) {
-        (Some(ax), Some(orig)) if ax == orig => {
+    match known {
+        true if ax == orig => {
             mark_signalled();
             report(Source::Seccomp, op, regs, 0, conf!(sigsys));
         }
-        (Some(ax), Some(_)) => report(Source::Seccomp, op, regs, ax as i64, 0),
+        true => report(Source::Seccomp, op, regs, ax as i64, 0),
         _ => {
             let Some(ev) = begin(attempt_kind(op), Source::Seccomp) else {
                 return;
@@ -265,7 +280,7 @@ fn task_exiting(task: u64, code: u32) {
             return;
         }
     }
-    report(Source::TaskExit, op, Some(regs), 0, signal);
+    report(Source::TaskExit, op, regs, 0, signal);
 }
 
 /// `sched_process_exit(struct task_struct *p, ...)`, in the exiting task (after its memory

@@ -62,7 +62,7 @@ if [ -n "$CTRL" ] && [ "$(awk -v c="$CTRL" '$1 == c {print $2}' /proc/cgroups)" 
 else
     fail "kmodmon sources names no v1 hierarchy matching /proc/cgroups: $(cat "$OUT/sources.txt")"
 fi
-if head -n 1 "$OUT/sources.txt" | grep -q "+ cgroup v1 hierarchy $HIER ($CTRL)$"; then
+if head -n 1 "$OUT/sources.txt" | grep -q "+ cgroup v1 hierarchy $HIER ($CTRL)\(;\|$\)"; then
     ok "tail attached the v1 hierarchy"
 else
     fail "first line of sources: $(head -n 1 "$OUT/sources.txt")"

@@ -7,15 +7,20 @@
 # seccomp's and nothing else's):
 #   sce  init_module, finit_module, delete_module → SCMP_ACT_ERRNO (EPERM)
 #   sck  the same → SCMP_ACT_KILL_PROCESS
-# Three kmodmon tails watch at once: the default sources (fexit kernels: fexit on
-# __seccomp_filter; others: the syscall-exit records), `--no-fexit` (syscall tracepoints: the
-# exit record, arguments from the task's registers), and `--no-seccomp-attempts` (nothing).
+# Four kmodmon tails watch at once: the default sources (fexit on __seccomp_filter, with
+# fexit or, where fexit on the syscall functions is refused (5.10), kprobes for attempts),
+# `--no-fexit` (kprobes and fexit on __seccomp_filter), `--force-raw-syscalls` (the
+# raw sys_exit tracepoint alone: the exit record, arguments from the task's registers; an
+# errno refusal is the failed attempt the caller saw, a SIGSYS one is told by the rolled-back
+# registers), and
+# `--no-seccomp-attempts` (nothing).
 . /kmodmon/lib.sh
 
-T2= T3=
+T2= T3= T4=
 finish() {
     [ -n "$T2" ] && kill -INT "$T2" 2>/dev/null && wait "$T2"
     [ -n "$T3" ] && kill -INT "$T3" 2>/dev/null && wait "$T3"
+    [ -n "$T4" ] && kill -INT "$T4" 2>/dev/null && wait "$T4"
     ctr_stop sce
     ctr_stop sck
     vm_finish
@@ -74,6 +79,8 @@ tail_start nofexit --no-fexit || exit 1
 T2=$TAILPID
 tail_start off --no-seccomp-attempts || exit 1
 T3=$TAILPID
+tail_start raw --force-raw-syscalls || exit 1
+T4=$TAILPID
 ATTACHED=$(grep '^kmodmon: attached' "$OUT/tail.err")
 
 ID_E=$(ctr_id sce)
@@ -96,7 +103,8 @@ usleep 1500000
 kmodmon_stop
 kill -INT "$T2" && wait "$T2"
 kill -INT "$T3" && wait "$T3"
-T2= T3=
+kill -INT "$T4" && wait "$T4"
+T2= T3= T4=
 
 rc() { sed -n "s/^rc.$1=//p" "$OUT/facts.txt" | tail -1; }
 [ "$(rc rm_errno)" != 0 ] && ok "rmmod under ERRNO failed" || bad "rmmod under ERRNO succeeded"
@@ -108,10 +116,10 @@ case "$(rc rm_kill)" in 159 | 223) ok "rmmod under KILL_PROCESS died of SIGSYS (
 
 # Which mechanism the default tail used: fexit kernels need the seccomp filter hook.
 case "$ATTACHED" in
-*"attempts: fexit"*)
+*"attempts: fexit"* | *"attempts: kprobe"*)
     WANT_SRC=seccomp
-    case "$ATTACHED" in *"seccomp-refused attempts: fexit __seccomp_filter + task exit"*) ok "fexit kernel: fexit __seccomp_filter" ;;
-    *) bad "fexit kernel without the filter hook: $ATTACHED" ;; esac
+    case "$ATTACHED" in *"seccomp-refused attempts: fexit __seccomp_filter + task exit"*) ok "fexit __seccomp_filter" ;;
+    *) bad "fexit or kprobe kernel without the filter hook: $ATTACHED" ;; esac
     ;;
 *)
     WANT_SRC=syscall_tracepoint
@@ -119,15 +127,16 @@ case "$ATTACHED" in
     *) bad "unexpected seccomp source: $ATTACHED" ;; esac
     ;;
 esac
-grep -q "seccomp-refused attempts: syscall exit records" "$OUT/nofexit.err" && ok "--no-fexit: exit records" ||
-    bad "--no-fexit: $(grep attached "$OUT/nofexit.err")"
+grep -q "seccomp-refused attempts: fexit __seccomp_filter" "$OUT/nofexit.err" &&
+    ok "--no-fexit: the filter hook" || bad "--no-fexit: $(grep attached "$OUT/nofexit.err")"
+grep -q "seccomp-refused attempts: syscall exit records" "$OUT/raw.err" && ok "--force-raw-syscalls: exit records" ||
+    bad "--force-raw-syscalls: $(grep attached "$OUT/raw.err")"
 grep -q "seccomp-refused attempts: off" "$OUT/off.err" && ok "--no-seccomp-attempts: off" ||
     bad "--no-seccomp-attempts: $(grep attached "$OUT/off.err")"
 
-for f in events nofexit; do
+for f in events nofexit raw; do
     want_count $f.jsonl kmsc_errno 1
     want_has $f.jsonl kmsc_errno '"kind":"unload_attempt"'
-    want_has $f.jsonl kmsc_errno '"blocked_by":"seccomp"'
     want_has $f.jsonl kmsc_errno '"result":-1,"errno":"EPERM"'
     want_has $f.jsonl kmsc_errno "\"id\":\"$ID_E\""
     want_has $f.jsonl kmsc_errno '"runtime":"docker"'
@@ -140,11 +149,21 @@ for f in events nofexit; do
     want_has $f.jsonl kmsc_none '"errno":"ENOENT"'
     n=$(grep '"comm":"modprobe"' "$OUT/$f.jsonl" | grep '"kind":"load_attempt"' | grep -c '"blocked_by":"seccomp","pid"')
     m=$(grep '"comm":"modprobe"' "$OUT/$f.jsonl" | grep '"kind":"load_attempt"' | grep -c '"errno":"EPERM"')
+    if [ $f = raw ]; then
+        # The exit-only source: an errno refusal cannot be told from the call failing, so it
+        # is the failed attempt the caller saw, not called seccomp's (README).
+        want_lacks $f.jsonl kmsc_errno blocked_by
+        [ "$n" = 0 ] && [ "$m" -ge 1 ] && ok "$f: modprobe's refused loads ($m) reported with EPERM, unclassified" ||
+            bad "$f: modprobe's loads: $n refused, $m EPERM: $(grep '"comm":"modprobe"' "$OUT/$f.jsonl")"
+        continue
+    fi
+    want_has $f.jsonl kmsc_errno '"blocked_by":"seccomp"'
     [ "$n" -ge 1 ] && [ "$n" = "$m" ] && ok "$f: modprobe's refused loads ($n) reported with EPERM" ||
         bad "$f: modprobe's loads: $n refused, $m EPERM: $(grep '"comm":"modprobe"' "$OUT/$f.jsonl")"
 done
 want_has events.jsonl kmsc_errno "\"source\":\"$WANT_SRC\""
-want_has nofexit.jsonl kmsc_errno '"source":"syscall_tracepoint"'
+want_has nofexit.jsonl kmsc_errno '"source":"seccomp"'
+want_has raw.jsonl kmsc_errno '"source":"sys_exit"'
 # 6.x: the killed call returns from the filter (rolled back) and is reported there; 5.10
 # kills inside the filter: only the task's exit shows it.
 grep "\"module\":\"kmsc_kill\"" "$OUT/events.jsonl" | sed -n 's/.*"source":"\([a-z_]*\)".*/kill source: \1/p'
