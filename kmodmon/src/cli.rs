@@ -62,3 +62,35 @@ pub enum Command {
         out: PathBuf,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::Cli;
+    use crate::event::Kind;
+
+    /// The `--kind` help of `tail` and `export` names every kind the filter accepts.
+    #[test]
+    fn kind_help_lists_every_kind() {
+        let mut cli = Cli::command();
+        for sub in ["tail", "export"] {
+            let cmd = cli
+                .find_subcommand_mut(sub)
+                .unwrap_or_else(|| panic!("{sub} subcommand"));
+            let help = cmd
+                .get_arguments()
+                .find(|a| a.get_id() == "kinds")
+                .and_then(|a| a.get_help())
+                .map(|h| h.to_string())
+                .unwrap_or_else(|| panic!("{sub} --kind help"));
+            for k in Kind::ALL {
+                assert!(
+                    help.contains(k.as_str()),
+                    "{sub} --kind help lacks {}",
+                    k.as_str()
+                );
+            }
+        }
+    }
+}

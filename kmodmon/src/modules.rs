@@ -26,7 +26,7 @@ pub struct ModulesArgs {
     /// One JSON object (the schema is in the README).
     #[arg(long)]
     pub json: bool,
-    /// The daemon's ledger [default: /var/lib/kmodmon/modules.json].
+    /// The daemon's ledger.
     #[arg(long, value_name = "FILE", default_value = ledger::DEFAULT_FILE)]
     pub ledger_file: PathBuf,
     /// An audit log to search for the loads the ledger does not know (this boot's records)

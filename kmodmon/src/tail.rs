@@ -31,10 +31,12 @@ pub struct TailArgs {
     #[arg(long = "module", value_name = "NAME")]
     pub modules: Vec<String>,
     /// Only events of this kind (repeatable): load, unload, request, load_attempt,
-    /// unload_attempt, expectation, self_load, denied, would_deny.
+    /// unload_attempt, expectation, self_load, denied, would_deny, hidden_module,
+    /// unseen_load, identity_mismatch, tamper, lost.
     #[arg(long = "kind", value_name = "KIND")]
     pub kinds: Vec<String>,
-    /// Only events from this container: a full ID, an ID prefix, a name, or "host".
+    /// Only events from this container (repeatable): a full ID, an ID prefix, a name, a pod
+    /// name, or "host".
     #[arg(long = "container", value_name = "ID")]
     pub containers: Vec<String>,
     /// Only events with this verdict: host, expected, unexpected, none (repeatable).

@@ -75,7 +75,8 @@ pub struct ExportArgs {
     #[arg(long = "module", value_name = "NAME")]
     pub modules: Vec<String>,
     /// Only events of this kind (repeatable): load, unload, request, load_attempt,
-    /// unload_attempt, expectation, self_load, denied, would_deny.
+    /// unload_attempt, expectation, self_load, denied, would_deny, hidden_module,
+    /// unseen_load, identity_mismatch, tamper, lost.
     #[arg(long = "kind", value_name = "K", value_parser = parse_kind)]
     pub kinds: Vec<Kind>,
     /// Only events with this verdict: host, expected, unexpected, none (repeatable).

@@ -19,7 +19,7 @@ pub enum Format {
     #[default]
     Jsonl,
     /// A header row, then one row per event (RFC 4180 quoting; cells that a spreadsheet would
-    /// take for a formula get a leading `'`, see [`neutralize_cell`]).
+    /// take for a formula get a leading `'`).
     Csv,
 }
 

@@ -165,21 +165,34 @@ pub fn storm_tail(kmodmon: &Path, bins: &Bins, storm: Storm) -> Result<StormResu
 }
 
 /// `kmodmon run` with the audit log (and metrics, for /ready); `rate_limit` 0 turns the
-/// audit sink's per-cgroup limit off. Returns the child and its stderr lines.
+/// audit sink's per-cgroup limit off, None leaves kmodmon's default. Returns the child and its
+/// stderr lines.
 pub fn start_daemon(
     kmodmon: &Path,
     dir: &Path,
-    rate_limit: u32,
+    rate_limit: Option<u32>,
 ) -> Result<(Child, std::sync::mpsc::Receiver<String>, Duration)> {
     let _ = std::fs::remove_dir_all(dir);
+    // A binary from before the rate limiter (bench-compare against an older kmodmon) has no
+    // limit to turn off; asking it for one only works where it exists.
+    let mut args = vec!["run".to_string()];
+    match rate_limit {
+        None => {}
+        Some(limit) if supports(kmodmon, "run", "--audit-rate-limit") => {
+            args.extend(["--audit-rate-limit".to_string(), limit.to_string()]);
+        }
+        Some(0) => {}
+        Some(_) => {
+            bail!(
+                "{} has no --audit-rate-limit: it cannot be measured with the limit on",
+                kmodmon.display()
+            );
+        }
+    }
+    args.push("--audit-dir".into());
     let t0 = Instant::now();
     let mut child = Command::new(kmodmon)
-        .args([
-            "run",
-            "--audit-rate-limit",
-            &rate_limit.to_string(),
-            "--audit-dir",
-        ])
+        .args(&args)
         .arg(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -195,15 +208,29 @@ pub fn start_daemon(
         }
     });
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut said = Vec::new();
     loop {
         let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
             stop(&mut child);
-            bail!("kmodmon run did not start");
+            bail!(
+                "{} run did not start; it said:\n{}",
+                kmodmon.display(),
+                said.join("\n")
+            );
         };
         if line.contains("started; attached") {
             return Ok((child, rx, t0.elapsed()));
         }
+        said.push(line);
     }
+}
+
+/// Whether `kmodmon SUBCOMMAND --help` lists `flag`.
+fn supports(kmodmon: &Path, subcommand: &str, flag: &str) -> bool {
+    Command::new(kmodmon)
+        .args([subcommand, "--help"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(flag))
 }
 
 /// A storm against the daemon writing its audit log (in a directory on /var/tmp: tmpfs would
@@ -215,7 +242,7 @@ pub fn storm_daemon(
     rate_limit: u32,
 ) -> Result<StormResult> {
     let dir = audit_dir();
-    let (mut child, rx, _) = start_daemon(kmodmon, &dir, rate_limit)?;
+    let (mut child, rx, _) = start_daemon(kmodmon, &dir, Some(rate_limit))?;
     std::thread::sleep(Duration::from_millis(500));
     let startup = reset_peak(child.id());
     let out = output_of(Command::new(&bins.load).args(storm_args(storm)))?;
@@ -414,7 +441,7 @@ pub fn startup(kmodmon: &Path) -> Result<(f64, u64)> {
 /// The daemon's idle RSS (KiB), a second after it started.
 pub fn daemon_idle(kmodmon: &Path) -> Result<u64> {
     let dir = audit_dir();
-    let (mut child, _rx, _) = start_daemon(kmodmon, &dir, 20)?;
+    let (mut child, _rx, _) = start_daemon(kmodmon, &dir, None)?;
     std::thread::sleep(Duration::from_secs(1));
     let rss = rss_kib(child.id(), "VmRSS:").unwrap_or(0);
     let _ = Command::new("kill")

@@ -124,6 +124,9 @@ impl Drop for AuditRule {
 
 /// "median (min–max)".
 pub(crate) fn spread(v: &[f64]) -> String {
+    if v.is_empty() {
+        return "not measured".into();
+    }
     let m = median(&mut v.to_vec());
     let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
