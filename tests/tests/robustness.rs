@@ -29,6 +29,20 @@ use serde_json::Value;
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
+/// Tests that count every record in every sink take this exclusively; the others (storms of
+/// attempts, which every kmodmon on the host sees and forwards) share it. A storm running
+/// beside an exact count would overflow that test's syslog socket and make it count the
+/// other test's load, not its own.
+static EXACT: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    EXACT.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn exclusive() -> std::sync::RwLockWriteGuard<'static, ()> {
+    EXACT.write().unwrap_or_else(|p| p.into_inner())
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -387,6 +401,7 @@ fn sigkill_at_random_points_under_load_leaves_a_verifiable_log() {
     if !require_root("sigkill_at_random_points_under_load_leaves_a_verifiable_log") {
         return;
     }
+    let _shared = shared();
     let mut rand = rng();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("audit");
@@ -458,6 +473,7 @@ fn a_full_disk_keeps_the_newest_records_and_a_verifiable_chain() {
     if !require_root("a_full_disk_keeps_the_newest_records_and_a_verifiable_chain") {
         return;
     }
+    let _shared = shared();
     let base = tempfile::tempdir().unwrap();
     let mnt = Tmpfs::mount(&base.path().join("small"), "384k");
     let log = mnt.0.join("audit");
@@ -545,6 +561,7 @@ fn a_full_disk_suspends_writing_counts_every_loss_and_resumes() {
     if !require_root("a_full_disk_suspends_writing_counts_every_loss_and_resumes") {
         return;
     }
+    let _shared = shared();
     let base = tempfile::tempdir().unwrap();
     let mnt = Tmpfs::mount(&base.path().join("small"), "256k");
     let log = mnt.0.join("audit");
@@ -657,6 +674,7 @@ fn held_connections_to_the_metrics_port_starve_nothing() {
     if !require_root("held_connections_to_the_metrics_port_starve_nothing") {
         return;
     }
+    let _shared = shared();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("audit");
     let d = Daemon::start(&["--audit-dir", log.to_str().unwrap()], false);
@@ -757,6 +775,7 @@ fn hostile_strings_reach_no_sink_unescaped() {
     if !require_root("hostile_strings_reach_no_sink_unescaped") {
         return;
     }
+    let _exact = exclusive();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("audit");
     let sock_path = dir.path().join("syslog.sock");
