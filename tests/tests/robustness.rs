@@ -29,18 +29,15 @@ use serde_json::Value;
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-/// Tests that count every record in every sink take this exclusively; the others (storms of
-/// attempts, which every kmodmon on the host sees and forwards) share it. A storm running
-/// beside an exact count would overflow that test's syslog socket and make it count the
-/// other test's load, not its own.
-static EXACT: std::sync::RwLock<()> = std::sync::RwLock::new(());
+/// One kmodmon at a time in this file: every test here counts records exactly, and every
+/// kmodmon on the host sees (and forwards, and may have to drop) the attempts of the storms
+/// the others start. Run side by side, a storm overflowed another test's syslog socket, and
+/// the full-disk test once counted 60 more losses in its metrics than in its log's `lost`
+/// records (an open question, see the closing note of 2026-12-03).
+static EXACT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
-    EXACT.read().unwrap_or_else(|p| p.into_inner())
-}
-
-fn exclusive() -> std::sync::RwLockWriteGuard<'static, ()> {
-    EXACT.write().unwrap_or_else(|p| p.into_inner())
+fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    EXACT.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn text(b: &[u8]) -> String {
@@ -401,7 +398,7 @@ fn sigkill_at_random_points_under_load_leaves_a_verifiable_log() {
     if !require_root("sigkill_at_random_points_under_load_leaves_a_verifiable_log") {
         return;
     }
-    let _shared = shared();
+    let _exact = exclusive();
     let mut rand = rng();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("audit");
@@ -473,7 +470,7 @@ fn a_full_disk_keeps_the_newest_records_and_a_verifiable_chain() {
     if !require_root("a_full_disk_keeps_the_newest_records_and_a_verifiable_chain") {
         return;
     }
-    let _shared = shared();
+    let _exact = exclusive();
     let base = tempfile::tempdir().unwrap();
     let mnt = Tmpfs::mount(&base.path().join("small"), "384k");
     let log = mnt.0.join("audit");
@@ -561,7 +558,7 @@ fn a_full_disk_suspends_writing_counts_every_loss_and_resumes() {
     if !require_root("a_full_disk_suspends_writing_counts_every_loss_and_resumes") {
         return;
     }
-    let _shared = shared();
+    let _exact = exclusive();
     let base = tempfile::tempdir().unwrap();
     let mnt = Tmpfs::mount(&base.path().join("small"), "256k");
     let log = mnt.0.join("audit");
@@ -674,7 +671,7 @@ fn held_connections_to_the_metrics_port_starve_nothing() {
     if !require_root("held_connections_to_the_metrics_port_starve_nothing") {
         return;
     }
-    let _shared = shared();
+    let _exact = exclusive();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("audit");
     let d = Daemon::start(&["--audit-dir", log.to_str().unwrap()], false);
@@ -1046,6 +1043,7 @@ fn malformed_config_and_policy_are_refused_on_start_and_survived_on_sighup() {
     if !require_root("malformed_config_and_policy_are_refused_on_start_and_survived_on_sighup") {
         return;
     }
+    let _exact = exclusive();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("audit");
     let bad = dir.path().join("bad.toml");
