@@ -954,7 +954,22 @@ fn hostile_strings_reach_no_sink_unescaped() {
     // Syslog.
     let msgs = syslog_msgs.lock().unwrap().clone();
     let ours_syslog: Vec<&String> = msgs.iter().filter(|m| m.contains("rbx")).collect();
-    assert_eq!(ours_syslog.len(), expect, "{msgs:#?}");
+    // The syslog socket is a datagram socket with a queue of net.unix.max_dgram_qlen (10)
+    // messages: a burst larger than that, against a reader that is slow to drain it, is sent
+    // in part and the rest counted as the sink's losses (never silent).
+    let syslog_lost = sample(
+        &metrics,
+        &format!(
+            "kmodmon_sink_events_total{{sink=\"syslog\",outcome=\"lost_{}\"}}",
+            kmodmon::sinks::syslog::SEND_ERROR
+        ),
+    )
+    .unwrap_or(0);
+    assert!(
+        ours_syslog.len() <= expect && ours_syslog.len() as u64 + syslog_lost >= expect as u64,
+        "syslog: {} of {expect} received, {syslog_lost} counted lost: {msgs:#?}\n{metrics}",
+        ours_syslog.len()
+    );
     for m in ours_syslog {
         assert_clean("syslog", m);
         let json = m.split_once(" - ").map(|(_, j)| j).unwrap();
