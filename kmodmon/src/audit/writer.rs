@@ -1119,15 +1119,18 @@ impl Writer {
         self.sync();
         self.seg = None;
         self.publish_bytes();
-        if let Some(tx) = &self.hk_tx {
-            let _ = tx.send(());
-        }
     }
 
     fn open_segment(&mut self) -> io::Result<()> {
         let name = segment::plain_name(self.next_seq);
         let path = self.cfg.dir.join(&name);
         self.shared.active_first_seq.store(self.next_seq, Relaxed);
+        // Every segment before this one is closed now: the compression thread may take them.
+        // (Woken only after the store: woken before it, it would still see the last closed
+        // segment as the active one and skip it, leaving it plain until the next rotation.)
+        if let Some(tx) = &self.hk_tx {
+            let _ = tx.send(());
+        }
         // Only a segment of ours whose header could not be written can have this name.
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
@@ -1284,9 +1287,6 @@ impl Writer {
                 );
                 self.seg = None;
                 self.publish_bytes();
-                if let Some(tx) = &self.hk_tx {
-                    let _ = tx.send(());
-                }
                 self.pending.push(Meta::SyncFailed {
                     time: record::now_rfc3339(),
                     segment: name,
