@@ -65,9 +65,13 @@ pub mod program {
     pub const TP_BTF_SYS_EXIT: &str = "tp_btf_sys_exit";
     /// Raw tracepoint on sched_process_exit: marks the exiting task's repeat bursts.
     pub const REPEAT_TASK_EXIT: &str = "repeat_task_exit";
+    /// An empty fexit program: asks the kernel whether it lets a trampoline attach to the
+    /// attempt functions before the real fexit programs pay for verification (a kernel that
+    /// refuses them may do so only after verifying the whole program).
+    pub const FEXIT_PROBE: &str = "fexit_probe";
 
     /// Every program in the object.
-    pub const ALL: [&str; 35] = [
+    pub const ALL: [&str; 36] = [
         MODULE_LOAD,
         MODULE_FREE,
         MODULE_REQUEST,
@@ -103,6 +107,7 @@ pub mod program {
         KRETPROBE_MODULE,
         TP_BTF_SYS_EXIT,
         REPEAT_TASK_EXIT,
+        FEXIT_PROBE,
     ];
 }
 

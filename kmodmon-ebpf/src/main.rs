@@ -121,6 +121,13 @@ pub fn fexit_delete_module(ctx: FExitContext) -> i32 {
     0
 }
 
+/// Does nothing: loaded and attached first, so that a kernel refusing trampolines says so
+/// before the attempt programs above are verified.
+#[fexit]
+pub fn fexit_probe(_ctx: FExitContext) -> i32 {
+    0
+}
+
 // ---- 2b. syscalls:sys_enter_* / sys_exit_* ----
 
 #[tracepoint]
