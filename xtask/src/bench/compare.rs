@@ -23,6 +23,7 @@ struct Figures {
     identical_recorded: Vec<f64>,
     identical_dropped: Vec<f64>,
     distinct_recorded: Vec<f64>,
+    distinct_written: Vec<f64>,
     audit_lost_pct: Vec<f64>,
     audit_recorded: Vec<f64>,
     attach_ms: Vec<f64>,
@@ -42,6 +43,9 @@ fn one_side(kmodmon: &Path, bins: &Bins, f: &mut Figures) -> Result<()> {
     f.identical_dropped.push(r.dropped as f64);
     let r = measure::storm_tail(kmodmon, bins, Storm::Distinct)?;
     f.distinct_recorded.push(r.recorded_pct());
+    // The same from the other end: lines the sink wrote (no repeats in a distinct storm).
+    f.distinct_written
+        .push(100.0 * r.written as f64 / r.seen.max(1) as f64);
     f.rss_peak_mb.push(r.peak_kib as f64 / 1024.0);
     // An older kmodmon's daemon may not say what it delivered (no JSON summary): that side's
     // audit rows then read "not measured", and the rest of the comparison stands.
@@ -105,7 +109,7 @@ pub fn bench_compare(other: &Path, rounds: usize) -> Result<()> {
         spread(&none)
     ));
     let [a, b] = &mut figs;
-    let rows: [(&str, &Vec<f64>, &Vec<f64>); 11] = [
+    let rows: [(&str, &Vec<f64>, &Vec<f64>); 12] = [
         (
             "getppid with tail attached (ns/call)",
             &a.getppid_ns,
@@ -127,6 +131,11 @@ pub fn bench_compare(other: &Path, rounds: usize) -> Result<()> {
             "distinct storm, tail: recorded (% of seen)",
             &a.distinct_recorded,
             &b.distinct_recorded,
+        ),
+        (
+            "distinct storm, tail: lines written (% of seen)",
+            &a.distinct_written,
+            &b.distinct_written,
         ),
         (
             "distinct storm, run: audit sink lost (%)",
