@@ -60,7 +60,11 @@ fn strip_dwarf(object: &Path) -> anyhow::Result<()> {
             )
         })?;
     if !status.success() {
-        anyhow::bail!("{} --strip-debug {} failed: {status}", objcopy.display(), object.display());
+        anyhow::bail!(
+            "{} --strip-debug {} failed: {status}",
+            objcopy.display(),
+            object.display()
+        );
     }
     std::fs::rename(&stripped, object)
         .with_context(|| format!("replacing {} with its stripped copy", object.display()))
