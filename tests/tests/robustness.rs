@@ -31,7 +31,9 @@ use serde_json::Value;
 
 /// One kmodmon at a time in this file: every test here counts records exactly, and every
 /// kmodmon on the host sees (and forwards, and may have to drop) the attempts of the storms
-/// the others start. (Run side by side, a storm overflowed another test's syslog socket.)
+/// the others start. Run side by side, a storm overflowed another test's syslog socket, and
+/// the full-disk test once counted 60 more losses in its metrics than in its log's `lost`
+/// records (an open question, see the closing note of 2026-12-03).
 static EXACT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn exclusive() -> std::sync::MutexGuard<'static, ()> {
@@ -539,9 +541,7 @@ fn a_full_disk_keeps_the_newest_records_and_a_verifiable_chain() {
         newest + 20 >= issued,
         "the log ends at rbf{newest} of {issued}"
     );
-    // Losses: the same number in the metrics and in the log: its `lost` records, and what the
-    // retention records carried over from the deleted segments (keep_newest deletes segments
-    // that hold `lost` records of their own).
+    // Losses: the same number in the metrics and in the log's lost records.
     assert_eq!(v["lost"].as_u64(), Some(lost), "{v}");
     eprintln!(
         "keep_newest: issued {issued}, kept {} (rbf{}..rbf{newest}), deletions {removed}, lost {lost}",

@@ -171,11 +171,6 @@ pub struct Envelope {
     /// kmodmon's own records lost (`lost` records).
     #[serde(default)]
     pub notes: Option<u64>,
-    /// `retention` records: losses stated by the removed segments.
-    #[serde(default)]
-    pub lost_removed: Option<u64>,
-    #[serde(default)]
-    pub lost_notes_removed: Option<u64>,
 }
 
 /// A line that parsed: its canonical bytes, stored hash and envelope.
@@ -259,19 +254,6 @@ pub enum Meta {
         freed_bytes: Option<u64>,
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         after_removal: bool,
-        /// Events the removed segments said were lost: the `count` of their `lost` records,
-        /// plus what retention records among them carried. The log's loss count
-        /// ([`super::verify::VerifyReport::lost`]) survives the deletion of the records that
-        /// stated it.
-        #[serde(default, skip_serializing_if = "is_zero")]
-        lost_removed: u64,
-        /// The same for kmodmon's own records (`notes` of `lost` records).
-        #[serde(default, skip_serializing_if = "is_zero")]
-        lost_notes_removed: u64,
-        /// Removed segments that could not be read to the end: losses they recorded are
-        /// missing from `lost_removed`.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        losses_unreadable: Vec<String>,
     },
     /// An fsync failed: records `from_seq..=to_seq` of `segment` may not be on disk. The
     /// segment was closed without another fsync (a later success would not bring them back)

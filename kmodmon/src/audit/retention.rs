@@ -96,59 +96,6 @@ pub(crate) fn plan_sized<F: Fn(&Segment) -> u64>(
     }
 }
 
-/// Losses stated by `segments` (events, kmodmon's own records): their `lost` records, and what
-/// retention records among them carried over from earlier removals — counted only when that
-/// removal happened, i.e. its `kept_from_seq` is at or below `oldest`, the first seq still in
-/// the log (a removal whose files were kept left their `lost` records, counted themselves).
-/// What a new retention record carries, so that the log's loss count survives the deletion.
-///
-/// Returns (events, own records, segments that could not be read through).
-pub(crate) fn losses_in(segments: &[Segment], oldest: u64) -> (u64, u64, Vec<String>) {
-    // Only these two record types matter: skip every other line without parsing it. kmodmon
-    // writes its records compact, and a quote inside a JSON string is escaped, so these bytes
-    // occur only as the top-level member (checked again once parsed).
-    let lost = memchr::memmem::Finder::new(br#""record":"lost""#);
-    let retention = memchr::memmem::Finder::new(br#""record":"retention""#);
-    let (mut events, mut notes) = (0u64, 0u64);
-    let mut unreadable = Vec::new();
-    for seg in segments {
-        let Ok(mut lines) = seg.lines() else {
-            unreadable.push(seg.name());
-            continue;
-        };
-        loop {
-            let line = match lines.next_line() {
-                Ok(Some(line)) => line,
-                Ok(None) => break,
-                Err(_) => {
-                    unreadable.push(seg.name());
-                    break;
-                }
-            };
-            let bytes = line.bytes;
-            if lost.find(bytes).is_none() && retention.find(bytes).is_none() {
-                continue;
-            }
-            let Ok(p) = super::record::parse(bytes) else {
-                continue;
-            };
-            let env = p.envelope;
-            match env.record.as_deref() {
-                Some("lost") => {
-                    events += env.count.unwrap_or(0);
-                    notes += env.notes.unwrap_or(0);
-                }
-                Some("retention") if env.kept_from_seq.is_some_and(|k| k <= oldest) => {
-                    events += env.lost_removed.unwrap_or(0);
-                    notes += env.lost_notes_removed.unwrap_or(0);
-                }
-                _ => {}
-            }
-        }
-    }
-    (events, notes, unreadable)
-}
-
 /// Removes a segment file and any other form of it (plain or compressed); errors are logged.
 pub(crate) fn remove_segment(s: &Segment) {
     let plain = s.path.with_file_name(segment::plain_name(s.first_seq));

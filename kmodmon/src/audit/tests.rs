@@ -690,39 +690,3 @@ fn the_head_is_the_last_durable_record_and_verifies_as_an_anchor() {
         Outcome::Intact(r) => panic!("the truncation was not caught: {r:?}"),
     }
 }
-
-#[test]
-fn losses_survive_the_deletion_of_the_segments_that_recorded_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = cfg(dir.path());
-    c.queue = 1;
-    c.segment_size = 3000;
-    c.retain_segments = Some(2);
-    let (log, _) = AuditLog::open(c, Arc::new(Metrics::new())).unwrap();
-    let mut refused = 0;
-    for i in 0..3000 {
-        if !log.submit(synthetic_event("r", i, SystemTime::now())) {
-            refused += 1;
-        }
-    }
-    log.sync().unwrap();
-    let s = log.close();
-    assert!(refused > 0, "fsync per record should not keep up");
-    assert_eq!(s.lost_queue_full, refused);
-    let report = intact(dir.path());
-    assert!(
-        !report.from_genesis,
-        "retention removed the oldest segments"
-    );
-    // Some `lost` records went with the deleted segments; their counts did not.
-    let in_lost_records: u64 = segment::list(dir.path())
-        .unwrap()
-        .iter()
-        .flat_map(lines_of)
-        .filter_map(|l| record::parse(&l).ok())
-        .filter(|p| p.envelope.record.as_deref() == Some("lost"))
-        .map(|p| p.envelope.count.unwrap_or(0))
-        .sum();
-    assert!(in_lost_records < refused, "{in_lost_records} of {refused}");
-    assert_eq!(report.lost, refused);
-}

@@ -18,8 +18,7 @@ pub struct VerifyReport {
     pub compressed: usize,
     pub records: u64,
     pub events: u64,
-    /// Events the log itself says were lost: the sum of its `lost` records, and of what its
-    /// retention records carried over from the segments they removed.
+    /// Events the log itself says were lost (sum of `lost` records).
     pub lost: u64,
     /// kmodmon's own records the log says were lost (notes about drops, reloads...).
     pub lost_notes: u64,
@@ -503,15 +502,6 @@ impl Walk {
             Some("sync_failed") => self.report.unsure += env.count.unwrap_or(0),
             Some("retention") => {
                 self.max_kept_from = self.max_kept_from.max(env.kept_from_seq);
-                // What the removed segments said was lost, when they are gone (a removal
-                // whose record was written but whose files were kept left them in the log,
-                // where their own `lost` records are counted).
-                if let (Some(first), Some(kept_from)) = (self.report.first_seq, env.kept_from_seq)
-                    && first >= kept_from
-                {
-                    self.report.lost += env.lost_removed.unwrap_or(0);
-                    self.report.lost_notes += env.lost_notes_removed.unwrap_or(0);
-                }
             }
             Some(_) => {}
         }

@@ -919,18 +919,6 @@ impl Writer {
             .iter()
             .map(|s| std::fs::metadata(&s.path).map_or(0, |m| m.len()))
             .sum();
-        let (lost_removed, lost_notes_removed, unreadable) =
-            retention::losses_in(remove, first.first_seq);
-        if !unreadable.is_empty() {
-            // Keeping them would stall retention (and a full disk) for good: delete, and say
-            // in the record that their losses are not in `lost_removed`.
-            log::warn!(
-                "audit log {}: cannot read {} to the end; the losses they recorded are not \
-                 carried over (the retention record names them)",
-                self.cfg.dir.display(),
-                unreadable.join(", ")
-            );
-        }
         let mut meta = Meta::Retention {
             time: record::now_rfc3339(),
             removed: remove.iter().map(Segment::name).collect(),
@@ -939,9 +927,6 @@ impl Writer {
             reason: Some(reason.to_string()),
             freed_bytes: Some(freed),
             after_removal: false,
-            lost_removed,
-            lost_notes_removed,
-            losses_unreadable: unreadable,
         };
         self.in_removal = true;
         let mut written = self.append_own(&meta);
