@@ -13,7 +13,7 @@ pub struct Field {
 /// Everything the programs need to know about this kernel, resolved by userspace at start-up
 /// and written into the programs' read-only data before load.
 #[repr(C)]
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
     /// Syscall numbers on this architecture.
     pub nr_init_module: u32,

@@ -17,8 +17,8 @@ use super::shared::Shared;
 /// How often closed segments are looked for without being told.
 const PERIOD: Duration = Duration::from_secs(60);
 
-/// Starts the compression thread. Send `()` when a segment was closed; drop the sender to stop
-/// it.
+/// Starts the compression thread. Send `()` once a new segment is active (the ones before it
+/// are closed); drop the sender to stop it.
 pub(crate) fn spawn(
     dir: PathBuf,
     level: i32,

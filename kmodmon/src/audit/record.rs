@@ -171,6 +171,41 @@ pub struct Envelope {
     /// kmodmon's own records lost (`lost` records).
     #[serde(default)]
     pub notes: Option<u64>,
+    /// `segment_start` records: losses stated before the segment.
+    #[serde(default)]
+    pub lost_before: Option<u64>,
+    #[serde(default)]
+    pub lost_notes_before: Option<u64>,
+}
+
+/// The losses a log states, from its oldest `segment_start` on: that record's `lost_before`
+/// (what deleted segments had stated), then every `lost` record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LossTally {
+    /// Events.
+    pub events: u64,
+    /// kmodmon's own records.
+    pub notes: u64,
+    based: bool,
+}
+
+impl LossTally {
+    /// Takes one record into account, in log order.
+    pub fn observe(&mut self, env: &Envelope) {
+        match env.record.as_deref() {
+            // Only the oldest: later ones restate what this tally already counted.
+            Some("segment_start") if !self.based => {
+                self.based = true;
+                self.events += env.lost_before.unwrap_or(0);
+                self.notes += env.lost_notes_before.unwrap_or(0);
+            }
+            Some("lost") => {
+                self.events += env.count.unwrap_or(0);
+                self.notes += env.notes.unwrap_or(0);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// A line that parsed: its canonical bytes, stored hash and envelope.
@@ -214,6 +249,14 @@ pub enum Meta {
         prev_seq: Option<u64>,
         /// Hash of the previous record (64 zeros at the start of a log).
         prev_hash: String,
+        /// Events the log's `lost` records counted before this segment, since the log began
+        /// (or since a kmodmon that writes this field first wrote to it): with it, the log's
+        /// loss total survives the deletion of the segments whose `lost` records stated it.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        lost_before: u64,
+        /// The same for kmodmon's own records (`notes` of `lost` records).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        lost_notes_before: u64,
     },
     /// Events that were not written: the queue was full, the disk failed or was full, or
     /// writing was suspended (`disk_full_action = "suspend"`). `count` is the sum of the three;

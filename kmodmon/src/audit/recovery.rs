@@ -4,7 +4,7 @@ use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use super::record::{self, GENESIS, Hash};
+use super::record::{self, GENESIS, Hash, LossTally};
 use super::segment::{self, Segment};
 use super::{AuditError, io_err};
 
@@ -23,6 +23,9 @@ pub struct Recovery {
 pub(crate) struct State {
     pub next_seq: u64,
     pub last_hash: Hash,
+    /// The losses the log states up to its last record (the last segment's `lost_before`
+    /// and its `lost` records): where the next `segment_start`'s `lost_before` continues.
+    pub losses: LossTally,
     /// The plain last segment to keep appending to, with its valid length.
     pub active: Option<Active>,
     pub cuts: Vec<Recovery>,
@@ -75,15 +78,18 @@ fn clean_leftovers(dir: &Path, removed: &mut Vec<String>) -> Result<(), AuditErr
     Ok(())
 }
 
-/// The last record of a compressed segment (closed segments are never cut).
-fn last_record(seg: &Segment) -> Result<Option<(u64, Hash)>, AuditError> {
+/// The last record of a compressed segment (closed segments are never cut), and the losses
+/// stated up to it.
+fn last_record(seg: &Segment) -> Result<Option<(u64, Hash, LossTally)>, AuditError> {
     let mut lines = seg.lines().map_err(io_err("open", &seg.path))?;
     let mut last = None;
+    let mut losses = LossTally::default();
     while let Some(l) = lines.next_line().map_err(io_err("read", &seg.path))? {
         if l.complete
             && let Ok(p) = record::parse(l.bytes)
         {
-            last = Some((p.envelope.seq, p.hash));
+            losses.observe(&p.envelope);
+            last = Some((p.envelope.seq, p.hash, losses));
         }
     }
     Ok(last)
@@ -96,6 +102,8 @@ struct Scan {
     last: Option<(u64, Hash)>,
     started: Option<SystemTime>,
     records: u64,
+    /// Losses stated up to the last whole record.
+    losses: LossTally,
 }
 
 /// Finds the end of the last whole, parseable record of a plain segment.
@@ -108,12 +116,14 @@ fn scan(seg: &Segment) -> Result<Scan, AuditError> {
         last: None,
         started: None,
         records: 0,
+        losses: LossTally::default(),
     };
     while let Some(l) = lines.next_line().map_err(io_err("read", &seg.path))? {
         let end = l.offset + l.bytes.len() as u64 + u64::from(l.complete);
         s.total_len = end;
         match record::parse(l.bytes) {
             Ok(p) if l.complete => {
+                s.losses.observe(&p.envelope);
                 s.good_len = end;
                 s.lines_after = 0;
                 s.last = Some((p.envelope.seq, p.hash));
@@ -140,10 +150,11 @@ pub(crate) fn recover(dir: &Path) -> Result<State, AuditError> {
     let mut segments = segment::list(dir).map_err(io_err("read directory", dir))?;
     while let Some(last) = segments.pop() {
         if last.compressed {
-            if let Some((seq, hash)) = last_record(&last)? {
+            if let Some((seq, hash, losses)) = last_record(&last)? {
                 return Ok(State {
                     next_seq: seq.saturating_add(1),
                     last_hash: hash,
+                    losses,
                     active: None,
                     cuts,
                     removed,
@@ -170,6 +181,7 @@ pub(crate) fn recover(dir: &Path) -> Result<State, AuditError> {
         return Ok(State {
             next_seq: seq.saturating_add(1),
             last_hash: hash,
+            losses: s.losses,
             active: Some(Active {
                 started: s.started.unwrap_or_else(SystemTime::now),
                 len: s.good_len,
@@ -183,6 +195,7 @@ pub(crate) fn recover(dir: &Path) -> Result<State, AuditError> {
     Ok(State {
         next_seq: 1,
         last_hash: GENESIS,
+        losses: LossTally::default(),
         active: None,
         cuts,
         removed,
@@ -213,6 +226,8 @@ mod tests {
                     segment: segment::plain_name(first),
                     prev_seq: (first > 1).then(|| first - 1),
                     prev_hash: record::to_hex(&h),
+                    lost_before: 0,
+                    lost_notes_before: 0,
                 })
                 .unwrap()
             } else {

@@ -18,7 +18,8 @@ pub struct VerifyReport {
     pub compressed: usize,
     pub records: u64,
     pub events: u64,
-    /// Events the log itself says were lost (sum of `lost` records).
+    /// Events the log itself says were lost: its oldest `segment_start`'s `lost_before` (what
+    /// deleted segments stated) plus every `lost` record.
     pub lost: u64,
     /// kmodmon's own records the log says were lost (notes about drops, reloads...).
     pub lost_notes: u64,
@@ -310,6 +311,7 @@ struct Walk {
     max_kept_from: Option<u64>,
     anchor: Option<Anchor>,
     anchor_seen: bool,
+    losses: record::LossTally,
 }
 
 /// Verifies the log in `dir`. `Err` only when the directory cannot be listed or holds no
@@ -326,6 +328,7 @@ pub fn verify(dir: &Path, anchor: Option<Anchor>) -> Result<Outcome, AuditError>
         max_kept_from: None,
         anchor,
         anchor_seen: false,
+        losses: record::LossTally::default(),
     };
     for (i, seg) in segments.iter().enumerate() {
         w.report.segments += 1;
@@ -491,12 +494,12 @@ impl Walk {
 
     fn account(&mut self, env: &record::Envelope) {
         self.report.records += 1;
+        self.losses.observe(env);
+        self.report.lost = self.losses.events;
+        self.report.lost_notes = self.losses.notes;
         match env.record.as_deref() {
             None => self.report.events += 1,
-            Some("lost") => {
-                self.report.lost += env.count.unwrap_or(0);
-                self.report.lost_notes += env.notes.unwrap_or(0);
-            }
+            Some("lost") => {}
             Some("recovered") => self.report.recoveries += 1,
             Some("rate_limited") => self.report.rate_limited += env.count.unwrap_or(0),
             Some("sync_failed") => self.report.unsure += env.count.unwrap_or(0),

@@ -60,6 +60,11 @@ impl KernelBtf {
         Ok(btf)
     }
 
+    /// The BTF as read (for aya, which parses it again its own way).
+    pub fn raw(&self) -> &[u8] {
+        &self.data
+    }
+
     pub fn parse(data: Vec<u8>) -> Result<KernelBtf, String> {
         let u16_at = |d: &[u8], at: usize| -> Option<u16> {
             d.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]))

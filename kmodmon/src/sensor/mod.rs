@@ -97,6 +97,21 @@ pub struct Options {
 /// The open repeat bursts (kernel map `REPEATS`).
 pub type RepeatMap = BpfHashMap<MapData, RepeatKey, RepeatSlot>;
 
+/// What a loaded object was loaded with: the programs' configuration, the identity
+/// configuration, and whether aya had the kernel's BTF.
+type Settings = (
+    kmodmon_common::Config,
+    Option<kmodmon_common::identity::IdentityConfig>,
+    bool,
+);
+
+/// A loaded object, before anything of it is attached.
+struct Loaded {
+    ebpf: Ebpf,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    settings: Settings,
+}
+
 /// Loaded and attached programs.
 pub struct Sensor {
     /// Dropped first: the return probes are detached and their tracefs events removed before
@@ -132,9 +147,18 @@ impl Sensor {
         kretprobe::remove_stale(tracefs.root());
         // Parsed at most once however many sources are tried.
         let mut aya_btf: Option<aya::Btf> = None;
+        // The object as the last attempt left it when nothing of it was attached (its fexit
+        // probe was refused): the next source loads nothing again when its settings match.
+        let mut spare: Option<Loaded> = None;
         loop {
             let t1 = std::time::Instant::now();
-            let attempt = Self::try_attach(&plan, tracefs.root(), &mut aya_btf);
+            let attempt = Self::try_attach(
+                &plan,
+                tracefs.root(),
+                btf.as_ref().ok(),
+                &mut aya_btf,
+                &mut spare,
+            );
             log::debug!(
                 "attach attempt ({}) took {:?}",
                 plan.attempts.as_str(),
@@ -180,15 +204,51 @@ impl Sensor {
     fn try_attach(
         plan: &Plan,
         tracefs: &std::path::Path,
+        kernel_btf: Option<&KernelBtf>,
         btf_cache: &mut Option<aya::Btf>,
+        spare: &mut Option<Loaded>,
     ) -> Result<Sensor, SensorError> {
         // aya parses the kernel's BTF itself when asked; only fexit and tp_btf need it (the
-        // programs carry no CO-RE relocations), so skip that cost otherwise.
+        // programs carry no CO-RE relocations), so skip that cost otherwise. From the bytes
+        // already read for planning, when there are some.
         if plan.needs_btf() && btf_cache.is_none() {
-            *btf_cache =
-                Some(aya::Btf::from_sys_fs().map_err(|e| SensorError::Btf(e.to_string()))?);
+            let parsed = match kernel_btf {
+                Some(k) => aya::Btf::parse(k.raw(), aya::Endianness::default()),
+                None => aya::Btf::from_sys_fs(),
+            };
+            *btf_cache = Some(parsed.map_err(|e| SensorError::Btf(e.to_string()))?);
         }
         let aya_btf = btf_cache.as_ref().filter(|_| plan.needs_btf());
+        let settings = (plan.config, plan.identity, plan.needs_btf());
+        let Loaded {
+            mut ebpf, logger, ..
+        } = match spare.take() {
+            Some(l) if l.settings == settings => l,
+            _ => Self::load(plan, aya_btf, settings)?,
+        };
+        // A kernel that refuses trampolines may verify a program fully before saying so
+        // (measured here: 170 ms for fexit_init_module, then EPERM): ask with an empty one
+        // first, so falling back costs no verification — and no new load of the object,
+        // of which nothing is attached yet.
+        if let (Some(aya_btf), Some((_, func))) = (aya_btf, plan.fexits().first())
+            && let Err(e) = probe_fexit(&mut ebpf, func, aya_btf)
+        {
+            *spare = Some(Loaded {
+                ebpf,
+                logger,
+                settings,
+            });
+            return Err(e);
+        }
+        Self::attach_programs(plan, tracefs, ebpf, logger, aya_btf)
+    }
+
+    /// Loads the object with the plan's settings (nothing attached yet).
+    fn load(
+        plan: &Plan,
+        aya_btf: Option<&aya::Btf>,
+        settings: Settings,
+    ) -> Result<Loaded, SensorError> {
         let mut loader = EbpfLoader::new();
         loader
             .btf(aya_btf)
@@ -213,12 +273,21 @@ impl Sensor {
                 None
             }
         };
-        // A kernel that refuses trampolines may verify a program fully before saying so
-        // (measured here: 170 ms for fexit_init_module, then EPERM): ask with an empty one
-        // first, so falling back costs no verification.
-        if let (Some(aya_btf), Some((_, func))) = (aya_btf, plan.fexits().first()) {
-            probe_fexit(&mut ebpf, func, aya_btf)?;
-        }
+        Ok(Loaded {
+            ebpf,
+            logger,
+            settings,
+        })
+    }
+
+    /// Attaches the plan's programs of a loaded object.
+    fn attach_programs(
+        plan: &Plan,
+        tracefs: &std::path::Path,
+        mut ebpf: Ebpf,
+        logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+        aya_btf: Option<&aya::Btf>,
+    ) -> Result<Sensor, SensorError> {
         for (program, category, name) in plan.tracepoints() {
             attach_tracepoint(&mut ebpf, program, category, name)?;
         }

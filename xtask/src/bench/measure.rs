@@ -80,9 +80,9 @@ impl StormResult {
             delivered: n("delivered"),
             aggregated: n("aggregated"),
             dropped: n("dropped"),
-            // Binaries from before the one pipeline (c2d47ab) report their reader's queue drops
-            // as `drops.userspace_queue_full`, not `queue_full`: missing them made such a
-            // binary's distinct storm look 88 % recorded when it printed 40 %.
+            // Binaries from before the one pipeline (78f3a3c; c2d47ab is one) report their
+            // reader's queue drops as `drops.userspace_queue_full`, not `queue_full`: missing
+            // them made c2d47ab's distinct storm look 88 % recorded when it printed 40 %.
             queue_full: n("queue_full") + s["drops"]["userspace_queue_full"].as_u64().unwrap_or(0),
             in_flight_unread: n("in_flight") + n("unread"),
             repeats: n("repeats"),
