@@ -548,6 +548,7 @@ fn attach_fexit(
 }
 
 /// Loads and attaches the empty fexit program to `func`, then detaches and unloads it.
+/// Its failure names the probe as what it is, so that the fallback note reads right.
 fn probe_fexit(ebpf: &mut Ebpf, func: &str, btf: &aya::Btf) -> Result<(), SensorError> {
     with_program(
         ebpf,
@@ -559,6 +560,18 @@ fn probe_fexit(ebpf: &mut Ebpf, func: &str, btf: &aya::Btf) -> Result<(), Sensor
             prog.unload()
         },
     )
+    .map_err(|e| match e {
+        SensorError::Attach {
+            program,
+            target,
+            reason,
+        } => SensorError::Attach {
+            program: format!("{program} (an empty fexit program, tried before the real ones)"),
+            target,
+            reason,
+        },
+        other => other,
+    })
 }
 
 /// Returns freed heap memory to the system (glibc keeps it otherwise).
