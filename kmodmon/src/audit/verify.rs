@@ -499,7 +499,6 @@ impl Walk {
         self.report.lost_notes = self.losses.notes;
         match env.record.as_deref() {
             None => self.report.events += 1,
-            Some("lost") => {}
             Some("recovered") => self.report.recoveries += 1,
             Some("rate_limited") => self.report.rate_limited += env.count.unwrap_or(0),
             Some("sync_failed") => self.report.unsure += env.count.unwrap_or(0),

@@ -200,7 +200,7 @@ impl AuditLog {
             reported_write_error: 0,
             reported_suspended: 0,
             reported_notes: 0,
-            logged_losses: (state.losses.events, state.losses.notes),
+            logged_losses: state.losses,
             suspended_since: None,
             room_exhausted: false,
             in_removal: false,
@@ -472,9 +472,9 @@ struct Writer {
     reported_write_error: u64,
     reported_suspended: u64,
     reported_notes: u64,
-    /// Events and own records the log's `lost` records have stated so far (its oldest
-    /// `segment_start`'s `lost_before` included): the next `segment_start` carries them.
-    logged_losses: (u64, u64),
+    /// What the log's records have stated lost so far (its oldest `segment_start`'s
+    /// `lost_before` included): the next `segment_start` carries it on.
+    logged_losses: record::LossTally,
     /// Writing is suspended for a full disk (`disk_full_action = "suspend"`) since then.
     suspended_since: Option<Instant>,
     /// A full disk found no closed segment to delete; set back when a record fits again.
@@ -1069,8 +1069,8 @@ impl Writer {
         };
         let body = serde_json::to_vec(&meta).map_err(io::Error::other)?;
         self.append(&body)?;
-        self.logged_losses.0 += qf + we + su;
-        self.logged_losses.1 += notes;
+        self.logged_losses.events += qf + we + su;
+        self.logged_losses.notes += notes;
         self.reported_queue_full += qf;
         self.reported_write_error += we;
         self.reported_suspended += su;
@@ -1166,8 +1166,8 @@ impl Writer {
             segment: name,
             prev_seq: self.next_seq.checked_sub(1).filter(|s| *s > 0),
             prev_hash: record::to_hex(&self.last_hash),
-            lost_before: self.logged_losses.0,
-            lost_notes_before: self.logged_losses.1,
+            lost_before: self.logged_losses.events,
+            lost_notes_before: self.logged_losses.notes,
         };
         let body = serde_json::to_vec(&header).map_err(io::Error::other)?;
         if let Err(e) = self.append(&body) {
