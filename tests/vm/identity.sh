@@ -39,6 +39,8 @@ sha() { sha256sum "$1" | cut -d' ' -f1; }
 DPID=
 daemon_start() { # ARGS...
     local before
+    # Exists before the wait reads it (see enf_start in lib.sh).
+    : >>"$OUT/run.err"
     before=$(grep -c 'started; attached' "$OUT/run.err" 2>/dev/null)
     before=${before:-0}
     kmodmon run --stdout --ledger-file "$LEDGER" "$@" >>"$EV" 2>>"$OUT/run.err" &

@@ -284,6 +284,11 @@ refused_without_bpf_lsm() { # POLICY
 # start line.
 EPID=
 enf_start() { # POLICY N
+    # The files exist before the wait reads them: the background job opens them only once it
+    # runs, and `grep -c` on a missing file prints nothing ("bad number"), which ended the wait
+    # at once and let a scenario act before enforcement was on (seen on 6.1, enforce-names).
+    : >>"$OUT/enforce.jsonl"
+    : >>"$OUT/enforce.err"
     kmodmon enforce on --policy "$1" --foreground >>"$OUT/enforce.jsonl" 2>>"$OUT/enforce.err" &
     EPID=$!
     local i=0
